@@ -1,0 +1,25 @@
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+FMNIST = Path("/usr/share/datasets/fashion-mnist")
+HAS_FMNIST = bool(os.environ.get("DSCL_DATA")) or (FMNIST / "t10k-labels-idx1-ubyte.gz").is_file()
+needs_fmnist = pytest.mark.skipif(
+    not HAS_FMNIST,
+    reason="Fashion-MNIST missing: apt-get install dataset-fashion-mnist (CI installs it) or set DSCL_DATA",
+)
+
+
+def dscl_cmd() -> list[str]:
+    exe = shutil.which("dscl", path=str(Path(sys.executable).parent))
+    return [exe] if exe else [sys.executable, "-m", "dscl"]
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+    return subprocess.run([*dscl_cmd(), *args], capture_output=True, text=True, cwd=cwd, timeout=timeout,
+                          env=env)

@@ -1,0 +1,89 @@
+import pytest
+import yaml
+
+from dscl.config import ConfigError, config_from_dict, dump_config, load_config, parse_overrides, preset_names
+
+
+def test_presets_shipped_and_load():
+    names = preset_names()
+    for expected in ("smoke", "fmnist-lt", "cifar10-lt", "cifar100-lt", "imagenet-lt", "inat2018", "places-lt"):
+        assert expected in names
+        cfg = load_config(expected)
+        assert cfg.preset == expected
+
+
+def test_default_preset_is_fmnist_lt():
+    cfg = load_config()
+    assert cfg.preset == "fmnist-lt"
+    assert cfg.data.dataset == "fmnist-lt"
+    assert cfg.data.image_size == 28
+
+
+def test_imagenet_preset_has_official_hyperparameters():
+    cfg = load_config("imagenet-lt")
+    assert cfg.model.backbone == "resnet50"
+    assert cfg.optim.epochs == 200 and cfg.optim.batch_size == 256 and cfg.optim.base_lr == 0.1
+    assert cfg.model.queue_size == 65536 and cfg.model.momentum == 0.999
+    assert cfg.loss.temperature == 0.07 and cfg.loss.pbsd_weight == 1.5
+    assert cfg.loss.alpha == pytest.approx(1 / 9)
+    assert cfg.views.num_patches == 5 and cfg.views.patch_size == 64
+    assert cfg.views.patch_scale == (0.05, 0.6)
+    assert cfg.classifier.lr == 10.0 and cfg.classifier.batch_size == 2048
+    assert cfg.classifier.milestones == (20, 30) and cfg.classifier.epochs == 40
+
+
+def test_overrides_are_typed():
+    cfg = load_config("smoke", overrides=["optim.epochs=7", "loss.alpha=0.25", "views.patch_scale=[0.1, 0.5]",
+                                          "model.backbone=resnet18", "data.data_root=/tmp/x"])
+    assert cfg.optim.epochs == 7 and isinstance(cfg.optim.epochs, int)
+    assert cfg.loss.alpha == 0.25
+    assert cfg.views.patch_scale == (0.1, 0.5)
+    assert cfg.model.backbone == "resnet18"
+    assert cfg.data.data_root == "/tmp/x"
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("optim.epoch=3", "valid keys of optim"),
+        ("optimizer.epochs=3", "valid sections"),
+        ("optim.epochs=three", "must be an integer"),
+        ("loss.alpha=0", "loss.alpha must be in (0, 1]"),
+        ("data.imbalance_factor=0.5", "imbalance_factor must be >= 1"),
+        ("model.channels_last=maybe", "true or false"),
+        ("optim.epochs", "section.key=value"),
+    ],
+)
+def test_bad_overrides_name_the_key(override, needle):
+    with pytest.raises(ConfigError) as info:
+        load_config("smoke", overrides=[override])
+    assert needle in str(info.value)
+
+
+def test_unknown_preset_lists_valid_ones():
+    with pytest.raises(ConfigError) as info:
+        load_config("imagenet")
+    assert "imagenet-lt" in str(info.value) and "smoke" in str(info.value)
+
+
+def test_config_file_and_roundtrip(tmp_path):
+    extra = tmp_path / "extra.yaml"
+    extra.write_text("optim:\n  epochs: 3\nloss:\n  loss: scl\n")
+    cfg = load_config("smoke", str(extra), ["optim.seed=5"])
+    assert cfg.optim.epochs == 3 and cfg.loss.loss == "scl" and cfg.optim.seed == 5
+    dump_config(cfg, tmp_path / "config.yaml")
+    again = config_from_dict(yaml.safe_load((tmp_path / "config.yaml").read_text()))
+    assert again == cfg
+
+
+def test_bad_config_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- a list\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config("smoke", str(bad))
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config("smoke", str(tmp_path / "missing.yaml"))
+
+
+def test_parse_overrides():
+    assert parse_overrides(["a.b=1", "a.c=x=y"]) == {"a": {"b": "1", "c": "x=y"}}
