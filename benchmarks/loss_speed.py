@@ -1,0 +1,337 @@
+"""Speed and memory of ``dscl_loss + 1.5 * pbsd_loss`` (forward + backward) on the CPU.
+
+Compares ``dscl.losses`` ("ours") with a straightforward implementation written here from
+METHOD.md's description of the official code ("straightforward"): ``features = cat(q, k, queue)``
+(so autograd also computes the gradient w.r.t. the whole feature matrix), a dense float label mask
+of B x (2B+K), masked logits, log-softmax and a dense weights matrix for DSCL; a Python loop over the
+L patches with separate matmuls, softmax / log_softmax per patch for PBSD. Both compute the same
+number (checked: the script prints the relative difference of the two loss values).
+
+What is measured, per variant and size, each in a fresh subprocess (so one variant's allocator state
+cannot help or hurt the other):
+
+* time: ``--repeats`` timed forward+backward steps after 2 warm-up steps; the median (and all
+  samples) in milliseconds, wall clock (``time.perf_counter``).
+* extra peak memory: after a warm-up step and ``malloc_trim``, the kernel's peak-RSS counter is
+  reset (``echo 5 > /proc/self/clear_refs``), then one forward+backward runs; the figure is
+  ``VmHWM`` after the step minus ``VmRSS`` before it, i.e. the most resident memory the step added
+  on top of the inputs (everything the allocator really touched: logits, masks, autograd buffers,
+  gradients). Needs Linux; ``null`` elsewhere.
+* saved MiB: total size of the tensors autograd keeps for backward (via
+  ``torch.autograd.graph.saved_tensors_hooks``), not counting storage shared with the inputs.
+
+The machine may be shared with other jobs: timings are noisy; the JSON keeps every sample.
+
+Usage:
+    python benchmarks/loss_speed.py [--repeats 7] [--quick] [--out benchmarks/results/loss_speed.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import datetime as dt
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+PBSD_WEIGHT = 1.5  # METHOD.md A.8
+ALPHA = 1 / 9  # beta = 8, the official main.py default
+TAU = 0.07
+N_CLASSES = 1000
+
+FULL_SIZES = [
+    {"B": 128, "D": 128, "K": 16384, "L": 5},
+    {"B": 256, "D": 128, "K": 65536, "L": 5},
+]
+QUICK_SIZES = [{"B": 16, "D": 32, "K": 256, "L": 2}]
+
+
+# --------------------------------------------------------------------------------------------------
+# The straightforward implementation (from METHOD.md A.6 "Official implementation" and A.7)
+# --------------------------------------------------------------------------------------------------
+
+
+def straightforward_dscl(query, key, labels, queue, queue_labels, beta, tau):
+    b = query.shape[0]
+    features = torch.cat([query, key.detach(), queue.detach()])  # (2B+K, D); q keeps its grad
+    all_labels = torch.cat([labels, labels, queue_labels])
+    mask = torch.eq(labels.view(-1, 1), all_labels.view(1, -1)).float()  # (B, 2B+K)
+    logits = query @ features.T / tau  # (B, 2B+K)
+    logits = logits - logits.max(dim=1, keepdim=True).values.detach()
+    rows = torch.arange(b).view(-1, 1)
+    logits_mask = torch.scatter(torch.ones_like(mask), 1, rows, 0)  # self column removed
+    mask = mask * logits_mask
+    own_key = torch.scatter(torch.zeros_like(mask), 1, rows + b, 1)
+    n_others = mask.sum(1, keepdim=True) - 1
+    weights = own_key + (mask - own_key) * beta / (n_others + 1e-12)
+    exp_logits = torch.exp(logits) * logits_mask
+    log_prob = logits - torch.log(exp_logits.sum(1, keepdim=True))
+    mean_log_prob = (weights * log_prob).sum(1) / weights.sum(1)
+    return -mean_log_prob.mean()
+
+
+def straightforward_pbsd(teacher, student, key, queue, tau):
+    key, queue = key.detach(), queue.detach()
+    total = 0.0
+    for j in range(student.shape[0]):
+        t_logits = torch.cat([(teacher[j] * key).sum(1, keepdim=True), teacher[j] @ queue.T], 1) / tau
+        target = torch.softmax(t_logits, dim=1).detach()
+        s_logits = torch.cat([(student[j] * key).sum(1, keepdim=True), student[j] @ queue.T], 1) / tau
+        total = total + (-(target * torch.log_softmax(s_logits, dim=1)).sum(1)).mean()
+    return total / student.shape[0]
+
+
+def step_straightforward(inp):
+    beta = (1 - ALPHA) / ALPHA
+    loss = straightforward_dscl(inp["q"], inp["k"], inp["y"], inp["queue"], inp["queue_y"], beta, TAU)
+    return loss + PBSD_WEIGHT * straightforward_pbsd(inp["c"], inp["s"], inp["k"], inp["queue"], TAU)
+
+
+def step_ours(inp):
+    from dscl.losses import dscl_loss, pbsd_loss
+
+    loss = dscl_loss(inp["q"], inp["k"], inp["y"], inp["queue"], inp["queue_y"], alpha=ALPHA, temperature=TAU)
+    return loss + PBSD_WEIGHT * pbsd_loss(inp["c"], inp["s"], inp["k"], inp["queue"], temperature=TAU)
+
+
+STEPS = {"ours": step_ours, "straightforward": step_straightforward}
+
+
+# --------------------------------------------------------------------------------------------------
+# Worker (one variant, one size, fresh process)
+# --------------------------------------------------------------------------------------------------
+
+
+def make_inputs(size, seed=0):
+    """Unit features; long-tailed labels (p(c) ~ 1/(c+1)) so head-class anchors have many positives."""
+    b, d, k, n_patches = size["B"], size["D"], size["K"], size["L"]
+    gen = torch.Generator().manual_seed(seed)
+
+    def unit(*shape):
+        x = torch.randn(*shape, generator=gen)
+        return x.div_(x.norm(dim=-1, keepdim=True))
+
+    class_p = 1.0 / torch.arange(1, N_CLASSES + 1, dtype=torch.float64)
+    return {
+        "q": unit(b, d).requires_grad_(),
+        "k": unit(b, d),
+        "y": torch.multinomial(class_p, b, replacement=True, generator=gen),
+        "queue": unit(k, d),
+        "queue_y": torch.multinomial(class_p, k, replacement=True, generator=gen),
+        # the ROI teacher is built with gradients in the official code (METHOD.md C.2 item 8)
+        "c": unit(n_patches, b, d).requires_grad_(),
+        "s": unit(n_patches, b, d).requires_grad_(),
+    }
+
+
+def _proc_kib(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(field)
+
+
+def _trim():
+    gc.collect()
+    with contextlib.suppress(OSError):  # not glibc: the peak figure is then a little pessimistic
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def _run_step(step, inp):
+    loss = step(inp)
+    loss.backward()
+    for name in ("q", "c", "s"):
+        inp[name].grad = None
+    return float(loss.detach())
+
+
+def worker(variant, size, repeats):
+    step = STEPS[variant]
+    inp = make_inputs(size)
+    value = _run_step(step, inp)  # warm-up (and first-call imports)
+
+    # saved-for-backward bytes, excluding storage shared with the inputs
+    input_ptrs = {t.untyped_storage().data_ptr() for t in inp.values()}
+    saved = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in input_ptrs:
+            saved[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = step(inp)
+    del loss
+    for name in ("q", "c", "s"):
+        inp[name].grad = None
+
+    peak_mib = None
+    _trim()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset VmHWM to the current RSS
+        rss_before = _proc_kib("VmRSS")
+        _run_step(step, inp)
+        peak_mib = (_proc_kib("VmHWM") - rss_before) / 1024
+    except OSError:
+        _run_step(step, inp)
+
+    _run_step(step, inp)  # second warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        _run_step(step, inp)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return {
+        "variant": variant,
+        "size": size,
+        "loss": value,
+        "median_ms": statistics.median(times),
+        "times_ms": times,
+        "extra_peak_mib": peak_mib,
+        "saved_mib": sum(saved.values()) / 2**20,
+        "threads": torch.get_num_threads(),
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# Driver
+# --------------------------------------------------------------------------------------------------
+
+
+def _mem_available_bytes():
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _estimated_straightforward_bytes(size):
+    b, k, n = size["B"], size["K"], size["L"]
+    return 4 * (14 * b * (2 * b + k) + 8 * n * b * (k + 1))
+
+
+def _cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def run_variant(variant, size, repeats, threads):
+    cmd = [
+        sys.executable,
+        __file__,
+        "--_worker",
+        variant,
+        "--_size",
+        json.dumps(size),
+        "--repeats",
+        str(repeats),
+    ]
+    if threads:
+        cmd += ["--threads", str(threads)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=7, help="timed steps per variant (median reported)")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke check only")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "loss_speed.json")
+    parser.add_argument("--_worker", help=argparse.SUPPRESS)
+    parser.add_argument("--_size", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args._worker:
+        print(json.dumps(worker(args._worker, json.loads(args._size), args.repeats)))
+        return 0
+
+    sizes = QUICK_SIZES if args.quick else FULL_SIZES
+    rows, skipped = [], []
+    for size in sizes:
+        need, avail = _estimated_straightforward_bytes(size), _mem_available_bytes()
+        if avail is not None and need * 2 > avail:
+            skipped.append({"size": size, "reason": f"needs ~{need / 2**30:.1f} GiB, {avail / 2**30:.1f} available"})
+            continue
+        res = {v: run_variant(v, size, args.repeats, args.threads) for v in ("straightforward", "ours")}
+        ours, ref = res["ours"], res["straightforward"]
+        rows.append(
+            {
+                "size": size,
+                "straightforward": ref,
+                "ours": ours,
+                "speedup": ref["median_ms"] / ours["median_ms"],
+                "loss_rel_diff": abs(ours["loss"] - ref["loss"]) / abs(ref["loss"]),
+            }
+        )
+
+    header = (
+        f"{'B':>4} {'D':>4} {'K':>6} {'L':>2} | {'variant':<16} {'median ms':>10} {'extra peak MiB':>15} "
+        f"{'saved MiB':>10} | {'speedup':>7}"
+    )
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        s = row["size"]
+        for v in ("straightforward", "ours"):
+            r = row[v]
+            peak = f"{r['extra_peak_mib']:.1f}" if r["extra_peak_mib"] is not None else "n/a"
+            speed = f"{row['speedup']:.2f}x" if v == "ours" else ""
+            print(
+                f"{s['B']:>4} {s['D']:>4} {s['K']:>6} {s['L']:>2} | {v:<16} {r['median_ms']:>10.1f} "
+                f"{peak:>15} {r['saved_mib']:>10.1f} | {speed:>7}"
+            )
+        print(f"     loss values agree to rel {row['loss_rel_diff']:.1e}")
+    for s in skipped:
+        print(f"skipped {s['size']}: {s['reason']}")
+
+    result = {
+        "benchmark": "dscl_loss + 1.5 * pbsd_loss, forward + backward, CPU",
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "machine": {
+            "cpu": _cpu_model(),
+            "cpu_count": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+        },
+        "repeats": args.repeats,
+        "memory_method": "VmHWM after one step minus VmRSS before it (peak reset via /proc/self/clear_refs)",
+        "results": rows,
+        "skipped": skipped,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
