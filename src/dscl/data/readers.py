@@ -1,0 +1,332 @@
+"""Readers for the supported sources: Fashion-MNIST idx files, CIFAR pickles, split lists, class folders.
+
+Each reader returns plain arrays / lists; ``datasets.build_datasets`` turns them into ``LTDataset``s.
+Nothing here opens an image file (that happens on ``load`` or in ``check_images``).
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import json
+import os
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from dscl.data.core import DataError
+
+FMNIST_SYSTEM_DIR = "/usr/share/datasets/fashion-mnist"
+FMNIST_FILES = (
+    "train-images-idx3-ubyte.gz",
+    "train-labels-idx1-ubyte.gz",
+    "t10k-images-idx3-ubyte.gz",
+    "t10k-labels-idx1-ubyte.gz",
+)
+FMNIST_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
+
+
+# ----------------------------------------------------------------------------------------- Fashion-MNIST
+
+
+def _fmnist_candidates(data_root: str | None) -> list[Path]:
+    if data_root is not None:
+        roots = [Path(data_root)]
+    else:
+        env = os.environ.get("DSCL_DATA")
+        roots = ([Path(env)] if env else []) + [Path(FMNIST_SYSTEM_DIR)]
+    places = []
+    for root in roots:
+        places += [root, root / "fashion-mnist", root / "fashion_mnist", root / "FashionMNIST" / "raw"]
+    return places
+
+
+def _idx_file(folder: Path, name: str) -> Path | None:
+    for candidate in (folder / name, folder / name[: -len(".gz")]):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def find_fmnist(data_root: str | None) -> Path:
+    """Folder holding the four Fashion-MNIST idx files (``.gz`` or uncompressed)."""
+    places = _fmnist_candidates(data_root)
+    for folder in places:
+        if all(_idx_file(folder, name) is not None for name in FMNIST_FILES):
+            return folder
+    searched = "\n".join(f"  {p}" for p in places)
+    raise DataError(
+        "Fashion-MNIST not found: none of these folders holds all four files "
+        f"{', '.join(FMNIST_FILES)}:\n{searched}\n"
+        "Fix: `sudo apt-get install dataset-fashion-mnist` (installs them under "
+        f"{FMNIST_SYSTEM_DIR}), or download the four files from the Fashion-MNIST GitHub release "
+        "(https://github.com/zalandoresearch/fashion-mnist, folder data/fashion) into a folder and pass "
+        "--data-root FOLDER (data.data_root) or set DSCL_DATA=FOLDER."
+    )
+
+
+@functools.lru_cache(maxsize=8)
+def _read_idx_cached(path: str, mtime_ns: int, size: int) -> np.ndarray:
+    opener = gzip.open if path.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as fh:
+            raw = fh.read()
+    except (OSError, EOFError) as exc:
+        raise DataError(f"cannot read idx file {path}: {exc}; download the file again") from exc
+    if len(raw) < 8 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise DataError(f"{path} is not an unsigned-byte idx file (bad magic number); download it again")
+    ndim = raw[3]
+    shape = tuple(int.from_bytes(raw[4 + 4 * k: 8 + 4 * k], "big") for k in range(ndim))
+    offset = 4 + 4 * ndim
+    expected = int(np.prod(shape)) if shape else 0
+    if len(raw) - offset != expected:
+        raise DataError(
+            f"{path} is truncated or corrupt: header says {shape} ({expected} bytes), "
+            f"found {len(raw) - offset}; download it again"
+        )
+    array = np.frombuffer(raw, dtype=np.uint8, offset=offset).reshape(shape)
+    array.flags.writeable = False
+    return array
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """An idx-ubyte file (optionally gzipped) as a read-only uint8 array (cached per file version)."""
+    st = path.stat()
+    return _read_idx_cached(str(path), st.st_mtime_ns, st.st_size)
+
+
+def read_fmnist(data_root: str | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, Path]:
+    """``(train_images (N,28,28), train_labels, test_images, test_labels, folder)``."""
+    folder = find_fmnist(data_root)
+    arrays = [read_idx(_idx_file(folder, name)) for name in FMNIST_FILES]  # type: ignore[arg-type]
+    for images, labels, name in ((arrays[0], arrays[1], FMNIST_FILES[0]), (arrays[2], arrays[3], FMNIST_FILES[2])):
+        if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+            raise DataError(
+                f"{folder / name}: images {images.shape} do not match labels {labels.shape}; "
+                "download the files again"
+            )
+    return arrays[0], arrays[1].astype(np.int64), arrays[2], arrays[3].astype(np.int64), folder
+
+
+# ------------------------------------------------------------------------------------------------ CIFAR
+
+
+@dataclass
+class CifarSpec:
+    folder: str
+    train_files: tuple[str, ...]
+    test_files: tuple[str, ...]
+    label_key: str
+    meta_file: str
+    names_key: str
+    url: str
+
+
+CIFAR_SPECS = {
+    "cifar10-lt": CifarSpec(
+        "cifar-10-batches-py", tuple(f"data_batch_{k}" for k in range(1, 6)), ("test_batch",),
+        "labels", "batches.meta", "label_names", "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+    ),
+    "cifar100-lt": CifarSpec(
+        "cifar-100-python", ("train",), ("test",), "fine_labels", "meta", "fine_label_names",
+        "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+    ),
+}
+
+
+def _unpickle(path: Path) -> dict[str, object]:
+    try:
+        with open(path, "rb") as fh:
+            data = pickle.load(fh, encoding="latin1")
+    except FileNotFoundError as exc:
+        raise DataError(f"CIFAR file {path} is missing; extract the full archive again") from exc
+    except (OSError, pickle.UnpicklingError, EOFError, ValueError) as exc:
+        raise DataError(f"cannot unpickle CIFAR file {path}: {exc}; download and extract it again") from exc
+    if not isinstance(data, dict):
+        raise DataError(f"{path} does not hold a CIFAR batch dictionary")
+    return {(k.decode("latin1") if isinstance(k, bytes) else str(k)): v for k, v in data.items()}
+
+
+def find_cifar(name: str, data_root: str | None) -> Path:
+    spec = CIFAR_SPECS[name]
+    roots = [Path(data_root)] if data_root is not None else (
+        [Path(os.environ["DSCL_DATA"])] if os.environ.get("DSCL_DATA") else []
+    )
+    places = []
+    for root in roots:
+        places += [root / spec.folder, root] if root.name != spec.folder else [root]
+    for folder in places:
+        if all((folder / f).is_file() for f in spec.train_files + spec.test_files):
+            return folder
+    searched = "\n".join(f"  {p}" for p in places) or "  (no folder: data.data_root and DSCL_DATA are unset)"
+    raise DataError(
+        f"{name}: the python-pickle folder {spec.folder!r} with files "
+        f"{', '.join(spec.train_files + spec.test_files)} was not found in:\n{searched}\n"
+        f"Fix: download {spec.url}, extract it (`tar xzf {spec.url.rsplit('/', 1)[-1]}`) and pass the "
+        "folder that contains it as --data-root (data.data_root) or DSCL_DATA."
+    )
+
+
+def _cifar_batch(folder: Path, files: tuple[str, ...], label_key: str) -> tuple[np.ndarray, np.ndarray]:
+    images, labels = [], []
+    for f in files:
+        batch = _unpickle(folder / f)
+        if "data" not in batch or label_key not in batch:
+            raise DataError(f"{folder / f}: missing key 'data' or {label_key!r}; is this the python version?")
+        data = np.asarray(batch["data"], dtype=np.uint8)
+        lab = np.asarray(batch[label_key], dtype=np.int64)
+        if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(data) != len(lab):
+            raise DataError(f"{folder / f}: data {data.shape} / labels {lab.shape} are not CIFAR batches")
+        images.append(data.reshape(-1, 3, 32, 32))
+        labels.append(lab)
+    return np.concatenate(images), np.concatenate(labels)
+
+
+def read_cifar(name: str, data_root: str | None):
+    """``(train (N,3,32,32) uint8, train_labels, test, test_labels, class_names, folder)``."""
+    spec = CIFAR_SPECS[name]
+    folder = find_cifar(name, data_root)
+    x_train, y_train = _cifar_batch(folder, spec.train_files, spec.label_key)
+    x_test, y_test = _cifar_batch(folder, spec.test_files, spec.label_key)
+    num_classes = 10 if name == "cifar10-lt" else 100
+    names = [str(c) for c in range(num_classes)]
+    meta = folder / spec.meta_file
+    if meta.is_file():
+        try:
+            got = list(_unpickle(meta).get(spec.names_key, []))  # type: ignore[call-overload]
+            if len(got) == num_classes:
+                names = [str(n) for n in got]
+        except DataError:
+            pass
+    return x_train, y_train, x_test, y_test, names, folder
+
+
+# ------------------------------------------------------------------------------------------ split lists
+
+
+@dataclass
+class ListSplit:
+    """One parsed list file: image paths (resolved) and labels; ``where[k]`` locates entry k for errors."""
+
+    source: str
+    paths: list[str]
+    labels: list[int]
+    where: list[str]
+    num_classes: int | None = None
+
+
+def resolve_list_file(name: str, list_dir: str | None, what: str) -> Path:
+    path = Path(name)
+    if not path.is_absolute() and list_dir is not None:
+        path = Path(list_dir) / path
+    if not path.is_file():
+        hint = f" (resolved against data.list_dir={list_dir})" if list_dir and not Path(name).is_absolute() else ""
+        raise DataError(f"{what} list file {path} does not exist{hint}; check data.{what}_list / data.list_dir")
+    return path
+
+
+def _join(root: Path, rel: str) -> str:
+    p = Path(rel)
+    return str(p if p.is_absolute() else root / p)
+
+
+def _parse_txt(path: Path, text: str, root: Path) -> ListSplit:
+    paths, labels, where = [], [], []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        parts = stripped.rsplit(None, 1)  # the label is the last field; a path may contain spaces
+        if len(parts) != 2:
+            raise DataError(
+                f"{path}, line {lineno}: expected 'relative/path label', got {stripped!r}; "
+                "each line must hold an image path and an integer label separated by whitespace"
+            )
+        rel, label = parts
+        try:
+            value = int(label)
+        except ValueError:
+            raise DataError(
+                f"{path}, line {lineno}: label {label!r} is not an integer (line {stripped!r})"
+            ) from None
+        paths.append(_join(root, rel))
+        labels.append(value)
+        where.append(f"{path}, line {lineno}")
+    return ListSplit(str(path), paths, labels, where)
+
+
+def _parse_json(path: Path, text: str, root: Path) -> ListSplit:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}, line {exc.lineno}: invalid JSON ({exc.msg})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("annotations"), list):
+        raise DataError(
+            f"{path}: expected a BBN-style JSON object "
+            '{"annotations": [{"fpath": ..., "category_id": ...}, ...], "num_classes": C}'
+        )
+    paths, labels, where = [], [], []
+    for k, ann in enumerate(data["annotations"], start=1):
+        loc = f"{path}, annotation {k}"
+        if not isinstance(ann, dict) or "fpath" not in ann or "category_id" not in ann:
+            raise DataError(f"{loc}: each annotation needs 'fpath' and 'category_id', got {ann!r}")
+        label = ann["category_id"]
+        if isinstance(label, bool) or not isinstance(label, (int, str)):
+            raise DataError(f"{loc}: category_id {label!r} is not an integer")
+        try:
+            value = int(label)
+        except ValueError:
+            raise DataError(f"{loc}: category_id {label!r} is not an integer") from None
+        paths.append(_join(root, str(ann["fpath"])))
+        labels.append(value)
+        where.append(loc)
+    num_classes = data.get("num_classes")
+    if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
+                                    or num_classes < 1):
+        raise DataError(f"{path}: num_classes must be a positive integer, got {num_classes!r}")
+    return ListSplit(str(path), paths, labels, where, num_classes)
+
+
+def read_list(path: Path, root: Path) -> ListSplit:
+    """Parse an OLTR txt list or a BBN JSON list (detected by extension, then by content)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"cannot read list file {path}: {exc}") from exc
+    is_json = path.suffix.lower() == ".json" or text.lstrip().startswith("{")
+    split = _parse_json(path, text, root) if is_json else _parse_txt(path, text, root)
+    if not split.paths:
+        raise DataError(f"{path}: the split is empty (no image entries); check that it is the right file")
+    return split
+
+
+# -------------------------------------------------------------------------------------------- folders
+
+
+def read_folder_split(folder: Path, class_names: list[str] | None) -> tuple[list[str], list[int], list[str]]:
+    """Images of ``folder/<class>/*``; classes = sorted subfolders unless ``class_names`` is given."""
+    subdirs = sorted(p.name for p in folder.iterdir() if p.is_dir())
+    if class_names is None:
+        class_names = subdirs
+    else:
+        unknown = [d for d in subdirs if d not in class_names]
+        if unknown:
+            raise DataError(
+                f"{folder}: class folders {unknown[:5]} do not exist in the train split; "
+                "every val/test class must also be a train class"
+            )
+    paths, labels = [], []
+    for label, name in enumerate(class_names):
+        cdir = folder / name
+        if not cdir.is_dir():
+            continue
+        files = sorted(p for p in cdir.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        paths += [str(p) for p in files]
+        labels += [label] * len(files)
+    return paths, labels, class_names

@@ -1,0 +1,464 @@
+"""The DSCL multi-view transform (METHOD.md A.2) and the evaluation / stage-2 transforms.
+
+Every transform takes a ``torch.uint8`` image ``(3, H, W)`` (``LTDataset.load``; a PIL image or a
+``(H, W)`` / ``(1, H, W)`` grey tensor is accepted too) and returns normalised float32 tensors.
+
+Why not a chain of torchvision transforms: at 28 px a torchvision ``ColorJitter`` costs ~0.4 ms per
+image on one CPU core, i.e. ~2 ms for the 5 images of one DSCL sample, which is slower than the
+training step itself. Here all the pieces of one sample are augmented together:
+
+* Crops are resized with separable antialiased-bilinear weight matrices (the same weights as
+  ``torch.nn.functional.interpolate(..., antialias=True)`` and PIL's BILINEAR), one batched matmul
+  for both global crops and one for all L patches; flips are a reversed weight matrix. Large images
+  (side > ``_MATRIX_MAX``) use ``interpolate`` per crop instead, where it is cheaper.
+* The photometric ops run on the pixels of all views at once (flattened into one (3, P) tensor with
+  per-image parameters), with torchvision's semantics: ColorJitter = brightness, contrast,
+  saturation, hue in a random order per image (``adjust_*`` formulas, clamped to [0, 1]);
+  grayscale = ITU-R 601 luma; Gaussian blur with sigma ~ U(0.1, 2) (PIL's ``radius`` is the std),
+  kernel truncated at 3 sigma, reflect padding.
+
+Randomness comes from ``torch.rand`` (one call per sample) on ``generator`` if given, else on torch's
+global RNG, which DataLoader seeds differently in every worker. Do not pass a generator to a
+transform used with ``num_workers > 0``: every worker would get a copy of the same generator state.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision.transforms.v2.functional as TF
+from PIL import Image
+
+from dscl.config import ViewConfig
+
+_MATRIX_MAX = 96  # largest side (px) resized with weight matrices; above it interpolate() is faster
+_TRIES = 10  # RandomResizedCrop attempts before the fallback
+_GRAY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
+_U_PHOTO = 12  # uniforms per image for the photometric parameters
+
+
+class DSCLViews(NamedTuple):
+    """One training sample of DSCL + PBSD (METHOD.md A.2 step 5).
+
+    query: (3, S, S) strong view (anchor, "global view 2"); key: (3, S, S) weak view for the momentum
+    encoder; patches: (L, 3, p, p) small views cut from the query crop before its colour augmentation;
+    boxes: (L, 4) float ``(x1, y1, x2, y2)`` of each patch in pixels of the (flipped) query view.
+    ``default_collate`` batches the fields to (B, 3, S, S), (B, L, 3, p, p), (B, L, 4).
+    """
+
+    query: torch.Tensor
+    key: torch.Tensor
+    patches: torch.Tensor
+    boxes: torch.Tensor
+
+
+class _Recipe(NamedTuple):
+    """Photometric augmentation of one view (jitter strengths as in torchvision's ColorJitter)."""
+
+    brightness: float
+    contrast: float
+    saturation: float
+    hue: float
+    p_jitter: float
+    p_gray: float
+    p_blur: float
+
+
+_OFF = _Recipe(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+
+
+def _strong(blur: bool) -> _Recipe:
+    # MoCo-v2 style (query view, patches, stage-2 strong): jitter(0.4,0.4,0.4,0.1) p 0.8, grey 0.2, blur 0.5
+    return _Recipe(0.4, 0.4, 0.4, 0.1, 0.8, 0.2, 0.5 if blur else 0.0)
+
+
+_WEAK = _Recipe(0.4, 0.4, 0.4, 0.0, 1.0, 0.0, 0.0)  # key view (TSC/KCL): jitter(0.4,0.4,0.4,0) always
+
+
+# ------------------------------------------------------------------------------------------ geometry
+
+
+def _as_uint8_chw(image: torch.Tensor | Image.Image | np.ndarray) -> torch.Tensor:
+    if isinstance(image, Image.Image):
+        image = torch.from_numpy(np.asarray(image.convert("RGB")).copy()).permute(2, 0, 1)
+    elif isinstance(image, np.ndarray):
+        image = torch.from_numpy(image.copy())
+        if image.ndim == 3 and image.shape[-1] in (1, 3) and image.shape[0] not in (1, 3):
+            image = image.permute(2, 0, 1)
+    if image.ndim == 2:
+        image = image.unsqueeze(0)
+    if image.ndim != 3 or image.shape[0] not in (1, 3):
+        raise ValueError(f"expected an image tensor (3, H, W) or (1, H, W), got shape {tuple(image.shape)}")
+    if image.shape[0] == 1:
+        image = image.expand(3, -1, -1)
+    if image.dtype != torch.uint8:
+        raise ValueError(f"expected a torch.uint8 image, got {image.dtype}")
+    return image
+
+
+def sample_boxes(
+    u: np.ndarray, height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float], fallback: str
+) -> np.ndarray:
+    """RandomResizedCrop boxes ``(n, 4)`` as ``(i, j, h, w)`` (top, left, height, width).
+
+    ``u``: (n, 2 * _TRIES + 2) uniforms (read as plain floats: cheaper than numpy for a few boxes).
+    Area fraction ~ U(scale), aspect ratio log-uniform in ``ratio``, ``w = round(sqrt(area * s * r))``,
+    ``h = round(sqrt(area * s / r))``; the first of ``_TRIES`` tries that fits is used, else
+    ``fallback`` ("center": torchvision's central crop with the ratio clamped; "whole": the whole
+    image, as the official patch sampler does).
+    """
+    area = float(height * width)
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    boxes = np.empty((len(u), 4), dtype=np.int64)
+    for k, row in enumerate(u.tolist()):  # plain floats: ~10x cheaper than numpy for a handful of boxes
+        for t in range(_TRIES):
+            target = area * (scale[0] + row[2 * t] * (scale[1] - scale[0]))
+            aspect = math.exp(log_lo + row[2 * t + 1] * (log_hi - log_lo))
+            w = int(round(math.sqrt(target * aspect)))
+            h = int(round(math.sqrt(target / aspect)))
+            if 0 < w <= width and 0 < h <= height:
+                i = min(int(row[-2] * (height - h + 1)), height - h)
+                j = min(int(row[-1] * (width - w + 1)), width - w)
+                boxes[k] = (i, j, h, w)
+                break
+        else:
+            if fallback == "whole":
+                h, w = height, width
+            elif width / height < min(ratio):
+                w, h = width, int(round(width / min(ratio)))
+            elif width / height > max(ratio):
+                h, w = height, int(round(height * max(ratio)))
+            else:
+                h, w = height, width
+            boxes[k] = ((height - h) // 2, (width - w) // 2, h, w)
+    return boxes
+
+
+def _resize_weights(starts: np.ndarray, lengths: np.ndarray, in_size: int, out_size: int,
+                    flips: np.ndarray | None = None) -> np.ndarray:
+    """Antialiased bilinear weights (n, out_size, in_size) resizing ``[start, start + length)`` to out_size.
+
+    Same filter as PIL BILINEAR / ``interpolate(mode="bilinear", antialias=True, align_corners=False)``:
+    a triangle of half-width ``max(1, scale)`` centred at ``(o + 0.5) * scale``, renormalised at the
+    crop edges. ``flips[k]`` reverses the output axis of crop k (a horizontal flip when used for x).
+    """
+    scale = (lengths / out_size)[:, None, None]  # (n,1,1)
+    support = np.maximum(scale, 1.0)
+    centre = (np.arange(out_size)[None, :, None] + 0.5) * scale  # (n,out,1)
+    local = np.arange(in_size)[None, None, :] - starts[:, None, None]  # (n,1,in)
+    weights = np.maximum(1.0 - np.abs(local + 0.5 - centre) / support, 0.0)
+    weights *= (local >= 0) & (local < lengths[:, None, None])
+    weights /= weights.sum(axis=2, keepdims=True)
+    if flips is not None and flips.any():
+        weights = np.where(flips[:, None, None], weights[:, ::-1], weights)
+    return weights
+
+
+def resized_crops(image: torch.Tensor | np.ndarray, boxes: np.ndarray, size: int, flips: np.ndarray) -> np.ndarray:
+    """Crops ``boxes`` (n, 4) ``(i, j, h, w)`` of ``image`` (3, H, W; uint8 in [0, 255] or float in [0, 1]),
+    each resized to (size, size) with antialiased bilinear and flipped where ``flips``:
+    float32 array (n, 3, size, size) in [0, 1]."""
+    _, height, width = image.shape
+    is_uint8 = image.dtype in (torch.uint8, np.uint8)
+    to_unit = 1.0 / 255.0 if is_uint8 else 1.0
+    if max(height, width, size) <= _MATRIX_MAX:
+        n = len(boxes)
+        if height == width:  # one call for both axes
+            both = _resize_weights(np.concatenate([boxes[:, 0], boxes[:, 1]]),
+                                   np.concatenate([boxes[:, 2], boxes[:, 3]]), height, size,
+                                   np.concatenate([np.zeros(n, bool), flips]))
+            wy, wx = both[:n], both[n:]
+        else:
+            wy = _resize_weights(boxes[:, 0], boxes[:, 2], height, size)
+            wx = _resize_weights(boxes[:, 1], boxes[:, 3], width, size, flips)
+        wy, wx = wy.astype(np.float32), (wx * to_unit).astype(np.float32)
+        source = np.asarray(image, dtype=np.float32)
+        return wy[:, None] @ source[None] @ wx.transpose(0, 2, 1)[:, None]  # out[c] = Wy . img[c] . Wx^T
+    source_t = torch.as_tensor(image)
+    out = np.empty((len(boxes), 3, size, size), dtype=np.float32)
+    for k, (i, j, h, w) in enumerate(boxes.tolist()):
+        crop = source_t[:, i : i + h, j : j + w]
+        if is_uint8:  # torchvision's uint8 resize kernel is the fastest path for big images
+            resized = TF.resize(crop, [size, size], antialias=True).to(torch.float32).mul_(to_unit)
+        else:
+            resized = F.interpolate(crop.unsqueeze(0), size=(size, size), mode="bilinear",
+                                    align_corners=False, antialias=True)[0]
+        out[k] = (resized.flip(-1) if flips[k] else resized).numpy()
+    return out
+
+
+# --------------------------------------------------------------------------------------- photometric
+# numpy, not torch: the views are tiny (28-64 px) and numpy's per-call overhead is 2-5x lower.
+
+
+class _PhotoParams(NamedTuple):
+    """Per-image photometric parameters (numpy arrays of length N)."""
+
+    brightness: np.ndarray
+    contrast: np.ndarray
+    saturation: np.ndarray
+    hue: np.ndarray
+    order: np.ndarray  # (N, 4) permutation of (brightness, contrast, saturation, hue)
+    gray: np.ndarray  # bool
+    sigma: np.ndarray  # 0 = no blur
+
+
+def draw_photometric(u: np.ndarray, recipes: list[_Recipe]) -> _PhotoParams:
+    """Parameters from uniforms ``u`` (N, _U_PHOTO), one recipe per image."""
+    r = np.asarray(recipes, dtype=np.float64)  # (N, 7)
+    jitter = u[:, 0] < r[:, 4]
+
+    def factor(strength: np.ndarray, v: np.ndarray) -> np.ndarray:
+        # torchvision ColorJitter: factor ~ U(max(0, 1 - s), 1 + s); identity when not applied
+        lo = np.maximum(0.0, 1.0 - strength)
+        return np.where(jitter, lo + v * (1.0 + strength - lo), 1.0)
+
+    return _PhotoParams(
+        brightness=factor(r[:, 0], u[:, 1]),
+        contrast=factor(r[:, 1], u[:, 2]),
+        saturation=factor(r[:, 2], u[:, 3]),
+        hue=np.where(jitter, r[:, 3] * (2.0 * u[:, 4] - 1.0), 0.0),
+        order=np.argsort(u[:, 5:9], axis=1),
+        gray=u[:, 9] < r[:, 5],
+        sigma=np.where(u[:, 10] < r[:, 6], 0.1 + 1.9 * u[:, 11], 0.0),
+    )
+
+
+_GRAY_NP = np.asarray(_GRAY, dtype=np.float32)
+_HUE_N = np.asarray([[5.0], [3.0], [1.0]], dtype=np.float32)
+
+
+def _clip01(x: np.ndarray) -> np.ndarray:
+    return np.minimum(np.maximum(x, 0.0, out=x), 1.0, out=x)
+
+
+def _hue_shift(x: np.ndarray, shift: np.ndarray) -> np.ndarray:
+    """torchvision ``adjust_hue`` on pixels ``x`` (3, P) in [0, 1] with per-pixel ``shift`` (P,) in [-0.5, 0.5].
+
+    HSV hue h6 in [0, 6) from the max channel; output channel n in (R, G, B) = (5, 3, 1) is
+    ``max - chroma * clamp(min(k, 4 - k), 0, 1)`` with ``k = (n + h6 + 6 * shift) mod 6``.
+    """
+    r, g, b = x
+    maxc = x.max(axis=0)
+    chroma = maxc - x.min(axis=0)
+    # hexcone hue times chroma: (g - b) if R is the max, (b - r) + 2C if G, (r - g) + 4C if B
+    h6 = np.where(maxc == r, g - b, np.where(maxc == g, (b - r) + 2.0 * chroma, (r - g) + 4.0 * chroma))
+    h6 = h6 / np.maximum(chroma, 1e-12) + 6.0 * shift
+    k = _HUE_N + h6
+    k -= 6.0 * np.floor(k * (1.0 / 6.0))
+    t = _clip01(np.minimum(k, 4.0 - k))
+    return maxc - chroma * t
+
+
+def _span(images: np.ndarray, starts: np.ndarray, sizes: np.ndarray) -> tuple[int, int] | None:
+    """Pixel range [lo, hi) covering the listed images (None if none)."""
+    if len(images) == 0:
+        return None
+    return int(starts[images[0]]), int(starts[images[-1]] + sizes[images[-1]])
+
+
+def _color(x: np.ndarray, p: _PhotoParams, sizes: np.ndarray) -> np.ndarray:
+    """ColorJitter (random op order per image, as torchvision) then RandomGrayscale on pixels (3, P)."""
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    ops = p.order.T  # (4 stages, N): which op each image applies at each stage
+    scale = np.stack([p.brightness, p.contrast, p.saturation, np.ones_like(p.hue)])[ops, np.arange(len(p.hue))]
+    mean_w = np.where(ops == 1, 1.0 - p.contrast, 0.0)  # contrast: blend with the image's mean grey
+    gray_mix = np.where(ops == 2, 1.0 - p.saturation, 0.0)  # saturation: blend with the pixel's grey
+    hue = np.where(ops == 3, p.hue, 0.0)
+    any_mean, any_gray, any_scale = (mean_w != 0).any(1), (gray_mix != 0).any(1), (scale != 1).any(1)
+    stages = [(bool(any_scale[k] or any_mean[k] or any_gray[k]), mean_w[k] if any_mean[k] else None,
+               bool(any_gray[k]), _span(np.flatnonzero(hue[k]), starts, sizes)) for k in range(4)]
+    per_pixel = np.repeat(np.stack([scale, gray_mix, hue], axis=1).reshape(12, -1).astype(np.float32),
+                          sizes, axis=1)  # rows 3k, 3k+1, 3k+2: scale, grey mix, hue shift of stage k
+    for k, (linear, stage_mean, use_gray, use_hue) in enumerate(stages):
+        if linear:
+            grey = np.dot(_GRAY_NP, x)  # grey before this op (cheap: one 3-vector dot)
+            x = x * per_pixel[3 * k]
+            if stage_mean is not None:
+                means = np.add.reduceat(grey, starts) / sizes
+                x += np.repeat((stage_mean * means).astype(np.float32), sizes)
+            if use_gray:
+                x += per_pixel[3 * k + 1] * grey
+            x = _clip01(x)
+        if use_hue is not None:  # only the pixel span of the images whose hue moves (the key never does)
+            lo, hi = use_hue
+            x[:, lo:hi] = _hue_shift(x[:, lo:hi], per_pixel[3 * k + 2, lo:hi])
+    if p.gray.any():
+        flag = np.repeat(p.gray, sizes)
+        x = np.where(flag, np.dot(_GRAY_NP, x), x)
+    return x
+
+
+def _gaussian_kernels(sigma: np.ndarray, size: int) -> tuple[np.ndarray, int]:
+    """(n, 2r+1) normalised Gaussian taps (a delta where sigma == 0), radius r = ceil(3 max sigma) < size."""
+    radius = min(int(math.ceil(3.0 * float(sigma.max()))), size - 1)
+    offsets = np.arange(-radius, radius + 1, dtype=np.float64)
+    safe = np.where(sigma > 0, sigma, 1.0)[:, None]
+    taps = np.exp(-0.5 * (offsets[None, :] / safe) ** 2)
+    taps[sigma <= 0] = offsets[None, :] == 0
+    taps /= taps.sum(axis=1, keepdims=True)
+    return taps.astype(np.float32), radius
+
+
+def _blur_matrices(taps: np.ndarray, radius: int, size: int) -> np.ndarray:
+    """(n, size, size) matrices B with ``B @ row`` = the reflect-padded convolution of a length-``size`` row."""
+    n = len(taps)
+    j = np.arange(size)[:, None] + np.arange(-radius, radius + 1)[None, :]  # (size, 2r+1)
+    j = np.abs(j)
+    j = np.where(j > size - 1, 2 * (size - 1) - j, j)
+    mats = np.zeros((n, size, size), dtype=np.float32)
+    rows = np.broadcast_to(np.arange(size)[:, None], j.shape)
+    for k in range(n):
+        np.add.at(mats[k], (rows, j), taps[k][None, :])
+    return mats
+
+
+def _blur(group: np.ndarray, sigma: np.ndarray) -> np.ndarray:
+    """Separable Gaussian blur of images (n, 3, h, w) with per-image sigma (0 = untouched), reflect padding."""
+    n, c, h, w = group.shape
+    if not (sigma > 0).any() or min(h, w) < 2:
+        return group
+    taps, radius = _gaussian_kernels(sigma, min(h, w))
+    if max(h, w) <= _MATRIX_MAX:
+        by = _blur_matrices(taps, radius, h)
+        bx = by if w == h else _blur_matrices(taps, radius, w)
+        return by[:, None] @ group @ bx.transpose(0, 2, 1)[:, None]
+    weight = torch.from_numpy(taps).repeat_interleave(c, dim=0)  # (n*c, 2r+1)
+    x = torch.from_numpy(np.ascontiguousarray(group)).reshape(1, n * c, h, w)
+    x = F.conv2d(F.pad(x, (0, 0, radius, radius), mode="reflect"), weight[:, None, :, None], groups=n * c)
+    x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="reflect"), weight[:, None, None, :], groups=n * c)
+    return x.reshape(n, c, h, w).numpy()
+
+
+def augment_and_normalise(
+    groups: list[np.ndarray], params: _PhotoParams | None, mean: np.ndarray, std: np.ndarray
+) -> list[torch.Tensor]:
+    """Photometric augmentation (if ``params``) and normalisation of image groups (n_g, 3, h_g, w_g) in [0, 1].
+
+    Images are numbered across groups in order; ``params`` holds one entry per image.
+    """
+    shapes = [(g.shape[0], g.shape[2], g.shape[3]) for g in groups]
+    x = np.concatenate([g.transpose(1, 0, 2, 3).reshape(3, -1) for g in groups], axis=1)  # (3, P)
+    if params is not None:
+        sizes = np.asarray([h * w for n, h, w in shapes for _ in range(n)], dtype=np.int64)
+        x = _color(x, params, sizes)
+    x = x * (1.0 / std)[:, None] + (-mean / std)[:, None]
+    out, start, first = [], 0, 0
+    for n, h, w in shapes:
+        g = x[:, start : start + n * h * w].reshape(3, n, h, w).transpose(1, 0, 2, 3)
+        if params is not None:
+            g = _blur(g, params.sigma[first : first + n])  # linear, weights sum to 1: commutes with normalise
+        out.append(torch.from_numpy(np.ascontiguousarray(g, dtype=np.float32)))
+        start += n * h * w
+        first += n
+    return out
+
+
+# -------------------------------------------------------------------------------------------- public
+
+
+class DSCLTransform:
+    """uint8 image (3, H, W) -> ``DSCLViews`` (METHOD.md A.2, official ``loader_roi.py`` semantics).
+
+    Two independent RandomResizedCrop global crops (area ``views.global_scale``, ratio 3/4..4/3,
+    bilinear, ``image_size``). Crop 0 is flipped with p 0.5, then ``views.num_patches`` boxes are drawn
+    on it (area ``views.patch_scale`` of the query view, ratio ``views.patch_ratio``, whole-view
+    fallback) and cut to ``views.patch_size`` before any colour augmentation. Query and each patch
+    (own flip p 0.5): ColorJitter(0.4, 0.4, 0.4, 0.1) p 0.8, grayscale p 0.2, blur p 0.5 if
+    ``views.blur``. Key (crop 1): ColorJitter(0.4, 0.4, 0.4, 0) always, flip p 0.5.
+    ``views.photometric=False`` keeps only crops and flips. Finally /255 and (x - mean) / std.
+
+    Args:
+        image_size: side S of the global views in pixels.
+        views: the ViewConfig.
+        mean, std: per-channel normalisation of [0, 1] images (``DatasetSplits.mean/std``).
+        generator: optional torch.Generator for reproducible draws (see the module note on workers).
+    """
+
+    def __init__(self, image_size: int, views: ViewConfig, mean: tuple[float, ...], std: tuple[float, ...],
+                 generator: torch.Generator | None = None) -> None:
+        self.image_size = int(image_size)
+        self.views = views
+        self.num_patches = int(views.num_patches)
+        self.patch_size = int(views.patch_size)
+        self.mean = np.asarray(mean, dtype=np.float32)
+        self.std = np.asarray(std, dtype=np.float32)
+        self.generator = generator
+        n = self.num_patches
+        # images in the order key, query, patches (the key first keeps it out of the hue pixel spans)
+        self._recipes = [_WEAK, _strong(views.blur)] + [_strong(views.blur)] * n
+        self._layout = (2 * (2 * _TRIES + 2), 2, n * (2 * _TRIES + 3), (2 + n) * _U_PHOTO)
+
+    def __call__(self, image: torch.Tensor) -> DSCLViews:
+        img = _as_uint8_chw(image)
+        _, height, width = img.shape
+        size, n, psize = self.image_size, self.num_patches, self.patch_size
+        u = torch.rand(sum(self._layout), generator=self.generator, dtype=torch.float64).numpy()
+        u_global, u_flip, u_patch, u_photo = np.split(u, np.cumsum(self._layout)[:-1])
+        crops = sample_boxes(u_global.reshape(2, -1), height, width, self.views.global_scale,
+                             (3 / 4, 4 / 3), "center")
+        flips = u_flip < 0.5  # query flipped inside the crop op (before patches); key flip commutes
+        globals_ = resized_crops(img, crops, size, flips)  # (2,3,S,S) in [0,1]: query, key
+        u_patch = u_patch.reshape(n, 2 * _TRIES + 3)
+        boxes = sample_boxes(u_patch[:, :-1], size, size, self.views.patch_scale,
+                             (self.views.patch_ratio[0], self.views.patch_ratio[1]), "whole")
+        patches = resized_crops(globals_[0], boxes, psize, u_patch[:, -1] < 0.5)
+        params = (draw_photometric(u_photo.reshape(2 + n, _U_PHOTO), self._recipes)
+                  if self.views.photometric else None)
+        pair, patch_t = augment_and_normalise([globals_[::-1], patches], params, self.mean, self.std)
+        xyxy = np.stack([boxes[:, 1], boxes[:, 0], boxes[:, 1] + boxes[:, 3], boxes[:, 0] + boxes[:, 2]], 1)
+        return DSCLViews(pair[1], pair[0], patch_t, torch.from_numpy(xyxy.astype(np.float32)).reshape(n, 4))
+
+    def __repr__(self) -> str:
+        return (f"DSCLTransform(image_size={self.image_size}, num_patches={self.num_patches}, "
+                f"patch_size={self.patch_size}, photometric={self.views.photometric}, blur={self.views.blur})")
+
+
+class EvalTransform:
+    """Deterministic test-time view: for ``image_size >= 128`` resize the shorter side to
+    ``round(image_size * 256 / 224)`` and centre-crop ``image_size``; for small images resize to
+    (image_size, image_size) if needed. Returns a normalised float (3, S, S)."""
+
+    def __init__(self, image_size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        self.image_size = int(image_size)
+        self.mean = torch.tensor(mean, dtype=torch.float32)
+        self.std = torch.tensor(std, dtype=torch.float32)
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        img = _as_uint8_chw(image)
+        size = self.image_size
+        if size >= 128:
+            img = TF.resize(img, round(size * 256 / 224), antialias=True)
+            img = TF.center_crop(img, [size, size])
+        elif tuple(img.shape[1:]) != (size, size):
+            img = TF.resize(img, [size, size], antialias=True)
+        x = img.to(torch.float32).div_(255.0)
+        return x.sub_(self.mean[:, None, None]).div_(self.std[:, None, None])
+
+
+class ClassifierTransform:
+    """Stage-2 training view: RandomResizedCrop(scale 0.08-1) + flip, and with ``strong`` also
+    ColorJitter(0.4, 0.4, 0.4, 0.1) p 0.8, grayscale p 0.2 and (for image_size >= 64) blur p 0.5.
+    Returns a normalised float (3, S, S)."""
+
+    def __init__(self, image_size: int, mean: tuple[float, ...], std: tuple[float, ...], strong: bool = True,
+                 generator: torch.Generator | None = None) -> None:
+        self.image_size = int(image_size)
+        self.strong = strong
+        self.mean = np.asarray(mean, dtype=np.float32)
+        self.std = np.asarray(std, dtype=np.float32)
+        self.generator = generator
+        self._recipe = _strong(blur=self.image_size >= 64) if strong else _OFF
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        img = _as_uint8_chw(image)
+        u = torch.rand(2 * _TRIES + 3 + _U_PHOTO, generator=self.generator, dtype=torch.float64).numpy()
+        box = sample_boxes(u[None, : 2 * _TRIES + 2], img.shape[1], img.shape[2], (0.08, 1.0), (3 / 4, 4 / 3),
+                           "center")
+        crop = resized_crops(img, box, self.image_size, u[2 * _TRIES + 2 : 2 * _TRIES + 3] < 0.5)
+        params = draw_photometric(u[None, -_U_PHOTO:], [self._recipe]) if self.strong else None
+        return augment_and_normalise([crop], params, self.mean, self.std)[0][0]
