@@ -1,0 +1,137 @@
+"""Encoder (backbone + MoCo-v2 projection head) and DSCLModel (online + momentum encoders + queue).
+
+The model computes features only; losses live in :mod:`dscl.losses` and the training loop spells out
+the step order of METHOD.md A.9 (momentum update, forwards, losses, backward, step, enqueue).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dscl.backbones import Backbone
+from dscl.patches import ALIGNED_DEFAULT, pool_boxes
+from dscl.queue import LabeledQueue
+
+
+class Encoder(nn.Module):
+    """Backbone followed by the MoCo-v2 MLP head ``Linear(C, C) -> ReLU -> Linear(C, dim)`` (no BN).
+
+    Args:
+        backbone: a :class:`~dscl.backbones.Backbone` (``forward_features`` and ``num_features``).
+        dim: embedding dimension (METHOD.md A.3: 128).
+    """
+
+    def __init__(self, backbone: Backbone, dim: int = 128) -> None:
+        super().__init__()
+        c = backbone.num_features
+        self.backbone = backbone
+        self.head = nn.Sequential(nn.Linear(c, c), nn.ReLU(inplace=True), nn.Linear(c, dim))
+        self.dim = dim
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(B, 3, h, w)`` -> ``(z (B, dim) L2-normalised, fmap (B, C, H, W))``.
+
+        ``fmap`` is returned so the PBSD teacher can ROI-pool it without a second forward or a hook.
+        """
+        fmap = self.backbone.forward_features(x)
+        return self.project(fmap.mean(dim=(2, 3))), fmap
+
+    def project(self, pooled: Tensor) -> Tensor:
+        """``(N, C)`` pooled backbone features -> ``(N, dim)`` L2-normalised embeddings."""
+        return F.normalize(self.head(pooled), dim=1)
+
+    def features(self, x: Tensor) -> Tensor:
+        """``(B, 3, h, w)`` -> ``(B, C)`` average-pooled backbone features (stage 2's input)."""
+        return self.backbone(x)
+
+
+class DSCLModel(nn.Module):
+    """The online encoder, its momentum (EMA) copy and the labelled key queue.
+
+    ``momentum`` starts as an exact copy of ``online`` with every parameter frozen
+    (``requires_grad=False``); it is moved only by :func:`momentum_update`. As a submodule it follows
+    ``train()``/``eval()``, so in training its BatchNorm layers use batch statistics (MoCo).
+
+    Args:
+        encoder: the online :class:`Encoder` (trained by SGD).
+        queue_size: capacity K of the queue (METHOD.md A.4).
+    """
+
+    def __init__(self, encoder: Encoder, queue_size: int) -> None:
+        super().__init__()
+        self.online = encoder
+        self.momentum = copy.deepcopy(encoder)
+        for p in self.momentum.parameters():
+            p.requires_grad_(False)
+        self.queue = LabeledQueue(queue_size, encoder.dim)
+
+    def patch_teacher(
+        self,
+        fmap: Tensor,
+        boxes: Tensor,
+        image_size: int | tuple[int, int],
+        *,
+        aligned: bool = ALIGNED_DEFAULT,
+    ) -> Tensor:
+        """PBSD teacher c = normalize(g(ROIPool(u, box))) (METHOD.md A.7), without autograd graph.
+
+        The official code builds this branch with gradients and detaches only the soft target
+        (METHOD.md C.2 item 8); since no gradient ever flows through it, it runs under ``no_grad``.
+
+        Args:
+            fmap: ``(B, C, H, W)`` online feature map of the query view (from :meth:`Encoder.forward`).
+            boxes: ``(B, L, 4)`` patch boxes ``(x1, y1, x2, y2)`` in query-view pixels.
+            image_size: query-view size ``h`` or ``(h, w)`` in pixels.
+            aligned: roi_align convention, see :mod:`dscl.patches`.
+
+        Returns:
+            ``(L, B, dim)`` L2-normalised teacher features.
+        """
+        with torch.no_grad():
+            pooled = pool_boxes(fmap, boxes, image_size, aligned=aligned)  # (L, B, C)
+            n_boxes, b, c = pooled.shape
+            return self.online.project(pooled.reshape(n_boxes * b, c)).view(n_boxes, b, -1)
+
+    def patch_student(self, patches: Tensor) -> Tensor:
+        """PBSD student s = normalize(g(f(patch))) for all patches in one online-encoder forward.
+
+        Args:
+            patches: ``(B, L, 3, h, w)`` patch crops.
+
+        Returns:
+            ``(L, B, dim)`` L2-normalised student features (row ``l * B + b`` of the batched forward).
+        """
+        if patches.dim() != 5:
+            raise ValueError(f"patches must be (B, L, 3, h, w), got shape {tuple(patches.shape)}")
+        b, n_boxes = patches.shape[:2]
+        flat = patches.transpose(0, 1).reshape(n_boxes * b, *patches.shape[2:])  # L-major
+        z, _ = self.online(flat)
+        return z.view(n_boxes, b, -1)
+
+
+@torch.no_grad()
+def momentum_update(online: nn.Module, momentum: nn.Module, m: float) -> None:
+    """EMA of the parameters: theta_k <- m * theta_k + (1 - m) * theta_q (METHOD.md A.3, G 17).
+
+    Only parameters are averaged. Buffers (BatchNorm running statistics) of the momentum encoder are
+    its own, accumulated from its own forwards on the key views, as in MoCo; they are not copied.
+
+    Args:
+        online: the trained module (theta_q).
+        momentum: the EMA module (theta_k), same architecture; updated in place.
+        m: momentum in [0, 1]; 1 leaves ``momentum`` unchanged, 0 copies ``online``.
+    """
+    if not 0.0 <= m <= 1.0:
+        raise ValueError(f"momentum m must be in [0, 1], got {m}")
+    q: list[Tensor] = list(online.parameters())
+    k: list[Tensor] = list(momentum.parameters())
+    if len(q) != len(k):
+        raise ValueError(f"online has {len(q)} parameter tensors but momentum has {len(k)}")
+    if m == 1.0:
+        return
+    torch._foreach_mul_(k, m)
+    torch._foreach_add_(k, q, alpha=1.0 - m)
