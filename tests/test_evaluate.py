@@ -1,0 +1,364 @@
+"""Tests for dscl.evaluate: metrics against hand computations, post-hoc formulas, report files."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dscl import evaluate as ev
+from dscl.evaluate import (
+    build_report,
+    class_means,
+    confusion_matrix,
+    format_table,
+    logit_adjust,
+    ncm_logits,
+    per_class_accuracy,
+    report_rows,
+    shot_groups,
+    summarize,
+    tau_normalize,
+    topk_correct,
+    variant_row,
+    write_report,
+)
+
+DESIGN_KEYS = {
+    "dataset", "method", "top1", "top5", "many", "medium", "few",
+    "shot_classes", "per_class", "seed", "epochs", "wall_seconds",
+}
+
+
+def one_hot_logits(preds: list[int], num_classes: int) -> np.ndarray:
+    out = np.zeros((len(preds), num_classes))
+    out[np.arange(len(preds)), preds] = 1.0
+    return out
+
+
+# ---------------------------------------------------------------------------------- shot groups
+
+
+def test_shot_group_boundaries():
+    counts = [101, 100, 20, 19, 1000, 0, 21, 99]
+    g = shot_groups(counts)
+    assert g == {"many": [0, 4], "medium": [1, 2, 6, 7], "few": [3, 5]}
+
+
+def test_shot_group_custom_thresholds_and_validation():
+    assert shot_groups([5, 10, 50], many_threshold=10, few_threshold=5) == {
+        "many": [2], "medium": [0, 1], "few": [],
+    }
+    with pytest.raises(ValueError, match="few_threshold"):
+        shot_groups([1, 2], many_threshold=10, few_threshold=50)
+    with pytest.raises(ValueError, match="non-negative"):
+        shot_groups([3, -1])
+
+
+# ---------------------------------------------------------------------------------- metrics
+
+
+def test_per_class_accuracy_hand_computed():
+    # class 0: 3 samples, 2 right; class 1: 2 samples, 0 right; class 2: 1 sample, 1 right.
+    targets = [0, 0, 0, 1, 1, 2]
+    preds = [0, 1, 0, 0, 2, 2]
+    acc = per_class_accuracy(preds, targets, 3)
+    np.testing.assert_allclose(acc, [2 / 3, 0.0, 1.0])
+    # torch inputs give the same answer
+    np.testing.assert_allclose(per_class_accuracy(torch.tensor(preds), torch.tensor(targets), 3), acc)
+
+
+def test_per_class_accuracy_class_without_test_samples_is_nan():
+    acc = per_class_accuracy([0, 2], [0, 2], 4)
+    assert acc[0] == 1.0 and acc[2] == 1.0
+    assert math.isnan(acc[1]) and math.isnan(acc[3])
+
+
+def test_per_class_accuracy_rejects_out_of_range_labels():
+    with pytest.raises(ValueError, match="targets"):
+        per_class_accuracy([0, 1], [0, 3], 3)
+    with pytest.raises(ValueError, match="same shape"):
+        per_class_accuracy([0, 1, 1], [0, 1], 3)
+
+
+def test_topk_correct_hand_computed_and_clipped():
+    logits = np.array([[0.1, 0.5, 0.4], [0.9, 0.05, 0.05], [0.2, 0.3, 0.5]])
+    targets = np.array([2, 1, 0])
+    np.testing.assert_array_equal(topk_correct(logits, targets, 1), [False, False, False])
+    # sample 1: classes 1 and 2 tie below class 0; ties go to the lower index, so class 1 is 2nd.
+    np.testing.assert_array_equal(topk_correct(logits, targets, 2), [True, True, False])
+    # k=5 with 3 classes is clipped to 3: every sample is correct.
+    assert topk_correct(torch.tensor(logits), torch.tensor(targets), 5).all()
+
+
+def test_topk_k1_matches_argmax_with_ties():
+    rng = np.random.default_rng(0)
+    logits = rng.integers(0, 3, size=(200, 7)).astype(float)  # many ties
+    targets = rng.integers(0, 7, size=200)
+    np.testing.assert_array_equal(topk_correct(logits, targets, 1), logits.argmax(1) == targets)
+    # constant logits: only class 0 counts as the top-1 prediction
+    assert topk_correct(np.zeros((3, 4)), np.array([0, 1, 3]), 1).tolist() == [True, False, False]
+
+
+def test_confusion_matrix_rows_are_true_class():
+    cm = confusion_matrix([0, 1, 0, 0, 2, 2], [0, 0, 0, 1, 1, 2], 3)
+    expected = np.array([[2, 1, 0], [1, 0, 1], [0, 0, 1]])
+    np.testing.assert_array_equal(cm, expected)
+    assert cm.sum() == 6
+
+
+# ---------------------------------------------------------------------------------- summarize
+
+
+def test_summarize_hand_computed():
+    train_counts = [500, 50, 5]  # one class per group
+    targets = [0, 0, 0, 0, 1, 1, 2, 2]
+    preds = [0, 0, 0, 1, 1, 0, 0, 0]  # acc: class0 3/4, class1 1/2, class2 0/2
+    s = summarize(torch.tensor(one_hot_logits(preds, 3)), torch.tensor(targets), train_counts,
+                  class_names=["a", "b", "c"])
+    assert s["top1"] == pytest.approx(100 * 4 / 8)
+    assert s["top1_macro"] == pytest.approx(100 * (0.75 + 0.5 + 0.0) / 3)
+    assert s["many"] == pytest.approx(75.0)
+    assert s["medium"] == pytest.approx(50.0)
+    assert s["few"] == pytest.approx(0.0)  # a real 0 stays 0 ...
+    assert s["top5"] == pytest.approx(100.0)  # 3 classes: top-5 is top-3
+    assert s["shot_classes"] == {"many": 1, "medium": 1, "few": 1}
+    assert s["per_class"][0] == {"class": "a", "train_count": 500, "test_count": 4, "accuracy": 75.0}
+    assert s["per_class"][2]["accuracy"] == 0.0
+
+
+def test_summarize_empty_group_is_none_not_zero():
+    # counts 101 (many), 100 and 20 (medium): no Few class at all
+    train_counts = [101, 100, 20]
+    targets = [0, 1, 2]
+    s = summarize(one_hot_logits([0, 1, 0], 3), np.array(targets), train_counts)
+    assert s["few"] is None
+    assert s["shot_classes"] == {"many": 1, "medium": 2, "few": 0}
+    assert s["medium"] == pytest.approx(50.0)
+    # and 19 is Few
+    s2 = summarize(one_hot_logits([0, 1], 2), [0, 1], [19, 101])
+    assert s2["shot_classes"] == {"many": 1, "medium": 0, "few": 1}
+    assert s2["medium"] is None and s2["few"] == pytest.approx(100.0)
+
+
+def test_summarize_class_without_test_samples():
+    # class 1 has training images but no test images: accuracy None, excluded from its group mean
+    train_counts = [200, 150, 10]
+    s = summarize(one_hot_logits([0, 0, 2], 3), [0, 0, 2], train_counts)
+    assert s["per_class"][1]["test_count"] == 0
+    assert s["per_class"][1]["accuracy"] is None
+    assert s["many"] == pytest.approx(100.0)  # only class 0 counts, not (100 + 0) / 2
+    assert s["top1_macro"] == pytest.approx(100.0)
+
+
+def test_summarize_validates_shapes():
+    with pytest.raises(ValueError, match="train_counts"):
+        summarize(np.zeros((2, 3)), [0, 1], [1, 2])
+    with pytest.raises(ValueError, match="2-D"):
+        summarize(np.zeros(3), [0], [1, 2, 3])
+    with pytest.raises(ValueError, match="class_names"):
+        summarize(np.zeros((2, 2)), [0, 1], [1, 2], class_names=["x"])
+
+
+# ---------------------------------------------------------------------------------- post-hoc
+
+
+def test_logit_adjust_formula():
+    logits = torch.tensor([[1.0, 2.0], [0.0, 0.0]])
+    counts = [30, 10]  # prior 0.75, 0.25
+    out = logit_adjust(logits, counts, tau=1.0)
+    expected = torch.tensor([[1.0 - math.log(0.75), 2.0 - math.log(0.25)],
+                             [-math.log(0.75), -math.log(0.25)]])
+    torch.testing.assert_close(out, expected)
+    out_half = logit_adjust(logits, counts, tau=0.5)
+    torch.testing.assert_close(out_half[1], torch.tensor([-0.5 * math.log(0.75), -0.5 * math.log(0.25)]))
+    torch.testing.assert_close(logit_adjust(logits, counts, tau=0.0), logits)
+    # the rare class gains: an equal-logit sample is now predicted as the tail class
+    assert out[1].argmax().item() == 1
+    with pytest.raises(ValueError, match="> 0"):
+        logit_adjust(logits, [3, 0])
+
+
+def test_tau_normalize_formula():
+    w = torch.tensor([[3.0, 4.0], [0.0, 2.0]])  # norms 5 and 2
+    torch.testing.assert_close(tau_normalize(w, 1.0), torch.tensor([[0.6, 0.8], [0.0, 1.0]]))
+    torch.testing.assert_close(
+        tau_normalize(w, 0.5), torch.tensor([[3 / math.sqrt(5), 4 / math.sqrt(5)], [0.0, 2 / math.sqrt(2)]])
+    )
+    torch.testing.assert_close(tau_normalize(w, 0.0), w)
+
+
+def test_ncm_toy_separable_problem_is_perfect():
+    gen = torch.Generator().manual_seed(0)
+    centres = torch.eye(4, 8) * 5.0  # 4 well-separated directions in 8-D
+    labels = torch.arange(4).repeat_interleave(25)
+    feats = centres[labels] + 0.3 * torch.randn(100, 8, generator=gen)
+    means = class_means(feats, labels, 4)
+    assert means.shape == (4, 8)
+    torch.testing.assert_close(means.norm(dim=1), torch.ones(4))
+    test_labels = torch.arange(4).repeat_interleave(10)
+    test_feats = centres[test_labels] + 0.3 * torch.randn(40, 8, generator=gen)
+    scores = ncm_logits(test_feats, means)
+    assert scores.shape == (40, 4)
+    assert scores.max() <= 1.0 + 1e-6
+    s = summarize(scores, test_labels, [25, 25, 25, 25])
+    assert s["top1"] == pytest.approx(100.0)
+
+
+def test_class_means_hand_computed():
+    feats = torch.tensor([[2.0, 0.0], [0.0, 1.0], [0.0, 3.0]])
+    labels = torch.tensor([0, 0, 1])
+    means = class_means(feats, labels, 3)
+    s = 1 / math.sqrt(2)
+    # normalised features (1,0) and (0,1) average to (0.5,0.5) -> renormalised (s,s); empty class -> 0
+    torch.testing.assert_close(means, torch.tensor([[s, s], [0.0, 1.0], [0.0, 0.0]]))
+
+
+# ---------------------------------------------------------------------------------- reports
+
+
+def _toy_report(num_classes: int = 10, seed: int = 0) -> tuple[dict, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    counts = np.array([int(1000 * 0.01 ** (i / (num_classes - 1))) for i in range(num_classes)])
+    targets = np.repeat(np.arange(num_classes), 20)
+    logits = rng.normal(size=(targets.size, num_classes))
+    logits[np.arange(targets.size), targets] += np.linspace(3.0, 0.0, num_classes)[targets]
+    names = [f"class {i}" for i in range(num_classes)]
+    s = summarize(logits, targets, counts, class_names=names)
+    la = summarize(logit_adjust(torch.tensor(logits), counts), targets, counts)
+    report = build_report(
+        s, dataset="toy-lt", method="DSCL", seed=3, epochs=7, wall_seconds=12.345, split="test",
+        selection="last stage-2 epoch; no selection on the test set",
+        variants=[variant_row("+ logit adjustment", la)],
+    )
+    return report, confusion_matrix(logits.argmax(1), targets, num_classes)
+
+
+def test_build_report_keys_types_and_ranges():
+    report, _ = _toy_report()
+    assert set(report) >= DESIGN_KEYS
+    assert set(report) == DESIGN_KEYS | {"top1_macro", "split", "selection", "variants"}
+    assert isinstance(report["dataset"], str) and isinstance(report["method"], str)
+    for key in ("top1", "top5", "top1_macro", "many", "medium", "few"):
+        assert isinstance(report[key], float) and 0.0 <= report[key] <= 100.0, key
+    assert report["shot_classes"] == {"many": 5, "medium": 3, "few": 2}
+    assert all(isinstance(v, int) for v in report["shot_classes"].values())
+    assert len(report["per_class"]) == 10
+    for row in report["per_class"]:
+        assert set(row) == {"class", "train_count", "test_count", "accuracy"}
+        assert isinstance(row["class"], str) and isinstance(row["train_count"], int)
+        assert row["test_count"] == 20 and 0.0 <= row["accuracy"] <= 100.0
+    assert report["seed"] == 3 and report["epochs"] == 7 and report["wall_seconds"] == 12.35
+    assert report["split"] == "test"
+    (var,) = report["variants"]
+    assert set(var) == {"method", "top1", "top5", "top1_macro", "many", "medium", "few"}
+    json.dumps(report, allow_nan=False)  # strictly valid JSON (no NaN)
+
+
+def test_build_report_rejects_bad_split_and_summary():
+    report, _ = _toy_report()
+    with pytest.raises(ValueError, match="split"):
+        build_report(report, dataset="d", method="m", seed=0, epochs=1, wall_seconds=1.0,
+                     split="train", selection="x")
+    with pytest.raises(ValueError, match="summarize"):
+        build_report({"top1": 1.0}, dataset="d", method="m", seed=0, epochs=1, wall_seconds=1.0,
+                     split="val", selection="x")
+
+
+def test_build_report_none_group_survives_json():
+    s = summarize(one_hot_logits([0, 1], 2), [0, 1], [500, 300])
+    report = build_report(s, dataset="d", method="m", seed=0, epochs={"pretrain": 2, "classify": 1},
+                          wall_seconds=1, split="val", selection="best val top-1")
+    loaded = json.loads(json.dumps(report))
+    assert loaded["medium"] is None and loaded["few"] is None
+    assert loaded["epochs"] == {"pretrain": 2, "classify": 1}
+
+
+def _assert_png_not_blank(path: Path) -> None:
+    assert path.stat().st_size > 0
+    with Image.open(path) as img:
+        assert img.format == "PNG"
+        w, h = img.size
+        assert w > 200 and h > 200
+        arr = np.asarray(img.convert("L"))
+    assert arr.std() > 5  # not a single flat colour
+    assert (arr < 128).mean() > 0.001  # some dark ink (text, points)
+
+
+def test_write_report_files(tmp_path):
+    report, cm = _toy_report()
+    paths = write_report(tmp_path / "run", report, confusion=cm)
+    run = tmp_path / "run"
+    expected = {run / "report.json", run / "report.md", run / "plots" / "per_class_accuracy.png",
+                run / "plots" / "confusion_matrix.png"}
+    assert set(paths) == expected
+    assert json.loads((run / "report.json").read_text()) == report
+    md = (run / "report.md").read_text()
+    assert "| Method | All (top-1) | Many | Medium | Few | Top-5 | macro |" in md
+    main_row = f"| DSCL | {report['top1']:.1f} | {report['many']:.1f} | {report['medium']:.1f} |"
+    assert main_row in md
+    assert "| + logit adjustment |" in md
+    assert "Split: test" in md and "Selection: last stage-2 epoch" in md
+    assert "Many 5, Medium 3, Few 2" in md
+    assert "| class 9 | Few | 10 | 20 |" in md
+    _assert_png_not_blank(run / "plots" / "per_class_accuracy.png")
+    _assert_png_not_blank(run / "plots" / "confusion_matrix.png")
+
+
+def test_write_report_markdown_dash_for_empty_group(tmp_path):
+    s = summarize(one_hot_logits([0, 1], 2), [0, 1], [500, 300])
+    report = build_report(s, dataset="d", method="m", seed=0, epochs=1, wall_seconds=1,
+                          split="val", selection="last epoch")
+    write_report(tmp_path, report)
+    md = (tmp_path / "report.md").read_text()
+    assert "| m | 100.0 | 100.0 | — | — | 100.0 | 100.0 |" in md
+    assert not (tmp_path / "plots" / "confusion_matrix.png").exists()
+
+
+def test_write_report_skips_confusion_plot_above_100_classes(tmp_path):
+    c = 101
+    s = summarize(np.eye(c), np.arange(c), np.full(c, 50))
+    report = build_report(s, dataset="d", method="m", seed=0, epochs=1, wall_seconds=1,
+                          split="test", selection="last epoch")
+    paths = write_report(tmp_path, report, confusion=np.eye(c, dtype=int))
+    assert not (tmp_path / "plots" / "confusion_matrix.png").exists()
+    assert tmp_path / "plots" / "per_class_accuracy.png" in paths
+
+
+def test_write_report_is_atomic(tmp_path, monkeypatch):
+    report, cm = _toy_report()
+    write_report(tmp_path, report, confusion=cm)
+    leftovers = [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp") or p.name.startswith(".")]
+    assert leftovers == []
+    before = (tmp_path / "report.json").read_bytes()
+
+    # A crash in the middle of a write leaves the previous file intact and no temp file behind.
+    def crash(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ev.os, "replace", crash)
+    new_report = dict(report, top1=1.0)
+    with pytest.raises(OSError, match="disk full"):
+        write_report(tmp_path, new_report)
+    monkeypatch.undo()
+    assert (tmp_path / "report.json").read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == ["plots", "report.json", "report.md"]
+    assert sorted(os.listdir(tmp_path / "plots")) == ["confusion_matrix.png", "per_class_accuracy.png"]
+
+
+def test_format_table_alignment():
+    report, _ = _toy_report()
+    rows = report_rows(report) + [{"method": "NCM", "top1": 50.0, "many": None, "medium": 1.25, "few": 0}]
+    text = format_table(rows)
+    lines = text.splitlines()
+    assert lines[0].split("|")[0].strip() == "Method"
+    assert [c.strip() for c in lines[0].split("|")] == ["Method", "All", "Many", "Medium", "Few"]
+    assert len({len(line) for line in lines}) == 1  # all lines equally wide
+    assert [c.strip() for c in lines[-1].split("|")] == ["NCM", "50.0", "—", "1.2", "0.0"]
+    assert lines[2].startswith("DSCL ") and f"{report['top1']:.1f}" in lines[2]
