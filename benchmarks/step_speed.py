@@ -1,0 +1,224 @@
+"""Images/s of one full stage-1 training step: dscl's step vs a straightforward one.
+
+The project's step is :func:`dscl.train.pretrain_step` (both encoders, all patches in one batched
+forward, one ``roi_align`` call, the fused losses, backward, SGD step, momentum update, enqueue),
+with channels_last. The straightforward step is written below from METHOD.md A.9's description of
+the official code: a forward hook on layer4, a separate forward of the online encoder per patch, a
+per-patch ``roi_align`` with a per-image box list, the DSCL loss with dense float masks over
+``cat(q, k, queue)``, PBSD as a per-patch loop, a Python-loop EMA update and a pointer enqueue.
+
+Both run on the same random inputs, alternating step by step so machine noise hits both alike; the
+median of the timed steps is reported. Example (the issue's command):
+
+    python benchmarks/step_speed.py --backbone resnet18 --image-size 224 --patch-size 64 \
+        --patches 5 --batch 16 --queue 4096 --steps 10 --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+from torchvision.ops import roi_align
+
+from dscl.backbones import build_backbone
+from dscl.config import LossConfig
+from dscl.model import DSCLModel, Encoder
+from dscl.train import Batch, pretrain_step
+
+RESULTS = Path(__file__).parent / "results" / "step_speed.json"
+
+
+# ---------------------------------------------------------------- the straightforward step
+class NaiveDSCL(nn.Module):
+    """A torchvision ResNet with its fc replaced by the MLP head, hooked at layer4 (official style)."""
+
+    def __init__(self, arch: str, dim: int, queue: int, num_classes: int) -> None:
+        super().__init__()
+        net = getattr(torchvision.models, arch)(num_classes=dim, zero_init_residual=True)
+        width = net.fc.in_features
+        net.fc = nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, dim))
+        self.encoder_q = net
+        self.encoder_k = copy.deepcopy(net)
+        for p in self.encoder_k.parameters():
+            p.requires_grad = False
+        self.register_buffer("queue", F.normalize(torch.randn(dim, queue), dim=0))
+        self.register_buffer("queue_labels", torch.randint(0, num_classes, (1, queue)))
+        self.ptr = 0
+        self.fmap: torch.Tensor | None = None
+        self.encoder_q.layer4.register_forward_hook(self._hook)
+
+    def _hook(self, module, inputs, output) -> None:
+        self.fmap = output
+
+
+def naive_dscl_loss(features, labels, batch, beta, temperature):
+    """Dense-mask SupCon-style DSCL over cat(q, k, queue) with anchors = the B queries."""
+    n = features.shape[0]
+    mask = torch.eq(labels[:batch, None], labels[None, :]).float()  # (B, 2B+K)
+    logits = features[:batch] @ features.T / temperature  # (B, 2B+K)
+    logits = logits - logits.max(dim=1, keepdim=True).values.detach()
+    logits_mask = torch.ones_like(mask)
+    logits_mask[torch.arange(batch), torch.arange(batch)] = 0
+    mask = mask * logits_mask
+    exp_logits = torch.exp(logits) * logits_mask
+    log_prob = logits - torch.log(exp_logits.sum(1, keepdim=True))
+    weights = torch.ones_like(mask)
+    n_pos = mask.sum(1, keepdim=True) - 1
+    weights = weights * beta / (n_pos + 1e-12)
+    weights[torch.arange(batch), torch.arange(batch) + batch] = 1.0
+    weighted = mask * weights
+    mean_log_prob = (weighted * log_prob).sum(1) / weighted.sum(1)
+    del n
+    return -mean_log_prob.mean()
+
+
+def naive_step(model: NaiveDSCL, opt, q_img, k_img, patches, boxes, labels, *, m, beta, tau, lam):
+    with torch.no_grad():
+        for pq, pk in zip(model.encoder_q.parameters(), model.encoder_k.parameters(), strict=True):
+            pk.data = pk.data * m + pq.data * (1.0 - m)
+    q = F.normalize(model.encoder_q(q_img), dim=1)
+    fmap = model.fmap
+    scale = fmap.shape[-1] / q_img.shape[-1]
+    teachers, students = [], []
+    for j in range(patches.shape[1]):
+        box_list = [boxes[b, j][None] for b in range(boxes.shape[0])]
+        pooled = roi_align(fmap, box_list, output_size=(2, 2), spatial_scale=scale).mean(dim=(2, 3))
+        teachers.append(F.normalize(model.encoder_q.fc(pooled), dim=1))
+    for j in range(patches.shape[1]):
+        students.append(F.normalize(model.encoder_q(patches[:, j]), dim=1))
+    with torch.no_grad():
+        k = F.normalize(model.encoder_k(k_img), dim=1)
+    feats = torch.cat([q, k, model.queue.T.clone()])
+    lab = torch.cat([labels, labels, model.queue_labels[0].clone()])
+    loss_dscl = naive_dscl_loss(feats, lab, q.shape[0], beta, tau)
+    loss_pbsd = 0.0
+    for c, s in zip(teachers, students, strict=True):
+        t_logits = torch.cat([(c * k).sum(1, keepdim=True), c @ model.queue], dim=1) / tau
+        s_logits = torch.cat([(s * k).sum(1, keepdim=True), s @ model.queue], dim=1) / tau
+        target = F.softmax(t_logits, dim=1).detach()
+        loss_pbsd = loss_pbsd + (-(target * F.log_softmax(s_logits, dim=1)).sum(1)).mean()
+    loss = loss_dscl + lam * loss_pbsd / len(teachers)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    with torch.no_grad():
+        b = k.shape[0]
+        K = model.queue.shape[1]
+        idx = torch.arange(model.ptr, model.ptr + b) % K
+        model.queue[:, idx] = k.T
+        model.queue_labels[0, idx] = labels
+        model.ptr = (model.ptr + b) % K
+    return float(loss)
+
+
+# ---------------------------------------------------------------- harness
+def random_inputs(args, num_classes, gen):
+    b, L, s, p = args.batch, args.patches, args.image_size, args.patch_size
+    side = torch.empty(b, L, 2).uniform_(0.25 * s, 0.75 * s, generator=gen)
+    x1 = torch.rand(b, L, generator=gen) * (s - side[..., 0])
+    y1 = torch.rand(b, L, generator=gen) * (s - side[..., 1])
+    boxes = torch.stack([x1, y1, x1 + side[..., 0], y1 + side[..., 1]], dim=-1)
+    return (torch.randn(b, 3, s, s, generator=gen), torch.randn(b, 3, s, s, generator=gen),
+            torch.randn(b, L, 3, p, p, generator=gen), boxes, torch.randint(0, num_classes, (b,), generator=gen))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--backbone", default="resnet18")
+    ap.add_argument("--image-size", type=int, default=224)
+    ap.add_argument("--patch-size", type=int, default=64)
+    ap.add_argument("--patches", type=int, default=5)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--queue", type=int, default=4096)
+    ap.add_argument("--classes", type=int, default=100)
+    ap.add_argument("--steps", type=int, default=10, help="timed steps per variant (after 2 warm-up steps)")
+    ap.add_argument("--json", action="store_true", help="print the result as JSON on the last line")
+    ap.add_argument("--out", default=str(RESULTS), help="results file ('' to skip writing)")
+    args = ap.parse_args(argv)
+    if args.queue % args.batch:
+        ap.error("the straightforward step (like the official code) needs --queue divisible by --batch")
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    alpha = 1 / 9
+    beta = (1 - alpha) / alpha
+    loss_cfg = LossConfig(loss="dscl", alpha=alpha, temperature=0.07, pbsd_weight=1.5)
+
+    ours = DSCLModel(Encoder(build_backbone(args.backbone), dim=128), queue_size=args.queue)
+    ours.to(memory_format=torch.channels_last)
+    ours.queue.enqueue(F.normalize(torch.randn(args.queue, 128, generator=gen), dim=1),
+                       torch.randint(0, args.classes, (args.queue,), generator=gen))
+    opt_ours = torch.optim.SGD(ours.online.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    naive = NaiveDSCL(args.backbone, 128, args.queue, args.classes)
+    opt_naive = torch.optim.SGD([p for p in naive.encoder_q.parameters()], lr=0.01, momentum=0.9,
+                                weight_decay=5e-4)
+    ours.train()
+    naive.train()
+
+    def run_ours(inputs):
+        q, k, p, bx, y = inputs
+        batch = Batch(q.contiguous(memory_format=torch.channels_last), k.contiguous(memory_format=torch.channels_last),
+                      p, bx, y)
+        t = time.perf_counter()
+        pretrain_step(ours, batch, opt_ours, lr=0.01, m=0.999, loss_cfg=loss_cfg)
+        return time.perf_counter() - t
+
+    def run_naive(inputs):
+        q, k, p, bx, y = inputs
+        t = time.perf_counter()
+        naive_step(naive, opt_naive, q, k, p, bx, y, m=0.999, beta=beta, tau=0.07, lam=1.5)
+        return time.perf_counter() - t
+
+    times: dict[str, list[float]] = {"dscl": [], "straightforward": []}
+    for i in range(args.steps + 2):
+        inputs = random_inputs(args, args.classes, gen)
+        order = [("dscl", run_ours), ("straightforward", run_naive)]
+        if i % 2:
+            order.reverse()
+        for name, fn in order:
+            dt = fn(inputs)
+            if i >= 2:
+                times[name].append(dt)
+        print(f"step {i + 1}/{args.steps + 2}: " + ", ".join(f"{n} {t[-1] * 1e3:.0f} ms" for n, t in times.items()
+                                                          if t), file=sys.stderr)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    result = {
+        "benchmark": "step_speed",
+        "command": "python benchmarks/step_speed.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "settings": {k: getattr(args, k) for k in ("backbone", "image_size", "patch_size", "patches", "batch",
+                                                   "queue", "classes", "steps")},
+        "img_per_s": round(args.batch / med["dscl"], 2),
+        "straightforward_img_per_s": round(args.batch / med["straightforward"], 2),
+        "median_ms": {k: round(v * 1e3, 1) for k, v in med.items()},
+        "speedup": round(med["straightforward"] / med["dscl"], 3),
+        "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                    "platform": platform.platform(), "processor": platform.processor(),
+                    "torch": torch.__version__, "device": "cpu"},
+        "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    print(f"{'variant':<16} {'median ms':>10} {'img/s':>8}")
+    print(f"{'dscl':<16} {result['median_ms']['dscl']:>10} {result['img_per_s']:>8}")
+    print(f"{'straightforward':<16} {result['median_ms']['straightforward']:>10} "
+          f"{result['straightforward_img_per_s']:>8}")
+    print(f"speed-up (straightforward time / dscl time): {result['speedup']}x")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    if args.json:
+        print(json.dumps({"img_per_s": result["img_per_s"], "speedup": result["speedup"]}))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""Stage-1 loop: run-directory rules, exact resume, the step's gradient flow."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from conftest import needs_fmnist
+from dscl.backbones import build_backbone
+from dscl.checkpoint import load_checkpoint
+from dscl.config import load_config
+from dscl.model import DSCLModel, Encoder
+from dscl.train import Batch, RunDirError, prepare_run_dir, pretrain, pretrain_step
+
+
+def _batch(b=8, size=28, patches=2, psize=14, classes=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    boxes = torch.tensor([[2.0, 3.0, 20.0, 25.0]]).repeat(b, patches, 1)
+    return Batch(
+        query=torch.randn(b, 3, size, size, generator=g),
+        key=torch.randn(b, 3, size, size, generator=g),
+        patches=torch.randn(b, patches, 3, psize, psize, generator=g),
+        boxes=boxes,
+        labels=torch.randint(0, classes, (b,), generator=g),
+    )
+
+
+def _model(queue=16):
+    torch.manual_seed(0)
+    return DSCLModel(Encoder(build_backbone("convnet"), dim=16), queue_size=queue)
+
+
+@pytest.mark.parametrize("loss", ["dscl", "scl"])
+def test_step_gradient_flow_and_enqueue(loss):
+    model = _model()
+    cfg = dataclasses.replace(load_config("smoke").loss, loss=loss)
+    opt = torch.optim.SGD(model.online.parameters(), lr=0.1, momentum=0.9)
+    batch = _batch()
+    for step in range(2):
+        parts = pretrain_step(model, batch, opt, lr=0.1, m=0.9, loss_cfg=cfg)
+        assert all(torch.isfinite(v) for v in parts.values())
+        assert len(model.queue) == 8 * (step + 1)
+    assert parts["loss_pbsd"] > 0
+    for name, p in model.online.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    for p in model.momentum.parameters():
+        assert not p.requires_grad and p.grad is None
+    feats, labels = model.queue.snapshot()
+    assert torch.equal(labels[-8:], batch.labels)
+
+
+def test_no_patch_work_without_pbsd(monkeypatch):
+    model = _model()
+    cfg = dataclasses.replace(load_config("smoke").loss, pbsd_weight=0.0)
+
+    def boom(*a, **k):
+        raise AssertionError("patch work done with pbsd_weight = 0")
+
+    monkeypatch.setattr(model, "patch_student", boom)
+    monkeypatch.setattr(model, "patch_teacher", boom)
+    opt = torch.optim.SGD(model.online.parameters(), lr=0.1)
+    parts = pretrain_step(model, _batch(), opt, lr=0.1, m=0.99, loss_cfg=cfg)
+    assert parts["loss_pbsd"] == 0
+
+
+def test_momentum_encoder_moves_by_ema():
+    model = _model()
+    before = [p.clone() for p in model.momentum.parameters()]
+    opt = torch.optim.SGD(model.online.parameters(), lr=0.5)
+    online_before = [p.clone() for p in model.online.parameters()]
+    pretrain_step(model, _batch(), opt, lr=0.5, m=0.9, loss_cfg=load_config("smoke").loss)
+    # the EMA is applied before the forward: momentum = 0.9 * old momentum + 0.1 * old online
+    for k_old, q_old, k_new in zip(before, online_before, model.momentum.parameters(), strict=True):
+        torch.testing.assert_close(k_new, 0.9 * k_old + 0.1 * q_old)
+
+
+def test_run_dir_rules(tmp_path):
+    out = tmp_path / "run"
+    assert prepare_run_dir(out, resume=False, overwrite=False) == out
+    (out / "config.yaml").write_text("x")
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(RunDirError, match="--overwrite"):
+        prepare_run_dir(out, resume=False, overwrite=False)
+    with pytest.raises(RunDirError, match="cannot resume"):
+        prepare_run_dir(out, resume=True, overwrite=False)
+    prepare_run_dir(out, resume=False, overwrite=True)
+    assert not (out / "config.yaml").exists()
+    assert (out / "notes.txt").read_text() == "mine"  # not a dscl file: never deleted
+    with pytest.raises(RunDirError, match="contradict"):
+        prepare_run_dir(out, resume=True, overwrite=True)
+
+
+@needs_fmnist
+def test_resume_is_exact(tmp_path):
+    cfg = load_config("smoke", overrides=["optim.epochs=2", "optim.deterministic=true"])
+    pretrain(cfg, tmp_path / "straight", progress=False)
+    pretrain(cfg, tmp_path / "split", progress=False, max_epochs=1)
+    first = load_checkpoint(tmp_path / "split" / "checkpoints" / "last.pt")
+    assert first["epoch"] == 1 and not first["finished"]
+    pretrain(cfg, tmp_path / "split", resume=True, progress=False)
+    a = load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.pt")
+    b = load_checkpoint(tmp_path / "split" / "checkpoints" / "last.pt")
+    assert a["finished"] and b["finished"] and a["epoch"] == b["epoch"] == 2
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
