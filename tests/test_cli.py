@@ -88,6 +88,14 @@ def test_run_smoke_end_to_end(tmp_path):
     res = run_cli("evaluate", "--run", str(out), "--split", "val", "--no-progress")
     assert res.returncode == 2 and "no validation split" in res.stderr
 
+    # a config that no longer matches the checkpoint is refused, and the classifier is not replaced
+    cls_before = (out / "checkpoints" / "classifier.pt").read_bytes()
+    cfg_text = (out / "config.yaml").read_text()
+    (out / "config.yaml").write_text(cfg_text.replace("backbone: convnet", "backbone: resnet32"))
+    res = run_cli("classify", "--run", str(out), "--no-progress")
+    assert res.returncode == 2 and "convnet" in res.stderr and "resnet32" in res.stderr
+    assert (out / "checkpoints" / "classifier.pt").read_bytes() == cls_before
+
 
 def _write_png_dataset(root, num_classes=3, train_counts=(12, 6, 3), test_per_class=4):
     rng = np.random.default_rng(0)
@@ -112,12 +120,18 @@ def test_run_on_split_file_png_dataset(tmp_path):
     res = run_cli("run", "--preset", "smoke", "--out", str(out), "--no-progress", "--data-root", str(root),
                   "data.dataset=split", f"data.train_list={root / 'train.txt'}",
                   f"data.test_list={root / 'test.txt'}", "data.image_size=32", "optim.batch_size=8",
-                  "views.patch_size=16")
+                  "views.patch_size=16", "data.val_fraction=0.2")
     assert res.returncode == 0, res.stderr
     report = json.loads((out / "report.json").read_text())
     _check_report(report, 3)
     assert report["shot_classes"] == {"many": 0, "medium": 0, "few": 3}
-    assert [r["train_count"] for r in report["per_class"]] == [12, 6, 3]
+    assert "carved from the training set" in report["selection"]
+    # 20% of each class is held out for validation: 12 -> 10, 6 -> 5, 3 -> 2 (at least one, never the last)
+    assert [r["train_count"] for r in report["per_class"]] == [10, 5, 2]
+    res = run_cli("evaluate", "--run", str(out), "--split", "val", "--json", "--no-progress")
+    assert res.returncode == 0, res.stderr
+    val = json.loads((out / "val" / "report.json").read_text())
+    assert val["split"] == "val" and sum(r["test_count"] for r in val["per_class"]) == 4
     assert [r["test_count"] for r in report["per_class"]] == [4, 4, 4]
 
 

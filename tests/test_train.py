@@ -103,3 +103,55 @@ def test_resume_is_exact(tmp_path):
     assert a["finished"] and b["finished"] and a["epoch"] == b["epoch"] == 2
     for key, value in a["model"].items():
         assert torch.equal(value, b["model"][key]), key
+
+
+def test_class_balanced_linear_classifier_on_separable_long_tailed_features():
+    """Stage 2 on cached features: a long-tailed but separable problem gets high balanced accuracy."""
+    from dscl.train import _balanced_accuracy, train_linear_cached
+
+    g = torch.Generator().manual_seed(0)
+    counts = [400, 100, 25, 6, 3]
+    centres = torch.eye(5, 16) * 4
+    feats = torch.cat([centres[c] + 0.5 * torch.randn(n, 16, generator=g) for c, n in enumerate(counts)])
+    labels = torch.cat([torch.full((n,), c) for c, n in enumerate(counts)])
+    cfg = load_config("smoke", overrides=["classifier.epochs=20", "classifier.lr=0.5", "classifier.batch_size=64",
+                                          "classifier.milestones=[15]"])
+    fc, chosen, history = train_linear_cached(feats, labels, 5, cfg, epoch_size=len(labels), val=None, progress=False)
+    assert chosen == 20 and len(history) == 20
+    test = torch.cat([centres[c] + 0.5 * torch.randn(50, 16, generator=g) for c in range(5)])
+    test_y = torch.arange(5).repeat_interleave(50)
+    with torch.no_grad():
+        assert _balanced_accuracy(fc(test), test_y, 5) > 95
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+
+
+def test_validation_selection_picks_the_best_val_epoch():
+    from dscl.train import train_linear_cached
+
+    g = torch.Generator().manual_seed(1)
+    feats = torch.randn(60, 4, generator=g)
+    labels = torch.arange(3).repeat(20)
+    cfg = load_config("smoke", overrides=["classifier.epochs=6", "classifier.lr=0.1"])
+    val = (torch.randn(30, 4, generator=g), torch.arange(3).repeat(10))
+    fc, chosen, history = train_linear_cached(feats, labels, 3, cfg, epoch_size=60, val=val, progress=False)
+    best = max(range(6), key=lambda i: (history[i]["val_balanced_top1"], -i))
+    assert chosen == best + 1
+
+
+def test_bf16_autocast_step_is_finite():
+    model = _model()
+    opt = torch.optim.SGD(model.online.parameters(), lr=0.1)
+    parts = pretrain_step(model, _batch(), opt, lr=0.1, m=0.99, loss_cfg=load_config("smoke").loss,
+                          dtype=torch.bfloat16)
+    assert all(torch.isfinite(v) and v.dtype == torch.float32 for v in parts.values())
+
+
+def test_ce_baseline_step_trains_only_backbone_and_head():
+    model = _model(queue=0)
+    head = torch.nn.Linear(model.online.backbone.num_features, 3)
+    opt = torch.optim.SGD(list(model.online.parameters()) + list(head.parameters()), lr=0.1)
+    cfg = dataclasses.replace(load_config("smoke").loss, loss="ce")
+    parts = pretrain_step(model, _batch(), opt, lr=0.1, m=0.99, loss_cfg=cfg, ce_head=head)
+    assert parts["loss_pbsd"] == 0 and torch.isfinite(parts["loss"])
+    assert head.weight.grad is not None and all(p.grad is not None for p in model.online.backbone.parameters())
+    assert len(model.queue) == 0

@@ -30,6 +30,9 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--data-root", default=None, metavar="DIR",
                    help="dataset folder (same as data.data_root=DIR; default $DSCL_DATA or the standard place)")
     g.add_argument("--seed", type=int, default=None, help="training seed (same as optim.seed=N)")
+    g.add_argument("--pretrained", default=None, metavar="PATH",
+                   help="local backbone state dict to start from, e.g. ImageNet weights for Places-LT "
+                        "(same as model.pretrained=PATH; nothing is downloaded)")
     g.add_argument("overrides", nargs="*", metavar="section.key=value",
                    help="config overrides, e.g. optim.epochs=5 loss.alpha=0.2 model.backbone=resnet18")
 
@@ -105,6 +108,8 @@ def _load_cfg(args: argparse.Namespace, extra: list[str] | None = None):
         overrides.append(f"data.data_root={args.data_root}")
     if args.seed is not None:
         overrides.append(f"optim.seed={args.seed}")
+    if args.pretrained is not None:
+        overrides.append(f"model.pretrained={args.pretrained}")
     overrides += extra or []
     return load_config(args.preset, args.config, overrides)
 
