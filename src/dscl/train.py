@@ -611,7 +611,7 @@ def train_linear_official(
             loss.backward()
             dist.average_gradients(list(fc.parameters()))
             opt.step()
-            total += float(loss) * len(y)
+            total += loss.item() * len(y)
             n += len(y)
         record = {"epoch": epoch + 1, "lr": lr, "train_loss": total / max(n, 1)}
         if val_ds is not None:
