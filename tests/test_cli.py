@@ -19,7 +19,7 @@ def test_help_lists_subcommands():
         assert cmd in res.stdout
 
 
-@pytest.mark.parametrize("cmd", ["compare", "analyze", "sweep"])
+@pytest.mark.parametrize("cmd", ["analyze", "sweep"])
 def test_unbuilt_commands_say_so(cmd):
     res = run_cli(cmd)
     assert res.returncode != 0
@@ -154,3 +154,40 @@ def test_data_command_fmnist_json():
     assert summary["train_counts"] == [1000, 599, 359, 215, 129, 77, 46, 27, 16, 10]
     assert summary["num_train"] == 2478 and summary["num_test"] == 10000 and summary["num_classes"] == 10
     assert summary["shot_classes"] == {"many": 5, "medium": 3, "few": 2}
+
+
+@needs_fmnist
+def test_compare_two_methods_two_seeds_and_resume(tmp_path):
+    out = tmp_path / "cmp"
+    args = ("compare", "--preset", "smoke", "--methods", "scl,dscl+pbsd", "--seeds", "0,1", "--out", str(out),
+            "--no-progress", "optim.epochs=1", "classifier.epochs=1")
+    res = run_cli(*args)
+    assert res.returncode == 0, res.stderr
+    result = json.loads((out / "compare.json").read_text())
+    assert set(result) >= {"dataset", "seeds", "methods", "command", "wall_seconds"}
+    assert result["seeds"] == [0, 1] and list(result["methods"]) == ["scl", "dscl+pbsd"]
+    for method, metrics in result["methods"].items():
+        report0 = json.loads((out / "runs" / f"{method}-seed0" / "report.json").read_text())
+        report1 = json.loads((out / "runs" / f"{method}-seed1" / "report.json").read_text())
+        assert metrics["all"]["runs"] == [report0["top1"], report1["top1"]]
+        assert metrics["all"]["mean"] == pytest.approx((report0["top1"] + report1["top1"]) / 2, abs=0.01)
+        assert metrics["many"]["mean"] is None  # the smoke subset has no Many class
+    assert json.loads((out / "runs" / "scl-seed0" / "report.json").read_text())["method"] == "scl"
+    assert "± " in (out / "compare.md").read_text()
+    # a killed comparison continues: delete one report, the rest are reused untouched
+    (out / "runs" / "scl-seed1" / "report.json").unlink()
+    kept = (out / "runs" / "dscl+pbsd-seed0" / "report.json").stat().st_mtime_ns
+    res = run_cli(*args)
+    assert res.returncode == 0, res.stderr
+    assert (out / "runs" / "scl-seed1" / "report.json").is_file()
+    assert (out / "runs" / "dscl+pbsd-seed0" / "report.json").stat().st_mtime_ns == kept
+    # a different configuration into the same folder is refused
+    res = run_cli(*args[:-1], "classifier.epochs=2")
+    assert res.returncode == 2 and "different configuration" in res.stderr
+
+
+def test_compare_rejects_bad_lists(tmp_path):
+    res = run_cli("compare", "--methods", "dscl,moco", "--out", str(tmp_path / "c"))
+    assert res.returncode == 2 and "valid methods" in res.stderr
+    res = run_cli("compare", "--seeds", "0,x", "--out", str(tmp_path / "c"))
+    assert res.returncode == 2 and "integers" in res.stderr

@@ -155,3 +155,28 @@ def test_ce_baseline_step_trains_only_backbone_and_head():
     assert parts["loss_pbsd"] == 0 and torch.isfinite(parts["loss"])
     assert head.weight.grad is not None and all(p.grad is not None for p in model.online.backbone.parameters())
     assert len(model.queue) == 0
+
+
+@needs_fmnist
+def test_interrupt_keeps_last_checkpoint_and_resume_finishes(tmp_path, monkeypatch):
+    """Ctrl-C in the middle of epoch 2 leaves epoch 1's checkpoint intact; --resume completes the run."""
+    import dscl.train as train_mod
+
+    cfg = load_config("smoke", overrides=["optim.epochs=2"])
+    real_step, calls = train_mod.pretrain_step, {"n": 0}
+
+    def interrupting_step(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 10:  # 7 steps per epoch: this is inside epoch 2
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "pretrain_step", interrupting_step)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(cfg, tmp_path / "run", progress=False)
+    state = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert state["epoch"] == 1 and not state["finished"]
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["last.pt"]
+    monkeypatch.setattr(train_mod, "pretrain_step", real_step)
+    pretrain(cfg, tmp_path / "run", resume=True, progress=False)
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["finished"]

@@ -1,6 +1,6 @@
 """Command-line interface: the only module that reads argv or chooses exit codes.
 
-``dscl pretrain | classify | evaluate | run | data`` (``compare``, ``analyze`` and ``sweep`` are
+``dscl pretrain | classify | evaluate | run | data | compare`` (``analyze`` and ``sweep`` are
 announced but not built yet). ``torchrun --nproc_per_node N -m dscl ...`` runs the same commands
 distributed.
 """
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -16,7 +17,6 @@ from pathlib import Path
 EXIT_OK, EXIT_ERROR, EXIT_INTERRUPTED = 0, 2, 130
 
 NOT_YET = {
-    "compare": "several methods x seeds -> one Markdown table (arrives with issue #6)",
     "analyze": "gradient-ratio, retrieval and patch-retrieval pictures (arrives with issue #7)",
     "sweep": "one hyperparameter over several values (arrives with issue #7)",
 }
@@ -90,6 +90,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-list", default=None, metavar="FILE")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--check", action="store_true", help="open every image and list missing/unreadable files")
+    _config_args(p)
+    _runtime_args(p)
+
+    p = sub.add_parser("compare", help="several methods x seeds on one preset -> compare.json / compare.md")
+    p.add_argument("--methods", default="ce,scl,dscl,dscl+pbsd",
+                   help="comma-separated, from ce, scl, dscl, scl+pbsd, dscl+pbsd (default: %(default)s)")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default: %(default)s)")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="comparison folder; rerunning the same command continues a killed comparison")
     _config_args(p)
     _runtime_args(p)
 
@@ -224,6 +233,20 @@ def cmd_data(args: argparse.Namespace) -> int:
     return EXIT_ERROR if problems else EXIT_OK
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from dscl.compare import compare, parse_methods, parse_seeds
+
+    methods, seeds = parse_methods(args.methods), parse_seeds(args.seeds)
+    cfg = _load_cfg(args)
+    command = "dscl " + shlex.join(args.argv)
+    result = compare(cfg, methods, seeds, args.out, command=command, device=args.device,
+                     progress=not args.no_progress)
+    from dscl.compare import format_markdown
+
+    _print_main(format_markdown(result) + f"\nwrote {Path(args.out) / 'compare.json'} and compare.md")
+    return EXIT_OK
+
+
 def cmd_presets(args: argparse.Namespace) -> int:
     from dscl.config import preset_names
 
@@ -240,15 +263,18 @@ def _print_main(text: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.argv = argv
     if args.command is None:
         # `dscl` alone: the main job on the default preset
-        args = parser.parse_args(["run", *(argv or [])])
+        args = parser.parse_args(["run", *argv])
+        args.argv = ["run", *argv]
     if args.command in NOT_YET:
         print(f"dscl {args.command}: not built yet — {NOT_YET[args.command]}", file=sys.stderr)
         return EXIT_ERROR
     handlers = {"pretrain": cmd_pretrain, "classify": cmd_classify, "evaluate": cmd_evaluate, "run": cmd_run,
-                "data": cmd_data, "presets": cmd_presets}
+                "data": cmd_data, "compare": cmd_compare, "presets": cmd_presets}
     from dscl import dist
     from dscl.checkpoint import CheckpointError
     from dscl.config import ConfigError

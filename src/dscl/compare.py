@@ -1,0 +1,163 @@
+"""Several methods x seeds on one preset -> ``compare.json`` and a mean ± std Markdown table.
+
+Every method shares the preset's backbone, epochs, augmentation and stage-2 protocol; only the
+stage-1 objective changes (METHOD.md E.2's ablation rows):
+
+* ``ce``        cross-entropy end to end on the long-tailed data, then the same class-balanced
+                classifier re-training as the others (so the comparison isolates the representation)
+* ``scl``       the paper's SupCon baseline over the same queue, no PBSD
+* ``dscl``      the decoupled loss, no PBSD
+* ``scl+pbsd``  SupCon + PBSD
+* ``dscl+pbsd`` the full method (PBSD weight from the preset, 1.5 if the preset has none)
+
+Each run lives in ``OUT/runs/<method>-seed<seed>/``; a killed comparison continues where it stopped
+(finished runs are reused, an unfinished stage 1 is resumed).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dscl.config import Config, apply_mapping, validate
+
+METHODS = ("ce", "scl", "dscl", "scl+pbsd", "dscl+pbsd")
+METRICS = ("all", "many", "medium", "few")
+
+
+class CompareError(ValueError):
+    """Bad methods / seeds, or an output folder holding a different comparison."""
+
+
+def parse_methods(text: str) -> list[str]:
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    bad = [m for m in methods if m not in METHODS]
+    if not methods or bad:
+        raise CompareError(f"--methods {text!r}: unknown {bad or 'empty list'}; valid methods: {', '.join(METHODS)}")
+    if len(set(methods)) != len(methods):
+        raise CompareError(f"--methods {text!r} names a method twice")
+    return methods
+
+
+def parse_seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError as exc:
+        raise CompareError(f"--seeds {text!r} must be comma-separated integers, e.g. 0,1,2") from exc
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise CompareError(f"--seeds {text!r} must list at least one seed, each once")
+    return seeds
+
+
+def method_config(base: Config, method: str, seed: int) -> Config:
+    """The preset's config with only the stage-1 objective (and the seed) changed."""
+    cfg = copy.deepcopy(base)
+    pbsd = base.loss.pbsd_weight if base.loss.pbsd_weight > 0 else 1.5
+    loss, _, extra = method.partition("+")
+    apply_mapping(cfg, {"loss": {"loss": loss, "pbsd_weight": pbsd if extra == "pbsd" else 0.0},
+                        "optim": {"seed": seed}}, f"method {method}")
+    validate(cfg)
+    return cfg
+
+
+def _finished(run: Path) -> bool:
+    return (run / "report.json").is_file()
+
+
+def run_one(cfg: Config, run: Path, *, device: str, progress: bool) -> dict[str, Any]:
+    """Run (or continue) one method/seed and return its report."""
+    from dscl.checkpoint import load_checkpoint
+    from dscl.train import classify, evaluate, pretrain
+
+    if _finished(run):
+        return json.loads((run / "report.json").read_text())
+    last = run / "checkpoints" / "last.pt"
+    if last.is_file():
+        if not load_checkpoint(last).get("finished"):
+            pretrain(cfg, run, resume=True, device=device, progress=progress)
+    else:
+        pretrain(cfg, run, overwrite=True, device=device, progress=progress)
+    classify(run, cfg=cfg, device=device, progress=progress)
+    return evaluate(run, cfg=cfg, device=device, progress=progress)
+
+
+def aggregate(reports: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, dict[str, Any]]]:
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for method, runs in reports.items():
+        out[method] = {}
+        for metric in METRICS:
+            key = "top1" if metric == "all" else metric
+            values = [r[key] for r in runs]
+            present = [v for v in values if v is not None]
+            out[method][metric] = {
+                "mean": round(statistics.fmean(present), 2) if present else None,
+                "std": round(statistics.stdev(present), 2) if len(present) > 1 else (0.0 if present else None),
+                "runs": values,
+            }
+    return out
+
+
+def format_markdown(result: dict[str, Any]) -> str:
+    lines = [
+        f"# {result['dataset']}: methods compared over seeds {', '.join(map(str, result['seeds']))}",
+        "",
+        f"Preset `{result['preset']}`; top-1 % on the test set, mean ± std over seeds; Many / Medium / Few = "
+        "mean per-class top-1 over classes with > 100 / 20–100 / < 20 training images. Every method gets "
+        "the same stage-2 class-balanced classifier.",
+        "",
+        "| method | All | Many | Medium | Few |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for method, metrics in result["methods"].items():
+        cells = []
+        for metric in METRICS:
+            m = metrics[metric]
+            cells.append("—" if m["mean"] is None else f"{m['mean']:.1f} ± {m['std']:.1f}")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    lines += ["", f"Command: `{result['command']}`", f"Wall time: {result['wall_seconds'] / 60:.1f} min", ""]
+    return "\n".join(lines)
+
+
+def compare(base: Config, methods: Sequence[str], seeds: Sequence[int], out: str | Path, *,
+            command: str, device: str = "auto", progress: bool = True) -> dict[str, Any]:
+    """Run every (method, seed) into ``out/runs`` and write ``compare.json`` / ``compare.md``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    plan_path = out / "compare-config.yaml"
+    plan = {"preset": base.preset, "config": base.to_dict()}
+    if plan_path.is_file():
+        saved = yaml.safe_load(plan_path.read_text())
+        if saved != plan:
+            raise CompareError(
+                f"{out} holds a comparison with a different configuration ({plan_path}); "
+                f"use another --out, or delete {out} to start over"
+            )
+    else:
+        plan_path.write_text(yaml.safe_dump(plan, sort_keys=False))
+    reports: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
+    dataset = base.data.dataset
+    for seed in seeds:
+        for method in methods:
+            run = out / "runs" / f"{method}-seed{seed}"
+            print(f"== {method}, seed {seed} -> {run}", flush=True)
+            report = run_one(method_config(base, method, seed), run, device=device, progress=progress)
+            reports[method].append(report)
+            dataset = report["dataset"]
+    result = {
+        "dataset": dataset,
+        "preset": base.preset,
+        "seeds": list(seeds),
+        "methods": aggregate(reports),
+        "command": command,
+        # compute time of all runs (reused runs count with their original time)
+        "wall_seconds": round(sum(r["wall_seconds"] for runs in reports.values() for r in runs), 1),
+    }
+    (out / "compare.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "compare.md").write_text(format_markdown(result))
+    return result
