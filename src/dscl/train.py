@@ -292,9 +292,7 @@ def pretrain(
     out = prepare_run_dir(out, resume=resume, overwrite=overwrite)
     ckpt_path = out / "checkpoints" / "last.pt"
     state = load_checkpoint(ckpt_path) if resume else None
-    if state is not None:
-        cfg = load_run_config(out) if cfg is None else cfg
-    elif dist.is_main():
+    if state is None and dist.is_main():
         dump_config(cfg, out / "config.yaml")
     log = MetricsLog(out / "metrics.jsonl")
 
@@ -501,8 +499,7 @@ def recompute_bn(backbone: nn.Module, dataset: LTDataset, *, batch_size: int, de
         backbone(_to(images, device, channels_last=True))
     for m, mom in zip(bns, saved, strict=True):
         m.momentum = mom
-    # every rank saw a different shard only if sharded; here all ranks saw all data: nothing to sync
-    backbone.eval()
+    backbone.eval()  # every rank saw the whole training set, so the statistics agree without a sync
 
 
 def _balanced_accuracy(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> float:
