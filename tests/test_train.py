@@ -180,3 +180,20 @@ def test_interrupt_keeps_last_checkpoint_and_resume_finishes(tmp_path, monkeypat
     monkeypatch.setattr(train_mod, "pretrain_step", real_step)
     pretrain(cfg, tmp_path / "run", resume=True, progress=False)
     assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["finished"]
+
+
+@needs_fmnist
+def test_no_patches_are_cut_without_pbsd(tmp_path, monkeypatch):
+    import dscl.train as train_mod
+
+    seen = []
+    real = train_mod.DSCLTransform
+
+    def spy(image_size, views, mean, std):
+        seen.append(views.num_patches)
+        return real(image_size, views, mean, std)
+
+    monkeypatch.setattr(train_mod, "DSCLTransform", spy)
+    cfg = load_config("smoke", overrides=["optim.epochs=1", "loss.pbsd_weight=0"])
+    pretrain(cfg, tmp_path / "run", progress=False)
+    assert seen == [0]

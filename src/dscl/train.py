@@ -9,6 +9,7 @@ weighted sum, backward, optimiser step, enqueue of the gathered keys and labels.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -169,11 +170,12 @@ def build_encoder(cfg: Config) -> Encoder:
     return Encoder(backbone, dim=cfg.model.dim)
 
 
+def uses_pbsd(cfg: Config) -> bool:
+    return cfg.loss.loss != "ce" and cfg.loss.pbsd_weight > 0 and cfg.views.num_patches > 0
+
+
 def method_name(cfg: Config) -> str:
-    if cfg.loss.loss == "ce":
-        return "ce"
-    uses_pbsd = cfg.loss.pbsd_weight > 0 and cfg.views.num_patches > 0
-    return cfg.loss.loss + ("+pbsd" if uses_pbsd else "")
+    return cfg.loss.loss + ("+pbsd" if uses_pbsd(cfg) else "")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -304,7 +306,9 @@ def pretrain(
     if cfg.optim.batch_size % world:
         raise ValueError(f"optim.batch_size {cfg.optim.batch_size} must be divisible by the {world} processes")
     per_rank = cfg.optim.batch_size // world
-    transform = DSCLTransform(cfg.data.image_size, cfg.views, splits.mean, splits.std)
+    # without PBSD no patch is cut, augmented or transferred (the data side of "no patch work")
+    views = cfg.views if uses_pbsd(cfg) else dataclasses.replace(cfg.views, num_patches=0)
+    transform = DSCLTransform(cfg.data.image_size, views, splits.mean, splits.std)
     train = splits.train.with_transform(transform)
     if len(train) < cfg.optim.batch_size:
         raise ValueError(
