@@ -34,6 +34,13 @@ def test_unknown_preset_and_key_fail_clearly(tmp_path):
     assert not (tmp_path / "b").exists()
 
 
+def test_failed_start_leaves_no_directory_behind(tmp_path):
+    out = tmp_path / "run"
+    res = run_cli("run", "--preset", "imagenet-lt", "--out", str(out), "--data-root", str(tmp_path))
+    assert res.returncode == 2 and "ImageNet_LT_train.txt" in res.stderr
+    assert not out.exists()  # the corrected retry is not blocked by a half-made run directory
+
+
 def test_stage2_without_stage1_names_the_missing_file(tmp_path):
     (tmp_path / "config.yaml").write_text("data:\n  dataset: fmnist-lt\n")
     res = run_cli("classify", "--run", str(tmp_path))

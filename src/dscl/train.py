@@ -63,11 +63,12 @@ class RunDirError(ValueError):
 # run directory
 
 
-def prepare_run_dir(out: str | Path, *, resume: bool, overwrite: bool) -> Path:
+def prepare_run_dir(out: str | Path, *, resume: bool, overwrite: bool, check_only: bool = False) -> Path:
     """Create or validate a run directory; never delete anything that is not a dscl run file.
 
     A non-empty directory is refused unless ``resume`` (continue from ``checkpoints/last.pt``) or
     ``overwrite`` (the dscl files in it are removed first; anything else in it is left alone).
+    ``check_only`` raises the same errors but creates and deletes nothing.
     """
     out = Path(out)
     if resume and overwrite:
@@ -87,6 +88,8 @@ def prepare_run_dir(out: str | Path, *, resume: bool, overwrite: bool) -> Path:
                 f"--out {out} exists and is not empty; pass --resume to continue that run, "
                 f"--overwrite to replace it, or choose another --out"
             )
+        if check_only:
+            return out
         if dist.is_main():
             for name in RUN_FILES:
                 p = out / name
@@ -95,6 +98,8 @@ def prepare_run_dir(out: str | Path, *, resume: bool, overwrite: bool) -> Path:
                 elif p.exists():
                     p.unlink()
         dist.barrier()
+    if check_only:
+        return out
     if dist.is_main():
         out.mkdir(parents=True, exist_ok=True)
     dist.barrier()
@@ -291,13 +296,9 @@ def pretrain(
     schedule still spans ``cfg.optim.epochs``.
     """
     dev = dist.init(device)
-    out = prepare_run_dir(out, resume=resume, overwrite=overwrite)
-    ckpt_path = out / "checkpoints" / "last.pt"
-    state = load_checkpoint(ckpt_path) if resume else None
-    if state is None and dist.is_main():
-        dump_config(cfg, out / "config.yaml")
-    log = MetricsLog(out / "metrics.jsonl")
-
+    # Refuse a bad --out at once, but create nothing until the data and the model are known to be
+    # usable, so a failed start never leaves a directory that blocks the corrected retry.
+    out = prepare_run_dir(out, resume=resume, overwrite=overwrite, check_only=True)
     seed_everything(cfg.optim.seed)  # same on every rank: identical initial weights
     if cfg.optim.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -337,6 +338,12 @@ def pretrain(
     dtype = amp_dtype(cfg.optim.amp, dev)
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
 
+    prepare_run_dir(out, resume=resume, overwrite=overwrite)
+    ckpt_path = out / "checkpoints" / "last.pt"
+    state = load_checkpoint(ckpt_path) if resume else None
+    if state is None and dist.is_main():
+        dump_config(cfg, out / "config.yaml")
+    log = MetricsLog(out / "metrics.jsonl")
     start_epoch, wall_before = 0, 0.0
     if state is not None:
         _check_compatible(state, cfg, splits.num_classes, ckpt_path)
