@@ -102,7 +102,8 @@ def main(argv: list[str] | None = None) -> dict:
         rows.append(row)
         print(f"{name:<12} {row['backbone']:<9} {row['image_size']:>4}px batch {row['batch']:>3}  L={row['patches']} "
               f"K={row['queue']:<6} before step {row['rss_before_step_mib']:>7.0f} MiB  "
-              f"peak {row['peak_rss_mib']:>7.0f} MiB  step extra {row['step_extra_peak_mib']} MiB  ({row['step_seconds']} s)")
+              f"peak {row['peak_rss_mib']:>7.0f} MiB  step extra {row['step_extra_peak_mib']} MiB  "
+              f"({row['step_seconds']} s)")
     result = {"benchmark": "memory",
               "command": "python benchmarks/memory.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "results": rows,
