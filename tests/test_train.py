@@ -194,6 +194,6 @@ def test_no_patches_are_cut_without_pbsd(tmp_path, monkeypatch):
         return real(image_size, views, mean, std)
 
     monkeypatch.setattr(train_mod, "DSCLTransform", spy)
-    cfg = load_config("smoke", overrides=["optim.epochs=1", "loss.pbsd_weight=0"])
+    cfg = load_config("smoke", overrides=["optim.epochs=1", "optim.warmup_epochs=5", "loss.pbsd_weight=0"])
     pretrain(cfg, tmp_path / "run", progress=False)
     assert seen == [0]

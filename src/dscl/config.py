@@ -322,6 +322,7 @@ def validate(cfg: Config) -> None:
     need(cfg.loss.pbsd_weight >= 0, "loss.pbsd_weight must be >= 0")
     need(cfg.optim.epochs >= 1, "optim.epochs must be >= 1")
     need(cfg.optim.batch_size >= 1, "optim.batch_size must be >= 1")
+    need(cfg.optim.warmup_epochs >= 0, f"optim.warmup_epochs must be >= 0, got {cfg.optim.warmup_epochs}")
     need(cfg.optim.amp in ("none", "bf16", "fp16"), f"optim.amp must be none, bf16 or fp16, got {cfg.optim.amp!r}")
     need(cfg.classifier.protocol in ("cached", "official"),
          f"classifier.protocol must be cached or official, got {cfg.classifier.protocol!r}")

@@ -322,7 +322,8 @@ def pretrain(
                      device=dev, drop_last=True)
     steps_per_epoch = len(loader)
     total_steps = cfg.optim.epochs * steps_per_epoch
-    warmup_steps = round(cfg.optim.warmup_epochs * steps_per_epoch)
+    # a run shorter than the preset's warm-up (e.g. optim.epochs=2) warms up over the whole run
+    warmup_steps = min(round(cfg.optim.warmup_epochs * steps_per_epoch), total_steps)
     base_lr = cfg.optim.base_lr * cfg.optim.batch_size / 256  # linear scaling by the global batch
 
     model = DSCLModel(build_encoder(cfg), queue_size=cfg.model.queue_size if cfg.loss.loss != "ce" else 0)
