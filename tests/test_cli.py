@@ -17,6 +17,8 @@ def test_help_lists_subcommands():
     assert res.returncode == 0
     for cmd in ("pretrain", "classify", "evaluate", "run", "data", "compare"):
         assert cmd in res.stdout
+    res = run_cli()
+    assert res.returncode == 2 and "dscl run" in res.stderr
 
 
 @pytest.mark.parametrize("cmd", ["analyze", "sweep"])

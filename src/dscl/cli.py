@@ -267,9 +267,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.argv = argv
     if args.command is None:
-        # `dscl` alone: the main job on the default preset
-        args = parser.parse_args(["run", *argv])
-        args.argv = ["run", *argv]
+        parser.print_help(sys.stderr)
+        print("\ndscl: name a command; `dscl run` trains and evaluates on the default dataset", file=sys.stderr)
+        return EXIT_ERROR
     if args.command in NOT_YET:
         print(f"dscl {args.command}: not built yet — {NOT_YET[args.command]}", file=sys.stderr)
         return EXIT_ERROR
