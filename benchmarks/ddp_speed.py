@@ -16,13 +16,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _results import write_results
 
 RESULTS = Path(__file__).parent / "results" / "ddp_speed.json"
 
@@ -60,16 +61,9 @@ def main(argv: list[str] | None = None) -> dict:
     base = rows[0]["img_per_s_median"]
     for row in rows:
         row["relative_to_first"] = round(row["img_per_s_median"] / base, 3)
-    result = {"benchmark": "ddp_speed",
-              "command": "python benchmarks/ddp_speed.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "settings": {"preset": "fmnist-lt", "backbone": "convnet", "epochs": args.epochs, "batch": args.batch},
-              "results": rows,
-              "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "device": "cpu",
-                          "backend": "gloo"},
-              "when": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    return result
+    return write_results(args.out, "ddp_speed", argv, results=rows, machine={"backend": "gloo"},
+                         settings={"preset": "fmnist-lt", "backbone": "convnet", "epochs": args.epochs,
+                                   "batch": args.batch})
 
 
 if __name__ == "__main__":

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from _results import write_results
 
 RESULTS = Path(__file__).parent / "results" / "memory.json"
 
@@ -104,14 +104,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"K={row['queue']:<6} before step {row['rss_before_step_mib']:>7.0f} MiB  "
               f"peak {row['peak_rss_mib']:>7.0f} MiB  step extra {row['step_extra_peak_mib']} MiB  "
               f"({row['step_seconds']} s)")
-    result = {"benchmark": "memory",
-              "command": "python benchmarks/memory.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "results": rows,
-              "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "device": "cpu"},
-              "when": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    return result
+    return write_results(args.out, "memory", argv, results=rows)
 
 
 if __name__ == "__main__":

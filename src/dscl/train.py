@@ -522,6 +522,15 @@ def _balanced_accuracy(logits: torch.Tensor, labels: torch.Tensor, num_classes: 
     return float((correct[present] / total[present]).mean() * 100)
 
 
+def _new_classifier(width: int, num_classes: int, seed: int) -> nn.Linear:
+    """The stage-2 linear layer, initialised as the official code does: W ~ N(0, 0.01^2), b = 0."""
+    fc = nn.Linear(width, num_classes)
+    with torch.no_grad():
+        fc.weight.normal_(0.0, 0.01, generator=torch.Generator().manual_seed(seed))
+        fc.bias.zero_()
+    return fc
+
+
 def train_linear_cached(
     feats: torch.Tensor, labels: torch.Tensor, num_classes: int, cfg: Config, *, epoch_size: int,
     val: tuple[torch.Tensor, torch.Tensor] | None, progress: bool, log: MetricsLog | None = None,
@@ -532,11 +541,7 @@ def train_linear_cached(
     no communication is needed. Returns (classifier, selected epoch (1-based), per-epoch history).
     """
     cc = cfg.classifier
-    gen = torch.Generator().manual_seed(cfg.optim.seed)
-    fc = nn.Linear(feats.shape[1], num_classes)
-    with torch.no_grad():
-        fc.weight.normal_(0.0, 0.01, generator=gen)
-        fc.bias.zero_()
+    fc = _new_classifier(feats.shape[1], num_classes, cfg.optim.seed)
     opt = torch.optim.SGD(fc.parameters(), lr=cc.lr, momentum=cc.momentum, weight_decay=cc.weight_decay)
     sampler = ClassBalancedSampler(labels.tolist(), num_samples=epoch_size, seed=cfg.optim.seed)
     best: tuple[float, int, dict[str, torch.Tensor]] | None = None
@@ -587,11 +592,7 @@ def train_linear_official(
     for p in backbone.parameters():
         p.requires_grad_(False)
     width: int = backbone.num_features  # type: ignore[assignment]
-    fc = nn.Linear(width, num_classes).to(device)
-    gen = torch.Generator().manual_seed(cfg.optim.seed)
-    with torch.no_grad():
-        fc.weight.copy_(torch.randn(fc.weight.shape, generator=gen) * 0.01)
-        fc.bias.zero_()
+    fc = _new_classifier(width, num_classes, cfg.optim.seed).to(device)
     dist.broadcast_module(fc)
     opt = torch.optim.SGD(fc.parameters(), lr=cc.lr, momentum=cc.momentum, weight_decay=cc.weight_decay)
     train = splits.train.with_transform(ClassifierTransform(cfg.data.image_size, splits.mean, splits.std))
