@@ -23,3 +23,22 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600) -> subproce
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
     return subprocess.run([*dscl_cmd(), *args], capture_output=True, text=True, cwd=cwd, timeout=timeout,
                           env=env)
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory) -> Path:
+    """A finished ``dscl run --preset smoke`` (stage 1, stage 2, report), shared by the whole session.
+
+    Treat it as read-only: tests that change a run must copy it first (``shutil.copytree``).
+    """
+    if not HAS_FMNIST:
+        pytest.skip("Fashion-MNIST missing: apt-get install dataset-fashion-mnist or set DSCL_DATA")
+    from dscl.config import load_config
+    from dscl.train import classify, evaluate, pretrain
+
+    out = tmp_path_factory.mktemp("smoke") / "run"
+    cfg = load_config("smoke")
+    pretrain(cfg, out, device="cpu", progress=False)
+    classify(out, cfg=cfg, device="cpu", progress=False)
+    evaluate(out, cfg=cfg, device="cpu", progress=False)
+    return out

@@ -15,17 +15,17 @@ REPORT_KEYS = {"dataset", "method", "top1", "top5", "many", "medium", "few", "sh
 def test_help_lists_subcommands():
     res = run_cli("--help")
     assert res.returncode == 0
-    for cmd in ("pretrain", "classify", "evaluate", "run", "data", "compare"):
+    for cmd in ("pretrain", "classify", "evaluate", "run", "data", "compare", "sweep", "analyze"):
         assert cmd in res.stdout
     res = run_cli()
     assert res.returncode == 2 and "dscl run" in res.stderr
 
 
-@pytest.mark.parametrize("cmd", ["analyze", "sweep"])
-def test_unbuilt_commands_say_so(cmd):
-    res = run_cli(cmd)
-    assert res.returncode != 0
-    assert "not built yet" in res.stderr
+@pytest.mark.parametrize("args", [("analyze",), ("sweep",), ("analyze", "gradient-ratio")])
+def test_incomplete_analysis_commands_fail_with_usage(args):
+    res = run_cli(*args)
+    assert res.returncode == 2
+    assert "usage:" in res.stderr and "required" in res.stderr
 
 
 def test_unknown_preset_and_key_fail_clearly(tmp_path):

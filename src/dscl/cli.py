@@ -1,8 +1,7 @@
 """Command-line interface: the only module that reads argv or chooses exit codes.
 
-``dscl pretrain | classify | evaluate | run | data | compare`` (``analyze`` and ``sweep`` are
-announced but not built yet). ``torchrun --nproc_per_node N -m dscl ...`` runs the same commands
-distributed.
+``dscl pretrain | classify | evaluate | run | data | compare | sweep | analyze | presets``.
+``torchrun --nproc_per_node N -m dscl ...`` runs the training commands distributed.
 """
 
 from __future__ import annotations
@@ -16,10 +15,6 @@ from pathlib import Path
 
 EXIT_OK, EXIT_ERROR, EXIT_INTERRUPTED = 0, 2, 130
 
-NOT_YET = {
-    "analyze": "gradient-ratio, retrieval and patch-retrieval pictures (arrives with issue #7)",
-    "sweep": "one hyperparameter over several values (arrives with issue #7)",
-}
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -102,10 +97,51 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     _runtime_args(p)
 
+    p = sub.add_parser("sweep", help="one hyperparameter over several values, chosen on a validation split")
+    p.add_argument("--param", required=True, metavar="NAME=V1,V2,...",
+                   help="alpha, lambda, patches, patch_scale, queue or any section.key, with its values, "
+                        "e.g. alpha=0.05,0.1,0.2 or patch_scale=[0.05,0.3],[0.1,0.6]")
+    p.add_argument("--method", default="dscl+pbsd",
+                   help="the method every point trains (default: %(default)s)")
+    p.add_argument("--seeds", default="0", help="comma-separated seeds (default: %(default)s)")
+    p.add_argument("--val-fraction", type=float, default=None,
+                   help="fraction of each class carved from train for choosing (default 0.1, or the "
+                        "dataset's own validation split)")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="sweep folder; rerunning the same command continues a killed sweep")
+    _config_args(p)
+    _runtime_args(p)
+
+    p = sub.add_parser("analyze", help="the paper's analyses for a finished run (PNG + JSON in RUN/analysis)")
+    asub = p.add_subparsers(dest="analysis", metavar="ANALYSIS", required=True)
+    a = asub.add_parser("gradient-ratio",
+                        help="pull on the own augmented view / pull on other positives, SCL vs DSCL (Fig. 2)")
+    a.add_argument("--run", required=True, metavar="DIR", help="a run directory with a finished stage 1")
+    a.add_argument("--batches", type=int, default=4, help="training batches to measure (default: %(default)s)")
+    a.add_argument("--out", default=None, metavar="DIR", help="output folder (default RUN/analysis)")
+    _runtime_args(a)
+    a = asub.add_parser("retrieval", help="top-k nearest training images of test queries, head vs tail (Fig. 1)")
+    a.add_argument("--run", required=True, metavar="DIR", help="a run directory with a finished stage 1")
+    a.add_argument("--compare-run", default=None, metavar="DIR2", help="a second run drawn side by side")
+    a.add_argument("--classes", default="head,tail",
+                   help="query classes: names, indices, or head/medium/tail/all (default: %(default)s)")
+    a.add_argument("--k", type=int, default=5, help="neighbours per query (default: %(default)s)")
+    a.add_argument("--queries-per-class", type=int, default=1,
+                   help="query images drawn per class in the picture (default: %(default)s)")
+    a.add_argument("--out", default=None, metavar="DIR", help="output folder (default RUN/analysis)")
+    _runtime_args(a)
+    a = asub.add_parser("patch-retrieval",
+                        help="training images whose patch features best match a query box, with response maps (Fig. 4)")
+    a.add_argument("--run", required=True, metavar="DIR", help="a run directory with a finished stage 1")
+    a.add_argument("--query", type=int, default=None, metavar="INDEX",
+                   help="test-set index of the query image (default: the first test image of the rarest class)")
+    a.add_argument("--box", default=None, metavar="X1,Y1,X2,Y2",
+                   help="query box in pixels of the evaluation-size image (default: the central half)")
+    a.add_argument("--k", type=int, default=5, help="retrieved training images (default: %(default)s)")
+    a.add_argument("--out", default=None, metavar="DIR", help="output folder (default RUN/analysis)")
+    _runtime_args(a)
+
     sub.add_parser("presets", help="list the shipped presets")
-    for name, what in NOT_YET.items():
-        p = sub.add_parser(name, help=f"[not built yet] {what}")
-        p.add_argument("rest", nargs=argparse.REMAINDER)
     return parser
 
 
@@ -247,6 +283,47 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from dscl.sweep import format_markdown, parse_param, sweep
+
+    name, values = parse_param(args.param)
+    cfg = _load_cfg(args)
+    from dscl.compare import parse_methods, parse_seeds
+
+    methods = parse_methods(args.method)
+    if len(methods) != 1:
+        raise ValueError(f"--method {args.method!r}: a sweep trains one method; name exactly one")
+    method = methods[0]
+    result = sweep(cfg, name, values, method=method, seeds=parse_seeds(args.seeds), out=args.out,
+                   val_fraction=args.val_fraction, command="dscl " + shlex.join(args.argv), device=args.device,
+                   progress=not args.no_progress)
+    _print_main(format_markdown(result) + f"\nwrote {Path(args.out) / 'sweep.json'}, sweep.md and sweep.png")
+    return EXIT_OK
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    progress = not args.no_progress
+    if args.analysis == "gradient-ratio":
+        from dscl.analysis.gradient import format_summary, gradient_ratio
+
+        result = gradient_ratio(args.run, batches=args.batches, out=args.out, device=args.device, progress=progress)
+        _print_main(format_summary(result))
+    elif args.analysis == "retrieval":
+        from dscl.analysis.retrieval import format_retrieval, retrieval
+
+        result = retrieval(args.run, compare_run=args.compare_run, classes=args.classes, k=args.k,
+                           queries_per_class=args.queries_per_class, out=args.out, device=args.device,
+                           progress=progress)
+        _print_main(format_retrieval(result))
+    else:
+        from dscl.analysis.retrieval import format_patch_retrieval, patch_retrieval
+
+        result = patch_retrieval(args.run, query=args.query, box=args.box, k=args.k, out=args.out,
+                                 device=args.device, progress=progress)
+        _print_main(format_patch_retrieval(result))
+    return EXIT_OK
+
+
 def cmd_presets(args: argparse.Namespace) -> int:
     from dscl.config import preset_names
 
@@ -270,11 +347,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         print("\ndscl: name a command; `dscl run` trains and evaluates on the default dataset", file=sys.stderr)
         return EXIT_ERROR
-    if args.command in NOT_YET:
-        print(f"dscl {args.command}: not built yet — {NOT_YET[args.command]}", file=sys.stderr)
-        return EXIT_ERROR
     handlers = {"pretrain": cmd_pretrain, "classify": cmd_classify, "evaluate": cmd_evaluate, "run": cmd_run,
-                "data": cmd_data, "compare": cmd_compare, "presets": cmd_presets}
+                "data": cmd_data, "compare": cmd_compare, "sweep": cmd_sweep, "analyze": cmd_analyze,
+                "presets": cmd_presets}
     from dscl import dist
     from dscl.checkpoint import CheckpointError
     from dscl.config import ConfigError

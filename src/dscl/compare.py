@@ -66,6 +66,21 @@ def method_config(base: Config, method: str, seed: int) -> Config:
     return cfg
 
 
+def check_plan(out: Path, name: str, plan: dict[str, Any], what: str) -> None:
+    """Record ``plan`` in ``out/name`` on the first call; refuse to continue a folder holding a different one."""
+    out.mkdir(parents=True, exist_ok=True)
+    plan_path = out / name
+    if plan_path.is_file():
+        saved = yaml.safe_load(plan_path.read_text())
+        if saved != plan:
+            raise CompareError(
+                f"{out} holds a {what} with a different configuration ({plan_path}); "
+                f"use another --out, or delete {out} to start over"
+            )
+    else:
+        plan_path.write_text(yaml.safe_dump(plan, sort_keys=False))
+
+
 def _finished(run: Path) -> bool:
     return (run / "report.json").is_file()
 
@@ -87,12 +102,17 @@ def run_one(cfg: Config, run: Path, *, device: str, progress: bool) -> dict[str,
     return evaluate(run, cfg=cfg, device=device, progress=progress)
 
 
-def aggregate(reports: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, dict[str, Any]]]:
+# metric name in compare.json -> key in report.json
+FIELDS = {"all": "top1", "many": "many", "medium": "medium", "few": "few"}
+
+
+def aggregate(reports: dict[str, list[dict[str, Any]]],
+              fields: dict[str, str] | None = None) -> dict[str, dict[str, dict[str, Any]]]:
+    """``{name: [report, ...]}`` -> ``{name: {metric: {"mean", "std", "runs"}}}`` over the reports."""
     out: dict[str, dict[str, dict[str, Any]]] = {}
     for method, runs in reports.items():
         out[method] = {}
-        for metric in METRICS:
-            key = "top1" if metric == "all" else metric
+        for metric, key in (fields or FIELDS).items():
             values = [r[key] for r in runs]
             present = [v for v in values if v is not None]
             out[method][metric] = {
@@ -128,18 +148,7 @@ def compare(base: Config, methods: Sequence[str], seeds: Sequence[int], out: str
             command: str, device: str = "auto", progress: bool = True) -> dict[str, Any]:
     """Run every (method, seed) into ``out/runs`` and write ``compare.json`` / ``compare.md``."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    plan_path = out / "compare-config.yaml"
-    plan = {"preset": base.preset, "config": base.to_dict()}
-    if plan_path.is_file():
-        saved = yaml.safe_load(plan_path.read_text())
-        if saved != plan:
-            raise CompareError(
-                f"{out} holds a comparison with a different configuration ({plan_path}); "
-                f"use another --out, or delete {out} to start over"
-            )
-    else:
-        plan_path.write_text(yaml.safe_dump(plan, sort_keys=False))
+    check_plan(out, "compare-config.yaml", {"preset": base.preset, "config": base.to_dict()}, "comparison")
     reports: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
     dataset = base.data.dataset
     for seed in seeds:

@@ -438,8 +438,8 @@ def _say(msg: str) -> None:
 # stage 2
 
 
-def load_stage1_backbone(run_dir: Path, cfg: Config, num_classes: int) -> nn.Module:
-    """The online backbone of a finished stage-1 run (projection head and momentum encoder dropped)."""
+def load_finished_stage1(run_dir: Path) -> dict[str, Any]:
+    """The state of ``run_dir/checkpoints/last.pt``, refusing a missing or unfinished stage 1."""
     path = run_dir / "checkpoints" / "last.pt"
     if not path.is_file():
         raise RunDirError(f"{path} does not exist: run stage 1 first (dscl pretrain --out {run_dir})")
@@ -449,6 +449,13 @@ def load_stage1_backbone(run_dir: Path, cfg: Config, num_classes: int) -> nn.Mod
             f"stage 1 of {run_dir} is not finished ({state.get('epoch')}/{state.get('epochs')} epochs in "
             f"{path}); continue it with: dscl pretrain --out {run_dir} --resume"
         )
+    return state
+
+
+def load_stage1_backbone(run_dir: Path, cfg: Config, num_classes: int) -> nn.Module:
+    """The online backbone of a finished stage-1 run (projection head and momentum encoder dropped)."""
+    state = load_finished_stage1(run_dir)
+    path = run_dir / "checkpoints" / "last.pt"
     _check_compatible(state, cfg, num_classes, path)
     backbone = build_backbone(cfg.model.backbone, zero_init_residual=cfg.model.zero_init_residual)
     prefix = "online.backbone."

@@ -1,0 +1,155 @@
+"""What every ``dscl analyze`` command needs: open a finished run, pick classes, write results atomically."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dscl.backbones import Backbone, build_backbone
+from dscl.checkpoint import load_checkpoint, seed_everything
+from dscl.config import Config
+from dscl.data import DatasetSplits, build_datasets
+from dscl.evaluate import _atomic_write, _save_figure, shot_groups
+from dscl.model import DSCLModel
+from dscl.train import RunDirError, build_encoder, load_finished_stage1, load_run_config
+
+
+class AnalysisError(ValueError):
+    """Bad input to an analysis command (the message says what, where and how to fix it)."""
+
+
+@dataclass
+class RunArtifacts:
+    """A finished stage-1 run: its directory, config, data splits and the stage-1 checkpoint state."""
+
+    run_dir: Path
+    cfg: Config
+    splits: DatasetSplits
+    stage1: dict[str, Any]
+
+    @property
+    def train_counts(self) -> list[int]:
+        return list(self.splits.train_counts)
+
+    def groups(self) -> dict[str, list[int]]:
+        """Many / Medium / Few class indices with the run's thresholds."""
+        return shot_groups(self.splits.train_counts, self.cfg.eval.many_threshold, self.cfg.eval.few_threshold)
+
+
+def open_run(run_dir: str | Path) -> RunArtifacts:
+    """Open a run directory whose stage 1 has finished; clear errors otherwise."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise RunDirError(f"run directory {run_dir} does not exist (give the --out folder of a dscl run)")
+    cfg = load_run_config(run_dir)
+    state = load_finished_stage1(run_dir)
+    splits = build_datasets(cfg.data, seed=cfg.optim.seed)
+    return RunArtifacts(run_dir, cfg, splits, state)
+
+
+def stage1_model(art: RunArtifacts, *, initial: bool = False) -> DSCLModel:
+    """The run's stage-1 model (online + momentum encoder + queue), in eval mode on the CPU.
+
+    ``initial=True`` gives the same model at initialisation: same seed and construction as training
+    (so the same initial weights), with an empty queue.
+    """
+    cfg = art.cfg
+    if initial:
+        seed_everything(cfg.optim.seed)
+    model = DSCLModel(build_encoder(cfg), queue_size=cfg.model.queue_size)
+    if not initial:
+        if art.stage1.get("method", "").startswith("ce") or cfg.loss.loss == "ce":
+            raise AnalysisError(
+                f"{art.run_dir} was trained with cross-entropy (no projection head or queue to analyse); "
+                "use a contrastive run (scl, dscl, ...)"
+            )
+        model.load_state_dict(art.stage1["model"])
+    return model.eval()
+
+
+def eval_backbone(art: RunArtifacts) -> Backbone:
+    """The backbone used for evaluation, in eval mode on the CPU.
+
+    Prefers the stage-2 checkpoint's copy (its BatchNorm statistics were re-estimated on clean
+    training images); falls back to the stage-1 online backbone.
+    """
+    cfg = art.cfg
+    backbone = build_backbone(cfg.model.backbone, zero_init_residual=cfg.model.zero_init_residual)
+    cls_path = art.run_dir / "checkpoints" / "classifier.pt"
+    if cls_path.is_file():
+        backbone.load_state_dict(load_checkpoint(cls_path)["backbone"])
+    else:
+        prefix = "online.backbone."
+        backbone.load_state_dict({k[len(prefix):]: v for k, v in art.stage1["model"].items()
+                                  if k.startswith(prefix)})
+    backbone.eval()
+    return backbone
+
+
+def resolve_classes(spec: str, art: RunArtifacts) -> list[int]:
+    """Class indices from a comma list of class names, indices, or the words head/many, medium, tail/few, all.
+
+    The words expand to the run's shot groups; names match case-insensitively. Order is kept, duplicates dropped.
+    """
+    names = art.splits.class_names
+    groups = art.groups()
+    words = {"head": groups["many"], "many": groups["many"], "medium": groups["medium"],
+             "tail": groups["few"], "few": groups["few"], "all": list(range(art.splits.num_classes))}
+    lower = {n.lower(): i for i, n in enumerate(names)}
+    out: list[int] = []
+    tokens = [t.strip() for t in spec.split(",") if t.strip()]
+    if not tokens:
+        raise AnalysisError(f"--classes {spec!r} is empty; give class names, indices or head/medium/tail/all")
+    for tok in tokens:
+        if tok.lower() in words:
+            picked = words[tok.lower()]
+            if not picked:
+                raise AnalysisError(f"--classes {tok!r}: the run has no classes in that shot group")
+        elif tok.lower() in lower:
+            picked = [lower[tok.lower()]]
+        elif tok.lstrip("-").isdigit():
+            i = int(tok)
+            if not 0 <= i < len(names):
+                raise AnalysisError(f"--classes {tok!r}: class index out of range 0..{len(names) - 1}")
+            picked = [i]
+        else:
+            raise AnalysisError(
+                f"--classes {tok!r} is not a class of {art.splits.name}; valid: head, medium, tail, all, "
+                f"indices 0..{len(names) - 1}, or names: {', '.join(names)}"
+            )
+        out += [i for i in picked if i not in out]
+    return out
+
+
+def analysis_dir(art: RunArtifacts, out: str | Path | None) -> Path:
+    """``out`` or ``RUN/analysis``, created."""
+    path = Path(out) if out is not None else art.run_dir / "analysis"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def save_json(path: Path, obj: Any) -> Path:
+    """Write ``obj`` as indented JSON atomically (a crash never leaves half a file)."""
+    data = (json.dumps(obj, indent=2) + "\n").encode()
+    return _atomic_write(path, lambda f: f.write(data))
+
+
+def save_figure(fig: Any, path: Path) -> Path:
+    """Save a matplotlib figure as PNG atomically and close it."""
+    import matplotlib.pyplot as plt
+
+    try:
+        return _save_figure(fig, path)
+    finally:
+        plt.close(fig)
+
+
+def pick_device(device: str) -> torch.device:
+    """``auto`` -> cuda if available else cpu; anything else as given."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)

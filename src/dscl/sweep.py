@@ -1,0 +1,253 @@
+"""One hyperparameter over several values (the paper's Fig. 5), chosen on a validation split.
+
+Every point trains the same method on the training set minus a class-stratified validation split
+(``--val-fraction``, default 0.1, or the dataset's own validation split), selects its stage-2
+epoch on that split, and is evaluated on both the validation and the test set. The value is
+*chosen* by the validation split's balanced accuracy (mean per-class top-1); the test numbers are
+reported beside it and never used for choosing.
+
+Runs live in ``OUT/runs/<key>=<value>-seed<seed>/``; rerunning the same command continues a
+killed sweep (finished points are reused, an unfinished stage 1 is resumed), like ``dscl compare``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from dscl.compare import FIELDS, CompareError, aggregate, check_plan, method_config, run_one
+from dscl.config import Config, ConfigError, apply_mapping, parse_overrides, validate
+
+# short names for the paper's swept hyperparameters
+ALIASES = {
+    "alpha": "loss.alpha",
+    "lambda": "loss.pbsd_weight",
+    "patches": "views.num_patches",
+    "patch_scale": "views.patch_scale",
+    "patch_size": "views.patch_size",
+    "queue": "model.queue_size",
+    "temperature": "loss.temperature",
+    "epochs": "optim.epochs",
+}
+# the validation split's numbers: the four of compare.json plus the balanced accuracy used for choosing
+VAL_FIELDS = {**FIELDS, "balanced": "top1_macro"}
+SELECT_BY = "balanced"
+
+
+class SweepError(CompareError):
+    """A --param that does not parse, or a sweep that cannot select on a validation split."""
+
+
+def split_values(text: str) -> list[str]:
+    """Split on commas outside brackets: ``"[0.05,0.3],[0.1,0.6]"`` -> ``["[0.05,0.3]", "[0.1,0.6]"]``."""
+    values, depth, cur = [], 0, ""
+    for ch in text:
+        depth += ch in "[("
+        depth -= ch in "])"
+        if depth < 0:
+            raise SweepError(f"unbalanced brackets in the values {text!r}")
+        if ch == "," and depth == 0:
+            values.append(cur.strip())
+            cur = ""
+        else:
+            cur += ch
+    if depth:
+        raise SweepError(f"unbalanced brackets in the values {text!r}")
+    values.append(cur.strip())
+    return values
+
+
+def parse_param(text: str) -> tuple[str, list[str]]:
+    """``"alpha=0.05,0.1"`` -> ``("loss.alpha", ["0.05", "0.1"])``; aliases or any ``section.key``."""
+    name, eq, rest = text.partition("=")
+    name = name.strip()
+    if not eq or not name:
+        raise SweepError(f"--param {text!r} must look like NAME=V1,V2,... (e.g. alpha=0.05,0.1,0.2)")
+    key = ALIASES.get(name, name)
+    if "." not in key:
+        raise SweepError(
+            f"--param {name!r} is neither a short name ({', '.join(ALIASES)}) nor a section.key such as loss.alpha"
+        )
+    values = split_values(rest)
+    if any(not v for v in values) or len(values) < 2:
+        raise SweepError(f"--param {text!r}: give at least two non-empty comma-separated values")
+    if len(set(values)) != len(values):
+        raise SweepError(f"--param {text!r} lists a value twice")
+    return key, values
+
+
+def point_config(base: Config, key: str, value: str, method: str, seed: int) -> Config:
+    """The method's config for one seed, with ``key`` set to ``value`` last (so e.g. lambda=0 stays 0)."""
+    cfg = method_config(base, method, seed)
+    apply_mapping(cfg, parse_overrides([f"{key}={value}"]), f"--param {key}={value}")
+    validate(cfg)
+    return cfg
+
+
+def _dir_name(key: str, value: str, seed: int) -> str:
+    safe = re.sub(r"[^A-Za-z0-9_.+-]+", "_", value.strip("[]() ")).strip("_") or "value"
+    return f"{key}={safe}-seed{seed}"
+
+
+def _numeric(values: Sequence[str]) -> list[float] | None:
+    try:
+        nums = [float(v) for v in values]
+    except ValueError:
+        return None
+    return nums if all(math.isfinite(n) for n in nums) else None
+
+
+def sweep(base: Config, key: str, values: Sequence[str], *, method: str, seeds: Sequence[int], out: str | Path,
+          val_fraction: float | None, command: str, device: str = "auto", progress: bool = True) -> dict[str, Any]:
+    """Train ``method`` at every value and seed; write ``sweep.json``, ``sweep.md`` and ``sweep.png`` to ``out``.
+
+    Args:
+        base: the preset's config (with any overrides).
+        key: ``section.key`` to vary (see :func:`parse_param`).
+        values: the values as the command line spells them.
+        method: one of :data:`dscl.compare.METHODS`.
+        seeds: training seeds; each point is the mean over them.
+        out: the sweep folder (created; a folder holding a different sweep is refused).
+        val_fraction: fraction of each class carved for choosing; None = the base config's, else 0.1.
+        command: the command line, recorded in the results.
+
+    Returns:
+        The ``sweep.json`` dictionary.
+    """
+    base = copy.deepcopy(base)
+    values = list(values)
+    fraction = val_fraction if val_fraction is not None else (base.data.val_fraction or 0.1)
+    if fraction <= 0 and not base.data.val_list:
+        raise SweepError(
+            "a sweep chooses on a validation split: give --val-fraction > 0 (e.g. 0.1), or a dataset with "
+            "its own validation list (data.val_list)"
+        )
+    apply_mapping(base, {"data": {"val_fraction": fraction}}, "--val-fraction")
+    validate(base)
+    configs = {}
+    for value in values:  # every point must be a valid config before anything trains
+        try:
+            configs[value] = {s: point_config(base, key, value, method, s) for s in seeds}
+        except ConfigError as exc:
+            raise SweepError(f"--param {key}={value}: {exc}") from exc
+    out = Path(out)
+    check_plan(out, "sweep-config.yaml", {"preset": base.preset, "key": key, "values": list(values),
+                                          "method": method, "config": base.to_dict()}, "sweep")
+    from dscl.train import evaluate
+
+    val_reports: dict[str, list[dict[str, Any]]] = {v: [] for v in values}
+    test_reports: dict[str, list[dict[str, Any]]] = {v: [] for v in values}
+    dataset = base.data.dataset
+    for seed in seeds:
+        for value in values:
+            run = out / "runs" / _dir_name(key, value, seed)
+            print(f"== {key}={value}, seed {seed} -> {run}", flush=True)
+            cfg = configs[value][seed]
+            test_reports[value].append(run_one(cfg, run, device=device, progress=progress))
+            val_path = run / "val" / "report.json"
+            if val_path.is_file():
+                val_reports[value].append(json.loads(val_path.read_text()))
+            else:
+                val_reports[value].append(evaluate(run, split="val", cfg=cfg, device=device, progress=progress))
+            dataset = test_reports[value][-1]["dataset"]
+    val = aggregate(val_reports, VAL_FIELDS)
+    test = aggregate(test_reports)
+    points: list[dict[str, Any]] = [{"value": v, "val": val[v], "test": test[v]} for v in values]
+    scored = [(p["val"][SELECT_BY]["mean"], i) for i, p in enumerate(points) if p["val"][SELECT_BY]["mean"] is not None]
+    # ties go to the first value listed
+    chosen = values[max(scored, key=lambda t: (t[0], -t[1]))[1]] if scored else None
+    result = {
+        "dataset": dataset,
+        "preset": base.preset,
+        "param": key,
+        "values": list(values),
+        "method": method,
+        "seeds": list(seeds),
+        "val_fraction": fraction,
+        "selection": f"the value with the highest mean validation {SELECT_BY} accuracy (mean per-class top-1 on "
+                     "the validation split carved from the training data); test numbers are never used",
+        "chosen": chosen,
+        "points": points,
+        "command": command,
+        "wall_seconds": round(sum(r["wall_seconds"] for runs in test_reports.values() for r in runs), 1),
+    }
+    (out / "sweep.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "sweep.md").write_text(format_markdown(result))
+    plot_sweep(result, out / "sweep.png")
+    return result
+
+
+def _cell(m: dict[str, Any]) -> str:
+    if m["mean"] is None:
+        return "—"
+    return f"{m['mean']:.1f}" + (f" ± {m['std']:.1f}" if len(m["runs"]) > 1 else "")
+
+
+def format_markdown(result: dict[str, Any]) -> str:
+    lines = [
+        f"# {result['dataset']}: {result['method']} over {result['param']}",
+        "",
+        f"Preset `{result['preset']}`, seeds {', '.join(map(str, result['seeds']))}; top-1 %. "
+        f"Validation = {result['val_fraction']:g} of each training class held out (chosen by its balanced "
+        "accuracy = mean per-class top-1); test = the untouched test set, reported beside, never used for "
+        "choosing. Many / Medium / Few as in the run reports.",
+        "",
+        "| value | val balanced | val Many | val Medium | val Few | test All | test Many | test Medium | test Few |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for p in result["points"]:
+        mark = " **(chosen)**" if p["value"] == result["chosen"] else ""
+        cells = [_cell(p["val"][m]) for m in ("balanced", "many", "medium", "few")]
+        cells += [_cell(p["test"][m]) for m in ("all", "many", "medium", "few")]
+        lines.append(f"| {p['value']}{mark} | " + " | ".join(cells) + " |")
+    lines += ["", f"Command: `{result['command']}`", f"Wall time: {result['wall_seconds'] / 60:.1f} min", ""]
+    return "\n".join(lines)
+
+
+def plot_sweep(result: dict[str, Any], path: Path) -> Path:
+    """Two panels (validation, test): All / Many / Medium / Few against the value, error bars = std over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from dscl.analysis.common import save_figure
+
+    values = result["values"]
+    nums = _numeric(values)
+    xs = nums if nums is not None else list(range(len(values)))
+    log_x = nums is not None and min(nums) > 0 and max(nums) / min(nums) >= 10
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    styles = {"all": ("All", "k", "o"), "balanced": ("All (balanced)", "k", "o"), "many": ("Many", "tab:blue", "s"),
+              "medium": ("Medium", "tab:orange", "^"), "few": ("Few", "tab:red", "v")}
+    for ax, split, first in ((axes[0], "val", "balanced"), (axes[1], "test", "all")):
+        for metric in (first, "many", "medium", "few"):
+            label, colour, marker = styles[metric]
+            ys = [p[split][metric]["mean"] for p in result["points"]]
+            err = [p[split][metric]["std"] for p in result["points"]]
+            pts = [(x, y, e) for x, y, e in zip(xs, ys, err, strict=True) if y is not None]
+            if not pts:
+                continue
+            px, py, pe = zip(*pts, strict=True)
+            ax.errorbar(px, py, yerr=pe if len(result["seeds"]) > 1 else None, label=label, color=colour,
+                        marker=marker, lw=2 if metric == first else 1.2, capsize=3)
+        if result["chosen"] is not None:
+            ax.axvline(xs[values.index(result["chosen"])], color="grey", ls="--", lw=1, label="chosen (val)")
+        if log_x:
+            ax.set_xscale("log")
+        ax.set_xticks(xs)
+        ax.set_xticklabels(values, rotation=30 if nums is None else 0)
+        ax.set_xlabel(result["param"])
+        ax.grid(alpha=0.3)
+        name = "validation split (used for choosing)" if split == "val" else "test set (reported, not used)"
+        ax.set_title(name)
+        ax.legend(loc="best", fontsize=8)
+    axes[0].set_ylabel("top-1 accuracy (%)")
+    fig.suptitle(f"{result['dataset']}: {result['method']} vs {result['param']} (seeds {result['seeds']})")
+    fig.tight_layout()
+    return save_figure(fig, path)
