@@ -65,6 +65,7 @@ def test_sweep_end_to_end_selects_on_validation_and_resumes(tmp_path):
         test = json.loads((run / "report.json").read_text())
         val = json.loads((run / "val" / "report.json").read_text())
         assert test["split"] == "test" and val["split"] == "val"
+        assert "classifier.select=last" in test["selection"]  # stage 2 keeps its last epoch in a sweep
         assert point["test"]["all"]["runs"] == [test["top1"]]
         assert point["val"]["balanced"]["runs"] == [val["top1_macro"]]
         cfg = (run / "config.yaml").read_text()

@@ -197,3 +197,26 @@ def test_no_patches_are_cut_without_pbsd(tmp_path, monkeypatch):
     cfg = load_config("smoke", overrides=["optim.epochs=1", "optim.warmup_epochs=5", "loss.pbsd_weight=0"])
     pretrain(cfg, tmp_path / "run", progress=False)
     assert seen == [0]
+
+
+@needs_fmnist
+def test_classifier_select_last_ignores_the_validation_split(smoke_run, tmp_path):
+    """classifier.select=last keeps the last epoch even with a validation split; val picks by it."""
+    import shutil
+
+    from dscl.train import classify
+
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run, run)
+    chosen = {}
+    for select in ("last", "val"):
+        cfg = load_config("smoke", overrides=["data.val_fraction=0.3", "classifier.epochs=4",
+                                              f"classifier.select={select}"])
+        state = load_checkpoint(classify(run, cfg=cfg, device="cpu", progress=False))
+        chosen[select] = state
+    last, val = chosen["last"], chosen["val"]
+    assert last["selected_epoch"] == 4 and "classifier.select=last" in last["selection"]
+    assert all("val_balanced_top1" not in h for h in last["history"])
+    assert all("val_balanced_top1" in h for h in val["history"]) and "validation split carved" in val["selection"]
+    best = max(range(4), key=lambda e: (val["history"][e]["val_balanced_top1"], -e))
+    assert val["selected_epoch"] == best + 1

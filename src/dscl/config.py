@@ -109,6 +109,10 @@ class ClassifierConfig:
     """Stage 2: class-balanced linear classifier on the frozen backbone (METHOD.md B)."""
 
     protocol: str = "cached"  # cached (features extracted once) | official (backbone every epoch)
+    # val: keep the epoch with the best class-balanced top-1 on the validation split when there is one
+    # (else the last); last: always the last epoch (what `dscl sweep` uses, so its points differ only in
+    # the swept value: a small carved split makes the epoch choice itself noisy).
+    select: str = "val"
     epochs: int = 40
     batch_size: int = 2048
     lr: float = 10.0
@@ -324,6 +328,8 @@ def validate(cfg: Config) -> None:
     need(cfg.optim.batch_size >= 1, "optim.batch_size must be >= 1")
     need(cfg.optim.warmup_epochs >= 0, f"optim.warmup_epochs must be >= 0, got {cfg.optim.warmup_epochs}")
     need(cfg.optim.amp in ("none", "bf16", "fp16"), f"optim.amp must be none, bf16 or fp16, got {cfg.optim.amp!r}")
+    need(cfg.classifier.select in ("val", "last"),
+         f"classifier.select must be val or last, got {cfg.classifier.select!r}")
     need(cfg.classifier.protocol in ("cached", "official"),
          f"classifier.protocol must be cached or official, got {cfg.classifier.protocol!r}")
     need(cfg.classifier.epochs >= 1, "classifier.epochs must be >= 1")

@@ -1,8 +1,9 @@
 """One hyperparameter over several values (the paper's Fig. 5), chosen on a validation split.
 
 Every point trains the same method on the training set minus a class-stratified validation split
-(``--val-fraction``, default 0.1, or the dataset's own validation split), selects its stage-2
-epoch on that split, and is evaluated on both the validation and the test set. The value is
+(``--val-fraction``, default 0.1, or the dataset's own validation split), keeps the last stage-2
+epoch (``classifier.select=last``: on a small carved split the epoch choice itself is noise, and the
+points should differ only in the swept value), and is evaluated on both the validation and the test set. The value is
 *chosen* by the validation split's balanced accuracy (mean per-class top-1); the test numbers are
 reported beside it and never used for choosing.
 
@@ -127,7 +128,8 @@ def sweep(base: Config, key: str, values: Sequence[str], *, method: str, seeds: 
             "a sweep chooses on a validation split: give --val-fraction > 0 (e.g. 0.1), or a dataset with "
             "its own validation list (data.val_list)"
         )
-    apply_mapping(base, {"data": {"val_fraction": fraction}}, "--val-fraction")
+    # the split chooses the swept value only; every point's stage 2 keeps its last epoch (like compare)
+    apply_mapping(base, {"data": {"val_fraction": fraction}, "classifier": {"select": "last"}}, "sweep")
     validate(base)
     configs = {}
     for value in values:  # every point must be a valid config before anything trains

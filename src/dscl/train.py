@@ -652,7 +652,10 @@ def train_linear_official(
     return fc.cpu(), cc.epochs, history
 
 
-def selection_sentence(val: LTDataset | None, carved: bool, epoch: int, epochs: int) -> str:
+def selection_sentence(val: LTDataset | None, carved: bool, epoch: int, epochs: int, select: str = "val") -> str:
+    if select == "last":
+        return (f"the last classifier epoch ({epoch}/{epochs}) is reported (classifier.select=last); "
+                f"no epoch was selected on the test set")
     if val is None:
         return (f"no validation split: the last classifier epoch ({epoch}/{epochs}) is reported; "
                 f"no epoch was selected on the test set")
@@ -693,7 +696,7 @@ def classify(run_dir: str | Path, *, cfg: Config | None = None, device: str = "a
             bank_f.append(f)
             bank_y.append(y)
         val_pair = None
-        if splits.val is not None:
+        if splits.val is not None and cc.select == "val":
             val_pair = extract_features(backbone, splits.val.with_transform(eval_t), batch_size=fbatch,
                                         device=dev, workers=workers, progress=progress, desc="val features",
                                         dtype=dtype)
@@ -703,7 +706,7 @@ def classify(run_dir: str | Path, *, cfg: Config | None = None, device: str = "a
         train_feats, train_labels = feats, labels
     else:
         fc, chosen, history = train_linear_official(backbone, splits, cfg, device=dev, progress=progress,
-                                                    val=splits.val, log=log)
+                                                    val=splits.val if cc.select == "val" else None, log=log)
         train_feats, train_labels = extract_features(backbone, clean_train, batch_size=fbatch, device=dev,
                                                      workers=workers, progress=progress, desc="features")
     from dscl.evaluate import class_means
@@ -715,7 +718,7 @@ def classify(run_dir: str | Path, *, cfg: Config | None = None, device: str = "a
             "num_classes": splits.num_classes, "backbone": {k: v.cpu() for k, v in backbone.state_dict().items()},
             "fc": fc.state_dict(), "class_means": class_means(train_feats, train_labels, splits.num_classes),
             "selected_epoch": chosen, "selection": selection_sentence(splits.val, splits.val_is_carved, chosen,
-                                                                      cc.epochs),
+                                                                      cc.epochs, cc.select),
             "history": history, "wall_seconds": time.perf_counter() - t0,
         })
     dist.barrier()
