@@ -109,3 +109,23 @@ def test_sweep_needs_one_method_and_a_validation_split(tmp_path):
     res = run_cli("sweep", "--preset", "smoke", "--param", "alpha=0.1,0.2", "--val-fraction", "0",
                   "--out", str(tmp_path / "s"))
     assert res.returncode == 2 and "validation split" in res.stderr
+
+
+def test_plan_check_tolerates_new_config_keys_but_not_changed_values(tmp_path):
+    """A folder written before a config key existed continues; a changed value is refused."""
+    import copy
+
+    import yaml
+
+    from dscl.compare import CompareError, check_plan
+
+    cfg = load_config("smoke")
+    plan = {"preset": "smoke", "config": cfg.to_dict()}
+    old = copy.deepcopy(plan)
+    del old["config"]["classifier"]["select"]  # a key added later, at its default
+    (tmp_path / "plan.yaml").write_text(yaml.safe_dump(old))
+    check_plan(tmp_path, "plan.yaml", plan, "comparison")
+    changed = copy.deepcopy(plan)
+    changed["config"]["loss"]["alpha"] = 0.5
+    with pytest.raises(CompareError, match="different configuration"):
+        check_plan(tmp_path, "plan.yaml", changed, "comparison")

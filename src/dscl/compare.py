@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from dscl.config import Config, apply_mapping, validate
+from dscl.config import Config, apply_mapping, config_from_dict, validate
 
 METHODS = ("ce", "scl", "dscl", "scl+pbsd", "dscl+pbsd")
 METRICS = ("all", "many", "medium", "few")
@@ -71,7 +71,10 @@ def check_plan(out: Path, name: str, plan: dict[str, Any], what: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     plan_path = out / name
     if plan_path.is_file():
-        saved = yaml.safe_load(plan_path.read_text())
+        saved = yaml.safe_load(plan_path.read_text()) or {}
+        if isinstance(saved.get("config"), dict):
+            # keys added to the config since the folder was written take their defaults
+            saved["config"] = config_from_dict(saved["config"], str(plan_path)).to_dict()
         if saved != plan:
             raise CompareError(
                 f"{out} holds a {what} with a different configuration ({plan_path}); "
