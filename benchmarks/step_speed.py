@@ -120,7 +120,7 @@ def naive_step(model: NaiveDSCL, opt, q_img, k_img, patches, boxes, labels, *, m
         model.queue[:, idx] = k.T
         model.queue_labels[0, idx] = labels
         model.ptr = (model.ptr + b) % K
-    return float(loss)
+    return float(loss.detach())
 
 
 # ---------------------------------------------------------------- harness
