@@ -126,10 +126,13 @@ def _pct(x: float | None) -> float | None:
     return 100.0 * float(x)
 
 
-def _mean_or_none(values: np.ndarray) -> float | None:
-    """Mean of the non-NaN entries, or None when there are none (never 0 for an empty group)."""
-    values = values[~np.isnan(values)]
-    return float(values.mean()) if values.size else None
+def mean_or_none(values: Any) -> float | None:
+    """Mean of the entries that are neither NaN nor None, or None when there are none (never 0 for an
+    empty group)."""
+    arr = np.asarray([np.nan if v is None else v for v in values] if not isinstance(values, np.ndarray)
+                     else values, dtype=np.float64)
+    arr = arr[~np.isnan(arr)]
+    return float(arr.mean()) if arr.size else None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -288,10 +291,10 @@ def summarize(
     summary: dict[str, Any] = {
         "top1": 100.0 * float(np.mean(preds == targets_a)),
         "top5": 100.0 * float(np.mean(topk_correct(scores, targets_a, 5))),
-        "top1_macro": _pct(_mean_or_none(acc)),
+        "top1_macro": _pct(mean_or_none(acc)),
     }
     for g in GROUPS:
-        summary[g] = _pct(_mean_or_none(acc[groups[g]]))
+        summary[g] = _pct(mean_or_none(acc[groups[g]]))
     summary["shot_classes"] = {g: len(groups[g]) for g in GROUPS}
     summary["per_class"] = [
         {

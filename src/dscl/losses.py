@@ -251,6 +251,18 @@ def _supcon_weights(n_pos: Tensor) -> tuple[Tensor, Tensor]:
     return w, w
 
 
+def positive_weights(loss: str, n_pos: Tensor, alpha: float = 1 / 9) -> tuple[Tensor, Tensor]:
+    """Per-anchor ``(weight on the own key, weight on each other positive)`` of ``scl`` or ``dscl``.
+
+    ``n_pos`` (float) = |P_i|, the other positives of each anchor; the weights are those the losses use.
+    """
+    if loss == "scl":
+        return _supcon_weights(n_pos)
+    if loss == "dscl":
+        return _dscl_weights(alpha)(n_pos)
+    raise ValueError(f"loss must be scl or dscl, got {loss!r}")
+
+
 def _weighted_contrastive_loss(
     query: Tensor,
     key: Tensor,

@@ -62,7 +62,7 @@ def stage1_model(art: RunArtifacts, *, initial: bool = False) -> DSCLModel:
         seed_everything(cfg.optim.seed)
     model = DSCLModel(build_encoder(cfg), queue_size=cfg.model.queue_size)
     if not initial:
-        if art.stage1.get("method", "").startswith("ce") or cfg.loss.loss == "ce":
+        if cfg.loss.loss == "ce":
             raise AnalysisError(
                 f"{art.run_dir} was trained with cross-entropy (no projection head or queue to analyse); "
                 "use a contrastive run (scl, dscl, ...)"

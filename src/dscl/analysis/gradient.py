@@ -46,7 +46,8 @@ from dscl.analysis.common import (
     stage1_model,
 )
 from dscl.data.views import DSCLTransform
-from dscl.losses import dscl_loss, supcon_loss
+from dscl.evaluate import mean_or_none
+from dscl.losses import _check_alpha, _check_temperature, dscl_loss, positive_weights, supcon_loss
 from dscl.model import DSCLModel
 
 __all__ = [
@@ -132,21 +133,8 @@ class AnchorTerms:
 def _check_loss(loss: str, alpha: float, temperature: float) -> None:
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}")
-    if not (isinstance(alpha, (int, float)) and 0.0 < alpha <= 1.0):
-        raise ValueError(f"alpha must be in (0, 1], got {alpha!r}")
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
-
-
-def _weights(loss: str, n_pos: Tensor, alpha: float) -> tuple[Tensor, Tensor]:
-    """``(w on k_i, w on each t in P_i)`` per anchor, as in :mod:`dscl.losses` (``n_pos`` float)."""
-    if loss == "scl":
-        w = 1.0 / (n_pos + 1.0)
-        return w, w
-    has_pos = n_pos > 0
-    w_own = torch.where(has_pos, torch.full_like(n_pos, alpha), torch.ones_like(n_pos))
-    w_pos = torch.where(has_pos, (1.0 - alpha) / n_pos.clamp(min=1.0), torch.zeros_like(n_pos))
-    return w_own, w_pos
+    _check_alpha(alpha)
+    _check_temperature(temperature)
 
 
 @torch.no_grad()
@@ -206,7 +194,7 @@ def anchor_terms(
     pos[rows, rows] = False
     pos[rows, b + rows] = False  # own key is not in P_i
     n_pos = pos.sum(dim=1)
-    w_own, w_pos = _weights(loss, n_pos.to(dtype), float(alpha))
+    w_own, w_pos = positive_weights(loss, n_pos.to(dtype), float(alpha))
 
     delta = p - pos.to(dtype) * w_pos[:, None]
     delta[rows, b + rows] -= w_own
@@ -294,7 +282,7 @@ def uniform_pull_ratio(n_pos: Tensor, n_contrast: int, *, loss: str, alpha: floa
     """
     _check_loss(loss, alpha, 1.0)
     n = n_pos.to(torch.float64)
-    w_own, w_pos = _weights(loss, n, float(alpha))
+    w_own, w_pos = positive_weights(loss, n, float(alpha))
     u = 1.0 / n_contrast
     ratio = (u - w_own).abs() / (n * (u - w_pos).abs())
     return torch.where(n > 0, ratio, torch.full_like(ratio, math.nan))
@@ -358,10 +346,6 @@ def _encode(model: DSCLModel, query: Tensor, key: Tensor, device: torch.device) 
 # --------------------------------------------------------------------------------------------------
 
 
-def _mean_or_none(values: np.ndarray) -> float | None:
-    return float(np.mean(values)) if values.size else None
-
-
 def _per_class_rows(
     anchors: Mapping[str, np.ndarray], loss: str, alpha: float, names: list[str], counts: list[int],
     group_of: Mapping[int, str],
@@ -371,7 +355,7 @@ def _per_class_rows(
         of_class = anchors["labels"] == c
         used = of_class & (anchors["n_pos"] > 0)
         n_pos = anchors["n_pos"][used]
-        mean_n_pos = _mean_or_none(n_pos.astype(np.float64))
+        mean_n_pos = mean_or_none(n_pos.astype(np.float64))
         theory = (alpha / (1 - alpha) if alpha < 1 else math.inf) if loss == "dscl" else \
             (1.0 / mean_n_pos if mean_n_pos else None)
         rows.append({
@@ -382,11 +366,11 @@ def _per_class_rows(
             "n_anchors": int(used.sum()),
             "n_skipped_no_positive": int((of_class & ~used).sum()),
             "mean_n_pos": mean_n_pos,
-            "vector_ratio": _mean_or_none(anchors[f"{loss}_vector"][used]),
-            "coef_ratio": _mean_or_none(anchors[f"{loss}_coef"][used]),
+            "vector_ratio": mean_or_none(anchors[f"{loss}_vector"][used]),
+            "coef_ratio": mean_or_none(anchors[f"{loss}_coef"][used]),
             "theory": theory if theory is None or math.isfinite(theory) else None,
-            "uniform_p_ratio": _mean_or_none(anchors[f"{loss}_uniform"][used]),
-            "mean_p_own_key": _mean_or_none(anchors["p_own"][used]),
+            "uniform_p_ratio": mean_or_none(anchors[f"{loss}_uniform"][used]),
+            "mean_p_own_key": mean_or_none(anchors["p_own"][used]),
         })
     return rows
 

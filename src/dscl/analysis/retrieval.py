@@ -18,7 +18,6 @@ neighbour lists of every test image to ``retrieval_neighbours.npz``.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -43,7 +42,7 @@ from dscl.analysis.common import (
 from dscl.backbones import Backbone
 from dscl.data.core import LTDataset
 from dscl.data.views import EvalTransform
-from dscl.evaluate import _atomic_write
+from dscl.evaluate import _atomic_write, mean_or_none
 from dscl.patches import ALIGNED_DEFAULT, pool_boxes
 from dscl.train import extract_features, method_name
 
@@ -100,11 +99,6 @@ def nearest_neighbours(queries: Tensor, gallery: Tensor, k: int, *,
     return torch.cat(sims), torch.cat(idx)
 
 
-def _mean_or_none(values: Sequence[float | None]) -> float | None:
-    present = [v for v in values if v is not None]
-    return float(sum(present) / len(present)) if present else None
-
-
 def retrieval_metrics(neighbour_labels: Tensor, query_labels: Tensor, num_classes: int,
                       groups: dict[str, list[int]]) -> dict[str, Any]:
     """Top-k precision and nearest-neighbour accuracy per class, per shot group and overall.
@@ -141,14 +135,14 @@ def retrieval_metrics(neighbour_labels: Tensor, query_labels: Tensor, num_classe
         members = [per_class[c] for c in groups.get(g, [])]
         out_groups[g] = {
             "classes": len(members),
-            "precision_at_k": _mean_or_none([r["precision_at_k"] for r in members]),
-            "top1": _mean_or_none([r["top1"] for r in members]),
+            "precision_at_k": mean_or_none([r["precision_at_k"] for r in members]),
+            "top1": mean_or_none([r["top1"] for r in members]),
         }
     n_all = hits.shape[0]
     overall = {
-        "precision_at_k": _mean_or_none([r["precision_at_k"] for r in per_class]),
+        "precision_at_k": mean_or_none([r["precision_at_k"] for r in per_class]),
         "precision_at_k_micro": float(prec.mean()) if n_all else None,
-        "top1": _mean_or_none([r["top1"] for r in per_class]),
+        "top1": mean_or_none([r["top1"] for r in per_class]),
         "top1_micro": float(top1.mean()) if n_all else None,
     }
     return {"per_class": per_class, "groups": out_groups, "overall": overall}
@@ -253,16 +247,7 @@ def _check_k(k: int, art: RunArtifacts, what: str = "--k") -> None:
 
 
 def _run_method(art: RunArtifacts) -> str:
-    report = art.run_dir / "report.json"
-    if report.is_file():
-        try:
-            method = json.loads(report.read_text()).get("method")
-        except (OSError, ValueError):
-            method = None
-        if isinstance(method, str) and method:
-            return method
-    method = art.stage1.get("method")
-    return method if isinstance(method, str) and method else method_name(art.cfg)
+    return art.stage1.get("method") or method_name(art.cfg)
 
 
 def _backbone_source(art: RunArtifacts) -> str:
