@@ -26,7 +26,7 @@ from _results import write_results
 from dscl.backbones import build_backbone
 from dscl.config import LossConfig
 from dscl.model import DSCLModel, Encoder
-from dscl.train import Batch, pretrain_step
+from dscl.pretrain import Batch, pretrain_step
 from step_speed import NaiveDSCL, naive_step, random_inputs
 
 RESULTS = Path(__file__).parent / "results" / "gpu_speed.json"

@@ -44,8 +44,8 @@ def child(preset: str, batch: int) -> dict:
     import torch.nn.functional as F
 
     from dscl.config import load_config
-    from dscl.model import DSCLModel
-    from dscl.train import Batch, build_encoder, pretrain_step
+    from dscl.model import DSCLModel, build_encoder
+    from dscl.pretrain import Batch, pretrain_step
 
     cfg = load_config(preset)
     torch.manual_seed(0)

@@ -26,7 +26,9 @@ from pathlib import Path
 
 import torch
 
-from dscl.train import classify, evaluate, load_run_config
+from dscl.classify import classify
+from dscl.evaluation import evaluate
+from dscl.rundir import load_run_config
 
 RESULTS = Path(__file__).parent / "results" / "stage2_protocols.json"
 

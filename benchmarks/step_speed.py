@@ -1,6 +1,6 @@
 """Images/s of one full stage-1 training step: dscl's step vs a straightforward one.
 
-The project's step is :func:`dscl.train.pretrain_step` (both encoders, all patches in one batched
+The project's step is :func:`dscl.pretrain.pretrain_step` (both encoders, all patches in one batched
 forward, one ``roi_align`` call, the fused losses, backward, SGD step, momentum update, enqueue),
 with channels_last. The straightforward step is written below from METHOD.md A.9's description of
 the official code: a forward hook on layer4, a separate forward of the online encoder per patch, a
@@ -35,7 +35,7 @@ from torchvision.ops import roi_align
 from dscl.backbones import build_backbone
 from dscl.config import LossConfig
 from dscl.model import DSCLModel, Encoder
-from dscl.train import Batch, pretrain_step
+from dscl.pretrain import Batch, pretrain_step
 
 RESULTS = Path(__file__).parent / "results" / "step_speed.json"
 

@@ -33,8 +33,10 @@ def smoke_run(tmp_path_factory) -> Path:
     """
     if not HAS_FMNIST:
         pytest.skip("Fashion-MNIST missing: apt-get install dataset-fashion-mnist or set DSCL_DATA")
+    from dscl.classify import classify
     from dscl.config import load_config
-    from dscl.train import classify, evaluate, pretrain
+    from dscl.evaluation import evaluate
+    from dscl.pretrain import pretrain
 
     out = tmp_path_factory.mktemp("smoke") / "run"
     cfg = load_config("smoke")

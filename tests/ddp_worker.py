@@ -9,7 +9,7 @@ from dscl import dist
 from dscl.backbones import build_backbone
 from dscl.config import LossConfig
 from dscl.model import DSCLModel, Encoder
-from dscl.train import Batch, pretrain_step
+from dscl.pretrain import Batch, pretrain_step
 
 
 def main(out: str) -> None:

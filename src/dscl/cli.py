@@ -162,7 +162,7 @@ def _load_cfg(args: argparse.Namespace, extra: list[str] | None = None):
 def _resume_cfg(args: argparse.Namespace):
     """On --resume the run's own config.yaml is the base; explicit overrides still apply."""
     from dscl.config import apply_mapping, parse_overrides, validate
-    from dscl.train import load_run_config
+    from dscl.rundir import load_run_config
 
     cfg = load_run_config(args.out)
     overrides = list(args.overrides or [])
@@ -175,7 +175,7 @@ def _resume_cfg(args: argparse.Namespace):
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from dscl.train import pretrain
+    from dscl.pretrain import pretrain
 
     cfg = _resume_cfg(args) if args.resume else _load_cfg(args)
     path = pretrain(cfg, args.out, resume=args.resume, overwrite=args.overwrite, device=args.device,
@@ -185,7 +185,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def cmd_classify(args: argparse.Namespace) -> int:
-    from dscl.train import classify, load_run_config
+    from dscl.classify import classify
+    from dscl.rundir import load_run_config
 
     cfg = load_run_config(args.run)
     if args.protocol:
@@ -196,7 +197,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
 
 
 def _table(report: dict) -> str:
-    from dscl.evaluate import format_table
+    from dscl.report import format_table
 
     rows = [{"method": report["method"], **{k: report[k] for k in ("top1", "many", "medium", "few")}}]
     rows += report.get("variants", [])
@@ -204,7 +205,7 @@ def _table(report: dict) -> str:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from dscl.train import evaluate
+    from dscl.evaluation import evaluate
 
     report = evaluate(args.run, split=args.split, device=args.device, progress=not args.no_progress)
     if args.json:
@@ -216,7 +217,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from dscl.train import classify, evaluate, pretrain
+    from dscl.classify import classify
+    from dscl.evaluation import evaluate
+    from dscl.pretrain import pretrain
 
     if args.resume and not args.out:
         raise ValueError("--resume needs --out DIR (the run to continue)")

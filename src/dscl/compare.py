@@ -91,7 +91,9 @@ def _finished(run: Path) -> bool:
 def run_one(cfg: Config, run: Path, *, device: str, progress: bool) -> dict[str, Any]:
     """Run (or continue) one method/seed and return its report."""
     from dscl.checkpoint import load_checkpoint
-    from dscl.train import classify, evaluate, pretrain
+    from dscl.classify import classify
+    from dscl.evaluation import evaluate
+    from dscl.pretrain import pretrain
 
     if _finished(run):
         return json.loads((run / "report.json").read_text())

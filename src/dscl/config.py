@@ -336,5 +336,15 @@ def validate(cfg: Config) -> None:
     need(cfg.eval.few_threshold <= cfg.eval.many_threshold, "eval.few_threshold must be <= eval.many_threshold")
 
 
+def uses_pbsd(cfg: Config) -> bool:
+    """Whether the run trains PBSD (a contrastive loss, a positive weight and at least one patch)."""
+    return cfg.loss.loss != "ce" and cfg.loss.pbsd_weight > 0 and cfg.views.num_patches > 0
+
+
+def method_name(cfg: Config) -> str:
+    """The method a config trains, as reports name it: ce, scl, dscl, scl+pbsd or dscl+pbsd."""
+    return cfg.loss.loss + ("+pbsd" if uses_pbsd(cfg) else "")
+
+
 def dump_config(cfg: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dscl.backbones import Backbone
+from dscl.backbones import Backbone, build_backbone
+from dscl.config import Config
 from dscl.patches import ALIGNED_DEFAULT, pool_boxes
 from dscl.queue import LabeledQueue
 
@@ -135,3 +136,11 @@ def momentum_update(online: nn.Module, momentum: nn.Module, m: float) -> None:
         return
     torch._foreach_mul_(k, m)
     torch._foreach_add_(k, q, alpha=1.0 - m)
+
+
+def build_encoder(cfg: Config) -> Encoder:
+    """The online encoder a config describes (backbone from ``cfg.model``, head of ``cfg.model.dim``)."""
+    backbone = build_backbone(
+        cfg.model.backbone, zero_init_residual=cfg.model.zero_init_residual, pretrained=cfg.model.pretrained
+    )
+    return Encoder(backbone, dim=cfg.model.dim)

@@ -140,7 +140,7 @@ def sweep(base: Config, key: str, values: Sequence[str], *, method: str, seeds: 
     out = Path(out)
     check_plan(out, "sweep-config.yaml", {"preset": base.preset, "key": key, "values": list(values),
                                           "method": method, "config": base.to_dict()}, "sweep")
-    from dscl.train import evaluate
+    from dscl.evaluation import evaluate
 
     val_reports: dict[str, list[dict[str, Any]]] = {v: [] for v in values}
     test_reports: dict[str, list[dict[str, Any]]] = {v: [] for v in values}

@@ -13,9 +13,11 @@ from dscl.backbones import Backbone, build_backbone
 from dscl.checkpoint import load_checkpoint, seed_everything
 from dscl.config import Config
 from dscl.data import DatasetSplits, build_datasets
-from dscl.evaluate import _atomic_write, _save_figure, shot_groups
-from dscl.model import DSCLModel
-from dscl.train import RunDirError, build_encoder, load_finished_stage1, load_run_config
+from dscl.metrics import shot_groups
+from dscl.model import DSCLModel, build_encoder
+from dscl.report import atomic_write
+from dscl.report import save_figure as _save_png
+from dscl.rundir import RunDirError, load_finished_stage1, load_run_config
 
 
 class AnalysisError(ValueError):
@@ -135,7 +137,7 @@ def analysis_dir(art: RunArtifacts, out: str | Path | None) -> Path:
 def save_json(path: Path, obj: Any) -> Path:
     """Write ``obj`` as indented JSON atomically (a crash never leaves half a file)."""
     data = (json.dumps(obj, indent=2) + "\n").encode()
-    return _atomic_write(path, lambda f: f.write(data))
+    return atomic_write(path, lambda f: f.write(data))
 
 
 def save_figure(fig: Any, path: Path) -> Path:
@@ -143,7 +145,7 @@ def save_figure(fig: Any, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     try:
-        return _save_figure(fig, path)
+        return _save_png(fig, path)
     finally:
         plt.close(fig)
 

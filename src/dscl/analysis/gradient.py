@@ -46,8 +46,8 @@ from dscl.analysis.common import (
     stage1_model,
 )
 from dscl.data.views import DSCLTransform
-from dscl.evaluate import mean_or_none
 from dscl.losses import _check_alpha, _check_temperature, dscl_loss, positive_weights, supcon_loss
+from dscl.metrics import mean_or_none
 from dscl.model import DSCLModel
 
 __all__ = [

@@ -40,11 +40,13 @@ from dscl.analysis.common import (
     save_json,
 )
 from dscl.backbones import Backbone
+from dscl.config import method_name
 from dscl.data.core import LTDataset
 from dscl.data.views import EvalTransform
-from dscl.evaluate import _atomic_write, mean_or_none
+from dscl.features import extract_features
+from dscl.metrics import mean_or_none
 from dscl.patches import ALIGNED_DEFAULT, pool_boxes
-from dscl.train import extract_features, method_name
+from dscl.report import atomic_write
 
 GROUPS: tuple[str, ...] = ("many", "medium", "few")
 MAX_ROWS = 40  # query rows drawn in retrieval.png at most (the numbers always cover every test image)
@@ -264,7 +266,7 @@ def _workers(ds: LTDataset, art: RunArtifacts) -> int:
     """No worker processes for in-memory data (start-up costs more than it saves); the config's for files."""
     if ds.in_memory:
         return 0
-    from dscl.train import num_workers
+    from dscl.runtime import num_workers
 
     return num_workers(art.cfg.data.num_workers)
 
@@ -429,7 +431,7 @@ def retrieval(run: str | Path, *, compare_run: str | Path | None = None, classes
     npz_path = out_dir / "retrieval_neighbours.npz"
     json_path = out_dir / "retrieval.json"
     _plot_retrieval(arts, runs_out, drawn_rows, k, fig_path)
-    _atomic_write(npz_path, lambda f: np.savez_compressed(f, **arrays))  # type: ignore[arg-type]
+    atomic_write(npz_path, lambda f: np.savez_compressed(f, **arrays))  # type: ignore[arg-type]
     result = {
         "analysis": "retrieval",
         "settings": {
@@ -558,7 +560,7 @@ def format_retrieval(result: dict[str, Any]) -> str:
 class _ResponseHead(nn.Module):
     """Backbone + response map against a fixed query feature; ``forward`` gives ``(B, H*W)`` flattened maps.
 
-    Lets :func:`dscl.train.extract_features` run the batched loop (progress bar, device, gather).
+    Lets :func:`dscl.features.extract_features` run the batched loop (progress bar, device, gather).
     """
 
     query: Tensor

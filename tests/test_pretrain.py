@@ -1,4 +1,4 @@
-"""Stage-1 loop: run-directory rules, exact resume, the step's gradient flow."""
+"""Stage 1: the step's gradient flow, EMA, exact resume, interrupts, no patch work without PBSD."""
 
 import dataclasses
 
@@ -10,7 +10,7 @@ from dscl.backbones import build_backbone
 from dscl.checkpoint import load_checkpoint
 from dscl.config import load_config
 from dscl.model import DSCLModel, Encoder
-from dscl.train import Batch, RunDirError, prepare_run_dir, pretrain, pretrain_step
+from dscl.pretrain import Batch, pretrain, pretrain_step
 
 
 def _batch(b=8, size=28, patches=2, psize=14, classes=3, seed=0):
@@ -74,22 +74,6 @@ def test_momentum_encoder_moves_by_ema():
         torch.testing.assert_close(k_new, 0.9 * k_old + 0.1 * q_old)
 
 
-def test_run_dir_rules(tmp_path):
-    out = tmp_path / "run"
-    assert prepare_run_dir(out, resume=False, overwrite=False) == out
-    (out / "config.yaml").write_text("x")
-    (out / "notes.txt").write_text("mine")
-    with pytest.raises(RunDirError, match="--overwrite"):
-        prepare_run_dir(out, resume=False, overwrite=False)
-    with pytest.raises(RunDirError, match="cannot resume"):
-        prepare_run_dir(out, resume=True, overwrite=False)
-    prepare_run_dir(out, resume=False, overwrite=True)
-    assert not (out / "config.yaml").exists()
-    assert (out / "notes.txt").read_text() == "mine"  # not a dscl file: never deleted
-    with pytest.raises(RunDirError, match="contradict"):
-        prepare_run_dir(out, resume=True, overwrite=True)
-
-
 @needs_fmnist
 def test_resume_is_exact(tmp_path):
     cfg = load_config("smoke", overrides=["optim.epochs=2", "optim.deterministic=true"])
@@ -103,39 +87,6 @@ def test_resume_is_exact(tmp_path):
     assert a["finished"] and b["finished"] and a["epoch"] == b["epoch"] == 2
     for key, value in a["model"].items():
         assert torch.equal(value, b["model"][key]), key
-
-
-def test_class_balanced_linear_classifier_on_separable_long_tailed_features():
-    """Stage 2 on cached features: a long-tailed but separable problem gets high balanced accuracy."""
-    from dscl.train import _balanced_accuracy, train_linear_cached
-
-    g = torch.Generator().manual_seed(0)
-    counts = [400, 100, 25, 6, 3]
-    centres = torch.eye(5, 16) * 4
-    feats = torch.cat([centres[c] + 0.5 * torch.randn(n, 16, generator=g) for c, n in enumerate(counts)])
-    labels = torch.cat([torch.full((n,), c) for c, n in enumerate(counts)])
-    cfg = load_config("smoke", overrides=["classifier.epochs=20", "classifier.lr=0.5", "classifier.batch_size=64",
-                                          "classifier.milestones=[15]"])
-    fc, chosen, history = train_linear_cached(feats, labels, 5, cfg, epoch_size=len(labels), val=None, progress=False)
-    assert chosen == 20 and len(history) == 20
-    test = torch.cat([centres[c] + 0.5 * torch.randn(50, 16, generator=g) for c in range(5)])
-    test_y = torch.arange(5).repeat_interleave(50)
-    with torch.no_grad():
-        assert _balanced_accuracy(fc(test), test_y, 5) > 95
-    assert history[-1]["train_loss"] < history[0]["train_loss"]
-
-
-def test_validation_selection_picks_the_best_val_epoch():
-    from dscl.train import train_linear_cached
-
-    g = torch.Generator().manual_seed(1)
-    feats = torch.randn(60, 4, generator=g)
-    labels = torch.arange(3).repeat(20)
-    cfg = load_config("smoke", overrides=["classifier.epochs=6", "classifier.lr=0.1"])
-    val = (torch.randn(30, 4, generator=g), torch.arange(3).repeat(10))
-    fc, chosen, history = train_linear_cached(feats, labels, 3, cfg, epoch_size=60, val=val, progress=False)
-    best = max(range(6), key=lambda i: (history[i]["val_balanced_top1"], -i))
-    assert chosen == best + 1
 
 
 def test_bf16_autocast_step_is_finite():
@@ -160,7 +111,7 @@ def test_ce_baseline_step_trains_only_backbone_and_head():
 @needs_fmnist
 def test_interrupt_keeps_last_checkpoint_and_resume_finishes(tmp_path, monkeypatch):
     """Ctrl-C in the middle of epoch 2 leaves epoch 1's checkpoint intact; --resume completes the run."""
-    import dscl.train as train_mod
+    import dscl.pretrain as train_mod
 
     cfg = load_config("smoke", overrides=["optim.epochs=2"])
     real_step, calls = train_mod.pretrain_step, {"n": 0}
@@ -184,7 +135,7 @@ def test_interrupt_keeps_last_checkpoint_and_resume_finishes(tmp_path, monkeypat
 
 @needs_fmnist
 def test_no_patches_are_cut_without_pbsd(tmp_path, monkeypatch):
-    import dscl.train as train_mod
+    import dscl.pretrain as train_mod
 
     seen = []
     real = train_mod.DSCLTransform
@@ -197,26 +148,3 @@ def test_no_patches_are_cut_without_pbsd(tmp_path, monkeypatch):
     cfg = load_config("smoke", overrides=["optim.epochs=1", "optim.warmup_epochs=5", "loss.pbsd_weight=0"])
     pretrain(cfg, tmp_path / "run", progress=False)
     assert seen == [0]
-
-
-@needs_fmnist
-def test_classifier_select_last_ignores_the_validation_split(smoke_run, tmp_path):
-    """classifier.select=last keeps the last epoch even with a validation split; val picks by it."""
-    import shutil
-
-    from dscl.train import classify
-
-    run = tmp_path / "run"
-    shutil.copytree(smoke_run, run)
-    chosen = {}
-    for select in ("last", "val"):
-        cfg = load_config("smoke", overrides=["data.val_fraction=0.3", "classifier.epochs=4",
-                                              f"classifier.select={select}"])
-        state = load_checkpoint(classify(run, cfg=cfg, device="cpu", progress=False))
-        chosen[select] = state
-    last, val = chosen["last"], chosen["val"]
-    assert last["selected_epoch"] == 4 and "classifier.select=last" in last["selection"]
-    assert all("val_balanced_top1" not in h for h in last["history"])
-    assert all("val_balanced_top1" in h for h in val["history"]) and "validation split carved" in val["selection"]
-    best = max(range(4), key=lambda e: (val["history"][e]["val_balanced_top1"], -e))
-    assert val["selected_epoch"] == best + 1

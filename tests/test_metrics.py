@@ -1,33 +1,23 @@
-"""Tests for dscl.evaluate: metrics against hand computations, post-hoc formulas, report files."""
+"""Tests for dscl.metrics: metrics against hand computations, post-hoc formulas."""
 
 from __future__ import annotations
 
-import json
 import math
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from dscl import evaluate as ev
-from dscl.evaluate import (
-    build_report,
+from dscl.metrics import (
     class_means,
     confusion_matrix,
-    format_table,
     logit_adjust,
     ncm_logits,
     per_class_accuracy,
-    report_rows,
     shot_groups,
     summarize,
     tau_normalize,
     topk_correct,
-    variant_row,
-    write_report,
 )
 
 DESIGN_KEYS = {
@@ -218,147 +208,3 @@ def test_class_means_hand_computed():
     s = 1 / math.sqrt(2)
     # normalised features (1,0) and (0,1) average to (0.5,0.5) -> renormalised (s,s); empty class -> 0
     torch.testing.assert_close(means, torch.tensor([[s, s], [0.0, 1.0], [0.0, 0.0]]))
-
-
-# ---------------------------------------------------------------------------------- reports
-
-
-def _toy_report(num_classes: int = 10, seed: int = 0) -> tuple[dict, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    counts = np.array([int(1000 * 0.01 ** (i / (num_classes - 1))) for i in range(num_classes)])
-    targets = np.repeat(np.arange(num_classes), 20)
-    logits = rng.normal(size=(targets.size, num_classes))
-    logits[np.arange(targets.size), targets] += np.linspace(3.0, 0.0, num_classes)[targets]
-    names = [f"class {i}" for i in range(num_classes)]
-    s = summarize(logits, targets, counts, class_names=names)
-    la = summarize(logit_adjust(torch.tensor(logits), counts), targets, counts)
-    report = build_report(
-        s, dataset="toy-lt", method="DSCL", seed=3, epochs=7, wall_seconds=12.345, split="test",
-        selection="last stage-2 epoch; no selection on the test set",
-        variants=[variant_row("+ logit adjustment", la)],
-    )
-    return report, confusion_matrix(logits.argmax(1), targets, num_classes)
-
-
-def test_build_report_keys_types_and_ranges():
-    report, _ = _toy_report()
-    assert set(report) >= DESIGN_KEYS
-    assert set(report) == DESIGN_KEYS | {"top1_macro", "split", "selection", "variants"}
-    assert isinstance(report["dataset"], str) and isinstance(report["method"], str)
-    for key in ("top1", "top5", "top1_macro", "many", "medium", "few"):
-        assert isinstance(report[key], float) and 0.0 <= report[key] <= 100.0, key
-    assert report["shot_classes"] == {"many": 5, "medium": 3, "few": 2}
-    assert all(isinstance(v, int) for v in report["shot_classes"].values())
-    assert len(report["per_class"]) == 10
-    for row in report["per_class"]:
-        assert set(row) == {"class", "train_count", "test_count", "accuracy"}
-        assert isinstance(row["class"], str) and isinstance(row["train_count"], int)
-        assert row["test_count"] == 20 and 0.0 <= row["accuracy"] <= 100.0
-    assert report["seed"] == 3 and report["epochs"] == 7 and report["wall_seconds"] == 12.35
-    assert report["split"] == "test"
-    (var,) = report["variants"]
-    assert set(var) == {"method", "top1", "top5", "top1_macro", "many", "medium", "few"}
-    json.dumps(report, allow_nan=False)  # strictly valid JSON (no NaN)
-
-
-def test_build_report_rejects_bad_split_and_summary():
-    report, _ = _toy_report()
-    with pytest.raises(ValueError, match="split"):
-        build_report(report, dataset="d", method="m", seed=0, epochs=1, wall_seconds=1.0,
-                     split="train", selection="x")
-    with pytest.raises(ValueError, match="summarize"):
-        build_report({"top1": 1.0}, dataset="d", method="m", seed=0, epochs=1, wall_seconds=1.0,
-                     split="val", selection="x")
-
-
-def test_build_report_none_group_survives_json():
-    s = summarize(one_hot_logits([0, 1], 2), [0, 1], [500, 300])
-    report = build_report(s, dataset="d", method="m", seed=0, epochs={"pretrain": 2, "classify": 1},
-                          wall_seconds=1, split="val", selection="best val top-1")
-    loaded = json.loads(json.dumps(report))
-    assert loaded["medium"] is None and loaded["few"] is None
-    assert loaded["epochs"] == {"pretrain": 2, "classify": 1}
-
-
-def _assert_png_not_blank(path: Path) -> None:
-    assert path.stat().st_size > 0
-    with Image.open(path) as img:
-        assert img.format == "PNG"
-        w, h = img.size
-        assert w > 200 and h > 200
-        arr = np.asarray(img.convert("L"))
-    assert arr.std() > 5  # not a single flat colour
-    assert (arr < 128).mean() > 0.001  # some dark ink (text, points)
-
-
-def test_write_report_files(tmp_path):
-    report, cm = _toy_report()
-    paths = write_report(tmp_path / "run", report, confusion=cm)
-    run = tmp_path / "run"
-    expected = {run / "report.json", run / "report.md", run / "plots" / "per_class_accuracy.png",
-                run / "plots" / "confusion_matrix.png"}
-    assert set(paths) == expected
-    assert json.loads((run / "report.json").read_text()) == report
-    md = (run / "report.md").read_text()
-    assert "| Method | All (top-1) | Many | Medium | Few | Top-5 | macro |" in md
-    main_row = f"| DSCL | {report['top1']:.1f} | {report['many']:.1f} | {report['medium']:.1f} |"
-    assert main_row in md
-    assert "| + logit adjustment |" in md
-    assert "Split: test" in md and "Selection: last stage-2 epoch" in md
-    assert "Many 5, Medium 3, Few 2" in md
-    assert "| class 9 | Few | 10 | 20 |" in md
-    _assert_png_not_blank(run / "plots" / "per_class_accuracy.png")
-    _assert_png_not_blank(run / "plots" / "confusion_matrix.png")
-
-
-def test_write_report_markdown_dash_for_empty_group(tmp_path):
-    s = summarize(one_hot_logits([0, 1], 2), [0, 1], [500, 300])
-    report = build_report(s, dataset="d", method="m", seed=0, epochs=1, wall_seconds=1,
-                          split="val", selection="last epoch")
-    write_report(tmp_path, report)
-    md = (tmp_path / "report.md").read_text()
-    assert "| m | 100.0 | 100.0 | — | — | 100.0 | 100.0 |" in md
-    assert not (tmp_path / "plots" / "confusion_matrix.png").exists()
-
-
-def test_write_report_skips_confusion_plot_above_100_classes(tmp_path):
-    c = 101
-    s = summarize(np.eye(c), np.arange(c), np.full(c, 50))
-    report = build_report(s, dataset="d", method="m", seed=0, epochs=1, wall_seconds=1,
-                          split="test", selection="last epoch")
-    paths = write_report(tmp_path, report, confusion=np.eye(c, dtype=int))
-    assert not (tmp_path / "plots" / "confusion_matrix.png").exists()
-    assert tmp_path / "plots" / "per_class_accuracy.png" in paths
-
-
-def test_write_report_is_atomic(tmp_path, monkeypatch):
-    report, cm = _toy_report()
-    write_report(tmp_path, report, confusion=cm)
-    leftovers = [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp") or p.name.startswith(".")]
-    assert leftovers == []
-    before = (tmp_path / "report.json").read_bytes()
-
-    # A crash in the middle of a write leaves the previous file intact and no temp file behind.
-    def crash(src, dst):
-        raise OSError("disk full")
-
-    monkeypatch.setattr(ev.os, "replace", crash)
-    new_report = dict(report, top1=1.0)
-    with pytest.raises(OSError, match="disk full"):
-        write_report(tmp_path, new_report)
-    monkeypatch.undo()
-    assert (tmp_path / "report.json").read_bytes() == before
-    assert sorted(os.listdir(tmp_path)) == ["plots", "report.json", "report.md"]
-    assert sorted(os.listdir(tmp_path / "plots")) == ["confusion_matrix.png", "per_class_accuracy.png"]
-
-
-def test_format_table_alignment():
-    report, _ = _toy_report()
-    rows = report_rows(report) + [{"method": "NCM", "top1": 50.0, "many": None, "medium": 1.25, "few": 0}]
-    text = format_table(rows)
-    lines = text.splitlines()
-    assert lines[0].split("|")[0].strip() == "Method"
-    assert [c.strip() for c in lines[0].split("|")] == ["Method", "All", "Many", "Medium", "Few"]
-    assert len({len(line) for line in lines}) == 1  # all lines equally wide
-    assert [c.strip() for c in lines[-1].split("|")] == ["NCM", "50.0", "—", "1.2", "0.0"]
-    assert lines[2].startswith("DSCL ") and f"{report['top1']:.1f}" in lines[2]

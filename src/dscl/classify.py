@@ -1,0 +1,230 @@
+"""Stage 2: a class-balanced linear classifier on the frozen stage-1 backbone (METHOD.md B).
+
+Two protocols: ``cached`` (features of clean and augmented copies extracted once, the classifier
+trained on them) and ``official`` (the backbone runs every epoch on strongly augmented images, as the
+official code does). The epoch is selected on a validation split when there is one, never on test.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from dscl import dist
+from dscl.checkpoint import save_checkpoint, seed_everything
+from dscl.config import Config
+from dscl.data import ClassBalancedSampler, ClassifierTransform, DatasetSplits, EvalTransform, LTDataset, build_datasets
+from dscl.features import extract_features, recompute_bn
+from dscl.metrics import class_means
+from dscl.rundir import MetricsLog, load_run_config, load_stage1_backbone
+from dscl.runtime import amp_dtype, autocast, make_loader, num_workers, say, to_device
+from dscl.schedules import step_decay
+
+
+def balanced_accuracy(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> float:
+    pred = logits.argmax(1)
+    correct = torch.bincount(labels[pred == labels], minlength=num_classes).float()
+    total = torch.bincount(labels, minlength=num_classes).float()
+    present = total > 0
+    return float((correct[present] / total[present]).mean() * 100)
+
+
+def new_classifier(width: int, num_classes: int, seed: int) -> nn.Linear:
+    """The stage-2 linear layer, initialised as the official code does: W ~ N(0, 0.01^2), b = 0."""
+    fc = nn.Linear(width, num_classes)
+    with torch.no_grad():
+        fc.weight.normal_(0.0, 0.01, generator=torch.Generator().manual_seed(seed))
+        fc.bias.zero_()
+    return fc
+
+
+def train_linear_cached(
+    feats: torch.Tensor, labels: torch.Tensor, num_classes: int, cfg: Config, *, epoch_size: int,
+    val: tuple[torch.Tensor, torch.Tensor] | None, progress: bool, log: MetricsLog | None = None,
+) -> tuple[nn.Linear, int, list[dict[str, float]]]:
+    """Class-balanced linear classifier on cached features (SGD, no weight decay, step decay).
+
+    Every rank trains the same classifier from the same seed on the same gathered features, so
+    no communication is needed. Returns (classifier, selected epoch (1-based), per-epoch history).
+    """
+    cc = cfg.classifier
+    fc = new_classifier(feats.shape[1], num_classes, cfg.optim.seed)
+    opt = torch.optim.SGD(fc.parameters(), lr=cc.lr, momentum=cc.momentum, weight_decay=cc.weight_decay)
+    sampler = ClassBalancedSampler(labels.tolist(), num_samples=epoch_size, seed=cfg.optim.seed)
+    best: tuple[float, int, dict[str, torch.Tensor]] | None = None
+    history: list[dict[str, float]] = []
+    for epoch in tqdm(range(cc.epochs), desc="classifier", unit="epoch", leave=False,
+                      disable=not (progress and dist.is_main()), dynamic_ncols=True):
+        lr = step_decay(epoch, cc.lr, cc.milestones, cc.gamma)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        sampler.set_epoch(epoch)
+        order = torch.tensor(list(iter(sampler)), dtype=torch.long)
+        total, n = 0.0, 0
+        for start in range(0, len(order), cc.batch_size):
+            idx = order[start:start + cc.batch_size]
+            loss = F.cross_entropy(fc(feats[idx]), labels[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(idx)
+            n += len(idx)
+        record = {"epoch": epoch + 1, "lr": lr, "train_loss": total / max(n, 1)}
+        if val is not None:
+            with torch.no_grad():
+                record["val_balanced_top1"] = balanced_accuracy(fc(val[0]), val[1], num_classes)
+            if best is None or record["val_balanced_top1"] > best[0]:
+                best = (record["val_balanced_top1"], epoch + 1,
+                        {k: v.clone() for k, v in fc.state_dict().items()})
+        history.append(record)
+        if log is not None:
+            log.write(stage="classify", **record)
+        if not math.isfinite(record["train_loss"]):
+            raise FloatingPointError(f"classifier loss became {record['train_loss']}; lower classifier.lr")
+    if best is not None:
+        fc.load_state_dict(best[2])
+        return fc, best[1], history
+    return fc, cc.epochs, history
+
+
+def train_linear_official(
+    backbone: nn.Module, splits: DatasetSplits, cfg: Config, *, device: torch.device, progress: bool,
+    val: LTDataset | None, log: MetricsLog | None = None,
+) -> tuple[nn.Linear, int, list[dict[str, float]]]:
+    """The official stage 2: backbone frozen but run every epoch on strongly augmented images,
+    BatchNorm statistics updated (``classifier.update_bn``), class-balanced sampling."""
+    cc = cfg.classifier
+    world, rank = dist.world_size(), dist.rank()
+    num_classes = splits.num_classes
+    for p in backbone.parameters():
+        p.requires_grad_(False)
+    width: int = backbone.num_features  # type: ignore[assignment]
+    fc = new_classifier(width, num_classes, cfg.optim.seed).to(device)
+    dist.broadcast_module(fc)
+    opt = torch.optim.SGD(fc.parameters(), lr=cc.lr, momentum=cc.momentum, weight_decay=cc.weight_decay)
+    train = splits.train.with_transform(ClassifierTransform(cfg.data.image_size, splits.mean, splits.std))
+    sampler = ClassBalancedSampler(train.targets, seed=cfg.optim.seed, rank=rank, world_size=world)
+    batch = max(1, cc.batch_size // world)
+    loader = make_loader(train, batch, sampler=sampler, workers=num_workers(cfg.data.num_workers),
+                     device=device, drop_last=False)
+    dtype = amp_dtype(cfg.optim.amp, device)
+    val_ds = val.with_transform(EvalTransform(cfg.data.image_size, splits.mean, splits.std)) if val else None
+    best: tuple[float, int, dict[str, torch.Tensor], dict[str, torch.Tensor]] | None = None
+    history: list[dict[str, float]] = []
+    for epoch in range(cc.epochs):
+        lr = step_decay(epoch, cc.lr, cc.milestones, cc.gamma)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        sampler.set_epoch(epoch)
+        backbone.train(cc.update_bn)
+        total, n = 0.0, 0
+        for images, y in tqdm(loader, desc=f"classifier {epoch + 1}/{cc.epochs}", unit="batch", leave=False,
+                              disable=not (progress and dist.is_main()), dynamic_ncols=True):
+            images, y = to_device(images, device, channels_last=True), y.to(device)
+            with torch.no_grad(), autocast(device, dtype):
+                f = backbone(images)
+            loss = F.cross_entropy(fc(f.float()), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            dist.average_gradients(list(fc.parameters()))
+            opt.step()
+            total += loss.item() * len(y)
+            n += len(y)
+        record = {"epoch": epoch + 1, "lr": lr, "train_loss": total / max(n, 1)}
+        if val_ds is not None:
+            vf, vy = extract_features(backbone, val_ds, batch_size=batch, device=device,
+                                      workers=num_workers(cfg.data.num_workers), progress=False, desc="val")
+            with torch.no_grad():
+                record["val_balanced_top1"] = balanced_accuracy(fc.cpu()(vf), vy, num_classes)
+            fc.to(device)
+            if best is None or record["val_balanced_top1"] > best[0]:
+                best = (record["val_balanced_top1"], epoch + 1,
+                        {k: v.detach().cpu().clone() for k, v in fc.state_dict().items()},
+                        {k: v.detach().cpu().clone() for k, v in backbone.state_dict().items()})
+        history.append(record)
+        if log is not None:
+            log.write(stage="classify", **record)
+    backbone.eval()
+    if best is not None:
+        fc.load_state_dict(best[2])
+        backbone.load_state_dict(best[3])
+        return fc.cpu(), best[1], history
+    return fc.cpu(), cc.epochs, history
+
+
+def selection_sentence(val: LTDataset | None, carved: bool, epoch: int, epochs: int, select: str = "val") -> str:
+    if select == "last":
+        return (f"the last classifier epoch ({epoch}/{epochs}) is reported (classifier.select=last); "
+                f"no epoch was selected on the test set")
+    if val is None:
+        return (f"no validation split: the last classifier epoch ({epoch}/{epochs}) is reported; "
+                f"no epoch was selected on the test set")
+    source = "a validation split carved from the training set" if carved else "the dataset's validation split"
+    return f"classifier epoch {epoch}/{epochs} selected by class-balanced top-1 on {source}; the test set was not used"
+
+
+def classify(run_dir: str | Path, *, cfg: Config | None = None, device: str = "auto",
+             progress: bool = True) -> Path:
+    """Stage 2 for a finished stage-1 run; writes ``checkpoints/classifier.pt`` and returns its path."""
+    dev = dist.init(device)
+    run_dir = Path(run_dir)
+    cfg = cfg or load_run_config(run_dir)
+    t0 = time.perf_counter()
+    seed_everything(cfg.optim.seed)
+    splits = build_datasets(cfg.data, seed=cfg.optim.seed)
+    backbone = load_stage1_backbone(run_dir, cfg, splits.num_classes).to(dev)
+    backbone.to(memory_format=torch.channels_last)
+    cc = cfg.classifier
+    workers = num_workers(cfg.data.num_workers)
+    eval_t = EvalTransform(cfg.data.image_size, splits.mean, splits.std)
+    clean_train = splits.train.with_transform(eval_t)
+    fbatch = max(64, min(512, cc.batch_size))
+    log = MetricsLog(run_dir / "metrics.jsonl")
+    say(f"stage 2 ({cc.protocol} protocol): class-balanced linear classifier on {splits.name}")
+    if cc.update_bn and cc.protocol == "cached":
+        recompute_bn(backbone, clean_train, batch_size=fbatch, device=dev, workers=workers, progress=progress)
+    dtype = amp_dtype(cfg.optim.amp, dev)
+    if cc.protocol == "cached":
+        feats, labels = extract_features(backbone, clean_train, batch_size=fbatch, device=dev, workers=workers,
+                                         progress=progress, desc="features", dtype=dtype)
+        bank_f, bank_y = [feats], [labels]
+        aug = splits.train.with_transform(ClassifierTransform(cfg.data.image_size, splits.mean, splits.std))
+        for c in range(cc.augmented_copies):
+            f, y = extract_features(backbone, aug, batch_size=fbatch, device=dev, workers=workers,
+                                    progress=progress, desc=f"augmented copy {c + 1}/{cc.augmented_copies}",
+                                    dtype=dtype)
+            bank_f.append(f)
+            bank_y.append(y)
+        val_pair = None
+        if splits.val is not None and cc.select == "val":
+            val_pair = extract_features(backbone, splits.val.with_transform(eval_t), batch_size=fbatch,
+                                        device=dev, workers=workers, progress=progress, desc="val features",
+                                        dtype=dtype)
+        fc, chosen, history = train_linear_cached(
+            torch.cat(bank_f), torch.cat(bank_y), splits.num_classes, cfg, epoch_size=len(labels),
+            val=val_pair, progress=progress, log=log)
+        train_feats, train_labels = feats, labels
+    else:
+        fc, chosen, history = train_linear_official(backbone, splits, cfg, device=dev, progress=progress,
+                                                    val=splits.val if cc.select == "val" else None, log=log)
+        train_feats, train_labels = extract_features(backbone, clean_train, batch_size=fbatch, device=dev,
+                                                     workers=workers, progress=progress, desc="features")
+    path = run_dir / "checkpoints" / "classifier.pt"
+    if dist.is_main():
+        save_checkpoint(path, {
+            "stage": "classify", "protocol": cc.protocol, "backbone_name": cfg.model.backbone,
+            "num_classes": splits.num_classes, "backbone": {k: v.cpu() for k, v in backbone.state_dict().items()},
+            "fc": fc.state_dict(), "class_means": class_means(train_feats, train_labels, splits.num_classes),
+            "selected_epoch": chosen, "selection": selection_sentence(splits.val, splits.val_is_carved, chosen,
+                                                                      cc.epochs, cc.select),
+            "history": history, "wall_seconds": time.perf_counter() - t0,
+        })
+    dist.barrier()
+    return path
+

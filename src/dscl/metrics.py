@@ -1,0 +1,387 @@
+"""Metrics: shot groups, per-class and Many/Medium/Few accuracy, post-hoc adjustments.
+
+The field's protocol (FIELD.md 1.4, METHOD.md B): top-1 on a class-balanced test set, plus the mean
+per-class accuracy inside three groups defined by the *training* count of each class, with the OLTR /
+classifier-balancing boundaries — Many: more than 100 training images, Few: fewer than 20, Medium:
+everything in between (a class with exactly 100 or exactly 20 images is Medium).
+
+The official DSCL code averages per *image* inside a group; on a balanced test set that equals the
+mean of per-class accuracies used here, and the per-class mean is the right one when the test set is
+not balanced.
+
+Everything in this module is a function of arrays or tensors: no model, no data loader, no argv.
+Reports built from these numbers are :mod:`dscl.report`'s job.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "GROUPS",
+    "shot_groups",
+    "per_class_accuracy",
+    "topk_correct",
+    "confusion_matrix",
+    "summarize",
+    "logit_adjust",
+    "tau_normalize",
+    "class_means",
+    "ncm_logits",
+    "mean_or_none",
+]
+
+#: Group names in display order (head to tail).
+GROUPS: tuple[str, str, str] = ("many", "medium", "few")
+
+ArrayLike = np.ndarray | torch.Tensor | Sequence[float] | Sequence[int]
+
+
+# --------------------------------------------------------------------------------------------------
+# Conversion and validation helpers
+# --------------------------------------------------------------------------------------------------
+
+
+def as_numpy(x: Any, name: str) -> np.ndarray:
+    """Return ``x`` as a numpy array (torch tensors are detached and moved to the CPU)."""
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu()
+        # bfloat16/float16 have no (or a lossy) numpy counterpart: widen before converting.
+        if x.is_floating_point():
+            x = x.float()
+        return x.numpy()
+    try:
+        return np.asarray(x)
+    except Exception as exc:  # pragma: no cover - exotic inputs
+        raise ValueError(f"{name}: cannot convert {type(x).__name__} to an array") from exc
+
+
+def _as_labels(x: Any, name: str, num_classes: int | None = None) -> np.ndarray:
+    """Return integer labels of shape (N,), checked against ``[0, num_classes)``."""
+    arr = as_numpy(x, name)
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be 1-D (N,), got shape {tuple(arr.shape)}")
+    fractional = arr.size and not np.issubdtype(arr.dtype, np.integer) and np.any(np.mod(arr, 1) != 0)
+    if fractional:
+        raise ValueError(f"{name} must hold integer class indices, got dtype {arr.dtype}")
+    arr = arr.astype(np.int64, copy=False)
+    if num_classes is not None and arr.size:
+        lo, hi = int(arr.min()), int(arr.max())
+        if lo < 0 or hi >= num_classes:
+            raise ValueError(f"{name} must lie in [0, {num_classes}), got values in [{lo}, {hi}]")
+    return arr
+
+
+def _as_counts(x: Any, name: str = "train_counts") -> np.ndarray:
+    arr = as_numpy(x, name)
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be 1-D (C,), got shape {tuple(arr.shape)}")
+    if arr.size and np.any(arr < 0):
+        raise ValueError(f"{name} must be non-negative, got min {arr.min()}")
+    return arr.astype(np.int64, copy=False)
+
+
+def _as_logits(x: Any, name: str = "logits") -> np.ndarray:
+    arr = as_numpy(x, name)
+    if arr.ndim != 2:
+        raise ValueError(f"{name} must be 2-D (N, C), got shape {tuple(arr.shape)}")
+    if arr.shape[1] == 0:
+        raise ValueError(f"{name} must have at least one class column, got shape {tuple(arr.shape)}")
+    return arr
+
+
+def _pct(x: float | None) -> float | None:
+    """Fraction (0-1) -> percent (0-100); NaN/None -> None."""
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return None
+    return 100.0 * float(x)
+
+
+def mean_or_none(values: Any) -> float | None:
+    """Mean of the entries that are neither NaN nor None, or None when there are none (never 0 for an
+    empty group)."""
+    arr = np.asarray([np.nan if v is None else v for v in values] if not isinstance(values, np.ndarray)
+                     else values, dtype=np.float64)
+    arr = arr[~np.isnan(arr)]
+    return float(arr.mean()) if arr.size else None
+
+
+# --------------------------------------------------------------------------------------------------
+# Metrics
+# --------------------------------------------------------------------------------------------------
+
+
+def shot_groups(
+    train_counts: ArrayLike, many_threshold: int = 100, few_threshold: int = 20
+) -> dict[str, list[int]]:
+    """Split classes into Many / Medium / Few shot groups by their training-set size.
+
+    OLTR / classifier-balancing convention (FIELD.md 1.4): ``count > many_threshold`` is Many,
+    ``count < few_threshold`` is Few, everything else (both thresholds included) is Medium.
+
+    Args:
+        train_counts: (C,) training images per class.
+        many_threshold: a class needs strictly more images than this to be Many (default 100).
+        few_threshold: a class with strictly fewer images than this is Few (default 20).
+
+    Returns:
+        ``{"many": [...], "medium": [...], "few": [...]}`` — ascending class indices; a group may be empty.
+    """
+    if few_threshold > many_threshold:
+        raise ValueError(
+            f"few_threshold ({few_threshold}) must not exceed many_threshold ({many_threshold})"
+        )
+    counts = _as_counts(train_counts)
+    many = counts > many_threshold
+    few = counts < few_threshold
+    medium = ~(many | few)
+    return {
+        "many": np.flatnonzero(many).tolist(),
+        "medium": np.flatnonzero(medium).tolist(),
+        "few": np.flatnonzero(few).tolist(),
+    }
+
+
+def per_class_accuracy(preds: ArrayLike, targets: ArrayLike, num_classes: int) -> np.ndarray:
+    """Accuracy of each class as a fraction in [0, 1].
+
+    Args:
+        preds: (N,) predicted class indices.
+        targets: (N,) true class indices.
+        num_classes: C.
+
+    Returns:
+        (C,) float64; NaN for a class with no test sample (it has no accuracy, not 0%).
+    """
+    preds_a = _as_labels(preds, "preds", num_classes)
+    targets_a = _as_labels(targets, "targets", num_classes)
+    if preds_a.shape != targets_a.shape:
+        raise ValueError(f"preds {preds_a.shape} and targets {targets_a.shape} must have the same shape")
+    total = np.bincount(targets_a, minlength=num_classes)
+    correct = np.bincount(targets_a[preds_a == targets_a], minlength=num_classes)
+    acc = np.full(num_classes, np.nan, dtype=np.float64)
+    seen = total > 0
+    acc[seen] = correct[seen] / total[seen]
+    return acc
+
+
+def topk_correct(logits: ArrayLike, targets: ArrayLike, k: int) -> np.ndarray:
+    """Whether each sample's true class is among its ``k`` highest logits.
+
+    Ties are broken towards the lower class index, the same rule as ``argmax``, so ``k=1`` agrees
+    exactly with ``argmax(logits) == targets`` (and constant logits are not counted as all-correct).
+
+    Args:
+        logits: (N, C) scores.
+        targets: (N,) true class indices.
+        k: clipped to ``[1, C]``, so top-5 with 3 classes is top-3 (always correct).
+
+    Returns:
+        (N,) bool.
+    """
+    scores = _as_logits(logits)
+    n, c = scores.shape
+    targets_a = _as_labels(targets, "targets", c)
+    if targets_a.shape[0] != n:
+        raise ValueError(f"logits has {n} rows but targets has {targets_a.shape[0]} entries")
+    k = max(1, min(int(k), c))
+    out = np.empty(n, dtype=bool)
+    # Rank of the true class = #classes scoring higher + #equal-scoring classes with a lower index.
+    # Chunked so an (N, C) boolean temporary stays small for iNaturalist-sized C (8142).
+    chunk = max(1, 4_000_000 // c)
+    cols = np.arange(c)
+    for start in range(0, n, chunk):
+        s = scores[start : start + chunk]
+        t = targets_a[start : start + chunk]
+        true_score = s[np.arange(s.shape[0]), t][:, None]
+        rank = (s > true_score).sum(1) + ((s == true_score) & (cols[None, :] < t[:, None])).sum(1)
+        out[start : start + chunk] = rank < k
+    return out
+
+
+def confusion_matrix(preds: ArrayLike, targets: ArrayLike, num_classes: int) -> np.ndarray:
+    """Counts of (true, predicted) pairs.
+
+    Returns:
+        (C, C) int64; entry ``[i, j]`` = number of test samples of true class i predicted as j
+        (rows = true class, so a row sums to that class's test count).
+    """
+    preds_a = _as_labels(preds, "preds", num_classes)
+    targets_a = _as_labels(targets, "targets", num_classes)
+    if preds_a.shape != targets_a.shape:
+        raise ValueError(f"preds {preds_a.shape} and targets {targets_a.shape} must have the same shape")
+    flat = np.bincount(targets_a * num_classes + preds_a, minlength=num_classes * num_classes)
+    return flat.reshape(num_classes, num_classes)
+
+
+def summarize(
+    logits: ArrayLike,
+    targets: ArrayLike,
+    train_counts: ArrayLike,
+    *,
+    many_threshold: int = 100,
+    few_threshold: int = 20,
+    class_names: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """All accuracy numbers the field reports, from logits on an evaluation split.
+
+    Args:
+        logits: (N, C) scores (torch tensor or numpy array); the prediction is the argmax.
+        targets: (N,) true class indices.
+        train_counts: (C,) training images per class (defines the shot groups).
+        many_threshold, few_threshold: shot-group boundaries, see :func:`shot_groups`.
+        class_names: optional C display names; default the class index as a string.
+
+    Returns:
+        A dict with ``top1``, ``top5`` (sample-averaged, percent), ``top1_macro`` (mean per-class
+        accuracy, percent), ``many``, ``medium``, ``few`` (mean per-class accuracy over the group's
+        classes that have test samples, percent; None when there is no such class — never 0),
+        ``shot_classes`` (``{"many": n, "medium": n, "few": n}`` classes per group by training count),
+        ``per_class`` (list of ``{"class", "train_count", "test_count", "accuracy"}``, accuracy in
+        percent or None for a class with no test sample).
+    """
+    scores = _as_logits(logits)
+    n, c = scores.shape
+    if n == 0:
+        raise ValueError("logits: the evaluation split is empty (0 samples)")
+    targets_a = _as_labels(targets, "targets", c)
+    if targets_a.shape[0] != n:
+        raise ValueError(f"logits has {n} rows but targets has {targets_a.shape[0]} entries")
+    counts = _as_counts(train_counts)
+    if counts.shape[0] != c:
+        raise ValueError(f"train_counts has {counts.shape[0]} classes but logits has {c} columns")
+    if class_names is not None and len(class_names) != c:
+        raise ValueError(f"class_names has {len(class_names)} names but logits has {c} columns")
+    names = [str(x) for x in class_names] if class_names is not None else [str(i) for i in range(c)]
+
+    preds = scores.argmax(axis=1)
+    acc = per_class_accuracy(preds, targets_a, c)
+    test_counts = np.bincount(targets_a, minlength=c)
+    groups = shot_groups(counts, many_threshold, few_threshold)
+
+    summary: dict[str, Any] = {
+        "top1": 100.0 * float(np.mean(preds == targets_a)),
+        "top5": 100.0 * float(np.mean(topk_correct(scores, targets_a, 5))),
+        "top1_macro": _pct(mean_or_none(acc)),
+    }
+    for g in GROUPS:
+        summary[g] = _pct(mean_or_none(acc[groups[g]]))
+    summary["shot_classes"] = {g: len(groups[g]) for g in GROUPS}
+    summary["per_class"] = [
+        {
+            "class": names[i],
+            "train_count": int(counts[i]),
+            "test_count": int(test_counts[i]),
+            "accuracy": _pct(float(acc[i])),
+        }
+        for i in range(c)
+    ]
+    return summary
+
+
+# --------------------------------------------------------------------------------------------------
+# Post-hoc adjustments (torch, pure)
+# --------------------------------------------------------------------------------------------------
+
+
+def logit_adjust(logits: torch.Tensor, train_counts: ArrayLike, tau: float = 1.0) -> torch.Tensor:
+    """Post-hoc logit adjustment (Menon et al., ICLR 2021, Eq. 9): ``logits - tau * log(prior)``.
+
+    ``prior = train_counts / sum(train_counts)``. Subtracting the log-prior removes the head bias a
+    classifier learns from long-tailed training data; tau = 1 is the Bayes-optimal choice for the
+    balanced error, values 0.5-2 are commonly tuned on a validation split.
+
+    Args:
+        logits: (N, C).
+        train_counts: (C,) training images per class; every entry must be > 0.
+        tau: strength (0 returns the logits unchanged).
+
+    Returns:
+        (N, C) adjusted logits, same dtype and device as ``logits``.
+    """
+    if logits.ndim != 2:
+        raise ValueError(f"logits must be 2-D (N, C), got shape {tuple(logits.shape)}")
+    counts = torch.as_tensor(as_numpy(train_counts, "train_counts"), dtype=torch.float64)
+    if counts.ndim != 1 or counts.shape[0] != logits.shape[1]:
+        raise ValueError(
+            f"train_counts must be (C,) = ({logits.shape[1]},), got shape {tuple(counts.shape)}"
+        )
+    if bool((counts <= 0).any()):
+        raise ValueError("train_counts must be > 0 for every class (log prior of an empty class is -inf)")
+    log_prior = torch.log(counts / counts.sum())
+    return logits - (tau * log_prior).to(dtype=logits.dtype, device=logits.device)
+
+
+def tau_normalize(weight: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
+    """τ-normalised classifier weights (Kang et al., ICLR 2020): ``W_c / ||W_c||_2 ** tau`` per row.
+
+    Long-tailed training makes head-class weight vectors longer; dividing by a power of the norm
+    rebalances the decision boundaries (tau = 0: unchanged, tau = 1: all rows unit length; the paper
+    tunes tau in [0, 1] on a validation split). The classifier's bias is dropped: the caller computes
+    ``features @ tau_normalize(W).T`` with no bias term.
+
+    Args:
+        weight: (C, D) linear-classifier weight (one row per class).
+        tau: exponent.
+
+    Returns:
+        (C, D) normalised weights.
+    """
+    if weight.ndim != 2:
+        raise ValueError(f"weight must be 2-D (C, D), got shape {tuple(weight.shape)}")
+    norms = weight.norm(dim=1, keepdim=True).clamp_min(1e-12)  # (C, 1); a zero row stays zero
+    return weight / norms.pow(tau)
+
+
+def class_means(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Per-class mean of L2-normalised features, re-normalised to unit length (NCM prototypes).
+
+    Args:
+        features: (N, D) features (normalised inside).
+        labels: (N,) class indices in ``[0, num_classes)``.
+        num_classes: C.
+
+    Returns:
+        (C, D) unit-length class means; a class with no sample gets a zero row (cosine 0 to
+        everything, so it is never the unique nearest mean).
+    """
+    if features.ndim != 2:
+        raise ValueError(f"features must be 2-D (N, D), got shape {tuple(features.shape)}")
+    if labels.ndim != 1 or labels.shape[0] != features.shape[0]:
+        raise ValueError(
+            f"labels must be (N,) = ({features.shape[0]},), got shape {tuple(labels.shape)}"
+        )
+    labels = labels.to(device=features.device, dtype=torch.long)
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise ValueError(f"labels must lie in [0, {num_classes})")
+    z = F.normalize(features.float(), dim=1)
+    sums = torch.zeros(num_classes, z.shape[1], dtype=z.dtype, device=z.device)
+    sums.index_add_(0, labels, z)  # sums[c] = sum_{i: y_i = c} z_i
+    # The mean and the sum point the same way; re-normalising the sum is the normalised mean.
+    return F.normalize(sums, dim=1)
+
+
+def ncm_logits(features: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
+    """Nearest-class-mean scores: cosine similarity of each normalised feature to each class mean.
+
+    Args:
+        features: (N, D).
+        means: (C, D) from :func:`class_means`.
+
+    Returns:
+        (N, C) cosine similarities in [-1, 1]; argmax is the nearest class mean.
+    """
+    if features.ndim != 2 or means.ndim != 2 or features.shape[1] != means.shape[1]:
+        raise ValueError(
+            f"features (N, D) and means (C, D) must share D, got {tuple(features.shape)} "
+            f"and {tuple(means.shape)}"
+        )
+    z = F.normalize(features.float(), dim=1)
+    m = F.normalize(means.float(), dim=1)
+    return z @ m.T  # (N, D) x (D, C) -> (N, C)

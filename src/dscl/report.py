@@ -1,0 +1,370 @@
+"""Report files of an evaluation: ``report.json``, ``report.md`` and ``plots/*.png``.
+
+Files are written atomically (temp file in the same folder, then ``os.replace``), so a crash never
+leaves a half-written ``report.json``, ``report.md`` or plot behind. The numbers come from
+:mod:`dscl.metrics`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import numbers
+import os
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+import torch
+
+from dscl.metrics import GROUPS, as_numpy
+
+#: Metrics of one table row (main method or post-hoc variant), percentages 0-100 or None.
+_ROW_METRICS: tuple[str, ...] = ("top1", "top5", "top1_macro", "many", "medium", "few")
+
+# Plot colours per group (colour-blind safe Okabe-Ito: blue, orange, vermillion).
+_GROUP_COLOURS: dict[str, str] = {"many": "#0072B2", "medium": "#E69F00", "few": "#D55E00"}
+_GROUP_TITLES: dict[str, str] = {"many": "Many", "medium": "Medium", "few": "Few"}
+
+
+def _round(x: float | None, ndigits: int = 4) -> float | None:
+    return None if x is None else round(float(x), ndigits)
+
+
+def variant_row(method: str, summary: Mapping[str, Any]) -> dict[str, Any]:
+    """One table row ``{"method", "top1", "top5", "top1_macro", "many", "medium", "few"}``.
+
+    Use it for post-hoc variants: ``variant_row("+ logit adjustment (τ=1)", summarize(...))``.
+    """
+    row: dict[str, Any] = {"method": str(method)}
+    for key in _ROW_METRICS:
+        value = summary.get(key)
+        if value is not None and not isinstance(value, numbers.Real):
+            raise ValueError(f"variant {method!r}: {key} must be a number or None, got {value!r}")
+        row[key] = None if value is None or math.isnan(float(value)) else _round(float(value))
+    return row
+
+
+def build_report(
+    summary: Mapping[str, Any],
+    *,
+    dataset: str,
+    method: str,
+    seed: int,
+    epochs: int | Mapping[str, int],
+    wall_seconds: float,
+    split: str,
+    selection: str,
+    variants: Sequence[Mapping[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """Assemble the ``report.json`` object (DESIGN.md "report.json keys").
+
+    Args:
+        summary: output of :func:`summarize` for the main method.
+        dataset, method: names shown in the report.
+        seed: random seed of the run.
+        epochs: training epochs (an int, or e.g. ``{"pretrain": 200, "classify": 40}``).
+        wall_seconds: wall-clock duration of the run.
+        split: ``"test"`` or ``"val"`` — the split the numbers come from.
+        selection: one sentence on how the stage-2 epoch was chosen (e.g. "last epoch", or "best
+            top-1 on the val split"), because selecting on the test set inflates results.
+        variants: post-hoc rows (logit adjustment, τ-norm, NCM), each a mapping with ``method`` and the
+            row metrics — e.g. from :func:`variant_row`.
+
+    Returns:
+        A JSON-serialisable dict with the DESIGN keys ``dataset, method, top1, top5, many, medium,
+        few, shot_classes, per_class, seed, epochs, wall_seconds`` plus ``top1_macro``, ``split``,
+        ``selection`` and ``variants``. Percentages are rounded to 4 decimals; missing values are None.
+    """
+    if split not in ("test", "val"):
+        raise ValueError(f"split must be 'test' or 'val', got {split!r}")
+    missing = [k for k in ("top1", "top5", "top1_macro", *GROUPS, "shot_classes", "per_class")
+               if k not in summary]
+    if missing:
+        raise ValueError(f"summary is missing {missing}; pass the dict returned by summarize()")
+    if isinstance(epochs, Mapping):
+        epochs_out: int | dict[str, int] = {str(k): int(v) for k, v in epochs.items()}
+    else:
+        epochs_out = int(epochs)
+    main = variant_row(method, summary)
+    report: dict[str, Any] = {
+        "dataset": str(dataset),
+        "method": str(method),
+        "top1": main["top1"],
+        "top5": main["top5"],
+        "many": main["many"],
+        "medium": main["medium"],
+        "few": main["few"],
+        "shot_classes": {g: int(summary["shot_classes"][g]) for g in GROUPS},
+        "per_class": [
+            {
+                "class": str(row["class"]),
+                "train_count": int(row["train_count"]),
+                "test_count": int(row["test_count"]),
+                "accuracy": _round(row["accuracy"]),
+            }
+            for row in summary["per_class"]
+        ],
+        "seed": int(seed),
+        "epochs": epochs_out,
+        "wall_seconds": round(float(wall_seconds), 2),
+        "top1_macro": main["top1_macro"],
+        "split": split,
+        "selection": str(selection),
+        "variants": [variant_row(str(v["method"]), v) for v in (variants or [])],
+    }
+    return report
+
+
+def report_rows(report: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Main method row followed by the variant rows of a report (input for :func:`format_table`)."""
+    return [variant_row(report["method"], report), *report.get("variants", [])]
+
+
+def _fmt(x: float | None) -> str:
+    return "—" if x is None else f"{x:.1f}"
+
+
+def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """Plain-text aligned table ``Method | All | Many | Medium | Few`` (top-1 %, 1 decimal; — = n/a).
+
+    Args:
+        rows: mappings with ``method``, ``top1``, ``many``, ``medium``, ``few`` (e.g.
+            :func:`report_rows`).
+    """
+    header = ["Method", "All", "Many", "Medium", "Few"]
+    body = [[str(r["method"]), *(_fmt(r.get(k)) for k in ("top1", *GROUPS))] for r in rows]
+    widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
+
+    def line(cells: Sequence[str]) -> str:
+        first = cells[0].ljust(widths[0])
+        rest = (cell.rjust(w) for cell, w in zip(cells[1:], widths[1:], strict=True))
+        return " | ".join([first, *rest])
+
+    rule = "-+-".join("-" * w for w in widths)
+    return "\n".join([line(header), rule, *(line(b) for b in body)])
+
+
+def _markdown(
+    report: Mapping[str, Any], plots: Sequence[str], many_threshold: int, few_threshold: int
+) -> str:
+    epochs = report["epochs"]
+    epochs_txt = (
+        ", ".join(f"{k} {v}" for k, v in epochs.items()) if isinstance(epochs, Mapping) else str(epochs)
+    )
+    lines = [
+        f"# dscl report: {report['method']} on {report['dataset']}",
+        "",
+        f"- Dataset: {report['dataset']}",
+        f"- Method: {report['method']}",
+        f"- Split: {report['split']}",
+        f"- Selection: {report['selection']}",
+        f"- Seed: {report['seed']}; epochs: {epochs_txt}; wall time: {report['wall_seconds']:.1f} s",
+        "",
+        "## Accuracy (%)",
+        "",
+        "| Method | All (top-1) | Many | Medium | Few | Top-5 | macro |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in report_rows(report):
+        cells = [_fmt(r.get(k)) for k in ("top1", *GROUPS, "top5", "top1_macro")]
+        lines.append(f"| {r['method']} | " + " | ".join(cells) + " |")
+    sc = report["shot_classes"]
+    lines += [
+        "",
+        "Many / Medium / Few = mean per-class top-1 over classes with > "
+        f"{many_threshold}, {few_threshold}–{many_threshold}, < {few_threshold} training images; "
+        "macro = mean per-class top-1 over all classes; — = no class in that group.",
+        "",
+        "## Shot groups",
+        "",
+        f"Classes per group: Many {sc['many']}, Medium {sc['medium']}, Few {sc['few']} "
+        f"(total {sc['many'] + sc['medium'] + sc['few']}).",
+        "",
+    ]
+    for p in plots:
+        lines += [f"![{Path(p).stem.replace('_', ' ')}]({p})", ""]
+    lines += [
+        "## Per-class accuracy",
+        "",
+        "| Class | Group | Train images | Test images | Top-1 (%) |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for row in report["per_class"]:
+        n = row["train_count"]
+        group = "Many" if n > many_threshold else "Few" if n < few_threshold else "Medium"
+        lines.append(
+            f"| {row['class']} | {group} | {n} | {row['test_count']} | {_fmt(row['accuracy'])} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: Path, write: Callable[[IO[bytes]], object]) -> Path:
+    """Write ``path`` through a temp file in the same folder, then ``os.replace`` it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual mode
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def save_figure(fig: Any, path: Path) -> Path:
+    return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
+
+
+def _plot_per_class(
+    report: Mapping[str, Any], path: Path, many_threshold: int, few_threshold: int
+) -> Path:
+    from matplotlib.figure import Figure  # pyplot-free: no global backend, renders with Agg
+
+    rows = report["per_class"]
+    counts = np.array([max(r["train_count"], 1) for r in rows], dtype=float)  # log axis: 0 -> 1
+    acc = np.array([np.nan if r["accuracy"] is None else r["accuracy"] for r in rows], dtype=float)
+    raw = np.array([r["train_count"] for r in rows])
+    group_of = np.where(raw > many_threshold, "many", np.where(raw < few_threshold, "few", "medium"))
+    x_lo = min(counts.min(), few_threshold) / 1.6
+    x_hi = max(counts.max(), many_threshold) * 1.6
+
+    fig = Figure(figsize=(9, 5.5), layout="constrained")
+    ax = fig.add_subplot()
+    ax.set_xscale("log")
+    spans = {"few": (x_lo, few_threshold), "medium": (few_threshold, many_threshold),
+             "many": (many_threshold, x_hi)}
+    for g, (a, b) in spans.items():
+        ax.axvspan(a, b, color=_GROUP_COLOURS[g], alpha=0.08, lw=0)
+        ax.text((a * b) ** 0.5, 103, _GROUP_TITLES[g], ha="center", va="bottom", fontsize=12,
+                color=_GROUP_COLOURS[g], fontweight="bold")
+    for t in (few_threshold, many_threshold):
+        ax.axvline(t, color="0.35", ls="--", lw=1.2)
+    for g in GROUPS:
+        sel = (group_of == g) & ~np.isnan(acc)
+        mean = report.get(g)
+        label = f"{_GROUP_TITLES[g]}: {int(sel.sum())} classes, mean {_fmt(mean)}%"
+        ax.scatter(counts[sel], acc[sel], s=46, color=_GROUP_COLOURS[g], edgecolor="black", lw=0.5,
+                   zorder=3, label=label)
+        if mean is not None:
+            a, b = spans[g]
+            ax.hlines(mean, a, b, color=_GROUP_COLOURS[g], lw=2, ls=":", zorder=2)
+    if len(rows) <= 20:
+        for xi, yi, r in zip(counts, acc, rows, strict=True):
+            if not np.isnan(yi):
+                ax.annotate(str(r["class"]), (xi, yi), xytext=(4, 4), textcoords="offset points",
+                            fontsize=9, color="0.2",
+                            bbox={"boxstyle": "round,pad=0.1", "fc": "white", "alpha": 0.6, "lw": 0})
+    ax.set_xlim(x_lo, x_hi)
+    ax.set_ylim(-3, 110)
+    ax.set_xlabel("Training images per class (log scale)", fontsize=12)
+    ax.set_ylabel(f"Top-1 accuracy on {report.get('split', 'test')} split (%)", fontsize=12)
+    ax.set_title(
+        f"Per-class accuracy vs training-set size — {report['method']} on {report['dataset']}\n"
+        f"Many > {many_threshold}, Medium {few_threshold}–{many_threshold}, Few < {few_threshold} "
+        "training images (dotted: group mean)",
+        fontsize=12,
+    )
+    ax.tick_params(labelsize=11)
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(loc="lower right", fontsize=10, framealpha=0.9)
+    return save_figure(fig, path)
+
+
+def _plot_confusion(
+    confusion: np.ndarray, names: Sequence[str], path: Path, title: str
+) -> Path:
+    from matplotlib.figure import Figure
+
+    c = confusion.shape[0]
+    totals = confusion.sum(axis=1, keepdims=True)
+    norm = np.divide(confusion, totals, out=np.zeros(confusion.shape, dtype=float), where=totals > 0)
+    side = float(np.clip(4 + 0.35 * c, 6, 10))  # inches; larger only shrinks the text
+    fig = Figure(figsize=(side + 1.5, side), layout="constrained")
+    ax = fig.add_subplot()
+    im = ax.imshow(norm, cmap="Blues", vmin=0.0, vmax=1.0, interpolation="nearest")
+    cbar = fig.colorbar(im, ax=ax, shrink=0.85)
+    cbar.set_label("Fraction of the true class's test images", fontsize=11)
+    if c <= 30:
+        ticks = np.arange(c)
+        ax.set_xticks(ticks)
+        ax.set_yticks(ticks)
+        ax.set_xticklabels(names, rotation=45, ha="right", fontsize=10 if c <= 15 else 8)
+        ax.set_yticklabels(names, fontsize=10 if c <= 15 else 8)
+    else:
+        ax.tick_params(labelsize=10)
+    if c <= 12:
+        for i in range(c):
+            for j in range(c):
+                if norm[i, j] >= 0.005:
+                    ax.text(j, i, f"{norm[i, j]:.2f}", ha="center", va="center", fontsize=9,
+                            color="white" if norm[i, j] > 0.5 else "black")
+    suffix = "" if c <= 30 else " (index)"
+    ax.set_xlabel(f"Predicted class{suffix}", fontsize=12)
+    ax.set_ylabel(f"True class{suffix}", fontsize=12)
+    ax.set_title(title, fontsize=12)
+    return save_figure(fig, path)
+
+
+def write_report(
+    out_dir: str | os.PathLike[str],
+    report: Mapping[str, Any],
+    *,
+    confusion: np.ndarray | torch.Tensor | None = None,
+    class_names: Sequence[str] | None = None,
+    many_threshold: int = 100,
+    few_threshold: int = 20,
+) -> list[Path]:
+    """Write ``report.json``, ``report.md`` and ``plots/*.png`` under ``out_dir``, each atomically.
+
+    Args:
+        out_dir: run directory (created if needed).
+        report: output of :func:`build_report`.
+        confusion: optional (C, C) counts from :func:`confusion_matrix`; plotted (row-normalised) when
+            C <= 100.
+        class_names: axis labels for the confusion matrix (default: the report's per-class names).
+        many_threshold, few_threshold: the shot-group boundaries used for the report (for shading).
+
+    Returns:
+        The paths written: report.json, plots, report.md.
+    """
+    out = Path(out_dir)
+    plots_dir = out / "plots"
+    written: list[Path] = []
+    data = json.dumps(report, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+    written.append(atomic_write(out / "report.json", lambda f: f.write(data.encode("utf-8"))))
+
+    names = list(class_names) if class_names is not None else [str(r["class"]) for r in report["per_class"]]
+    plot_rel: list[str] = []
+    if report["per_class"]:
+        written.append(_plot_per_class(report, plots_dir / "per_class_accuracy.png",
+                                       many_threshold, few_threshold))
+        plot_rel.append("plots/per_class_accuracy.png")
+    if confusion is not None:
+        cm = as_numpy(confusion, "confusion")
+        if cm.ndim != 2 or cm.shape[0] != cm.shape[1]:
+            raise ValueError(f"confusion must be (C, C), got shape {tuple(cm.shape)}")
+        if cm.shape[0] <= 100:
+            if len(names) != cm.shape[0]:
+                raise ValueError(f"class_names has {len(names)} names but confusion is {tuple(cm.shape)}")
+            title = f"Confusion matrix (row-normalised) — {report['method']} on {report['dataset']}"
+            written.append(_plot_confusion(cm, names, plots_dir / "confusion_matrix.png", title))
+            plot_rel.append("plots/confusion_matrix.png")
+
+    md = _markdown(report, plot_rel, many_threshold, few_threshold)
+    written.append(atomic_write(out / "report.md", lambda f: f.write(md.encode("utf-8"))))
+    return written
