@@ -1,10 +1,12 @@
-"""Stage-1 step images/s on a GPU: dscl's step in fp32, dscl's step under bf16 autocast, and the
-straightforward (official-structure) step in fp32 — resnet50, 224 px, the paper's K = 65536.
+"""Stage-1 step images/s on a GPU: dscl's full step (forwards, losses, backward, optimiser, enqueue) in
+fp32, under bf16 autocast, and under fp16 autocast with a GradScaler, against the straightforward
+(official-structure) step in fp32 — resnet50, 224 px, the paper's K = 65536.
 
 Needs a CUDA GPU for the numbers it was written for (never part of CI); ``--device cpu`` with tiny
 sizes only checks that it runs. The three variants run on the same random inputs, round-robin step
 by step (so clock and thermal drift hit all alike), timed with ``torch.cuda.synchronize``; the
-median of the timed steps is reported. Example (under 10 minutes on an H100):
+median of the timed steps is reported. cuDNN autotuning is on, as in a dscl run without
+``optim.deterministic``. Example (under 10 minutes on an H100):
 
     python benchmarks/gpu_speed.py --backbone resnet50 --batch 128 --queue 65536 --steps 20
 
@@ -27,6 +29,7 @@ from dscl.backbones import build_backbone
 from dscl.config import LossConfig
 from dscl.model import DSCLModel, Encoder
 from dscl.pretrain import Batch, pretrain_step
+from dscl.runtime import configure_backends
 from step_speed import NaiveDSCL, naive_step, random_inputs
 
 RESULTS = Path(__file__).parent / "results" / "gpu_speed.json"
@@ -54,7 +57,7 @@ def main(argv: list[str] | None = None) -> dict:
     gen = torch.Generator().manual_seed(0)
     alpha = 1 / 9
     loss_cfg = LossConfig(loss="dscl", alpha=alpha, temperature=0.07, pbsd_weight=1.5)
-    torch.backends.cudnn.benchmark = True
+    configure_backends(dev, deterministic=False)  # cudnn.benchmark on CUDA, as pretrain() does
 
     def ours_model() -> tuple[DSCLModel, torch.optim.Optimizer]:
         model = DSCLModel(Encoder(build_backbone(args.backbone, zero_init_residual=True), dim=128),
@@ -66,7 +69,9 @@ def main(argv: list[str] | None = None) -> dict:
         return model, torch.optim.SGD(model.online.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
 
     fp32, opt32 = ours_model()
-    bf16, opt16 = ours_model()
+    bf16, opt_bf16 = ours_model()
+    fp16, opt_fp16 = ours_model()
+    scaler = torch.amp.GradScaler(dev.type)  # dscl's fp16 recipe; the CPU scaler only for the smoke check
     naive = NaiveDSCL(args.backbone, 128, args.queue, args.classes).to(dev).train()
     opt_naive = torch.optim.SGD(naive.encoder_q.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
 
@@ -74,19 +79,20 @@ def main(argv: list[str] | None = None) -> dict:
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
 
-    def ours(model, opt, dtype):
+    def ours(model, opt, dtype, grad_scaler=None):
         def step(inputs):
             q, k, p, bx, y = inputs
             batch = Batch(q.contiguous(memory_format=torch.channels_last),
                           k.contiguous(memory_format=torch.channels_last), p, bx, y)
-            pretrain_step(model, batch, opt, lr=0.01, m=0.999, loss_cfg=loss_cfg, dtype=dtype)
+            pretrain_step(model, batch, opt, lr=0.01, m=0.999, loss_cfg=loss_cfg, dtype=dtype, scaler=grad_scaler)
         return step
 
     def straightforward(inputs):
         q, k, p, bx, y = inputs
         naive_step(naive, opt_naive, q, k, p, bx, y, m=0.999, beta=(1 - alpha) / alpha, tau=0.07, lam=1.5)
 
-    variants = {"dscl fp32": ours(fp32, opt32, None), "dscl bf16 autocast": ours(bf16, opt16, torch.bfloat16),
+    variants = {"dscl fp32": ours(fp32, opt32, None), "dscl bf16 autocast": ours(bf16, opt_bf16, torch.bfloat16),
+                "dscl fp16 + scaler": ours(fp16, opt_fp16, torch.float16, scaler),
                 "straightforward fp32": straightforward}
     times: dict[str, list[float]] = {name: [] for name in variants}
     warmup = 3
@@ -113,7 +119,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"{row['speedup_vs_straightforward']:>18}x")
     gpu = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu (smoke check only)"
     peak = round(torch.cuda.max_memory_allocated(dev) / 2**20) if dev.type == "cuda" else None
-    print(f"device: {gpu}; peak allocated {peak} MiB (all three models)")
+    print(f"device: {gpu}; peak allocated {peak} MiB (all four models); fp16 grad scale {scaler.get_scale():g}")
     settings = {k: getattr(args, k) for k in ("backbone", "image_size", "patch_size", "patches", "batch", "queue",
                                               "classes", "steps")}
     if not args.out:

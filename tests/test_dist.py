@@ -1,4 +1,5 @@
-"""Two CPU processes with gloo under torchrun: queue contents, identical weights, the CLI path."""
+"""Two CPU processes with gloo under torchrun: queue contents, identical weights, fp16 overflow handling,
+BatchNorm statistics, resuming with another world size, the CLI path."""
 
 import json
 import os
@@ -6,9 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
-from conftest import needs_fmnist
+from conftest import HAS_FMNIST, needs_fmnist
 
 HERE = Path(__file__).parent
 
@@ -19,11 +21,23 @@ def _torchrun(*args: str, timeout: int = 400) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
-def test_two_process_queue_and_weights(tmp_path):
-    out = tmp_path / "ddp.pt"
-    res = _torchrun(str(HERE / "ddp_worker.py"), str(out))
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> dict:
+    """Every 2-process scenario of tests/ddp_worker.py in one torchrun launch (each launch costs seconds)."""
+    out = tmp_path_factory.mktemp("ddp") / "ddp.pt"
+    names = ["queue", "gather", "fp16", "bn"] + (["official_bn"] if HAS_FMNIST else [])
+    res = _torchrun(str(HERE / "ddp_worker.py"), str(out), *names)
     assert res.returncode == 0, res.stderr[-3000:]
-    state = torch.load(out)
+    return torch.load(out, weights_only=False)
+
+
+def _ok(results: dict, name: str) -> dict:
+    assert "error" not in results[name], results[name].get("error")
+    return results[name]
+
+
+def test_two_process_queue_and_weights(two_ranks):
+    state = _ok(two_ranks, "queue")
     # after the first step the queue holds both ranks' labels, rank 0's first
     expected = torch.cat(state["first_labels"])
     assert torch.equal(state["queue_after_first"], expected)
@@ -31,6 +45,94 @@ def test_two_process_queue_and_weights(tmp_path):
     # gradients are averaged, so the weights stay identical on both ranks
     assert torch.equal(state["params"][0], state["params"][1])
     assert torch.equal(state["momentum"][0], state["momentum"][1])
+
+
+def test_equal_size_gather_matches_the_general_one(two_ranks):
+    """Issue #15: the no-size-exchange gather used in the step gives the same tensor."""
+    state = _ok(two_ranks, "gather")
+    assert state["equal"].shape == (10, 3)
+    assert torch.equal(state["equal"], state["general"])
+
+
+def test_fp16_inf_on_one_rank_skips_on_every_rank(two_ranks):
+    """Issue #11 item 1: an inf gradient on rank 0 only. Every rank skips the step, the scales stay
+    equal and the weights finite and identical; the next (finite) step is taken by every rank."""
+    state = _ok(two_ranks, "fp16")
+    assert state["skipped"] == [True, True], state
+    assert state["finite"] == [True, True], state
+    assert state["scale"][0] == state["scale"][1] == 65536.0 / 2, state
+    assert state["stepped"] == [True, True] and state["scale_next"][0] == state["scale_next"][1]
+    assert torch.equal(state["params"][0], state["params"][1])
+
+
+def test_batchnorm_statistics_are_pooled(two_ranks):
+    state = _ok(two_ranks, "bn")
+    before, after = state["before"], state["after"]
+    for prefix in ("1.", "2."):
+        means = torch.stack(before[prefix + "running_mean"]).double()
+        variances = torch.stack(before[prefix + "running_var"]).double()
+        pooled_mean = means.mean(0)
+        pooled_var = (variances + means**2).mean(0) - pooled_mean**2  # variance of the 2-rank mixture
+        for rank in range(2):
+            torch.testing.assert_close(after[prefix + "running_mean"][rank].double(), pooled_mean)
+            torch.testing.assert_close(after[prefix + "running_var"][rank].double(), pooled_var)
+            assert after[prefix + "num_batches_tracked"][rank] == 11
+    for key in ("0.weight", "0.bias", "1.weight"):  # parameters are not touched
+        assert torch.equal(after[key][0], before[key][0]) and torch.equal(after[key][1], before[key][1])
+
+
+@needs_fmnist
+def test_official_protocol_keeps_batchnorm_identical_across_ranks(two_ranks):
+    """Issue #11 item 5: with update_bn each rank saw another shard; the statistics must still agree."""
+    state = _ok(two_ranks, "official_bn")
+    assert state["buffers"], "the backbone has no BatchNorm running statistics"
+    for key, (r0, r1) in state["buffers"].items():
+        assert torch.equal(r0, r1), key
+    assert torch.equal(state["fc"][0], state["fc"][1])
+
+
+def _schedule(run: Path) -> list[tuple[int, int, float]]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [(r["epoch"], r["step"], r["lr"]) for r in rows if r.get("stage") == "pretrain"]
+
+
+def _queue_blocks(state: dict, batch: int) -> torch.Tensor:
+    """The queue's labels, one row per global step's block of keys, sorted within the block."""
+    return state["model"]["queue.labels"].view(-1, batch).sort(dim=1).values
+
+
+@needs_fmnist
+def test_resume_with_another_world_size(tmp_path):
+    """Issue #11 item 3: a 2-process stage 1 resumed as 1 process, and a 1-process one resumed as 2
+    (through the CLI), continue the schedule, the step count and the queue of an uninterrupted run."""
+    from dscl.checkpoint import load_checkpoint
+    from dscl.config import load_config
+    from dscl.pretrain import pretrain
+
+    cfg = load_config("smoke", overrides=["optim.epochs=2"])
+    pretrain(cfg, tmp_path / "ref", progress=False, device="cpu")
+    res = _torchrun(str(HERE / "ddp_worker.py"), str(tmp_path / "w.pt"), f"pretrain_1_epoch={tmp_path / 'two_one'}")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "error" not in torch.load(tmp_path / "w.pt", weights_only=False)[f"pretrain_1_epoch={tmp_path / 'two_one'}"]
+    pretrain(cfg, tmp_path / "two_one", resume=True, progress=False, device="cpu")
+    pretrain(cfg, tmp_path / "one_two", progress=False, device="cpu", max_epochs=1)
+    res = _torchrun("-m", "dscl", "pretrain", "--resume", "--out", str(tmp_path / "one_two"), "--no-progress")
+    assert res.returncode == 0, res.stderr[-3000:]
+
+    # the rank that had no saved RNG state draws its own augmentations, not a copy of rank 0's stream
+    rng = load_checkpoint(tmp_path / "one_two" / "checkpoints" / "last.pt")["rng"]
+    assert len(rng) == 2 and not torch.equal(rng[0]["torch"], rng[1]["torch"])
+    ref = load_checkpoint(tmp_path / "ref" / "checkpoints" / "last.pt")
+    for name, world in (("two_one", 1), ("one_two", 2)):
+        state = load_checkpoint(tmp_path / name / "checkpoints" / "last.pt")
+        assert state["finished"] and state["epoch"] == 2 and len(state["rng"]) == world, name
+        assert state["steps_per_epoch"] == ref["steps_per_epoch"]
+        assert _schedule(tmp_path / name) == _schedule(tmp_path / "ref"), name  # same steps, same lr
+        # each global step trained on the same images (their split over ranks differs): the queue
+        # holds the same labels, block by block, and is filled to the same point
+        assert state["model"]["queue.ptr"] == ref["model"]["queue.ptr"]
+        assert torch.equal(_queue_blocks(state, cfg.optim.batch_size), _queue_blocks(ref, cfg.optim.batch_size)), name
+    assert "resuming a 1-process run with 2 process(es)" in res.stderr  # and says what is not bit-exact
 
 
 @needs_fmnist

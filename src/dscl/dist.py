@@ -70,10 +70,19 @@ def barrier() -> None:
 
 
 @torch.no_grad()
-def all_gather_cat(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate ``x`` (N_r, ...) from every rank along dim 0, rank order; N_r may differ."""
+def all_gather_cat(x: torch.Tensor, *, equal_sizes: bool = False) -> torch.Tensor:
+    """Concatenate ``x`` (N_r, ...) from every rank along dim 0, rank order; N_r may differ.
+
+    ``equal_sizes=True`` is the caller's promise that every rank passes the same shape (stage 1's
+    fixed per-rank batch): one collective and no read-back of the sizes, so a GPU step never waits
+    for the host. A broken promise is a backend error or a hang, so only pass it when it holds.
+    """
     if not is_dist():
         return x
+    if equal_sizes:
+        parts = [torch.empty_like(x) for _ in range(world_size())]
+        tdist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
     n = torch.tensor([x.shape[0]], device=x.device, dtype=torch.long)
     sizes = [torch.zeros_like(n) for _ in range(world_size())]
     tdist.all_gather(sizes, n)
@@ -90,6 +99,13 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     """Sum over ranks (in place and returned)."""
     if is_dist():
         tdist.all_reduce(x, op=tdist.ReduceOp.SUM)
+    return x
+
+
+def all_reduce_max(x: torch.Tensor) -> torch.Tensor:
+    """Element-wise maximum over ranks (in place and returned)."""
+    if is_dist():
+        tdist.all_reduce(x, op=tdist.ReduceOp.MAX)
     return x
 
 
@@ -115,6 +131,42 @@ def average_gradients(params: Iterable[nn.Parameter]) -> None:
 
 
 @torch.no_grad()
+def average_batchnorm_stats(module: nn.Module) -> None:
+    """Give every rank the pooled BatchNorm running statistics of all ranks (identity in one process).
+
+    Ranks that normalise with statistics of their own shard of the data drift apart, and features
+    computed on different ranks are then normalised differently. Pooling (rather than broadcasting
+    rank 0's) keeps every rank's images in the estimate: running_mean becomes the mean over ranks and
+    running_var the variance of the equal-weight mixture, mean_r(var_r + mean_r^2) - mean^2 (reduced
+    in float64: the difference cancels digits). num_batches_tracked becomes the maximum.
+    """
+    if not is_dist():
+        return
+    bns = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+           and m.running_mean is not None and m.running_var is not None]
+    if not bns:
+        return
+    means = torch.cat([m.running_mean.double() for m in bns])  # type: ignore[union-attr]
+    second = torch.cat([m.running_var.double() for m in bns]) + means * means  # type: ignore[union-attr]
+    flat = torch.cat([means, second])
+    tdist.all_reduce(flat, op=tdist.ReduceOp.SUM)
+    flat /= world_size()
+    mean, second = flat[: means.numel()], flat[means.numel():]
+    var = (second - mean * mean).clamp_min(0.0)
+    offset = 0
+    for m in bns:
+        n = m.running_mean.numel()  # type: ignore[union-attr]
+        m.running_mean.copy_(mean[offset : offset + n])  # type: ignore[union-attr]
+        m.running_var.copy_(var[offset : offset + n])  # type: ignore[union-attr]
+        offset += n
+    counts = torch.stack([m.num_batches_tracked for m in bns if m.num_batches_tracked is not None])
+    if counts.numel():
+        tdist.all_reduce(counts, op=tdist.ReduceOp.MAX)
+        for m, c in zip((m for m in bns if m.num_batches_tracked is not None), counts, strict=True):
+            m.num_batches_tracked.copy_(c)  # type: ignore[union-attr]
+
+
+@torch.no_grad()
 def broadcast_module(module: nn.Module, src: int = 0) -> None:
     """Make every rank hold rank ``src``'s parameters and buffers."""
     if not is_dist():
@@ -134,13 +186,13 @@ def shuffled_forward(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor
     if not is_dist():
         return fn(x)
     b = x.shape[0]
-    full = all_gather_cat(x)
+    full = all_gather_cat(x, equal_sizes=True)
     perm = torch.randperm(full.shape[0], device=x.device)
     tdist.broadcast(perm, src=0)
     r = rank()
     mine = perm[r * b : (r + 1) * b]
     out_local = fn(full[mine])
-    out_full = all_gather_cat(out_local)
+    out_full = all_gather_cat(out_local, equal_sizes=True)
     inverse = torch.empty_like(perm)
     inverse[perm] = torch.arange(perm.numel(), device=perm.device)
     return out_full[inverse[r * b : (r + 1) * b]]

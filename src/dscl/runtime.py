@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import platform
 import sys
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,16 +18,124 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from dscl import dist
+from dscl.config import ConfigError
+
+#: ``DSCL_ALLOW_SLOW_BF16=1`` runs ``optim.amp=bf16`` on hardware without native bf16 (with a warning)
+#: instead of refusing: for a CPU this check misjudges, or to reproduce a bf16 result exactly.
+ALLOW_SLOW_BF16 = "DSCL_ALLOW_SLOW_BF16"
+#: ``DSCL_NUM_THREADS=N`` fixes torch's intra-op threads of every dscl stage (see configure_threads).
+THREADS_ENV = "DSCL_NUM_THREADS"
+_TORCH_DEFAULT_THREADS = torch.get_num_threads()
+_threads_set: int | None = None
+_warned: set[str] = set()
+
+
+def cpu_model() -> str:
+    """The CPU's marketing name (``/proc/cpuinfo``), for messages and benchmark records."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith(("model name", "hardware", "cpu model")):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def _cpu_bf16_features() -> list[str]:
+    found = []
+    for name, probe in (("AVX512-BF16", "_is_avx512_bf16_supported"), ("AMX", "_is_amx_tile_supported")):
+        fn = getattr(torch.cpu, probe, None)
+        if fn is not None and fn():
+            found.append(name)
+    if platform.machine().lower() in ("aarch64", "arm64"):
+        try:
+            flags = Path("/proc/cpuinfo").read_text().split()
+        except OSError:
+            flags = []
+        if "bf16" in flags:
+            found.append("Arm BF16")
+    return found
+
+
+def bf16_support(device: torch.device) -> tuple[bool, str]:
+    """Whether ``device`` runs bfloat16 matmuls and convolutions natively, and a reason either way.
+
+    Without native support, bf16 autocast is emulated and many times slower than float32 (on an
+    AVX2-only CPU: 0.2 vs 74 GFLOP/s for a 2048^2 matmul, a 3x3 conv 20x slower). CPU: AVX512-BF16
+    or AMX (x86), the BF16 extension (Arm). GPU: compute capability 8.0 (Ampere) or newer. Other
+    device types are not checked (True). Tests monkeypatch this function to simulate hardware.
+    """
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return False, "torch sees no CUDA GPU"
+        major, minor = torch.cuda.get_device_capability(device)
+        name = torch.cuda.get_device_name(device)
+        if major >= 8:
+            return True, f"{name} (compute capability {major}.{minor}) has bf16 tensor cores"
+        return False, (f"{name} has compute capability {major}.{minor}; native bf16 needs 8.0 (Ampere) or "
+                       f"newer, older GPUs emulate it slowly")
+    if device.type == "cpu":
+        found = _cpu_bf16_features()
+        if found:
+            return True, f"this CPU ({cpu_model()}) has {' and '.join(found)}"
+        return False, (f"this CPU ({cpu_model()}) has neither AVX512-BF16 nor AMX (nor Arm's BF16): "
+                       f"bf16 matmuls and convolutions are emulated, many times slower than float32")
+    return True, f"bf16 support of {device.type} devices is not checked"
+
+
+def check_amp(amp: str, device: torch.device) -> None:
+    """Refuse an ``optim.amp`` that ``device`` cannot run well, before any data or run directory work.
+
+    fp16 needs CUDA (its gradient scaler is a CUDA-era tool; CPUs have no fast fp16 either). bf16
+    needs native hardware support (:func:`bf16_support`) unless ``DSCL_ALLOW_SLOW_BF16=1``, which
+    turns the refusal into a warning. Raises ConfigError naming the cause and what to use instead.
+    """
+    if amp == "fp16" and device.type != "cuda":
+        raise ConfigError("optim.amp=fp16 needs a CUDA GPU (it trains with a gradient scaler); "
+                          "use optim.amp=none (float32) on the CPU")
+    if amp != "bf16":
+        return
+    ok, why = bf16_support(device)
+    if ok:
+        return
+    instead = ("optim.amp=fp16 (with a gradient scaler) or optim.amp=none" if device.type == "cuda"
+               else "optim.amp=none (float32)")
+    if os.environ.get(ALLOW_SLOW_BF16, "").strip() == "1":
+        if why not in _warned:
+            _warned.add(why)
+            say(f"WARNING: optim.amp=bf16 runs anyway ({ALLOW_SLOW_BF16}=1), but {why}; expect a much slower "
+                f"run than with {instead}")
+        return
+    raise ConfigError(f"optim.amp=bf16 refused: {why}. Use {instead} on this machine, or set "
+                      f"{ALLOW_SLOW_BF16}=1 to run bf16 anyway")
 
 
 def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of ``optim.amp`` on ``device`` (None = float32), after :func:`check_amp`."""
+    check_amp(amp, device)
     if amp == "none":
         return None
     if amp == "fp16":
-        if device.type != "cuda":
-            raise ValueError("optim.amp=fp16 needs a CUDA device; use bf16 on the CPU")
         return torch.float16
     return torch.bfloat16
+
+
+def configure_backends(device: torch.device, *, deterministic: bool) -> None:
+    """Deterministic algorithms or cuDNN autotuning for a fixed-shape training stage.
+
+    Call before the first CUDA kernel. ``deterministic``: ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` where
+    unset (cuBLAS reads it when it creates its handle; without it matmuls may be non-deterministic
+    and torch refuses them), cuDNN autotuning off, and ``torch.use_deterministic_algorithms(True)``:
+    an op with no deterministic implementation raises instead of silently varying. Otherwise, on CUDA,
+    ``cudnn.benchmark`` picks the fastest convolution for the fixed input shapes once.
+    """
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+        torch.use_deterministic_algorithms(True)
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager[Any]:
@@ -34,15 +144,56 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abst
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def processes_per_node() -> int:
+    """dscl processes sharing this machine: torchrun's ``LOCAL_WORLD_SIZE``, else the world size."""
+    local = os.environ.get("LOCAL_WORLD_SIZE", "").strip()
+    return int(local) if local.isdigit() and int(local) > 0 else max(1, dist.world_size())
+
+
+def cpus_per_process() -> int:
+    """This process's share of the CPUs it may run on (its affinity mask over the processes per node)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cpus // processes_per_node())
+
+
 def num_workers(requested: int) -> int:
+    """DataLoader workers: ``requested`` if >= 0, else one per CPU of this process's share but one
+    (kept for the training loop), at most 8. Multi-node runs count the processes of *this* node."""
     if requested >= 0:
         return requested
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(0, min(8, cpus // max(1, dist.world_size()) - 1))
+    return max(0, min(8, cpus_per_process() - 1))
+
+
+def configure_threads(workers: int) -> int:
+    """Size torch's intra-op thread pool to this process's CPUs minus its DataLoader workers (>= 1).
+
+    More busy threads than cores makes OpenMP threads wait on each other's time slices; beside a
+    second job that costs far more than the lost parallelism (with :mod:`dscl.threads`' passive
+    wait policy). Left alone when the user chose: ``OMP_NUM_THREADS`` set, or ``torch.set_num_threads``
+    called by the caller. ``DSCL_NUM_THREADS=N`` forces N. Returns the thread count in use.
+    """
+    global _threads_set
+    forced = os.environ.get(THREADS_ENV, "").strip()
+    current = torch.get_num_threads()
+    if forced:
+        if not forced.isdigit() or int(forced) < 1:
+            raise ConfigError(f"{THREADS_ENV}={forced!r} must be a positive integer (threads per process)")
+        n = int(forced)
+    elif os.environ.get("OMP_NUM_THREADS") or current not in (_TORCH_DEFAULT_THREADS, _threads_set):
+        return current
+    else:
+        n = max(1, cpus_per_process() - workers)
+    if n != current:
+        torch.set_num_threads(n)
+    _threads_set = n
+    return n
 
 
 def make_loader(dataset: Any, batch: int, *, sampler: Any, workers: int, device: torch.device,
             drop_last: bool) -> DataLoader:
+    """A DataLoader with ``workers`` processes; also sizes this process's threads around them
+    (:func:`configure_threads`), so every stage that reads data gets the same thread policy."""
+    configure_threads(workers)
     return DataLoader(
         dataset, batch_size=batch, sampler=sampler, num_workers=workers, drop_last=drop_last,
         pin_memory=device.type == "cuda", persistent_workers=workers > 0,
