@@ -1,6 +1,8 @@
 """End-to-end tests of the command line: real subprocesses on the smoke preset."""
 
+import csv
 import json
+import re
 
 import numpy as np
 import pytest
@@ -83,6 +85,7 @@ def test_run_smoke_end_to_end(tmp_path):
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert {x["stage"] for x in lines} >= {"pretrain", "pretrain_epoch", "classify"}
     assert all(np.isfinite(x["loss"]) for x in lines if x["stage"] == "pretrain")
+    _check_run_facts_and_csvs(out, report, res)
 
     # the run directory is refused without --resume/--overwrite, and nothing in it is touched
     before = (out / "report.json").read_bytes()
@@ -90,12 +93,15 @@ def test_run_smoke_end_to_end(tmp_path):
     assert res.returncode == 2 and "--overwrite" in res.stderr
     assert (out / "report.json").read_bytes() == before
 
-    # evaluate again; --split val on a dataset without one is refused
+    # evaluate again; --split val (smoke holds 20 images per class out of the unused training images)
+    # writes the same files into val/
     res = run_cli("evaluate", "--run", str(out), "--json", "--no-progress")
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout)["top1"] == pytest.approx(report["top1"])
     res = run_cli("evaluate", "--run", str(out), "--split", "val", "--no-progress")
-    assert res.returncode == 2 and "no validation split" in res.stderr
+    assert res.returncode == 0, res.stderr
+    assert json.loads((out / "val" / "report.json").read_text())["split"] == "val"
+    assert (out / "val" / "predictions.csv").read_text().count("\n") == 1 + 200
 
     # a config that no longer matches the checkpoint is refused, and the classifier is not replaced
     cls_before = (out / "checkpoints" / "classifier.pt").read_bytes()
@@ -104,6 +110,41 @@ def test_run_smoke_end_to_end(tmp_path):
     res = run_cli("classify", "--run", str(out), "--no-progress")
     assert res.returncode == 2 and "convnet" in res.stderr and "resnet32" in res.stderr
     assert (out / "checkpoints" / "classifier.pt").read_bytes() == cls_before
+
+
+def _check_run_facts_and_csvs(out, report: dict, res) -> None:
+    """Run facts in report.json (issue #14 section 4), the ETA lines, and the per-class / confusion /
+    prediction CSVs of a finished smoke run (10 classes, 10,000 in-memory test images)."""
+    import torch
+
+    assert re.search(r"epoch 1/2 .*ETA stage 1 \d\d:\d\d", res.stdout + res.stderr)
+    assert "stage 2 + evaluation: roughly" in res.stderr and "stage 2 + evaluation took" in res.stderr
+    assert report["precision"] == "fp32" and report["device"] == "cpu"
+    assert report["torch_version"] == torch.__version__
+    assert report["global_batch"] == 32 and report["world_size"] == 1
+    assert report["lr"] == pytest.approx(0.1 * 32 / 256)
+    assert re.fullmatch(r"[0-9a-f]{12}", report["train_fingerprint"])
+    assert report["train_counts"] == [r["train_count"] for r in report["per_class"]]
+    names = [r["class"] for r in report["per_class"]]
+    with open(out / "per_class.csv", newline="") as fh:
+        per_class = list(csv.DictReader(fh))
+    assert [r["class"] for r in per_class] == names
+    assert [float(r["accuracy"]) for r in per_class] == [r["accuracy"] for r in report["per_class"]]
+    assert {r["group"] for r in per_class} == {"medium", "few"}
+    with open(out / "confusion.csv", newline="") as fh:
+        rows = list(csv.reader(fh))
+    assert rows[0][1:] == names and [r[0] for r in rows[1:]] == names
+    counts = np.array([[int(v) for v in r[1:]] for r in rows[1:]])
+    assert counts.sum() == 10000 and 100 * np.trace(counts) / 10000 == pytest.approx(report["top1"], abs=1e-3)
+    with open(out / "predictions.csv", newline="") as fh:
+        preds = list(csv.DictReader(fh))
+    assert len(preds) == 10000 and [p["index"] for p in preds[:3]] == ["0", "1", "2"]
+    assert all(p["path"] == "" for p in preds)  # in-memory Fashion-MNIST: no file
+    assert 100 * np.mean([p["correct"] == "1" for p in preds]) == pytest.approx(report["top1"], abs=1e-3)
+    first = preds[0]
+    assert first["label_name"] == names[int(first["label"])]
+    assert first["top5"].split(";")[0] == first["prediction_name"] == names[int(first["prediction"])]
+    assert len(first["top5"].split(";")) == 5
 
 
 def _write_png_dataset(root, num_classes=3, train_counts=(12, 6, 3), test_per_class=4):
@@ -142,6 +183,21 @@ def test_run_on_split_file_png_dataset(tmp_path):
     val = json.loads((out / "val" / "report.json").read_text())
     assert val["split"] == "val" and sum(r["test_count"] for r in val["per_class"]) == 4
     assert [r["test_count"] for r in report["per_class"]] == [4, 4, 4]
+    with open(out / "predictions.csv", newline="") as fh:
+        preds = list(csv.DictReader(fh))
+    assert len(preds) == 12 and preds[0]["path"].endswith("class0/0.png")  # file datasets: the image path
+
+    # issue #12 item 7: a class with no test image is named, not silently dropped from its group's mean
+    test_lines = (root / "test.txt").read_text().splitlines()
+    (root / "test.txt").write_text("\n".join(x for x in test_lines if not x.endswith(" 2")) + "\n")
+    res = run_cli("evaluate", "--run", str(out), "--no-progress")
+    assert res.returncode == 0, res.stderr
+    missing = report["per_class"][2]["class"]
+    assert "warning: 1 class has no image in the test split" in res.stdout and missing in res.stdout
+    report = json.loads((out / "report.json").read_text())
+    assert report["shot_classes"]["few"] == 3 and report["shot_classes_evaluated"]["few"] == 2
+    assert report["missing_classes"] == [{"class": missing, "group": "few"}]
+    assert "over 2 of 3 classes" in (out / "report.md").read_text()
 
 
 def test_data_command_names_bad_line(tmp_path):
@@ -200,3 +256,142 @@ def test_compare_rejects_bad_lists(tmp_path):
     assert res.returncode == 2 and "valid methods" in res.stderr
     res = run_cli("compare", "--seeds", "0,x", "--out", str(tmp_path / "c"))
     assert res.returncode == 2 and "integers" in res.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# issue #12 item 2: overrides anywhere; the same configuration flags on every config-taking command
+
+
+@needs_fmnist
+def test_overrides_before_and_after_options():
+    res = run_cli("data", "data.imbalance_factor=10", "--json", "--dataset", "fmnist-lt", "data.n_max=60",
+                  "--no-progress", "data.n_max=50")
+    assert res.returncode == 0, res.stderr
+    counts = json.loads(res.stdout)["train_counts"]
+    assert counts[0] == 50 and counts[-1] == 5  # the later n_max wins; IF 10 from before the options
+
+
+def test_readme_dataset_command_parses_with_overrides_after_options(tmp_path):
+    # README: dscl data --dataset cifar100-lt --data-root ~/data data.imbalance_factor=100
+    res = run_cli("data", "--dataset", "cifar100-lt", "--data-root", str(tmp_path), "data.imbalance_factor=100")
+    assert res.returncode == 2 and "unrecognized" not in res.stderr
+    assert "cifar-100-python" in res.stderr  # it got as far as looking for the data
+
+
+def test_dataset_flags_on_every_config_command(tmp_path):
+    from dscl.cli import build_parser, parse
+
+    flags = ["--dataset", "split", "--train-list", "a.txt", "--val-list", "b.txt", "--test-list", "c.txt",
+             "optim.epochs=1"]
+    for command in (["pretrain", "--out", "x"], ["run"], ["data"], ["compare", "--out", "x"],
+                    ["sweep", "--param", "alpha=0.1", "--out", "x"]):
+        args = parse(build_parser(), [command[0], "loss.alpha=0.2", *command[1:], *flags])
+        assert (args.dataset, args.train_list, args.val_list, args.test_list) == ("split", "a.txt", "b.txt", "c.txt")
+        assert args.overrides == ["loss.alpha=0.2", "optim.epochs=1"]
+    root = tmp_path / "empty"
+    root.mkdir()
+    res = run_cli("run", "--dataset", "folder", "--data-root", str(root), "--out", str(tmp_path / "r"))
+    assert res.returncode == 2 and "unrecognized" not in res.stderr and str(root) in res.stderr
+    assert not (tmp_path / "r").exists()
+    res = run_cli("classify", "--run", str(tmp_path), "optim.epochs=1")
+    assert res.returncode == 2 and "takes no section.key=value overrides" in res.stderr
+
+
+def test_skip_file_check_flag_sets_the_config_key():
+    from dscl.cli import build_parser, parse
+    from dscl.cli.common import config_overrides, load_cfg
+
+    args = parse(build_parser(), ["run", "--preset", "smoke", "--skip-file-check"])
+    assert "data.check_files=false" in config_overrides(args)
+    assert load_cfg(args).data.check_files is False
+    assert load_cfg(parse(build_parser(), ["run", "--preset", "smoke"])).data.check_files is True
+
+
+# ----------------------------------------------------------------------------------------------
+# issue #12 item 5: resume refuses what changes stage 1, records what it may change
+
+
+@needs_fmnist
+def test_resume_refuses_stage1_changes_and_records_allowed_ones(smoke_run, tmp_path):
+    import shutil
+
+    from dscl.checkpoint import load_checkpoint
+    from dscl.rundir import load_run_config
+
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run, run)
+    before = (run / "config.yaml").read_text()
+    res = run_cli("pretrain", "--out", str(run), "--resume", "optim.epochs=3", "loss.alpha=0.2")
+    assert res.returncode == 2 and "loss.alpha (0.1111" in res.stderr and "optim.epochs" in res.stderr
+    res = run_cli("pretrain", "--out", str(run), "--resume", "--preset", "fmnist-lt")
+    assert res.returncode == 2 and "preset smoke" in res.stderr
+    assert (run / "config.yaml").read_text() == before
+    res = run_cli("pretrain", "--resume", "--out", str(run), "--no-progress", "optim.epochs=3", "classifier.epochs=2")
+    assert res.returncode == 0, res.stderr
+    cfg = load_run_config(run)
+    assert cfg.optim.epochs == 3 and cfg.classifier.epochs == 2  # config.yaml tells what was trained
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert {"stage": "resume", "epoch": 2, "changes": {"classifier.epochs": [3, 2], "optim.epochs": [2, 3]}} in lines
+    state = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert state["epoch"] == 3 and state["finished"]
+
+
+# ----------------------------------------------------------------------------------------------
+# issue #12 item 8: --device, presets, interrupt messages
+
+
+def test_bad_device_is_refused_with_the_valid_names(tmp_path):
+    res = run_cli("run", "--device", "tpu", "--out", str(tmp_path / "r"))
+    assert res.returncode == 2 and "'tpu' is not a device" in res.stderr and "cuda:N" in res.stderr
+    assert "xpu" not in res.stderr and "Traceback" not in res.stderr  # not torch's list of device types
+    assert not (tmp_path / "r").exists()
+
+
+def test_presets_lists_names_with_descriptions():
+    from dscl.config import preset_names
+
+    res = run_cli("presets")
+    assert res.returncode == 0
+    rows = dict(line.split(None, 1) for line in res.stdout.splitlines())
+    assert sorted(rows) == preset_names()
+    assert rows["smoke"].startswith("Seconds on a CPU") and rows["imagenet-lt"].startswith("ImageNet-LT")
+    assert all(len(d) > 20 and d.endswith(".") for d in rows.values())
+
+
+def test_interrupt_names_the_directory_and_what_was_saved(tmp_path, monkeypatch, capsys):
+    from pathlib import Path
+
+    import dscl.pretrain
+    from dscl.cli import main
+
+    monkeypatch.chdir(tmp_path)
+
+    def before_first_checkpoint(cfg, out, **kwargs):
+        Path(out).mkdir(parents=True)
+        (Path(out) / "config.yaml").write_text("x")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(dscl.pretrain, "pretrain", before_first_checkpoint)
+    assert main(["run", "--preset", "smoke"]) == 130  # no --out: the directory is made up
+    err = capsys.readouterr().err
+    (made,) = (tmp_path / "runs").iterdir()
+    assert "nothing was saved" in err and f"--out runs/{made.name}" in err and "--resume" not in err
+
+    def after_an_epoch(cfg, out, **kwargs):
+        (Path(out) / "checkpoints").mkdir(parents=True)
+        (Path(out) / "checkpoints" / "last.pt").write_bytes(b"x")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(dscl.pretrain, "pretrain", after_an_epoch)
+    assert main(["run", "--preset", "smoke", "--out", "runs/b"]) == 130
+    assert "continue with: dscl run --out runs/b --resume" in capsys.readouterr().err
+
+
+def test_stage2_estimate_counts_the_forward_passes():
+    from dscl.cli.train import stage2_forward_images
+    from dscl.config import load_config
+
+    cfg = load_config("smoke")  # cached, update_bn, 1 augmented copy, select=val
+    assert stage2_forward_images(cfg, 240, 200, 10000) == 240 * 3 + 200 + 10000
+    cfg.classifier.protocol, cfg.classifier.select = "official", "last"
+    assert stage2_forward_images(cfg, 240, 200, 10000) == 240 * cfg.classifier.epochs + 240 + 10000

@@ -48,8 +48,8 @@ def test_overrides_are_typed():
         ("optim.epoch=3", "valid keys of optim"),
         ("optimizer.epochs=3", "valid sections"),
         ("optim.epochs=three", "must be an integer"),
-        ("loss.alpha=0", "loss.alpha must be in (0, 1]"),
-        ("data.imbalance_factor=0.5", "imbalance_factor must be >= 1"),
+        ("loss.alpha=0", "loss.alpha must be a number in (0, 1]"),
+        ("data.imbalance_factor=0.5", "data.imbalance_factor must be a number >= 1"),
         ("model.channels_last=maybe", "true or false"),
         ("optim.epochs", "section.key=value"),
     ],
@@ -87,3 +87,65 @@ def test_bad_config_file(tmp_path):
 
 def test_parse_overrides():
     assert parse_overrides(["a.b=1", "a.c=x=y"]) == {"a": {"b": "1", "c": "x=y"}}
+
+
+# ----------------------------------------------------------------------------------------------
+# issue #12 item 8: every numeric key is range-checked, and the message names the key
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("data.image_size=0", "data.image_size must be an integer >= 8, got 0"),
+        ("model.dim=0", "model.dim must be an integer >= 1, got 0"),
+        ("model.queue_size=-1", "model.queue_size must be an integer >= 0"),
+        ("optim.batch_size=0", "optim.batch_size must be an integer >= 1"),
+        ("classifier.batch_size=0", "classifier.batch_size must be an integer >= 1"),
+        ("views.patch_size=0", "views.patch_size must be an integer >= 1"),
+        ("views.patch_size=29", "views.patch_size (29) must be <= data.image_size (28)"),
+        ("data.num_workers=-2", "data.num_workers must be an integer >= -1"),
+        ("optim.base_lr=0", "optim.base_lr must be a number > 0"),
+        ("optim.base_lr=.inf", "optim.base_lr must be a number > 0, got inf"),
+        ("classifier.lr=-1", "classifier.lr must be a number > 0"),
+        ("optim.momentum=1", "optim.momentum must be a number in [0, 1)"),
+        ("optim.log_every=0", "optim.log_every must be an integer >= 1"),
+        ("optim.seed=-1", "optim.seed must be an integer in [0, 4294967295]"),
+        ("optim.epochs=null", "optim.epochs must be set"),
+        ("classifier.gamma=0", "classifier.gamma must be a number in (0, 1]"),
+        ("classifier.milestones=[30, 20]", "classifier.milestones must be increasing epochs >= 1"),
+        ("views.patch_ratio=[2, 1]", "views.patch_ratio must be [low, high]"),
+        ("eval.many_threshold=-1", "eval.many_threshold must be an integer >= 0"),
+    ],
+)
+def test_numeric_keys_are_range_checked(override, needle):
+    with pytest.raises(ConfigError) as info:
+        load_config("smoke", overrides=[override])
+    assert needle in str(info.value)
+
+
+def test_every_numeric_key_has_a_range():
+    import dataclasses
+
+    from dscl.config import RANGES, Config
+
+    cfg = Config()
+    numeric = set()
+    for section in dataclasses.fields(cfg):
+        sub = getattr(cfg, section.name)
+        if not dataclasses.is_dataclass(sub):
+            continue
+        for f in dataclasses.fields(sub):
+            kind = str(f.type)
+            if ("int" in kind or "float" in kind) and "tuple" not in kind and "bool" not in kind:
+                numeric.add(f"{section.name}.{f.name}")
+    assert numeric - set(RANGES) == set(), "add these keys to config.RANGES"
+    assert set(RANGES) - numeric == set(), "RANGES names keys that do not exist"
+
+
+def test_preset_descriptions():
+    from dscl.config import preset_description
+
+    for name in preset_names():
+        assert preset_description(name).endswith("."), name
+    assert preset_description("smoke") == (
+        "Seconds on a CPU: a tiny Fashion-MNIST-LT subset, 2 epochs, for tests and for trying the CLI.")

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +51,8 @@ def _toy_report(num_classes: int = 10, seed: int = 0) -> tuple[dict, np.ndarray]
 def test_build_report_keys_types_and_ranges():
     report, _ = _toy_report()
     assert set(report) >= DESIGN_KEYS
-    assert set(report) == DESIGN_KEYS | {"top1_macro", "split", "selection", "variants"}
+    assert set(report) == DESIGN_KEYS | {"top1_macro", "split", "selection", "variants", "train_counts",
+                                         "shot_classes_evaluated", "missing_classes"}
     assert isinstance(report["dataset"], str) and isinstance(report["method"], str)
     for key in ("top1", "top5", "top1_macro", "many", "medium", "few"):
         assert isinstance(report[key], float) and 0.0 <= report[key] <= 100.0, key
@@ -102,7 +105,7 @@ def test_write_report_files(tmp_path):
     paths = write_report(tmp_path / "run", report, confusion=cm)
     run = tmp_path / "run"
     expected = {run / "report.json", run / "report.md", run / "plots" / "per_class_accuracy.png",
-                run / "plots" / "confusion_matrix.png"}
+                run / "plots" / "confusion_matrix.png", run / "per_class.csv", run / "confusion.csv"}
     assert set(paths) == expected
     assert json.loads((run / "report.json").read_text()) == report
     md = (run / "report.md").read_text()
@@ -154,7 +157,7 @@ def test_write_report_is_atomic(tmp_path, monkeypatch):
         write_report(tmp_path, new_report)
     monkeypatch.undo()
     assert (tmp_path / "report.json").read_bytes() == before
-    assert sorted(os.listdir(tmp_path)) == ["plots", "report.json", "report.md"]
+    assert sorted(os.listdir(tmp_path)) == ["confusion.csv", "per_class.csv", "plots", "report.json", "report.md"]
     assert sorted(os.listdir(tmp_path / "plots")) == ["confusion_matrix.png", "per_class_accuracy.png"]
 
 
@@ -168,3 +171,142 @@ def test_format_table_alignment():
     assert len({len(line) for line in lines}) == 1  # all lines equally wide
     assert [c.strip() for c in lines[-1].split("|")] == ["NCM", "50.0", "—", "1.2", "0.0"]
     assert lines[2].startswith("DSCL ") and f"{report['top1']:.1f}" in lines[2]
+
+
+# ----------------------------------------------------------------------------------------------
+# issue #12 item 7: classes without test images are counted and named
+
+
+def test_report_counts_evaluated_classes_and_names_the_missing_ones(tmp_path):
+    # 4 classes: one Many (500), one Medium (50), two Few (10, 5); the last has no test image
+    targets = [0, 0, 1, 1, 2, 2]
+    s = summarize(one_hot_logits([0, 1, 1, 1, 2, 0], 4), targets, [500, 50, 10, 5],
+                  class_names=["cat", "dog", "owl", "yak"])
+    report = build_report(s, dataset="d", method="m", seed=0, epochs=1, wall_seconds=1, split="test",
+                          selection="last epoch")
+    assert report["shot_classes"] == {"many": 1, "medium": 1, "few": 2}
+    assert report["shot_classes_evaluated"] == {"many": 1, "medium": 1, "few": 1}
+    assert report["missing_classes"] == [{"class": "yak", "group": "few"}]
+    assert report["few"] == 50.0  # the mean over the one Few class that has test images
+    assert report["train_counts"] == [500, 50, 10, 5]
+    warning = ev.missing_classes_warning(report)
+    assert warning is not None and "yak" in warning and "Few" in warning and "over 1 of 2 classes" in warning
+    write_report(tmp_path, report)
+    assert warning in (tmp_path / "report.md").read_text()
+    complete = build_report(summarize(one_hot_logits([0, 1], 2), [0, 1], [500, 300]), dataset="d", method="m",
+                            seed=0, epochs=1, wall_seconds=1, split="test", selection="x")
+    assert complete["missing_classes"] == [] and ev.missing_classes_warning(complete) is None
+
+
+def test_report_groups_follow_the_thresholds_and_run_info():
+    s = summarize(one_hot_logits([0, 1, 2], 3), [0, 1, 2], [60, 30, 5], many_threshold=50, few_threshold=10)
+    report = build_report(s, dataset="d", method="m", seed=0, epochs=1, wall_seconds=1, split="val",
+                          selection="x", many_threshold=50, few_threshold=10,
+                          run_info={"precision": "bf16", "world_size": 2, "train_fingerprint": "0123456789ab"})
+    assert report["shot_classes_evaluated"] == {"many": 1, "medium": 1, "few": 1}
+    assert report["precision"] == "bf16" and report["world_size"] == 2
+    with pytest.raises(ValueError, match="top1"):
+        build_report(s, dataset="d", method="m", seed=0, epochs=1, wall_seconds=1, split="val", selection="x",
+                     run_info={"top1": 100.0})
+
+
+# ----------------------------------------------------------------------------------------------
+# per_class.csv, confusion.csv, predictions.csv
+
+
+def _read_csv(path: Path) -> list[list[str]]:
+    with open(path, newline="", encoding="utf-8") as fh:
+        return list(csv.reader(fh))
+
+
+def test_per_class_and_confusion_csv(tmp_path):
+    report, cm = _toy_report()
+    write_report(tmp_path, report, confusion=cm)
+    rows = _read_csv(tmp_path / "per_class.csv")
+    assert rows[0] == ["class_index", "class", "group", "train_count", "test_count", "accuracy"]
+    assert rows[1][:5] == ["0", "class 0", "many", "1000", "20"]
+    assert rows[-1][:5] == ["9", "class 9", "few", "10", "20"]
+    assert [float(r[5]) for r in rows[1:]] == [r["accuracy"] for r in report["per_class"]]
+    conf = _read_csv(tmp_path / "confusion.csv")
+    assert conf[0] == ["true \\ predicted", *(f"class {i}" for i in range(10))]
+    assert np.array_equal(np.array([[int(v) for v in r[1:]] for r in conf[1:]]), cm)
+
+
+def test_confusion_csv_lists_cells_above_the_dense_limit(tmp_path, monkeypatch):
+    monkeypatch.setattr(ev, "DENSE_CONFUSION_MAX", 2)
+    cm = np.array([[3, 0, 1], [0, 2, 0], [0, 0, 0]])
+    ev.write_confusion_csv(tmp_path / "confusion.csv", cm, ["a", "b, with comma", "c"])
+    assert _read_csv(tmp_path / "confusion.csv") == [
+        ["true", "predicted", "count"], ["a", "a", "3"], ["a", "c", "1"], ["b, with comma", "b, with comma", "2"]]
+
+
+def test_write_predictions(tmp_path):
+    logits = torch.tensor([[3.0, 1.0, 2.0], [0.0, 5.0, 1.0]])
+    path = ev.write_predictions(tmp_path / "predictions.csv", logits, torch.tensor([2, 1]), ["a", "b", "c"],
+                                paths=["/d/x.png", None], k=5)
+    rows = _read_csv(path)
+    assert rows[0] == ["index", "path", "label", "label_name", "prediction", "prediction_name", "correct",
+                       "confidence", "top5"]
+    assert rows[1][:7] == ["0", "/d/x.png", "2", "c", "0", "a", "0"] and rows[1][8] == "a;c;b"
+    assert rows[2][:7] == ["1", "", "1", "b", "1", "b", "1"]
+    assert float(rows[1][7]) == pytest.approx(float(logits[0].softmax(0)[0]), abs=1e-4)
+    with pytest.raises(ValueError, match="class names"):
+        ev.write_predictions(tmp_path / "p.csv", logits, torch.tensor([2, 1]), ["a", "b"])
+    assert not (tmp_path / "p.csv").exists()
+
+
+def test_format_duration():
+    assert ev.format_duration(0) == "00:00"
+    assert ev.format_duration(75.4) == "01:15"
+    assert ev.format_duration(3600 + 62) == "1:01:02"
+    assert ev.format_duration(-3) == "00:00"
+
+
+# ----------------------------------------------------------------------------------------------
+# issue #14 section 4: the training set's fingerprint
+
+
+def test_fingerprint_identifies_samples_order_and_labels(tmp_path):
+    from dscl.data import LTDataset
+
+    images = np.zeros((6, 4, 4), dtype=np.uint8)
+    ds = LTDataset([0, 1, 1], 2, ["a", "b"], images=images, index=np.array([0, 3, 5]))
+    same = LTDataset([0, 1, 1], 2, ["a", "b"], images=images.copy(), index=np.array([0, 3, 5]))
+    fp = ds.fingerprint()
+    assert re.fullmatch(r"[0-9a-f]{12}", fp) and same.fingerprint() == fp
+    assert ds.subset([1, 0, 2]).fingerprint() != fp  # order
+    assert LTDataset([0, 1, 1], 2, ["a", "b"], images=images, index=np.array([0, 3, 4])).fingerprint() != fp
+    assert LTDataset([0, 1, 0], 2, ["a", "b"], images=images, index=np.array([0, 3, 5])).fingerprint() != fp
+    # file datasets: the same relative paths under different roots are the same subset
+    rel = ["train/a/1.png", "train/b/2.png"]
+    here = LTDataset([0, 1], 2, ["a", "b"], paths=[str(tmp_path / "x" / r) for r in rel])
+    there = LTDataset([0, 1], 2, ["a", "b"], paths=[f"/mnt/data/ILSVRC/{r}" for r in rel])
+    assert here.fingerprint() == there.fingerprint()
+    other = LTDataset([0, 1], 2, ["a", "b"], paths=["/mnt/data/ILSVRC/train/a/1.png", "/mnt/data/ILSVRC/train/b/3.png"])
+    assert other.fingerprint() != here.fingerprint()
+
+
+# ----------------------------------------------------------------------------------------------
+# issue #12 item 8: retrieval.png's title fits the figure
+
+
+@pytest.mark.slow  # features of the 10,000 test images
+def test_retrieval_figure_title_is_not_clipped(smoke_run, tmp_path, monkeypatch):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    import dscl.analysis.retrieval as retrieval_mod
+
+    figures = []
+    real_save = retrieval_mod.save_figure
+
+    def keep(fig, path):
+        figures.append(fig)
+        return real_save(fig, path)
+
+    monkeypatch.setattr(retrieval_mod, "save_figure", keep)
+    retrieval_mod.retrieval(smoke_run, classes="medium,few", out=tmp_path, device="cpu", progress=False)
+    (fig,) = figures
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    box = fig._suptitle.get_window_extent(canvas.get_renderer())
+    assert box.x0 >= 0 and box.x1 <= fig.bbox.width, (box, fig.bbox.width)

@@ -11,6 +11,8 @@ Defaults are the official code's values (METHOD.md A.8 / B) unless a comment say
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -43,12 +45,26 @@ class DataConfig:
     val_list: str | None = None
     test_list: str | None = None
     list_dir: str | None = None
+    # Split-file datasets: class names, one per line (line k = label k; relative to list_dir); None =
+    # the label ids "0", "1", ... Stored in the run, so predictions name classes without the dataset.
+    class_names_file: str | None = None
+    # Generated LT sets (fmnist-lt, cifar*-lt): a class-balanced validation split of this many images
+    # per class, drawn from the training images the long-tailed subset did NOT use (so it costs no
+    # training data), fixed by subset_seed. None = the dataset's default (fmnist-lt 200, cifar10-lt 500,
+    # cifar100-lt 50); 0 = none. A class whose every image is in the subset (CIFAR's head class) gets
+    # fewer (there are none left); `dscl data` shows the per-class counts.
+    val_per_class: int | None = None
     # Carve a class-stratified validation split (this fraction of each class, at least 1 image
-    # for classes with >= 2) from the training set when the dataset has none; 0 = no carving.
+    # for classes with >= 2) from the training set when the dataset has none (no val list, no
+    # held-out split); 0 = no carving. It costs training data: prefer a held-out or listed split.
     val_fraction: float = 0.0
     # Image pipeline sizes (global views, patches) in pixels.
     image_size: int = 224
     num_workers: int = -1  # -1 = sized to the machine (min(8, cpus - 1))
+    # Before stage 1, open the header of every train/val/test image file (seconds for ImageNet-LT's
+    # ~186k files on a local disk) so a missing or broken file stops the run before any compute;
+    # false skips it on data you trust. `dscl data --check` is the thorough version (full decode).
+    check_files: bool = True
 
 
 @dataclass
@@ -63,6 +79,16 @@ class ViewConfig:
     # Photometric augmentation strength; False turns colour jitter/grayscale/blur off everywhere.
     photometric: bool = True
     blur: bool = True  # Gaussian blur (pointless at 28 px; presets for tiny images turn it off)
+    # Where the training views are made (same distributions either way): "loader" = per sample in
+    # the DataLoader workers (numpy); "device" = batched on the training device (torch; the loader
+    # only delivers uint8 images); "auto" = device on CUDA and, on a CPU, for data.image_size <= 32
+    # (the 28/32 px presets), where it measured faster (benchmarks/view_speed.py), else loader.
+    # See dscl/data/batched_views.py.
+    augment_on: str = "auto"
+    # augment_on=device with image files: the loader resizes every image to a square canvas of
+    # round(working_scale * image_size) px, from which the crops are resampled (1.5: 336 px at 224;
+    # a small crop then has about the detail it had in a ~375 px ImageNet image). Range [1, 4].
+    working_scale: float = 1.5
 
 
 @dataclass
@@ -123,6 +149,10 @@ class ClassifierConfig:
     # cached protocol: augmented copies of each training image whose features are stored
     # (0 = only the un-augmented centre view).
     augmented_copies: int = 4
+    # cached protocol: z-score every feature dimension with the mean/std of the clean training features
+    # before training (folded back into the saved layer, which then takes raw features). Frozen
+    # contrastive features have very uneven scales per dimension; SGD on them converges badly unscaled.
+    standardize: bool = False
     # official protocol: BatchNorm statistics re-estimated (model.train()) as the official code does.
     update_bn: bool = True
     # post-hoc rows of the report
@@ -172,6 +202,19 @@ def preset_names() -> list[str]:
     return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
+def preset_description(name: str) -> str:
+    """First sentence of the comment block that opens the preset's YAML file ("" if it has none)."""
+    text = (resources.files("dscl") / "configs" / f"{name}.yaml").read_text()
+    comment: list[str] = []
+    for line in text.splitlines():
+        if not line.startswith("#"):
+            break
+        comment.append(line.lstrip("#").strip())
+    joined = " ".join(c for c in comment if c)
+    match = re.match(r"(.+?\.)(\s|$)", joined)
+    return match.group(1) if match else joined
+
+
 def _read_yaml(path: Any, what: str) -> dict[str, Any]:
     try:
         text = path.read_text() if hasattr(path, "read_text") else Path(path).read_text()
@@ -184,6 +227,11 @@ def _read_yaml(path: Any, what: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{what} {path} must hold a mapping of sections, got {type(data).__name__}")
     return data
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The ``{section: {key: value}}`` mapping of a YAML config file (``--config FILE``)."""
+    return _read_yaml(path, "config file")
 
 
 def _coerce(value: Any, current: Any, where: str) -> Any:
@@ -283,7 +331,9 @@ def load_config(
     names = preset_names()
     if name not in names:
         raise ConfigError(f"unknown preset {name!r}; valid presets: {', '.join(names)}")
-    apply_mapping(cfg, _read_yaml(resources.files("dscl") / "configs" / f"{name}.yaml", "preset"), f"preset {name}")
+    mapping = _read_yaml(resources.files("dscl") / "configs" / f"{name}.yaml", "preset")
+    mapping.pop("expected", None)  # metadata (the paper's numbers), not configuration
+    apply_mapping(cfg, mapping, f"preset {name}")
     cfg.preset = name
     if config_file:
         apply_mapping(cfg, _read_yaml(config_file, "config file"), config_file)
@@ -291,6 +341,43 @@ def load_config(
         apply_mapping(cfg, parse_overrides(overrides), "override")
     validate(cfg)
     return cfg
+
+
+# Keys that say where the data lives or how a run is executed, not what it computes: a run that
+# changes only these still "uses its preset unchanged" (see preset_changes).
+NEUTRAL_KEYS = frozenset({
+    "data.data_root", "data.list_dir", "data.num_workers", "data.check_files", "model.pretrained",
+    "optim.seed", "optim.log_every", "optim.amp", "optim.deterministic", "views.augment_on",
+})
+
+
+def preset_expected(name: str) -> dict[str, Any] | None:
+    """The ``expected:`` block of a shipped preset: the paper's published numbers for the configuration
+    it encodes (``source``, ``top1``, ``many``, ``medium``, ``few``; None where not published or not
+    verified), or None when the preset has none."""
+    if name not in preset_names():
+        return None
+    data = _read_yaml(resources.files("dscl") / "configs" / f"{name}.yaml", "preset").get("expected")
+    return dict(data) if isinstance(data, dict) else None
+
+
+def preset_changes(cfg: Config) -> list[str]:
+    """``section.key`` names where ``cfg`` differs from its preset, ignoring :data:`NEUTRAL_KEYS`.
+
+    An empty list means the run is the preset's configuration, so the preset's ``expected`` numbers
+    apply to it. A preset that no longer exists counts as changed (``["preset"]``).
+    """
+    if cfg.preset not in preset_names():
+        return ["preset"]
+    ref = load_config(cfg.preset).to_dict()
+    mine = cfg.to_dict()
+    changed = []
+    for section in SECTIONS:
+        for key, value in mine.get(section, {}).items():
+            name = f"{section}.{key}"
+            if name not in NEUTRAL_KEYS and ref.get(section, {}).get(key) != value:
+                changed.append(name)
+    return changed
 
 
 def config_from_dict(mapping: dict[str, Any], source: str = "config.yaml") -> Config:
@@ -301,39 +388,130 @@ def config_from_dict(mapping: dict[str, Any], source: str = "config.yaml") -> Co
     return cfg
 
 
+#: Allowed range of every numeric key: ``key: (low, high, low_open, high_open)``; None = unbounded.
+#: A key missing here is not range-checked (add new numeric keys here). Optional keys (``n_max``,
+#: ``val_per_class``) may also be null.
+RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
+    "data.imbalance_factor": (1, None, False, False),
+    "data.n_max": (1, None, False, False),
+    "data.subset_seed": (0, 2**32 - 1, False, False),  # numpy RandomState's seed range
+    "data.val_fraction": (0, 1, False, True),
+    "data.val_per_class": (0, None, False, False),
+    # smaller images leave a zero-sized feature map after the backbones' 4-5 downsamplings
+    "data.image_size": (8, None, False, False),
+    "data.num_workers": (-1, None, False, False),  # -1 = sized to the machine
+    "views.num_patches": (0, None, False, False),
+    "views.patch_size": (1, None, False, False),  # and <= data.image_size, checked below
+    "views.working_scale": (1, 4, False, False),  # x image_size; below 1 every crop loses detail
+    "model.dim": (1, None, False, False),
+    "model.queue_size": (0, None, False, False),
+    "model.momentum": (0, 1, False, False),
+    "loss.alpha": (0, 1, True, False),
+    "loss.temperature": (0, None, True, False),
+    "loss.pbsd_weight": (0, None, False, False),
+    "optim.epochs": (1, None, False, False),
+    "optim.batch_size": (1, None, False, False),
+    "optim.base_lr": (0, None, True, False),
+    "optim.momentum": (0, 1, False, True),
+    "optim.weight_decay": (0, None, False, False),
+    "optim.warmup_epochs": (0, None, False, False),
+    "optim.seed": (0, 2**32 - 1, False, False),  # numpy's global seed range
+    "optim.log_every": (1, None, False, False),
+    "classifier.epochs": (1, None, False, False),
+    "classifier.batch_size": (1, None, False, False),
+    "classifier.lr": (0, None, True, False),
+    "classifier.momentum": (0, 1, False, True),
+    "classifier.weight_decay": (0, None, False, False),
+    "classifier.gamma": (0, 1, True, False),
+    "classifier.augmented_copies": (0, None, False, False),
+    "classifier.logit_adjust_tau": (0, None, False, False),
+    "classifier.tau_norm": (0, None, False, False),
+    "eval.many_threshold": (0, None, False, False),
+    "eval.few_threshold": (0, None, False, False),
+}
+
+
+def _range_text(low: float | None, high: float | None, low_open: bool, high_open: bool) -> str:
+    def num(x: float) -> str:
+        return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+    if high is None:
+        return f"{'>' if low_open else '>='} {num(low)}" if low is not None else "finite"
+    if low is None:
+        return f"{'<' if high_open else '<='} {num(high)}"
+    return f"in {'(' if low_open else '['}{num(low)}, {num(high)}{')' if high_open else ']'}"
+
+
+def _check_ranges(cfg: Config) -> None:
+    """Every numeric key inside its :data:`RANGES`; the message names the key and the allowed range."""
+    for key, (low, high, low_open, high_open) in RANGES.items():
+        section, name = key.split(".")
+        sub = getattr(cfg, section, None)
+        if sub is None or not hasattr(sub, name):
+            continue
+        value = getattr(sub, name)
+        declared = str({f.name: f.type for f in dataclasses.fields(sub)}[name])
+        if value is None:
+            if "None" in declared:
+                continue
+            raise ConfigError(f"{key} must be set (a number {_range_text(low, high, low_open, high_open)}), got null")
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if ok and low is not None:
+            ok = value > low if low_open else value >= low
+        if ok and high is not None:
+            ok = value < high if high_open else value <= high
+        if not ok:
+            kind = "an integer" if "int" in declared and "float" not in declared else "a number"
+            raise ConfigError(f"{key} must be {kind} {_range_text(low, high, low_open, high_open)}, got {value!r}")
+
+
 def validate(cfg: Config) -> None:
-    """Range checks that a YAML type check cannot express."""
+    """Range checks that a YAML type check cannot express; every message names the key."""
     def need(cond: bool, msg: str) -> None:
         if not cond:
             raise ConfigError(msg)
 
+    _check_ranges(cfg)
+    need(cfg.views.num_patches == 0 or cfg.views.patch_size <= cfg.data.image_size,
+         f"views.patch_size ({cfg.views.patch_size}) must be <= data.image_size ({cfg.data.image_size}): "
+         f"patches are cut from the image (or set views.num_patches=0)")
+    need(len(cfg.views.patch_ratio) == 2 and 0 < cfg.views.patch_ratio[0] <= cfg.views.patch_ratio[1],
+         f"views.patch_ratio must be [low, high] with 0 < low <= high, got {list(cfg.views.patch_ratio)}")
+    need(cfg.views.augment_on in ("auto", "loader", "device"),
+         f"views.augment_on must be auto, loader (per sample, DataLoader workers) or device (batched on "
+         f"the training device), got {cfg.views.augment_on!r}")
+    need(all(isinstance(m, int) and m >= 1 for m in cfg.classifier.milestones)
+         and list(cfg.classifier.milestones) == sorted(cfg.classifier.milestones),
+         f"classifier.milestones must be increasing epochs >= 1 (e.g. [20, 30]), got {list(cfg.classifier.milestones)}")
+
     need(cfg.data.dataset in ("fmnist-lt", "cifar10-lt", "cifar100-lt", "split", "folder"),
          f"data.dataset {cfg.data.dataset!r} is not one of fmnist-lt, cifar10-lt, cifar100-lt, split, folder")
-    need(cfg.data.imbalance_factor >= 1, f"data.imbalance_factor must be >= 1, got {cfg.data.imbalance_factor}")
-    need(cfg.data.n_max is None or cfg.data.n_max >= 1, f"data.n_max must be >= 1, got {cfg.data.n_max}")
     need(cfg.data.profile in ("exp", "step"), f"data.profile must be exp or step, got {cfg.data.profile!r}")
-    need(0 <= cfg.data.val_fraction < 1, f"data.val_fraction must be in [0, 1), got {cfg.data.val_fraction}")
-    need(cfg.views.num_patches >= 0, "views.num_patches must be >= 0")
     need(len(cfg.views.patch_scale) == 2 and 0 < cfg.views.patch_scale[0] <= cfg.views.patch_scale[1] <= 1,
          f"views.patch_scale must be [low, high] with 0 < low <= high <= 1, got {list(cfg.views.patch_scale)}")
     need(len(cfg.views.global_scale) == 2 and 0 < cfg.views.global_scale[0] <= cfg.views.global_scale[1] <= 1,
          f"views.global_scale must be [low, high] with 0 < low <= high <= 1, got {list(cfg.views.global_scale)}")
-    need(cfg.model.queue_size >= 0, "model.queue_size must be >= 0")
-    need(0 <= cfg.model.momentum <= 1, f"model.momentum must be in [0, 1], got {cfg.model.momentum}")
     need(cfg.loss.loss in ("dscl", "scl", "ce"), f"loss.loss must be dscl, scl or ce, got {cfg.loss.loss!r}")
-    need(0 < cfg.loss.alpha <= 1, f"loss.alpha must be in (0, 1], got {cfg.loss.alpha}")
-    need(cfg.loss.temperature > 0, "loss.temperature must be > 0")
-    need(cfg.loss.pbsd_weight >= 0, "loss.pbsd_weight must be >= 0")
-    need(cfg.optim.epochs >= 1, "optim.epochs must be >= 1")
-    need(cfg.optim.batch_size >= 1, "optim.batch_size must be >= 1")
-    need(cfg.optim.warmup_epochs >= 0, f"optim.warmup_epochs must be >= 0, got {cfg.optim.warmup_epochs}")
     need(cfg.optim.amp in ("none", "bf16", "fp16"), f"optim.amp must be none, bf16 or fp16, got {cfg.optim.amp!r}")
     need(cfg.classifier.select in ("val", "last"),
          f"classifier.select must be val or last, got {cfg.classifier.select!r}")
     need(cfg.classifier.protocol in ("cached", "official"),
          f"classifier.protocol must be cached or official, got {cfg.classifier.protocol!r}")
-    need(cfg.classifier.epochs >= 1, "classifier.epochs must be >= 1")
+    need(not (cfg.classifier.standardize and cfg.classifier.protocol == "official"),
+         "classifier.standardize=true needs classifier.protocol=cached (the official protocol re-runs the "
+         "backbone every epoch, so there are no fixed features to standardise)")
     need(cfg.eval.few_threshold <= cfg.eval.many_threshold, "eval.few_threshold must be <= eval.many_threshold")
+
+
+def flat_config(cfg: Config) -> dict[str, Any]:
+    """``{"section.key": value}`` for every key, plus ``"preset": name``."""
+    out: dict[str, Any] = {}
+    for section, values in cfg.to_dict().items():
+        if isinstance(values, dict):
+            out.update({f"{section}.{k}": v for k, v in values.items()})
+        else:
+            out[section] = values
+    return out
 
 
 def uses_pbsd(cfg: Config) -> bool:

@@ -1,13 +1,15 @@
-"""Report files of an evaluation: ``report.json``, ``report.md`` and ``plots/*.png``.
+"""Report files of an evaluation: ``report.json``, ``report.md``, ``per_class.csv``,
+``confusion.csv``, ``predictions.csv`` and ``plots/*.png``.
 
 Files are written atomically (temp file in the same folder, then ``os.replace``), so a crash never
-leaves a half-written ``report.json``, ``report.md`` or plot behind. The numbers come from
-:mod:`dscl.metrics`.
+leaves a half-written report, CSV or plot behind. The numbers come from :mod:`dscl.metrics`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import csv
+import io
 import json
 import math
 import numbers
@@ -20,7 +22,11 @@ from typing import IO, Any
 import numpy as np
 import torch
 
-from dscl.metrics import GROUPS, as_numpy
+from dscl.metrics import GROUPS, as_numpy, shot_groups
+
+#: Above this many classes ``confusion.csv`` lists the non-zero cells (true, predicted, count) instead
+#: of the C x C matrix (iNaturalist 2018's 8,142 classes would make a 66-million-cell file).
+DENSE_CONFUSION_MAX = 1000
 
 #: Metrics of one table row (main method or post-hoc variant), percentages 0-100 or None.
 _ROW_METRICS: tuple[str, ...] = ("top1", "top5", "top1_macro", "many", "medium", "few")
@@ -32,6 +38,40 @@ _GROUP_TITLES: dict[str, str] = {"many": "Many", "medium": "Medium", "few": "Few
 
 def _round(x: float | None, ndigits: int = 4) -> float | None:
     return None if x is None else round(float(x), ndigits)
+
+
+def format_duration(seconds: float) -> str:
+    """``mm:ss`` (``h:mm:ss`` from one hour) for progress lines and estimates."""
+    total = max(0, round(seconds))
+    h, rest = divmod(total, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
+
+
+def class_groups(train_counts: Sequence[int], many_threshold: int, few_threshold: int) -> list[str]:
+    """Shot group (``many`` / ``medium`` / ``few``) of every class, in class order."""
+    out = [""] * len(train_counts)
+    for g, members in shot_groups(np.asarray(train_counts), many_threshold, few_threshold).items():
+        for i in members:
+            out[i] = g
+    return out
+
+
+def missing_classes_warning(report: Mapping[str, Any]) -> str | None:
+    """One line naming the classes with no image in the evaluated split (left out of their group's
+    mean, so "Few" may average 2 of 3 classes), or None when every class has images."""
+    missing = report.get("missing_classes") or []
+    if not missing:
+        return None
+    parts = []
+    for g in GROUPS:
+        names = [m["class"] for m in missing if m["group"] == g]
+        if names:
+            parts.append(f"{_GROUP_TITLES[g]} {', '.join(names)} (its mean is over "
+                         f"{report['shot_classes_evaluated'][g]} of {report['shot_classes'][g]} classes)")
+    return (f"warning: {len(missing)} class{'es have' if len(missing) > 1 else ' has'} no image in the "
+            f"{report['split']} split and {'are' if len(missing) > 1 else 'is'} left out of the group means: "
+            + "; ".join(parts))
 
 
 def variant_row(method: str, summary: Mapping[str, Any]) -> dict[str, Any]:
@@ -59,6 +99,9 @@ def build_report(
     split: str,
     selection: str,
     variants: Sequence[Mapping[str, Any]] | None = None,
+    many_threshold: int = 100,
+    few_threshold: int = 20,
+    run_info: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Assemble the ``report.json`` object (DESIGN.md "report.json keys").
 
@@ -73,11 +116,18 @@ def build_report(
             top-1 on the val split"), because selecting on the test set inflates results.
         variants: post-hoc rows (logit adjustment, τ-norm, NCM), each a mapping with ``method`` and the
             row metrics — e.g. from :func:`variant_row`.
+        many_threshold, few_threshold: the shot-group boundaries the summary used.
+        run_info: facts about how the run was made, merged in as top-level keys (JSON values), e.g.
+            ``precision``, ``device``, ``torch_version``, ``global_batch``, ``world_size``, ``lr``,
+            ``train_fingerprint`` (see :func:`dscl.evaluation.run_facts`).
 
     Returns:
         A JSON-serialisable dict with the DESIGN keys ``dataset, method, top1, top5, many, medium,
         few, shot_classes, per_class, seed, epochs, wall_seconds`` plus ``top1_macro``, ``split``,
-        ``selection`` and ``variants``. Percentages are rounded to 4 decimals; missing values are None.
+        ``selection``, ``variants``, ``train_counts`` (C,), ``shot_classes_evaluated`` (classes per
+        group with at least one image in the evaluated split: the group means average over these),
+        ``missing_classes`` (``[{"class", "group"}]`` of the others) and the ``run_info`` keys.
+        Percentages are rounded to 4 decimals; missing values are None.
     """
     if split not in ("test", "val"):
         raise ValueError(f"split must be 'test' or 'val', got {split!r}")
@@ -116,12 +166,37 @@ def build_report(
         "selection": str(selection),
         "variants": [variant_row(str(v["method"]), v) for v in (variants or [])],
     }
+    report.update(_coverage(report["per_class"], many_threshold, few_threshold))
+    for key, value in (run_info or {}).items():
+        if key in report:
+            raise ValueError(f"run_info key {key!r} would replace the report's own {key!r}")
+        report[key] = value
     return report
 
 
+def _coverage(per_class: Sequence[Mapping[str, Any]], many_threshold: int, few_threshold: int) -> dict[str, Any]:
+    """``train_counts``, ``shot_classes_evaluated`` and ``missing_classes`` of a report's per-class rows."""
+    counts = [int(r["train_count"]) for r in per_class]
+    groups = class_groups(counts, many_threshold, few_threshold)
+    evaluated = dict.fromkeys(GROUPS, 0)
+    missing = []
+    for row, g in zip(per_class, groups, strict=True):
+        if row["test_count"] > 0:
+            evaluated[g] += 1
+        else:
+            missing.append({"class": str(row["class"]), "group": g})
+    return {"train_counts": counts, "shot_classes_evaluated": evaluated, "missing_classes": missing}
+
+
 def report_rows(report: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """Main method row followed by the variant rows of a report (input for :func:`format_table`)."""
-    return [variant_row(report["method"], report), *report.get("variants", [])]
+    """Main method row, the variant rows, then the paper's published row when the report carries one
+    (``expected``: the run used a preset with published numbers unchanged) — input for :func:`format_table`."""
+    rows = [variant_row(report["method"], report), *report.get("variants", [])]
+    expected = report.get("expected")
+    if isinstance(expected, Mapping) and expected.get("top1") is not None:
+        rows.append({"method": "paper (published, see source)", "top1": expected.get("top1"), "top5": None,
+                     "top1_macro": None, **{g: expected.get(g) for g in GROUPS}})
+    return rows
 
 
 def _fmt(x: float | None) -> str:
@@ -163,6 +238,9 @@ def _markdown(
         f"- Split: {report['split']}",
         f"- Selection: {report['selection']}",
         f"- Seed: {report['seed']}; epochs: {epochs_txt}; wall time: {report['wall_seconds']:.1f} s",
+        *_facts_lines(report),
+        *([f"- Published numbers for this preset: {report['expected'].get('source')}"]
+          if isinstance(report.get("expected"), Mapping) else []),
         "",
         "## Accuracy (%)",
         "",
@@ -179,6 +257,7 @@ def _markdown(
         f"{many_threshold}, {few_threshold}–{many_threshold}, < {few_threshold} training images; "
         "macro = mean per-class top-1 over all classes; — = no class in that group.",
         "",
+        *([f"**{warning}**", ""] if (warning := missing_classes_warning(report)) else []),
         "## Shot groups",
         "",
         f"Classes per group: Many {sc['many']}, Medium {sc['medium']}, Few {sc['few']} "
@@ -200,6 +279,24 @@ def _markdown(
             f"| {row['class']} | {group} | {n} | {row['test_count']} | {_fmt(row['accuracy'])} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _facts_lines(report: Mapping[str, Any]) -> list[str]:
+    """Markdown lines for the run facts a report carries (absent keys are skipped)."""
+    def fact(key: str) -> str:
+        value = report.get(key)
+        return "?" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
+
+    lines = []
+    if report.get("precision") or report.get("device"):
+        lines.append(f"- Stage 1: {fact('precision')} on {fact('device')}, torch {fact('torch_version')}; "
+                     f"global batch {fact('global_batch')} over {fact('world_size')} process(es), lr {fact('lr')}")
+    if report.get("train_fingerprint"):
+        lines.append(f"- Training set: {sum(report.get('train_counts', []))} images, fingerprint "
+                     f"`{report['train_fingerprint']}` (same fingerprint = same samples in the same order)")
+    if report.get("data_root"):
+        lines.append(f"- Data folder: {report['data_root']}")
+    return lines
 
 
 def _umask() -> int:
@@ -224,6 +321,88 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], object]) -> Path:
             os.unlink(tmp)
         raise
     return path
+
+
+def write_csv(path: Path, header: Sequence[str], rows: Any) -> Path:
+    """``rows`` (an iterable of sequences) under ``header`` as a UTF-8 CSV file, written atomically."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    data = buf.getvalue().encode("utf-8")
+    return atomic_write(path, lambda f: f.write(data))
+
+
+def write_per_class_csv(path: Path, report: Mapping[str, Any], many_threshold: int = 100,
+                        few_threshold: int = 20) -> Path:
+    """``per_class.csv``: one row per class — index, name, shot group, training and evaluated-split
+    image counts, top-1 accuracy in percent (empty for a class with no image in the split)."""
+    rows = report["per_class"]
+    groups = class_groups([int(r["train_count"]) for r in rows], many_threshold, few_threshold)
+    return write_csv(path, ["class_index", "class", "group", "train_count", "test_count", "accuracy"], (
+        [i, r["class"], g, r["train_count"], r["test_count"], "" if r["accuracy"] is None else r["accuracy"]]
+        for i, (r, g) in enumerate(zip(rows, groups, strict=True))))
+
+
+def write_confusion_csv(path: Path, confusion: np.ndarray, names: Sequence[str]) -> Path:
+    """``confusion.csv``: counts, rows = true class, columns = predicted class, both named.
+
+    Up to :data:`DENSE_CONFUSION_MAX` classes the full matrix (first column the true class's name);
+    above, only the non-zero cells as ``true, predicted, count`` rows.
+    """
+    c = confusion.shape[0]
+    if c <= DENSE_CONFUSION_MAX:
+        return write_csv(path, ["true \\ predicted", *names],
+                         ([names[i], *(int(v) for v in confusion[i])] for i in range(c)))
+    true_idx, pred_idx = np.nonzero(confusion)
+    return write_csv(path, ["true", "predicted", "count"],
+                     ([names[int(i)], names[int(j)], int(confusion[i, j])]
+                      for i, j in zip(true_idx, pred_idx, strict=True)))
+
+
+def write_predictions(
+    path: Path,
+    logits: np.ndarray | torch.Tensor,
+    labels: np.ndarray | torch.Tensor,
+    class_names: Sequence[str],
+    paths: Sequence[str | None] | None = None,
+    k: int = 5,
+) -> Path:
+    """``predictions.csv``: one row per image of the evaluated split, in split order.
+
+    Columns: ``index`` (position in the split), ``path`` (image file; empty for in-memory datasets),
+    ``label`` / ``label_name``, ``prediction`` / ``prediction_name``, ``correct`` (0/1),
+    ``confidence`` (softmax probability of the prediction) and ``top5`` (the k most likely class
+    names, most likely first, separated by ``;``).
+
+    Args:
+        logits: (N, C) scores of the reported classifier.
+        labels: (N,) true classes.
+        class_names: C names.
+        paths: N file paths (None entries or None for in-memory data).
+        k: how many classes the ``top5`` column lists (fewer when C < k).
+    """
+    scores = torch.as_tensor(as_numpy(logits, "logits"), dtype=torch.float32)
+    y = as_numpy(labels, "labels").astype(np.int64)
+    if scores.ndim != 2 or scores.shape[0] != len(y):
+        raise ValueError(f"logits must be (N, C) with N = {len(y)} labels, got {tuple(scores.shape)}")
+    if scores.shape[1] != len(class_names):
+        raise ValueError(f"{len(class_names)} class names for {scores.shape[1]} logit columns")
+    if paths is not None and len(paths) != len(y):
+        raise ValueError(f"{len(paths)} paths for {len(y)} images")
+    probs = scores.softmax(1)
+    conf, top = probs.topk(min(k, scores.shape[1]), dim=1)
+    top_np, conf_np = top.numpy(), conf[:, 0].numpy()
+    names = [str(n) for n in class_names]
+
+    def rows() -> Any:
+        for i in range(len(y)):
+            pred = int(top_np[i, 0])
+            yield [i, (paths[i] or "") if paths is not None else "", int(y[i]), names[y[i]], pred, names[pred],
+                   int(pred == y[i]), f"{float(conf_np[i]):.4f}", ";".join(names[j] for j in top_np[i])]
+
+    return write_csv(path, ["index", "path", "label", "label_name", "prediction", "prediction_name", "correct",
+                            "confidence", "top5"], rows())
 
 
 def save_figure(fig: Any, path: Path) -> Path:
@@ -329,7 +508,8 @@ def write_report(
     many_threshold: int = 100,
     few_threshold: int = 20,
 ) -> list[Path]:
-    """Write ``report.json``, ``report.md`` and ``plots/*.png`` under ``out_dir``, each atomically.
+    """Write ``report.json``, ``report.md``, ``per_class.csv``, ``confusion.csv`` (when ``confusion`` is
+    given) and ``plots/*.png`` under ``out_dir``, each atomically.
 
     Args:
         out_dir: run directory (created if needed).
@@ -340,7 +520,7 @@ def write_report(
         many_threshold, few_threshold: the shot-group boundaries used for the report (for shading).
 
     Returns:
-        The paths written: report.json, plots, report.md.
+        The paths written: report.json, per_class.csv, confusion.csv, plots, report.md.
     """
     out = Path(out_dir)
     plots_dir = out / "plots"
@@ -349,6 +529,7 @@ def write_report(
     written.append(atomic_write(out / "report.json", lambda f: f.write(data.encode("utf-8"))))
 
     names = list(class_names) if class_names is not None else [str(r["class"]) for r in report["per_class"]]
+    written.append(write_per_class_csv(out / "per_class.csv", report, many_threshold, few_threshold))
     plot_rel: list[str] = []
     if report["per_class"]:
         written.append(_plot_per_class(report, plots_dir / "per_class_accuracy.png",
@@ -358,9 +539,10 @@ def write_report(
         cm = as_numpy(confusion, "confusion")
         if cm.ndim != 2 or cm.shape[0] != cm.shape[1]:
             raise ValueError(f"confusion must be (C, C), got shape {tuple(cm.shape)}")
+        if len(names) != cm.shape[0]:
+            raise ValueError(f"class_names has {len(names)} names but confusion is {tuple(cm.shape)}")
+        written.append(write_confusion_csv(out / "confusion.csv", cm, names))
         if cm.shape[0] <= 100:
-            if len(names) != cm.shape[0]:
-                raise ValueError(f"class_names has {len(names)} names but confusion is {tuple(cm.shape)}")
             title = f"Confusion matrix (row-normalised) — {report['method']} on {report['dataset']}"
             written.append(_plot_confusion(cm, names, plots_dir / "confusion_matrix.png", title))
             plot_rel.append("plots/confusion_matrix.png")

@@ -9,10 +9,11 @@ from typing import Any
 
 import torch
 
-from dscl.backbones import Backbone, build_backbone
-from dscl.checkpoint import load_checkpoint, seed_everything
+from dscl.backbones import Backbone
+from dscl.checkpoint import seed_everything
 from dscl.config import Config
 from dscl.data import DatasetSplits, build_datasets
+from dscl.inference import Predictor, load_run
 from dscl.metrics import shot_groups
 from dscl.model import DSCLModel, build_encoder
 from dscl.report import atomic_write
@@ -26,12 +27,14 @@ class AnalysisError(ValueError):
 
 @dataclass
 class RunArtifacts:
-    """A finished stage-1 run: its directory, config, data splits and the stage-1 checkpoint state."""
+    """A finished stage-1 run: its directory, config, data splits, the stage-1 checkpoint state and
+    the run as a model (:func:`dscl.inference.load_run`: evaluation backbone and input conversion)."""
 
     run_dir: Path
     cfg: Config
     splits: DatasetSplits
     stage1: dict[str, Any]
+    predictor: Predictor
 
     @property
     def train_counts(self) -> list[int]:
@@ -50,7 +53,7 @@ def open_run(run_dir: str | Path) -> RunArtifacts:
     cfg = load_run_config(run_dir)
     state = load_finished_stage1(run_dir)
     splits = build_datasets(cfg.data, seed=cfg.optim.seed)
-    return RunArtifacts(run_dir, cfg, splits, state)
+    return RunArtifacts(run_dir, cfg, splits, state, load_run(run_dir, cfg=cfg, stage1_ok=True))
 
 
 def stage1_model(art: RunArtifacts, *, initial: bool = False) -> DSCLModel:
@@ -69,27 +72,37 @@ def stage1_model(art: RunArtifacts, *, initial: bool = False) -> DSCLModel:
                 f"{art.run_dir} was trained with cross-entropy (no projection head or queue to analyse); "
                 "use a contrastive run (scl, dscl, ...)"
             )
+        imported = art.stage1.get("imported") or {}
+        if imported and not imported.get("head"):
+            raise AnalysisError(
+                f"{art.run_dir} was imported from {imported.get('from')} ({imported.get('format')} format), which has "
+                "no projection head; this analysis needs the stage-1 head (import an official stage-1 checkpoint)"
+            )
         model.load_state_dict(art.stage1["model"])
     return model.eval()
 
 
 def eval_backbone(art: RunArtifacts) -> Backbone:
-    """The backbone used for evaluation, in eval mode on the CPU.
+    """The backbone used for evaluation (:func:`dscl.inference.load_run`), in eval mode on the CPU.
 
-    Prefers the stage-2 checkpoint's copy (its BatchNorm statistics were re-estimated on clean
-    training images); falls back to the stage-1 online backbone.
+    The stage-2 checkpoint's copy when there is one (its BatchNorm statistics were re-estimated on
+    clean training images), else the stage-1 online backbone.
     """
-    cfg = art.cfg
-    backbone = build_backbone(cfg.model.backbone, zero_init_residual=cfg.model.zero_init_residual)
-    cls_path = art.run_dir / "checkpoints" / "classifier.pt"
-    if cls_path.is_file():
-        backbone.load_state_dict(load_checkpoint(cls_path)["backbone"])
-    else:
-        prefix = "online.backbone."
-        backbone.load_state_dict({k[len(prefix):]: v for k, v in art.stage1["model"].items()
-                                  if k.startswith(prefix)})
-    backbone.eval()
-    return backbone
+    return art.predictor.backbone.cpu().eval()  # type: ignore[return-value]
+
+
+GROUP_WORDS = {"many": "head", "medium": "medium", "few": "tail"}
+
+
+def default_classes(art: RunArtifacts) -> str:
+    """``"head,tail"`` when the run has Many and Few classes; otherwise its most and least frequent
+    non-empty shot groups (e.g. ``"medium,tail"`` on the smoke preset, which has no Many class), or
+    the one group it has. Defaults must fit the run: a fixed ``head,tail`` fails on such runs."""
+    groups = art.groups()
+    present = [GROUP_WORDS[g] for g in ("many", "medium", "few") if groups[g]]
+    if not present:
+        return "all"
+    return ",".join(dict.fromkeys([present[0], present[-1]]))
 
 
 def resolve_classes(spec: str, art: RunArtifacts) -> list[int]:

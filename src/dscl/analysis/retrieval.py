@@ -19,6 +19,7 @@ neighbour lists of every test image to ``retrieval_neighbours.npz``.
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, cast
@@ -32,6 +33,7 @@ from dscl.analysis.common import (
     AnalysisError,
     RunArtifacts,
     analysis_dir,
+    default_classes,
     eval_backbone,
     open_run,
     pick_device,
@@ -42,8 +44,8 @@ from dscl.analysis.common import (
 from dscl.backbones import Backbone
 from dscl.config import method_name
 from dscl.data.core import LTDataset
-from dscl.data.views import EvalTransform
 from dscl.features import extract_features
+from dscl.inference import ImageTransform
 from dscl.metrics import mean_or_none
 from dscl.patches import ALIGNED_DEFAULT, pool_boxes
 from dscl.report import atomic_write
@@ -258,8 +260,9 @@ def _backbone_source(art: RunArtifacts) -> str:
     return "checkpoints/last.pt online backbone (stage 1)"
 
 
-def _eval_transform(art: RunArtifacts) -> EvalTransform:
-    return EvalTransform(art.cfg.data.image_size, art.splits.mean, art.splits.std)
+def _eval_transform(art: RunArtifacts) -> ImageTransform:
+    """The run's own input conversion (:func:`dscl.inference.load_run`), as evaluation uses it."""
+    return art.predictor.image_transform
 
 
 def _workers(ds: LTDataset, art: RunArtifacts) -> int:
@@ -280,8 +283,8 @@ def _features(backbone: nn.Module, ds: LTDataset, art: RunArtifacts, dev: torch.
 def _display_image(art: RunArtifacts, ds: LTDataset, i: int) -> np.ndarray:
     """Sample ``i`` at evaluation size (the same resize/crop as the features saw), ``(S, S, 3)`` in [0, 1]."""
     x = _eval_transform(art)(ds.load(i))
-    mean = torch.tensor(art.splits.mean)[:, None, None]
-    std = torch.tensor(art.splits.std)[:, None, None]
+    mean = torch.tensor(art.predictor.mean)[:, None, None]
+    std = torch.tensor(art.predictor.std)[:, None, None]
     return (x * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
 
 
@@ -334,7 +337,7 @@ def _pick_queries(test: LTDataset, class_ids: list[int], per_class: int) -> tupl
     return [i for c in drawn for i in by_class[c]], drawn
 
 
-def retrieval(run: str | Path, *, compare_run: str | Path | None = None, classes: str = "head,tail", k: int = 5,
+def retrieval(run: str | Path, *, compare_run: str | Path | None = None, classes: str | None = None, k: int = 5,
               queries_per_class: int = 1, out: str | Path | None = None, device: str = "auto",
               progress: bool = True) -> dict[str, Any]:
     """Top-k nearest training images of every test image, head vs tail classes (paper Fig. 1).
@@ -342,8 +345,9 @@ def retrieval(run: str | Path, *, compare_run: str | Path | None = None, classes
     Args:
         run: a run directory with a finished stage 1.
         compare_run: a second run on the same dataset, drawn side by side and measured the same way.
-        classes: classes drawn in the picture (names, indices, head/medium/tail/all; see ``resolve_classes``).
-            The numbers always cover every test image.
+        classes: classes drawn in the picture (names, indices, head/medium/tail/all; see ``resolve_classes``);
+            None = the run's most and least frequent non-empty shot groups (``default_classes``: head and
+            tail when the run has both). The numbers always cover every test image.
         k: neighbours per query.
         queries_per_class: test queries drawn per selected class (the first ones in test order).
         out: output folder (default ``RUN/analysis``).
@@ -367,6 +371,8 @@ def retrieval(run: str | Path, *, compare_run: str | Path | None = None, classes
     for a in arts:
         _check_k(k, a)
     art = arts[0]
+    if classes is None:
+        classes = default_classes(art)
     class_ids = resolve_classes(classes, art)
     queries, drawn = _pick_queries(art.splits.test, class_ids, queries_per_class)
     if not queries:
@@ -499,8 +505,11 @@ def _plot_retrieval(arts: Sequence[RunArtifacts], runs_out: list[dict[str, Any]]
                 ax.set_xlabel(f"{_short(names[nb['label']], 13)}\n{nb['similarity']:.2f}", fontsize=7, color=color)
                 if r == 0:
                     ax.set_title(f"#{j + 1}", fontsize=9)
-    fig.suptitle(f"Top-{k} nearest training images of test queries (cosine similarity of L2-normalised pooled "
-                 "backbone features; similarity under each image)", fontsize=11)
+    title = (f"Top-{k} nearest training images of test queries (cosine similarity of L2-normalised pooled "
+             "backbone features; similarity under each image)")
+    # wrapped to the figure's width (a character is ~0.6 x the font size wide): a centred title wider
+    # than a narrow (k=5, one run) figure is clipped at both edges
+    fig.suptitle(textwrap.fill(title, width=max(20, int(width * 72 / (0.6 * 11)))), fontsize=11)
     fig.legend(handles=[Patch(facecolor="none", edgecolor="#1a9641", linewidth=3, label="same class as query"),
                         Patch(facecolor="none", edgecolor="#d7191c", linewidth=3, label="other class"),
                         Patch(facecolor="none", edgecolor="#1f4e9c", linewidth=3, label="query (test image)")],

@@ -3,17 +3,19 @@
 ``dscl pretrain | classify | evaluate | run | data | compare | sweep | analyze | presets``. Each
 module of this package registers its commands' parsers (``add_parsers``) and handlers (``cmd_*``,
 attached with ``set_defaults(handler=...)``); :func:`main` parses, dispatches and maps errors to
-exit codes.
+exit codes. ``section.key=value`` overrides may stand anywhere after the command, before or after
+options (``main`` collects them in order).
 ``torchrun --nproc_per_node N -m dscl ...`` runs the training commands distributed.
 """
 
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
+from pathlib import Path
 
-from dscl.cli.common import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK
-from dscl.cli.data import cmd_presets
+from dscl.cli.common import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, OVERRIDE
 
 __all__ = ["EXIT_ERROR", "EXIT_INTERRUPTED", "EXIT_OK", "build_parser", "main"]
 
@@ -29,20 +31,72 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"dscl {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    from dscl.cli import data, experiments, train
+    from dscl.cli import data, experiments, train, use
 
     train.add_parsers(sub)
     data.add_parsers(sub)
     experiments.add_parsers(sub)
+    use.add_parsers(sub)
     p = sub.add_parser("presets", help="list the shipped presets")
     p.set_defaults(handler=cmd_presets)
     return parser
 
 
+def cmd_presets(args: argparse.Namespace) -> int:
+    from dscl.config import preset_description, preset_names
+
+    names = preset_names()
+    width = max(len(n) for n in names)
+    for name in names:
+        print(f"{name:<{width}}  {preset_description(name)}")
+    return EXIT_OK
+
+
+def _command_parser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction) and command in action.choices:
+            return action.choices[command]
+    return parser
+
+
+def parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """``parser.parse_args`` that also accepts ``section.key=value`` overrides after options.
+
+    argparse gives the ``overrides`` positional only the first run of positionals; the overrides it
+    leaves over (in command-line order, after that run) are appended, so they may stand anywhere and
+    later ones win. Anything else left over is an error, as with ``parse_args``.
+    """
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        command_parser = _command_parser(parser, args.command) if args.command else parser
+        rest = [x for x in extras if not OVERRIDE.match(x)]
+        if rest or not hasattr(args, "overrides"):
+            hint = "" if hasattr(args, "overrides") else " (this command takes no section.key=value overrides)"
+            command_parser.error(f"unrecognized arguments: {' '.join(rest or extras)}{hint}")
+        args.overrides = list(args.overrides or []) + extras
+    return args
+
+
+def interrupt_message(args: argparse.Namespace) -> str:
+    """What Ctrl-C left behind and the command that continues (stage 1 commands) or reruns."""
+    out = getattr(args, "out", None)
+    if args.command not in ("pretrain", "run") or out is None:
+        return "\ninterrupted: files already written are complete (every write is atomic); rerun the command"
+    ckpt = Path(out) / "checkpoints" / "last.pt"
+    if ckpt.is_file():
+        return (f"\ninterrupted: the checkpoint of the last completed epoch ({ckpt}) is intact; continue with: "
+                f"dscl {args.command} --out {shlex.quote(str(out))} --resume")
+    return (f"\ninterrupted before the first epoch ended: nothing was saved; run the same command again "
+            f"(with --out {shlex.quote(str(out))} it replaces what this attempt left there)")
+
+
 def main(argv: list[str] | None = None) -> int:
+    from dscl.threads import set_openmp_defaults
+
+    set_openmp_defaults()  # before any torch import: OpenMP reads its environment once, when loaded
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(argv)
+    args = parse(parser, argv)
     args.argv = argv
     if args.command is None:
         parser.print_help(sys.stderr)
@@ -55,10 +109,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args)
     except KeyboardInterrupt:
-        print("\ninterrupted: the last completed epoch's checkpoint is intact; continue with --resume",
-              file=sys.stderr)
+        if dist.is_main():
+            print(interrupt_message(args), file=sys.stderr)
         return EXIT_INTERRUPTED
-    except (ConfigError, CheckpointError, ValueError, FileNotFoundError, RuntimeError) as exc:
+    except (ConfigError, CheckpointError, ValueError, FileNotFoundError, RuntimeError, FloatingPointError) as exc:
         if getattr(args, "debug", False):
             raise
         print(f"dscl {args.command}: error: {exc}", file=sys.stderr)

@@ -3,8 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import copy
+import re
+from pathlib import Path
 
 EXIT_OK, EXIT_ERROR, EXIT_INTERRUPTED = 0, 2, 130
+
+#: A ``section.key=value`` config override (what ``main`` collects from anywhere on the command line).
+OVERRIDE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\.[A-Za-z_][A-Za-z0-9_]*=")
+#: Shortcut flags of the configuration group and the config key each one sets.
+FLAG_KEYS = (("dataset", "data.dataset"), ("train_list", "data.train_list"), ("val_list", "data.val_list"),
+             ("test_list", "data.test_list"), ("data_root", "data.data_root"), ("seed", "optim.seed"),
+             ("pretrained", "model.pretrained"), ("skip_file_check", "data.check_files"))
 
 
 def config_args(p: argparse.ArgumentParser) -> None:
@@ -12,18 +22,38 @@ def config_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--preset", default=None,
                    help="preset name (default fmnist-lt; see `dscl presets`)")
     g.add_argument("--config", default=None, metavar="FILE", help="YAML file applied over the preset")
+    g.add_argument("--dataset", default=None,
+                   help="fmnist-lt, cifar10-lt, cifar100-lt, split or folder (same as data.dataset=NAME)")
+    g.add_argument("--train-list", default=None, metavar="FILE", help="same as data.train_list=FILE")
+    g.add_argument("--val-list", default=None, metavar="FILE", help="same as data.val_list=FILE")
+    g.add_argument("--test-list", default=None, metavar="FILE", help="same as data.test_list=FILE")
     g.add_argument("--data-root", default=None, metavar="DIR",
                    help="dataset folder (same as data.data_root=DIR; default $DSCL_DATA or the standard place)")
     g.add_argument("--seed", type=int, default=None, help="training seed (same as optim.seed=N)")
     g.add_argument("--pretrained", default=None, metavar="PATH",
                    help="local backbone state dict to start from, e.g. ImageNet weights for Places-LT "
                         "(same as model.pretrained=PATH; nothing is downloaded)")
+    g.add_argument("--skip-file-check", action="store_const", const="false", default=None,
+                   help="do not check before training that every listed image file exists and opens "
+                        "(same as data.check_files=false; for trusted data where the check is slow)")
     g.add_argument("overrides", nargs="*", metavar="section.key=value",
-                   help="config overrides, e.g. optim.epochs=5 loss.alpha=0.2 model.backbone=resnet18")
+                   help="config overrides, anywhere on the command line (before or after options), e.g. "
+                        "optim.epochs=5 loss.alpha=0.2 model.backbone=resnet18; later ones win")
+
+
+DEVICES = "auto, cpu, cuda, cuda:N (N = GPU index) or mps"
+
+
+def device_arg(value: str) -> str:
+    """``--device`` value check: refuse a name torch would answer with its whole device list."""
+    if value in ("auto", "cpu", "cuda", "mps") or re.fullmatch(r"cuda:\d+", value):
+        return value
+    raise argparse.ArgumentTypeError(f"{value!r} is not a device dscl can use; use {DEVICES}")
 
 
 def runtime_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1 ...")
+    p.add_argument("--device", default="auto", type=device_arg,
+                   help="auto (cuda if available), cpu, cuda, cuda:N (GPU N) or mps")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (log files still written)")
     p.add_argument("--debug", action="store_true", help="show the full traceback on errors")
 
@@ -35,41 +65,52 @@ def out_args(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace the dscl files of an existing run in --out")
 
 
+def config_overrides(args: argparse.Namespace, extra: list[str] | None = None) -> list[str]:
+    """The ``section.key=value`` overrides a command line asks for: its overrides, then the shortcut
+    flags (``--dataset``, ``--data-root``, ``--seed`` ...), then ``extra``; later ones win."""
+    overrides = list(getattr(args, "overrides", None) or [])
+    for flag, key in FLAG_KEYS:
+        value = getattr(args, flag, None)
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    return overrides + list(extra or [])
+
+
 def load_cfg(args: argparse.Namespace, extra: list[str] | None = None):
     from dscl.config import load_config
 
-    overrides = list(args.overrides or [])
-    if args.data_root is not None:
-        overrides.append(f"data.data_root={args.data_root}")
-    if args.seed is not None:
-        overrides.append(f"optim.seed={args.seed}")
-    if args.pretrained is not None:
-        overrides.append(f"model.pretrained={args.pretrained}")
-    overrides += extra or []
-    return load_config(args.preset, args.config, overrides)
+    return load_config(args.preset, args.config, config_overrides(args, extra))
 
 
 def resume_cfg(args: argparse.Namespace):
-    """On --resume the run's own config.yaml is the base; explicit overrides still apply."""
-    from dscl.config import apply_mapping, parse_overrides, validate
-    from dscl.rundir import load_run_config
+    """On --resume the run's own config.yaml is the base. ``--config`` and overrides apply over it,
+    but only keys that may change on resume (:data:`dscl.rundir.RESUMABLE_KEYS`) may differ from the
+    run's; a different ``--preset`` is refused. Checked before anything is loaded or written."""
+    from dscl.config import apply_mapping, parse_overrides, read_config_file, validate
+    from dscl.rundir import RunDirError, check_resume_config, load_run_config
 
-    cfg = load_run_config(args.out)
-    overrides = list(args.overrides or [])
-    if args.data_root is not None:
-        overrides.append(f"data.data_root={args.data_root}")
+    out = Path(args.out)
+    old = load_run_config(out)
+    if args.preset is not None and args.preset != old.preset:
+        raise RunDirError(
+            f"--preset {args.preset} on --resume: {out} was trained with preset {old.preset}, and a resumed run "
+            f"keeps its configuration; drop --preset (or start a new run with another --out)"
+        )
+    cfg = copy.deepcopy(old)
+    if args.config:
+        apply_mapping(cfg, read_config_file(args.config), args.config)
+    overrides = config_overrides(args)
     if overrides:
         apply_mapping(cfg, parse_overrides(overrides), "override")
-        validate(cfg)
+    validate(cfg)
+    check_resume_config(old, cfg, out)
     return cfg
 
 
 def table(report: dict) -> str:
-    from dscl.report import format_table
+    from dscl.report import format_table, report_rows
 
-    rows = [{"method": report["method"], **{k: report[k] for k in ("top1", "many", "medium", "few")}}]
-    rows += report.get("variants", [])
-    return format_table(rows)
+    return format_table(report_rows(report))
 
 
 def print_main(text: str) -> None:

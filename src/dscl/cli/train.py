@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dscl.cli.common import EXIT_OK, config_args, load_cfg, out_args, print_main, resume_cfg, runtime_args, table
+
+if TYPE_CHECKING:  # the CLI imports torch-heavy modules only inside the commands
+    from dscl.config import Config
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
@@ -25,8 +30,13 @@ def cmd_classify(args: argparse.Namespace) -> int:
     from dscl.rundir import load_run_config
 
     cfg = load_run_config(args.run)
-    if args.protocol:
+    if args.protocol and args.protocol != cfg.classifier.protocol:
+        from dscl.config import validate
+        from dscl.rundir import record_stage2_config
+
         cfg.classifier.protocol = args.protocol
+        validate(cfg)
+        record_stage2_config(Path(args.run), cfg)  # config.yaml says which protocol the classifier used
     path = classify(args.run, cfg=cfg, device=args.device, progress=not args.no_progress)
     print_main(f"stage 2 classifier: {path}")
     return EXIT_OK
@@ -40,31 +50,87 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print_main(json.dumps(report, indent=2))
     else:
         where = Path(args.run) if args.split == "test" else Path(args.run) / "val"
-        print_main(table(report) + f"\n\nreport: {where / 'report.md'}  plots: {where / 'plots'}")
+        print_main(table(report) + f"\n\nreport: {where / 'report.md'}  plots: {where / 'plots'}  "
+                   f"per class / predictions: {where / 'per_class.csv'}, {where / 'predictions.csv'}")
+    warn_missing_classes(report, to_stderr=args.json)
     return EXIT_OK
 
 
+def warn_missing_classes(report: dict, *, to_stderr: bool = False) -> None:
+    """Name the classes with no image in the evaluated split, on stdout (stderr when stdout is JSON)."""
+    from dscl.report import missing_classes_warning
+    from dscl.runtime import say
+
+    warning = missing_classes_warning(report)
+    if warning:
+        (say if to_stderr else print_main)(warning)
+
+
+def stage2_forward_images(cfg: Config, n_train: int, n_val: int, n_test: int) -> int:
+    """Images the backbone encodes (forward only) in stage 2 and the test evaluation of ``dscl run``."""
+    cc = cfg.classifier
+    val = n_val if cc.select == "val" else 0
+    if cc.protocol == "cached":
+        # BN re-estimation + clean features + augmented copies, validation once, then the test set
+        return n_train * (int(cc.update_bn) + 1 + cc.augmented_copies) + val + n_test
+    # the official protocol encodes the training set (and validation split) every epoch
+    return (n_train + val) * cc.epochs + n_train + n_test
+
+
+def stage2_estimate(cfg: Config, out: Path) -> float | None:
+    """Seconds stage 2 + evaluation will take, from stage 1's measured speed (None if unknown).
+
+    Rough on purpose: one stage-1 image costs a forward and backward pass of the online encoder
+    (~3 forwards) plus the momentum encoder's forward, so the backbone's forward rate is taken as
+    4 x stage 1's images/s (patches ignored). Data loading and the linear classifier are not counted.
+    """
+    from dscl.data import build_datasets
+
+    rates = []
+    for line in (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").is_file() else []:
+        record = json.loads(line)
+        if record.get("stage") == "pretrain" and record.get("img_per_s"):
+            rates.append(float(record["img_per_s"]))
+    if not rates:
+        return None
+    splits = build_datasets(cfg.data, seed=cfg.optim.seed)
+    n_val = len(splits.val) if splits.val is not None else 0
+    images = stage2_forward_images(cfg, len(splits.train), n_val, len(splits.test))
+    return images / (4 * statistics.median(rates[-20:]))
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    from dscl import dist
     from dscl.classify import classify
     from dscl.evaluation import evaluate
     from dscl.pretrain import pretrain
+    from dscl.report import format_duration
+    from dscl.runtime import say
 
     if args.resume and not args.out:
         raise ValueError("--resume needs --out DIR (the run to continue)")
     cfg = resume_cfg(args) if args.resume else load_cfg(args)
     out = args.out or f"runs/{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    args.out = out  # so an interrupt can name the directory to resume
     t0 = time.perf_counter()
     progress = not args.no_progress
     pretrain(cfg, out, resume=args.resume, overwrite=args.overwrite, device=args.device, progress=progress)
+    t1 = time.perf_counter()
+    estimate = stage2_estimate(cfg, Path(out)) if dist.is_main() else None
+    if estimate is not None:
+        say(f"stage 2 + evaluation: roughly {format_duration(estimate)} (estimated from stage 1's speed)")
     classify(out, cfg=cfg, device=args.device, progress=progress)
     report = evaluate(out, cfg=cfg, device=args.device, progress=progress)
+    say(f"stage 2 + evaluation took {format_duration(time.perf_counter() - t1)}")
     minutes = (time.perf_counter() - t0) / 60
     print_main(
         f"\n{report['dataset']} — {report['method']} (seed {report['seed']}, {report['epochs']} stage-1 epochs, "
         f"{minutes:.1f} min); top-1 % on the {report['split']} set, Many/Medium/Few = mean per-class accuracy\n"
         f"{table(report)}\n\nselection: {report['selection']}\n"
-        f"report: {Path(out) / 'report.md'}\nplots:  {Path(out) / 'plots'}"
+        f"report: {Path(out) / 'report.md'}\nplots:  {Path(out) / 'plots'}\n"
+        f"csv:    {Path(out) / 'per_class.csv'}, {Path(out) / 'confusion.csv'}, {Path(out) / 'predictions.csv'}"
     )
+    warn_missing_classes(report)
     return EXIT_OK
 
 

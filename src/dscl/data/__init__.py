@@ -7,8 +7,14 @@ train = splits.train.with_transform(DSCLTransform(cfg.data.image_size, cfg.views
 ```
 """
 
-from dscl.data.checks import check_images, summarize_dataset
-from dscl.data.core import DataError, LTDataset, long_tailed_counts
+from dscl.data.checks import (
+    FileProblem,
+    check_files_before_training,
+    check_images,
+    find_bad_files,
+    summarize_dataset,
+)
+from dscl.data.core import DataError, LTDataset, decode_image, long_tailed_counts, read_image_file
 from dscl.data.datasets import DatasetSplits, build_datasets
 from dscl.data.samplers import ClassBalancedSampler
 from dscl.data.views import ClassifierTransform, DSCLTransform, DSCLViews, EvalTransform
@@ -21,9 +27,14 @@ __all__ = [
     "DataError",
     "DatasetSplits",
     "EvalTransform",
+    "FileProblem",
     "LTDataset",
     "build_datasets",
+    "check_files_before_training",
     "check_images",
+    "decode_image",
+    "find_bad_files",
     "long_tailed_counts",
+    "read_image_file",
     "summarize_dataset",
 ]

@@ -35,16 +35,42 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".
 # ----------------------------------------------------------------------------------------- Fashion-MNIST
 
 
-def _fmnist_candidates(data_root: str | None) -> list[Path]:
-    if data_root is not None:
-        roots = [Path(data_root)]
+def user_data_root(data_root: str | None, fix: str = "") -> tuple[Path, str] | None:
+    """The data folder the user named, and where it was named: ``data.data_root`` (``--data-root``)
+    first, then ``$DSCL_DATA`` (an empty variable counts as unset); None when neither is set.
+
+    A named folder is never silently replaced by a default location: if it does not exist the run
+    stops here, before anything is computed.
+
+    Args:
+        data_root: ``cfg.data.data_root``.
+        fix: dataset-specific advice appended to the error.
+
+    Raises:
+        DataError: the named folder does not exist or is not a folder.
+    """
+    if data_root:
+        root, origin = Path(data_root).expanduser(), "--data-root (data.data_root)"
+    elif os.environ.get("DSCL_DATA"):
+        root, origin = Path(os.environ["DSCL_DATA"]).expanduser(), "the environment variable DSCL_DATA"
     else:
-        env = os.environ.get("DSCL_DATA")
-        roots = ([Path(env)] if env else []) + [Path(FMNIST_SYSTEM_DIR)]
+        return None
+    if not root.is_dir():
+        unset = " (or unset DSCL_DATA to use the default location)" if origin.endswith("DSCL_DATA") else ""
+        raise DataError(
+            f"data folder {root}, given by {origin}, does not exist or is not a folder; point it at the "
+            f"folder that holds the data{unset}{'. ' + fix if fix else ''}"
+        )
+    return root, origin
+
+
+def _fmnist_candidates(data_root: str | None) -> tuple[list[Path], str | None]:
+    named = user_data_root(data_root, _FMNIST_FIX)
+    roots = [named[0]] if named is not None else [Path(FMNIST_SYSTEM_DIR)]
     places = []
     for root in roots:
         places += [root, root / "fashion-mnist", root / "fashion_mnist", root / "FashionMNIST" / "raw"]
-    return places
+    return places, named[1] if named is not None else None
 
 
 def _idx_file(folder: Path, name: str) -> Path | None:
@@ -54,20 +80,33 @@ def _idx_file(folder: Path, name: str) -> Path | None:
     return None
 
 
+_FMNIST_FIX = (
+    "Fix: `sudo apt-get install dataset-fashion-mnist` (installs them under "
+    f"{FMNIST_SYSTEM_DIR}), or download the four files from the Fashion-MNIST GitHub release "
+    "(https://github.com/zalandoresearch/fashion-mnist, folder data/fashion) into a folder and pass "
+    "--data-root FOLDER (data.data_root) or set DSCL_DATA=FOLDER."
+)
+
+
 def find_fmnist(data_root: str | None) -> Path:
-    """Folder holding the four Fashion-MNIST idx files (``.gz`` or uncompressed)."""
-    places = _fmnist_candidates(data_root)
+    """Folder holding the four Fashion-MNIST idx files (``.gz`` or uncompressed).
+
+    Searched: the folder named by ``data_root`` / ``$DSCL_DATA`` (and its ``fashion-mnist``,
+    ``fashion_mnist``, ``FashionMNIST/raw`` subfolders) when one is named, else the Debian package's
+    folder. A named folder without the files is an error, never a silent fall-back to the system copy.
+    """
+    places, origin = _fmnist_candidates(data_root)
     for folder in places:
         if all(_idx_file(folder, name) is not None for name in FMNIST_FILES):
             return folder
     searched = "\n".join(f"  {p}" for p in places)
+    named = ""
+    if origin is not None:
+        named = f" (the folder given by {origin}; the system copy under {FMNIST_SYSTEM_DIR} is not used then"
+        named += ": unset DSCL_DATA to use it)" if origin.endswith("DSCL_DATA") else ")"
     raise DataError(
         "Fashion-MNIST not found: none of these folders holds all four files "
-        f"{', '.join(FMNIST_FILES)}:\n{searched}\n"
-        "Fix: `sudo apt-get install dataset-fashion-mnist` (installs them under "
-        f"{FMNIST_SYSTEM_DIR}), or download the four files from the Fashion-MNIST GitHub release "
-        "(https://github.com/zalandoresearch/fashion-mnist, folder data/fashion) into a folder and pass "
-        "--data-root FOLDER (data.data_root) or set DSCL_DATA=FOLDER."
+        f"{', '.join(FMNIST_FILES)}{named}:\n{searched}\n{_FMNIST_FIX}"
     )
 
 
@@ -155,9 +194,8 @@ def _unpickle(path: Path) -> dict[str, object]:
 
 def find_cifar(name: str, data_root: str | None) -> Path:
     spec = CIFAR_SPECS[name]
-    roots = [Path(data_root)] if data_root is not None else (
-        [Path(os.environ["DSCL_DATA"])] if os.environ.get("DSCL_DATA") else []
-    )
+    named = user_data_root(data_root, f"Download {spec.url} and extract it there")
+    roots = [named[0]] if named is not None else []
     places = []
     for root in roots:
         places += [root / spec.folder, root] if root.name != spec.folder else [root]
@@ -309,9 +347,19 @@ def read_list(path: Path, root: Path) -> ListSplit:
 # -------------------------------------------------------------------------------------------- folders
 
 
+def _hidden(name: str) -> bool:
+    # .ipynb_checkpoints, .git, .DS_Store, ._photo.jpg (macOS resource forks): never data
+    return name.startswith(".")
+
+
 def read_folder_split(folder: Path, class_names: list[str] | None) -> tuple[list[str], list[int], list[str]]:
-    """Images of ``folder/<class>/*``; classes = sorted subfolders unless ``class_names`` is given."""
-    subdirs = sorted(p.name for p in folder.iterdir() if p.is_dir())
+    """Images of ``folder/<class>/**``; classes = sorted subfolders unless ``class_names`` is given.
+
+    Hidden entries (names starting with ``.``, e.g. ``.ipynb_checkpoints``, ``.git``, ``.DS_Store``)
+    are skipped at every level: a hidden folder is never a class and files inside one are never images.
+    Files are those with an image extension (``IMAGE_EXTENSIONS``, any case), searched recursively.
+    """
+    subdirs = sorted(p.name for p in folder.iterdir() if p.is_dir() and not _hidden(p.name))
     if class_names is None:
         class_names = subdirs
     else:
@@ -326,7 +374,11 @@ def read_folder_split(folder: Path, class_names: list[str] | None) -> tuple[list
         cdir = folder / name
         if not cdir.is_dir():
             continue
-        files = sorted(p for p in cdir.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        files = sorted(
+            p for p in cdir.rglob("*")
+            if p.suffix.lower() in IMAGE_EXTENSIONS and not any(_hidden(part) for part in p.relative_to(cdir).parts)
+            and p.is_file()
+        )
         paths += [str(p) for p in files]
         labels += [label] * len(files)
     return paths, labels, class_names
