@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import needs_fmnist, run_cli
+from conftest import needs_fmnist
 from dscl.analysis.common import AnalysisError, RunArtifacts
 from dscl.analysis.retrieval import (
     nearest_neighbours,
@@ -242,11 +242,19 @@ def test_bad_arguments_exit_2(smoke_run: Path, tmp_path: Path, capsys, args: lis
 
 
 @needs_fmnist
-def test_head_classes_on_smoke_run_fail_clearly(smoke_run: Path, tmp_path: Path) -> None:
-    proc = run_cli("analyze", "retrieval", "--run", str(smoke_run), "--no-progress", "--out", str(tmp_path))
-    assert proc.returncode == 2, proc.stderr
-    assert "'head'" in proc.stderr and "no classes in that shot group" in proc.stderr
-    assert "Traceback" not in proc.stderr
+def test_default_classes_fit_a_run_without_many_classes(smoke_run: Path, tmp_path: Path, capsys) -> None:
+    # issue #13: the default head,tail failed on the smoke run ("no classes in that shot group"); the
+    # default now uses the run's most and least frequent non-empty groups (medium and few here)
+    rc = main(["analyze", "retrieval", "--run", str(smoke_run), "--no-progress", "--device", "cpu",
+               "--out", str(tmp_path)])
+    assert rc == 0, capsys.readouterr().err
+    res = json.loads((tmp_path / "retrieval.json").read_text())
+    assert res["settings"]["classes"] == "medium,tail"
+    assert {q["train_count"] for q in res["queries"]} and all(q["train_count"] <= 100 for q in res["queries"])
+    # asking for a group the run lacks still fails clearly
+    assert main(["analyze", "retrieval", "--run", str(smoke_run), "--classes", "head", "--no-progress",
+                 "--out", str(tmp_path / "h")]) == 2
+    assert "'head'" in capsys.readouterr().err
 
 
 @needs_fmnist

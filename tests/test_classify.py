@@ -1,5 +1,6 @@
 """Stage 2: the class-balanced linear classifier and its epoch selection."""
 
+import pytest
 import torch
 
 from conftest import needs_fmnist
@@ -51,7 +52,7 @@ def test_classifier_select_last_ignores_the_validation_split(smoke_run, tmp_path
     shutil.copytree(smoke_run, run)
     chosen = {}
     for select in ("last", "val"):
-        cfg = load_config("smoke", overrides=["data.val_fraction=0.3", "classifier.epochs=4",
+        cfg = load_config("smoke", overrides=["data.val_per_class=0", "data.val_fraction=0.3", "classifier.epochs=4",
                                               f"classifier.select={select}"])
         state = load_checkpoint(classify(run, cfg=cfg, device="cpu", progress=False))
         chosen[select] = state
@@ -61,3 +62,27 @@ def test_classifier_select_last_ignores_the_validation_split(smoke_run, tmp_path
     assert all("val_balanced_top1" in h for h in val["history"]) and "validation split carved" in val["selection"]
     best = max(range(4), key=lambda e: (val["history"][e]["val_balanced_top1"], -e))
     assert val["selected_epoch"] == best + 1
+
+
+def test_standardisation_is_folded_into_an_equivalent_layer():
+    from dscl.classify import feature_stats, fold_standardization, standardize
+
+    g = torch.Generator().manual_seed(0)
+    feats = torch.randn(50, 6, generator=g) * torch.tensor([0.01, 1, 10, 100, 3, 0.5]) + 4
+    feats[:, 5] = 2.0  # a constant dimension must not divide by zero
+    stats = feature_stats(feats)
+    z = standardize(feats, stats)
+    torch.testing.assert_close(z[:, :5].mean(0), torch.zeros(5), atol=1e-5, rtol=0)
+    torch.testing.assert_close(z[:, :5].std(0, unbiased=False), torch.ones(5), atol=1e-4, rtol=0)
+    assert torch.all(z[:, 5] == 0)
+    fc = torch.nn.Linear(6, 3)
+    folded = fold_standardization(fc, stats)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(feats), fc(z), atol=1e-4, rtol=1e-4)
+
+
+def test_standardize_is_refused_with_the_official_protocol():
+    from dscl.config import ConfigError
+
+    with pytest.raises(ConfigError, match="standardize"):
+        load_config("smoke", overrides=["classifier.standardize=true", "classifier.protocol=official"])

@@ -44,6 +44,30 @@ def new_classifier(width: int, num_classes: int, seed: int) -> nn.Linear:
     return fc
 
 
+def feature_stats(feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-dimension mean and standard deviation (N, D) -> ((D,), (D,)); a constant dimension gets std 1."""
+    mean = feats.mean(dim=0)
+    std = feats.std(dim=0, unbiased=False)
+    return mean, torch.where(std > 1e-6, std, torch.ones_like(std))
+
+
+def standardize(feats: torch.Tensor, stats: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """z-score features with :func:`feature_stats` of the clean training features."""
+    mean, std = stats
+    return (feats - mean) / std
+
+
+def fold_standardization(fc: nn.Linear, stats: tuple[torch.Tensor, torch.Tensor]) -> nn.Linear:
+    """A linear layer on raw features equal to ``fc`` on standardised ones:
+    ``W (x - m) / s + b = (W / s) x + (b - (W / s) m)``."""
+    mean, std = stats
+    folded = nn.Linear(fc.in_features, fc.out_features)
+    with torch.no_grad():
+        folded.weight.copy_(fc.weight / std[None, :])
+        folded.bias.copy_(fc.bias - folded.weight @ mean)
+    return folded
+
+
 def train_linear_cached(
     feats: torch.Tensor, labels: torch.Tensor, num_classes: int, cfg: Config, *, epoch_size: int,
     val: tuple[torch.Tensor, torch.Tensor] | None, progress: bool, log: MetricsLog | None = None,
@@ -98,7 +122,15 @@ def train_linear_official(
     val: LTDataset | None, log: MetricsLog | None = None,
 ) -> tuple[nn.Linear, int, list[dict[str, float]]]:
     """The official stage 2: backbone frozen but run every epoch on strongly augmented images,
-    BatchNorm statistics updated (``classifier.update_bn``), class-balanced sampling."""
+    BatchNorm statistics updated (``classifier.update_bn``), class-balanced sampling.
+
+    Under torchrun each rank sees its own shard, so with ``update_bn`` the ranks' BatchNorm running
+    statistics would drift apart while only rank 0's backbone is saved, and the validation features
+    (encoded shard by shard) would mix differently normalised images. After every epoch the
+    statistics are pooled over ranks (:func:`dscl.dist.average_batchnorm_stats`: every rank's images
+    count, unlike a broadcast of rank 0's), so epoch selection, class means and the saved backbone
+    all use the same, identical statistics on every rank.
+    """
     cc = cfg.classifier
     world, rank = dist.world_size(), dist.rank()
     num_classes = splits.num_classes
@@ -136,6 +168,8 @@ def train_linear_official(
             opt.step()
             total += loss.item() * len(y)
             n += len(y)
+        if cc.update_bn:
+            dist.average_batchnorm_stats(backbone)
         record = {"epoch": epoch + 1, "lr": lr, "train_loss": total / max(n, 1)}
         if val_ds is not None:
             vf, vy = extract_features(backbone, val_ds, batch_size=batch, device=device,
@@ -158,15 +192,16 @@ def train_linear_official(
     return fc.cpu(), cc.epochs, history
 
 
-def selection_sentence(val: LTDataset | None, carved: bool, epoch: int, epochs: int, select: str = "val") -> str:
+def selection_sentence(splits: DatasetSplits, epoch: int, epochs: int, select: str = "val") -> str:
+    """One sentence for reports: which classifier epoch is reported and which split chose it."""
     if select == "last":
         return (f"the last classifier epoch ({epoch}/{epochs}) is reported (classifier.select=last); "
                 f"no epoch was selected on the test set")
-    if val is None:
+    if splits.val is None:
         return (f"no validation split: the last classifier epoch ({epoch}/{epochs}) is reported; "
                 f"no epoch was selected on the test set")
-    source = "a validation split carved from the training set" if carved else "the dataset's validation split"
-    return f"classifier epoch {epoch}/{epochs} selected by class-balanced top-1 on {source}; the test set was not used"
+    return (f"classifier epoch {epoch}/{epochs} selected by class-balanced top-1 on {splits.val_description()} "
+            f"({len(splits.val)} images); the test set was not used")
 
 
 def classify(run_dir: str | Path, *, cfg: Config | None = None, device: str = "auto",
@@ -206,9 +241,17 @@ def classify(run_dir: str | Path, *, cfg: Config | None = None, device: str = "a
             val_pair = extract_features(backbone, splits.val.with_transform(eval_t), batch_size=fbatch,
                                         device=dev, workers=workers, progress=progress, desc="val features",
                                         dtype=dtype)
+        bank = torch.cat(bank_f)
+        stats = feature_stats(feats) if cc.standardize else None
+        if stats is not None:
+            bank = standardize(bank, stats)
+            if val_pair is not None:
+                val_pair = (standardize(val_pair[0], stats), val_pair[1])
         fc, chosen, history = train_linear_cached(
-            torch.cat(bank_f), torch.cat(bank_y), splits.num_classes, cfg, epoch_size=len(labels),
+            bank, torch.cat(bank_y), splits.num_classes, cfg, epoch_size=len(labels),
             val=val_pair, progress=progress, log=log)
+        if stats is not None:
+            fc = fold_standardization(fc, stats)  # the saved layer takes raw features, like any other
         train_feats, train_labels = feats, labels
     else:
         fc, chosen, history = train_linear_official(backbone, splits, cfg, device=dev, progress=progress,
@@ -221,9 +264,11 @@ def classify(run_dir: str | Path, *, cfg: Config | None = None, device: str = "a
             "stage": "classify", "protocol": cc.protocol, "backbone_name": cfg.model.backbone,
             "num_classes": splits.num_classes, "backbone": {k: v.cpu() for k, v in backbone.state_dict().items()},
             "fc": fc.state_dict(), "class_means": class_means(train_feats, train_labels, splits.num_classes),
-            "selected_epoch": chosen, "selection": selection_sentence(splits.val, splits.val_is_carved, chosen,
-                                                                      cc.epochs, cc.select),
+            "selected_epoch": chosen, "selection": selection_sentence(splits, chosen, cc.epochs, cc.select),
             "history": history, "wall_seconds": time.perf_counter() - t0,
+            # what dscl.inference.load_run needs without the dataset (a run copied elsewhere)
+            "class_names": list(splits.class_names), "train_counts": list(splits.train_counts),
+            "mean": list(splits.mean), "std": list(splits.std),
         })
     dist.barrier()
     return path

@@ -1,0 +1,316 @@
+"""``dscl predict | embed | export | import | ensemble``: using what was trained (issue #13).
+
+Every command loads runs through :func:`dscl.inference.load_run`, the one place a run becomes a model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+from typing import IO, Any
+
+from dscl.cli.common import EXIT_ERROR, EXIT_OK, config_args, load_cfg, print_main, runtime_args, table
+
+VARIANT_HELP = ("plain: the linear classifier (default); logit-adjust: minus tau*log(prior) of the training counts; "
+                "tau-norm: tau-normalised weights; ncm: nearest class mean")
+
+
+# ------------------------------------------------------------------------------------------------
+# predict
+
+
+class RowWriter:
+    """Streams prediction rows as CSV (default) or JSON lines (``.jsonl``), flushing after each batch."""
+
+    def __init__(self, fh: IO[str], jsonl: bool, k: int, labelled: bool, logits: bool) -> None:
+        self.fh, self.jsonl, self.k, self.labelled, self.logits = fh, jsonl, k, labelled, logits
+        self.csv = None if jsonl else csv.writer(fh)
+        if self.csv is not None:
+            header = ["path"] + (["label"] if labelled else [])
+            for i in range(1, k + 1):
+                header += [f"class_{i}", f"prob_{i}"]
+            header += [f"logit_{i}" for i in range(1, k + 1)] if logits else []
+            self.csv.writerow([*header, "error"])
+
+    def row(self, path: str, label: str | None, top: list[tuple[str, int, float, float]], error: str | None) -> None:
+        """``top``: (class name, class index, probability, logit) for the k best classes, best first."""
+        if self.csv is not None:
+            cells: list[Any] = [path] + ([label or ""] if self.labelled else [])
+            for name, _, prob, _ in top:
+                cells += [name, f"{prob:.8g}"]
+            cells += ["", ""] * (self.k - len(top))
+            if self.logits:
+                cells += [f"{lg:.8g}" for *_, lg in top] + [""] * (self.k - len(top))
+            self.csv.writerow([*cells, error or ""])
+            return
+        record: dict[str, Any] = {"path": path}
+        if self.labelled:
+            record["label"] = label
+        record["top_k"] = [{"class": n, "index": i, "prob": round(p, 8), **({"logit": round(lg, 8)} if self.logits
+                                                                           else {})} for n, i, p, lg in top]
+        record["error"] = error
+        self.fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+    def flush(self) -> None:
+        self.fh.flush()
+
+
+def _open_out(out: str | None, overwrite: bool) -> IO[str]:
+    if out is None:
+        return sys.stdout
+    from dscl.interop import refuse_existing
+
+    path = Path(out)
+    refuse_existing(path, overwrite)
+    return path.open("w", newline="", encoding="utf-8")
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from dscl.inference import VARIANTS, collect_inputs, iter_files, load_run
+    from dscl.metrics import summarize
+    from dscl.report import format_table
+
+    if args.top_k < 1:
+        raise ValueError(f"--top-k {args.top_k}: must be at least 1")
+    if args.variant not in VARIANTS:
+        raise ValueError(f"--variant {args.variant!r}: use one of {', '.join(VARIANTS)}")
+    p = load_run(args.run, device=args.device)
+    p.require_classifier()
+    inputs = collect_inputs(args.inputs, num_classes=p.num_classes, data_root=args.data_root)
+    k = min(args.top_k, p.num_classes)
+    info = sys.stderr if args.out is None else sys.stdout  # a CSV on stdout stays clean
+    fh = _open_out(args.out, args.overwrite)
+    writer = RowWriter(fh, bool(args.out) and args.out.lower().endswith(".jsonl"), k, inputs.labelled, args.logits)
+    known_logits, known_labels, failed = [], [], []
+    bar = tqdm(total=len(inputs.paths), desc="predict", unit="img", disable=args.no_progress, file=sys.stderr,
+               dynamic_ncols=True)
+    try:
+        for batch in iter_files(p, inputs.paths, batch_size=args.batch_size, workers=args.workers):
+            logits = (p.logits_from_features(p.features_of(batch.images), args.variant) if len(batch.images)
+                      else torch.zeros(0, p.num_classes))
+            top_p, top_i = torch.softmax(logits, dim=1).topk(k, dim=1)
+            j = 0
+            for i, path, error in zip(batch.indices, batch.paths, batch.errors, strict=True):
+                label = inputs.labels[i]
+                name = p.class_names[label] if label is not None else None
+                if error is not None:
+                    writer.row(path, name, [], error)
+                    failed.append((path, error))
+                    continue
+                top = [(p.class_names[c], c, float(pr), float(logits[j, c]))
+                       for pr, c in zip(top_p[j].tolist(), top_i[j].tolist(), strict=True)]
+                writer.row(path, name, top, None)
+                if label is not None:
+                    known_logits.append(logits[j])
+                    known_labels.append(label)
+                j += 1
+            writer.flush()
+            bar.update(len(batch.indices))
+    finally:
+        bar.close()
+        if fh is not sys.stdout:
+            fh.close()
+    n_ok = len(inputs.paths) - len(failed)
+    lines = [f"predicted {n_ok} of {len(inputs.paths)} images ({args.variant} classifier of {p.run_dir})"
+             + (f"; rows in {args.out}" if args.out else "")]
+    if known_labels:
+        cfg = p.cfg
+        s = summarize(torch.stack(known_logits), torch.tensor(known_labels), p.train_counts,
+                      many_threshold=cfg.eval.many_threshold, few_threshold=cfg.eval.few_threshold)
+        row = {"method": f"{args.variant} ({len(known_labels)} labelled images)",
+               **{key: s[key] for key in ("top1", "many", "medium", "few")}}
+        lines += ["", "top-1 % on the labelled list (Many/Medium/Few = mean per-class accuracy, groups from the "
+                  "run's training counts)", format_table([row]), f"top-5: {s['top5']:.1f}%"]
+    if failed:
+        lines += ["", f"{len(failed)} file(s) could not be read (error rows written):"]
+        lines += [f"  {path}: {err}" for path, err in failed[:10]]
+        lines += [f"  ... and {len(failed) - 10} more"] if len(failed) > 10 else []
+    print("\n".join(lines), file=info, flush=True)
+    return EXIT_ERROR if failed else EXIT_OK
+
+
+# ------------------------------------------------------------------------------------------------
+# embed
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+    from tqdm import tqdm
+
+    from dscl.inference import collect_inputs, iter_files, load_run
+    from dscl.interop import refuse_existing
+    from dscl.report import atomic_write
+
+    out = Path(args.out)
+    if out.suffix.lower() != ".npz":
+        raise ValueError(f"--out {out}: embeddings are written as a numpy .npz file; give a name ending in .npz")
+    refuse_existing(out, args.overwrite)
+    p = load_run(args.run, device=args.device, stage1_ok=True)
+    inputs = collect_inputs(args.inputs, num_classes=p.num_classes, data_root=args.data_root)
+    feats: list[torch.Tensor] = []
+    ok: list[int] = []
+    failed: list[tuple[str, str]] = []
+    bar = tqdm(total=len(inputs.paths), desc="embed", unit="img", disable=args.no_progress, file=sys.stderr,
+               dynamic_ncols=True)
+    for batch in iter_files(p, inputs.paths, batch_size=args.batch_size, workers=args.workers):
+        if len(batch.images):
+            feats.append(F.normalize(p.features_of(batch.images), dim=1).cpu())
+        for i, path, error in zip(batch.indices, batch.paths, batch.errors, strict=True):
+            if error is None:
+                ok.append(i)
+            else:
+                failed.append((path, error))
+        bar.update(len(batch.indices))
+    bar.close()
+    arrays: dict[str, Any] = {
+        "features": (torch.cat(feats) if feats else torch.zeros(0, p.num_features)).numpy().astype(np.float32),
+        "paths": np.asarray([inputs.paths[i] for i in ok], dtype=str),
+        "class_names": np.asarray(p.class_names, dtype=str),
+        "failed_paths": np.asarray([f for f, _ in failed], dtype=str),
+        "errors": np.asarray([e for _, e in failed], dtype=str),
+    }
+    if inputs.labelled:  # -1 for entries that came without a label (files or folders next to a list)
+        arrays["labels"] = np.asarray([inputs.labels[i] if inputs.labels[i] is not None else -1 for i in ok],
+                                      dtype=np.int64)
+    atomic_write(out, lambda f: np.savez_compressed(f, **arrays))  # type: ignore[arg-type]
+    print(f"wrote {out}: features {arrays['features'].shape} (L2-normalised backbone features of {p.source}), "
+          f"paths{', labels' if inputs.labelled else ''}, class_names")
+    if failed:
+        print(f"{len(failed)} file(s) could not be read (listed in failed_paths / errors):", file=sys.stderr)
+        for path, err in failed[:10]:
+            print(f"  {path}: {err}", file=sys.stderr)
+    return EXIT_ERROR if failed else EXIT_OK
+
+
+# ------------------------------------------------------------------------------------------------
+# export / import / ensemble
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from dscl.inference import load_run
+    from dscl.interop import TORCHVISION_LAYOUT, export_run
+
+    p = load_run(args.run, device="cpu")
+    path = export_run(p, args.format, args.out, overwrite=args.overwrite)
+    size, mode = p.image_size, p.input_mode
+    if args.format == "torchscript":
+        how = (f"torch.jit.load({str(path)!r})(x) -> logits (N, {p.num_classes}); x = uint8 (N, H, W, C) pixels or "
+               f"float (N, C, H, W) in [0, 1], any size (resized to {size} px, {mode} conversion and normalisation "
+               "inside); class names in the file's extra file meta.json")
+    elif args.format == "onnx":
+        how = (f"input 'images' float32 (N, 3, {size}, {size}) in [0, 1], already resized / cropped to the run's "
+               f"evaluation view (Predictor.prepare does it); output 'logits' (N, {p.num_classes}); dynamic batch; "
+               "class names in the model's metadata_props")
+    else:
+        layout = ("torchvision / timm keys: torchvision.models."
+                  f"{p.cfg.model.backbone}().load_state_dict(sd['backbone'], strict=False) misses only fc"
+                  if p.cfg.model.backbone in TORCHVISION_LAYOUT else
+                  f"dscl's own keys ({p.cfg.model.backbone} has no torchvision equivalent): "
+                  f"dscl.backbones.build_backbone({p.cfg.model.backbone!r}).load_state_dict(sd['backbone'])")
+        how = f"sd = torch.load(...): 'backbone' ({layout}), 'fc' (weight, bias), class_names, mean, std, image_size"
+    print(f"wrote {path} ({args.format})\n{how}")
+    return EXIT_OK
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from dscl.interop import import_checkpoint
+
+    cfg = load_cfg(args)
+    res = import_checkpoint(args.checkpoint, cfg, args.out, fmt=args.format, overwrite=args.overwrite,
+                            backbone_only=args.backbone_only)
+    lines = [f"imported {args.checkpoint} ({res.format} format, {res.loaded} tensors) into {res.out} "
+             f"as a finished stage-1 run ({cfg.model.backbone}, preset {cfg.preset})"]
+    if res.missing:
+        lines.append("not in the file: " + "; ".join(res.missing))
+    if res.unexpected:
+        shown = ", ".join(res.unexpected[:10]) + (f" (+{len(res.unexpected) - 10} more)" if len(res.unexpected) > 10
+                                                  else "")
+        lines.append(f"unexpected keys, ignored ({len(res.unexpected)}): {shown}")
+    lines += [f"note: {n}" for n in res.notes]
+    if res.classifier:
+        lines.append(f"its classifier is checkpoints/classifier.pt; next: dscl evaluate --run {res.out}")
+    else:
+        lines.append(f"next: dscl classify --run {res.out}, then dscl evaluate --run {res.out}")
+    print_main("\n".join(lines))
+    return EXIT_OK
+
+
+def cmd_ensemble(args: argparse.Namespace) -> int:
+    from dscl.ensemble import ensemble
+
+    report = ensemble(args.runs, args.out, split=args.split, device=args.device, progress=not args.no_progress,
+                      overwrite=args.overwrite)
+    print_main(f"{report['dataset']} — {report['method']}; top-1 % on the {report['split']} set\n{table(report)}\n\n"
+               f"report: {Path(args.out) / 'report.md'}")
+    return EXIT_OK
+
+
+def _io_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", required=True, metavar="DIR", help="a classified run directory")
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="image files, folders (searched recursively) or split lists (.txt 'path label' lines, "
+                        "BBN .json)")
+    p.add_argument("--data-root", default=None, metavar="DIR",
+                   help="folder the paths of a split list are relative to (default: the list's folder)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=0,
+                   help="image-decoding processes (default: %(default)s = in the main process)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    runtime_args(p)
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    """Register predict, embed, export, import and ensemble."""
+    p = sub.add_parser("predict", help="classify images with a trained run (CSV / JSONL of top-k classes)")
+    _io_args(p)
+    p.add_argument("--top-k", type=int, default=5, help="classes per image (default: %(default)s)")
+    p.add_argument("--out", default=None, metavar="FILE",
+                   help="output file: CSV, or JSON lines when it ends in .jsonl (default: CSV on stdout)")
+    p.add_argument("--variant", default="plain", choices=("plain", "logit-adjust", "tau-norm", "ncm"),
+                   help=VARIANT_HELP)
+    p.add_argument("--logits", action="store_true", help="also write the raw logits of the top-k classes")
+    p.set_defaults(handler=cmd_predict)
+
+    p = sub.add_parser("embed", help="L2-normalised backbone features of images -> .npz (features, paths, labels)")
+    _io_args(p)
+    p.add_argument("--out", required=True, metavar="FILE.npz", help="output file")
+    p.set_defaults(handler=cmd_embed)
+
+    p = sub.add_parser("export", help="write a run as TorchScript, ONNX or a torchvision-layout state dict")
+    p.add_argument("--run", required=True, metavar="DIR", help="a classified run directory")
+    p.add_argument("--format", required=True, choices=("torchscript", "onnx", "state-dict"),
+                   help="torchscript: images in, logits out (preprocessing inside); onnx: needs "
+                        "pip install 'dscl[export]'; state-dict: torchvision / timm key layout")
+    p.add_argument("--out", required=True, metavar="FILE", help="output file")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    p.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    p.set_defaults(handler=cmd_export)
+
+    p = sub.add_parser("import", help="turn a checkpoint trained elsewhere (official DSCL/MoCo, torchvision, "
+                                      "dscl) into a run directory")
+    p.add_argument("--checkpoint", required=True, metavar="PATH", help="the checkpoint file (.pth.tar, .pth, .pt)")
+    p.add_argument("--format", default="auto", choices=("auto", "official", "torchvision", "dscl"),
+                   help="key layout (default: detected from the keys)")
+    p.add_argument("--out", required=True, metavar="DIR", help="run directory to create")
+    p.add_argument("--overwrite", action="store_true", help="replace the dscl files of an existing run in --out")
+    p.add_argument("--backbone-only", action="store_true",
+                   help="ignore a classifier (fc) in the file; train one with dscl classify")
+    config_args(p)
+    runtime_args(p)
+    p.set_defaults(handler=cmd_import)
+
+    p = sub.add_parser("ensemble", help="average the softmax outputs of several runs of one dataset -> report")
+    p.add_argument("--runs", required=True, nargs="+", metavar="RUN", help="two or more classified runs")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for the report")
+    p.add_argument("--split", choices=("test", "val"), default="test")
+    p.add_argument("--overwrite", action="store_true", help="replace the report files of an existing --out")
+    runtime_args(p)
+    p.set_defaults(handler=cmd_ensemble)

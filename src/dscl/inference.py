@@ -1,0 +1,573 @@
+"""Turning a finished run into a model: :func:`load_run` -> :class:`Predictor` (the ONE way to do it).
+
+``dscl evaluate``, ``dscl analyze``, ``dscl predict`` / ``embed`` / ``export`` / ``ensemble`` all load a
+run through :func:`load_run`, so the backbone, the linear classifier, the input conversion and the
+class names are the same everywhere.
+
+```python
+from dscl import load_run
+p = load_run("runs/a")                 # Predictor (reads config.yaml + checkpoints/classifier.pt)
+p.class_names, p.train_counts
+probs = p.predict(["a.png", pil_image])  # (N, C) probabilities
+feats = p.embed(batch_uint8_nhwc)        # (N, D) L2-normalised backbone features
+```
+
+Everything :func:`load_run` needs is inside the run directory: ``classifier.pt`` stores the class
+names, the training counts and the normalisation statistics, so a run copied to a machine without
+the dataset still predicts. Runs made before those keys existed fall back to reading the dataset once.
+
+Input conversion ("converted exactly as the run's training data was"): every image is decoded to
+uint8 RGB by :func:`dscl.data.core.decode_image` (the decoder the training data goes through). A run
+trained on grey data (Fashion-MNIST, ``input_mode == "L"``) converts colour inputs to grey with
+PIL's ``convert("L")`` weights (ITU-R 601-2 luma, L = (19595 R + 38470 G + 7471 B + 2^15) >> 16)
+and replicates the grey channel three times, which is what its training images were; a grey image
+fed to a colour-trained run is replicated to three channels, as PIL's ``convert("RGB")`` does. Then
+the evaluation view of :class:`dscl.data.EvalTransform`: for ``image_size >= 128`` the shorter side
+is resized to ``round(image_size * 256 / 224)`` and the centre ``image_size`` square cropped, for
+smaller sizes the image is resized to ``image_size x image_size``; antialiased bilinear, then
+``(x / 255 - mean) / std``. :class:`Preprocess` does all of it as one TorchScript-able module that
+the evaluation, the predictor and the exported files share.
+"""
+
+# no ``from __future__ import annotations``: TorchScript reads the class annotations of Preprocess
+import copy
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from dscl.backbones import build_backbone
+from dscl.checkpoint import CheckpointError, load_checkpoint
+from dscl.config import Config
+from dscl.data import DataError
+from dscl.data.core import decode_image
+from dscl.metrics import logit_adjust, ncm_logits, tau_normalize
+from dscl.rundir import RunDirError, load_finished_stage1, load_run_config
+
+VARIANTS: tuple[str, ...] = ("plain", "logit-adjust", "tau-norm", "ncm")
+# Datasets whose training images are single-channel (replicated to RGB by LTDataset.load).
+GREY_DATASETS: frozenset[str] = frozenset({"fmnist-lt"})
+META_KEYS = ("class_names", "train_counts", "mean", "std")
+INFO_KEYS = ("stage", "protocol", "selection", "selected_epoch", "wall_seconds", "imported", "method")
+
+
+def input_mode(dataset: str) -> str:
+    """``"L"`` for datasets whose training images are grey (replicated to 3 channels), else ``"RGB"``."""
+    return "L" if dataset in GREY_DATASETS else "RGB"
+
+
+def _half_even(d: int) -> int:
+    """``round(d / 2)`` with Python's round-half-to-even, in integers (TorchScript has no such round)."""
+    q = d // 2
+    if d % 2 == 0 or q % 2 == 0:
+        return q
+    return q + 1
+
+
+class Preprocess(nn.Module):
+    """Images -> the run's normalised evaluation view, as one TorchScript-able module.
+
+    Input: a uint8 batch ``(N, H, W, C)`` (decoded pixels, channels last, C = 1 or 3) or a float batch
+    ``(N, C, H, W)`` with values in [0, 1]. Output: float32 ``(N, 3, S, S)``, ``S = image_size``.
+    For uint8 input the result equals :class:`dscl.data.EvalTransform` bit for bit (same resize kernel
+    with the same uint8 rounding); float input is resized in float (no rounding).
+
+    Args:
+        image_size: S, the run's ``data.image_size``.
+        mean, std: per-channel normalisation of [0, 1] images.
+        grey: the run was trained on grey images (see the module docstring).
+    """
+
+    mean: Tensor
+    std: Tensor
+
+    def __init__(self, image_size: int, mean: Sequence[float], std: Sequence[float], grey: bool) -> None:
+        super().__init__()
+        self.image_size = int(image_size)
+        self.grey = bool(grey)
+        self.resize_short = int(round(self.image_size * 256 / 224))  # ImageNet convention: 256 -> 224 crop
+        self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(1, 3, 1, 1))
+
+    def _interpolate(self, x: Tensor, h: int, w: int) -> Tensor:
+        if x.dtype == torch.uint8:
+            if x.device.type == "cpu":  # torch's native uint8 antialias kernel, as torchvision uses on the CPU
+                return F.interpolate(x, size=[h, w], mode="bilinear", align_corners=False, antialias=True)
+            y = F.interpolate(x.to(torch.float32), size=[h, w], mode="bilinear", align_corners=False, antialias=True)
+            return y.round().to(torch.uint8)
+        return F.interpolate(x, size=[h, w], mode="bilinear", align_corners=False, antialias=True)
+
+    def _resize(self, x: Tensor) -> Tensor:
+        s = self.image_size
+        h, w = x.shape[-2], x.shape[-1]
+        if s >= 128:
+            r = self.resize_short
+            if w <= h:
+                nh, nw = int(r * h / w), r
+            else:
+                nh, nw = r, int(r * w / h)
+            if nh != h or nw != w:
+                x = self._interpolate(x, nh, nw)
+            top, left = _half_even(nh - s), _half_even(nw - s)
+            return x[:, :, top:top + s, left:left + s]
+        if h != s or w != s:
+            x = self._interpolate(x, s, s)
+        return x
+
+    def _channels(self, x: Tensor) -> Tensor:
+        c = x.shape[1]
+        if c == 3 and self.grey:
+            # PIL's RGB -> L weights in 1/65536 (Pillow Convert.c): uint8 results equal convert("L") exactly
+            if x.dtype == torch.uint8:
+                xi = x.to(torch.int32)
+                y = (xi[:, 0:1] * 19595 + xi[:, 1:2] * 38470 + xi[:, 2:3] * 7471 + 32768) >> 16
+                x = y.to(torch.uint8)
+            else:
+                x = (x[:, 0:1] * 19595 + x[:, 1:2] * 38470 + x[:, 2:3] * 7471) / 65536.0
+            c = 1
+        if c == 1:
+            return x.expand(-1, 3, -1, -1).contiguous()
+        if c != 3:
+            raise ValueError("images must have 1 (grey) or 3 (RGB) channels")
+        return x
+
+    def forward(self, x: Tensor) -> Tensor:
+        """uint8 ``(N, H, W, C)`` or float ``(N, C, H, W)`` in [0, 1] -> normalised float32 ``(N, 3, S, S)``."""
+        if x.dim() != 4:
+            raise ValueError("expected a batch: uint8 (N, H, W, C) or float (N, C, H, W)")
+        if x.dtype == torch.uint8:
+            x = x.permute(0, 3, 1, 2)
+        elif not x.is_floating_point():
+            raise ValueError("expected uint8 pixels (N, H, W, C) or floats in [0, 1] (N, C, H, W)")
+        x = self._resize(self._channels(x))
+        x = x.to(torch.float32) / 255.0 if x.dtype == torch.uint8 else x.to(torch.float32)
+        return self.normalise(x)
+
+    def normalise(self, x: Tensor) -> Tensor:
+        """Float ``(N, 3, S, S)`` in [0, 1] -> ``(x - mean) / std``."""
+        return (x - self.mean) / self.std
+
+
+class ImageClassifier(nn.Module):
+    """Preprocess + backbone + linear layer: images -> logits ``(N, num_classes)`` (what export writes)."""
+
+    def __init__(self, preprocess: Preprocess, backbone: nn.Module, fc: nn.Linear) -> None:
+        super().__init__()
+        self.preprocess = preprocess
+        self.backbone = backbone
+        self.fc = fc
+
+    def forward(self, x: Tensor) -> Tensor:
+        """uint8 ``(N, H, W, C)`` or float ``(N, C, H, W)`` in [0, 1] -> logits ``(N, num_classes)``."""
+        return self.fc(self.backbone(self.preprocess(x)))
+
+
+ImageLike = Any  # a path (str / Path), a PIL image, a uint8 tensor (3, H, W) / (H, W), or a numpy array
+
+
+def to_uint8_hwc(image: ImageLike) -> Tensor:
+    """One image -> uint8 ``(H, W, C)`` tensor, C in {1, 3}; files and PIL images via ``decode_image``.
+
+    Raises:
+        DataError: a missing or unreadable file, or an array that is not an image.
+    """
+    if isinstance(image, (str, Path, Image.Image)):
+        return decode_image(image).permute(1, 2, 0)
+    if isinstance(image, np.ndarray):
+        image = torch.from_numpy(np.ascontiguousarray(image))
+        if image.ndim == 3 and image.shape[-1] in (1, 3):
+            image = image.permute(2, 0, 1)
+    if not isinstance(image, Tensor):
+        raise DataError(f"cannot use a {type(image).__name__} as an image: give a path, a PIL image, "
+                        "or a uint8 tensor (3, H, W)")
+    if image.ndim == 2:
+        image = image.unsqueeze(0)
+    if image.ndim != 3 or image.shape[0] not in (1, 3) or image.dtype != torch.uint8:
+        raise DataError(f"an image tensor must be uint8 (3, H, W), (1, H, W) or (H, W); got {image.dtype} "
+                        f"{tuple(image.shape)} (use a 4-D batch for several images)")
+    return image.permute(1, 2, 0)
+
+
+class ImageTransform:
+    """One image -> normalised float32 ``(3, S, S)`` through a CPU :class:`Preprocess`.
+
+    The dataset transform of evaluation and of ``dscl predict``: small and picklable, so DataLoader
+    workers get a copy of the conversion only (never the model).
+    """
+
+    def __init__(self, preprocess: Preprocess) -> None:
+        self.preprocess = preprocess
+
+    def __call__(self, image: ImageLike) -> Tensor:
+        with torch.no_grad():
+            return self.preprocess(to_uint8_hwc(image).unsqueeze(0))[0]
+
+    def __repr__(self) -> str:
+        p = self.preprocess
+        return f"ImageTransform(image_size={p.image_size}, grey={p.grey})"
+
+
+def _as_items(images: Any) -> list[Any] | Tensor:
+    if isinstance(images, Tensor):
+        if images.dim() != 4:
+            raise ValueError(f"a tensor of images must be a batch: uint8 (N, H, W, C) or float (N, C, H, W) in "
+                             f"[0, 1]; got shape {tuple(images.shape)} (wrap one image in a list)")
+        return images
+    if isinstance(images, (str, Path, Image.Image, np.ndarray)):
+        return [images]
+    return list(images)
+
+
+@dataclass
+class RunMeta:
+    """What a run knows about its data, stored in its checkpoints: names, counts, normalisation."""
+
+    class_names: list[str]
+    train_counts: list[int]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+def run_meta(state: dict[str, Any], cfg: Config, where: Path) -> RunMeta:
+    """The :class:`RunMeta` stored in a checkpoint, or for older runs read once from the dataset."""
+    if all(state.get(k) is not None for k in META_KEYS):
+        return RunMeta([str(n) for n in state["class_names"]], [int(c) for c in state["train_counts"]],
+                       tuple(float(v) for v in state["mean"]),  # type: ignore[arg-type]
+                       tuple(float(v) for v in state["std"]))  # type: ignore[arg-type]
+    from dscl.data import build_datasets
+
+    try:
+        splits = build_datasets(cfg.data, seed=cfg.optim.seed)
+    except DataError as exc:
+        raise RunDirError(
+            f"{where} predates stored class names and training counts, so they come from the dataset, "
+            f"which cannot be read here ({exc}). To use the run here, make the dataset available once, or re-run "
+            f"`dscl classify --run {where.parent.parent}` where the data is (it stores them in the run)"
+        ) from exc
+    return RunMeta(list(splits.class_names), list(splits.train_counts), splits.mean, splits.std)
+
+
+def meta_dict(class_names: Sequence[str], train_counts: Sequence[int], mean: Sequence[float],
+              std: Sequence[float]) -> dict[str, Any]:
+    """The checkpoint entries :func:`run_meta` reads (stored by classify, pretrain and import)."""
+    return {"class_names": [str(n) for n in class_names], "train_counts": [int(c) for c in train_counts],
+            "mean": [float(v) for v in mean], "std": [float(v) for v in std]}
+
+
+class Predictor:
+    """A finished run as a model: backbone + linear classifier + the run's input conversion.
+
+    Built by :func:`load_run`. ``images`` arguments accept a list of paths / PIL images / uint8
+    tensors ``(3, H, W)`` (any size, any PIL mode), a single path or PIL image, or a batch tensor:
+    uint8 ``(N, H, W, C)`` or float ``(N, C, H, W)`` with values in [0, 1].
+
+    Attributes:
+        run_dir: the run directory.
+        cfg: its configuration.
+        backbone: the evaluation backbone (eval mode) on ``device``.
+        fc: the stage-2 linear layer, or None for a stage-1-only run (then only ``embed`` works).
+        class_means: ``(C, D)`` class means of clean training features for the ``ncm`` variant, or None.
+        class_names, train_counts: per class, in label order.
+        preprocess: the :class:`Preprocess` module (input conversion, on the CPU).
+        image_transform: one image -> ``(3, S, S)``, picklable (the dataset transform of evaluation).
+        source: the checkpoint the weights come from.
+        info: that checkpoint's bookkeeping (``selection``, ``wall_seconds``, ``protocol``, ``imported``).
+    """
+
+    def __init__(self, run_dir: Path, cfg: Config, backbone: nn.Module, fc: nn.Linear | None,
+                 class_means: Tensor | None, meta: RunMeta, source: Path, device: torch.device,
+                 info: dict[str, Any] | None = None) -> None:
+        self.run_dir = run_dir
+        self.cfg = cfg
+        self.device = device
+        self.backbone = backbone.to(device).eval()
+        self.fc = fc.to(device).eval() if fc is not None else None
+        self.class_means = class_means
+        self.class_names = meta.class_names
+        self.train_counts = meta.train_counts
+        self.mean, self.std = meta.mean, meta.std
+        self.input_mode = input_mode(cfg.data.dataset)
+        # on the CPU always: evaluation converts in loader workers, so every path converts identically
+        self.preprocess = Preprocess(cfg.data.image_size, meta.mean, meta.std, self.input_mode == "L").eval()
+        self.image_transform = ImageTransform(self.preprocess)
+        self.source = source
+        self.info = dict(info or {})
+
+    # ------------------------------------------------------------------------------------ properties
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def image_size(self) -> int:
+        return self.preprocess.image_size
+
+    @property
+    def num_features(self) -> int:
+        return int(getattr(self.backbone, "num_features", 0))
+
+    # ---------------------------------------------------------------------------------- input side
+
+    def transform(self, image: ImageLike) -> Tensor:
+        """One image -> normalised float32 ``(3, S, S)`` on the CPU (``image_transform``, the dataset
+        transform of evaluation)."""
+        return self.image_transform(image)
+
+    def prepare(self, images: Any) -> Tensor:
+        """Images (see the class docstring) -> normalised float32 ``(N, 3, S, S)`` on the CPU."""
+        items = _as_items(images)
+        with torch.no_grad():
+            if isinstance(items, Tensor):
+                return self.preprocess(items.cpu())
+            if not items:
+                return torch.zeros(0, 3, self.image_size, self.image_size)
+            return torch.cat([self.preprocess(to_uint8_hwc(im).unsqueeze(0)) for im in items])
+
+    # --------------------------------------------------------------------------------- model side
+
+    @torch.no_grad()
+    def features_of(self, x: Tensor) -> Tensor:
+        """Normalised views ``(N, 3, S, S)`` -> pooled backbone features ``(N, D)`` float32 (not normalised)."""
+        return self.backbone(x.to(self.device)).float()
+
+    def logits_from_features(self, feats: Tensor, variant: str = "plain") -> Tensor:
+        """Pooled features ``(N, D)`` -> logits ``(N, C)`` of one variant.
+
+        ``plain``: the linear classifier; ``logit-adjust``: minus ``tau * log(prior)`` of the training
+        counts (``classifier.logit_adjust_tau``); ``tau-norm``: features times the tau-normalised weights
+        (``classifier.tau_norm``, no bias); ``ncm``: cosine to the class means of clean training features.
+        """
+        if variant not in VARIANTS:
+            raise ValueError(f"--variant {variant!r}: use one of {', '.join(VARIANTS)}")
+        if variant == "ncm":
+            if self.class_means is None:
+                raise CheckpointError(f"{self.source} holds no class means (an imported classifier); "
+                                      f"run `dscl classify --run {self.run_dir}` for the ncm variant")
+            return ncm_logits(feats.float().cpu(), self.class_means.float().cpu())
+        fc = self._require_fc()
+        with torch.no_grad():
+            feats = feats.to(fc.weight.device, torch.float32)
+            if variant == "tau-norm":
+                return (feats @ tau_normalize(fc.weight, self.cfg.classifier.tau_norm).T).cpu()
+            logits = fc(feats).cpu()
+        if variant == "logit-adjust":
+            return logit_adjust(logits, self.train_counts, self.cfg.classifier.logit_adjust_tau)
+        return logits
+
+    def require_classifier(self) -> nn.Linear:
+        """The linear layer; a clear error for a run without stage 2."""
+        return self._require_fc()
+
+    def _require_fc(self) -> nn.Linear:
+        if self.fc is None:
+            raise RunDirError(f"{self.run_dir / 'checkpoints' / 'classifier.pt'} does not exist: the run has no "
+                              f"classifier yet; run stage 2 first (dscl classify --run {self.run_dir})")
+        return self.fc
+
+    def _batches(self, images: Any, batch_size: int) -> Iterator[Tensor]:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        items = _as_items(images)
+        for lo in range(0, len(items), batch_size):
+            yield self.prepare(items[lo:lo + batch_size])
+
+    def features(self, images: Any, *, batch_size: int = 256) -> Tensor:
+        """Images -> pooled backbone features ``(N, D)`` float32 on the CPU (not normalised)."""
+        out = [self.features_of(x).cpu() for x in self._batches(images, batch_size)]
+        return torch.cat(out) if out else torch.zeros(0, self.num_features)
+
+    def embed(self, images: Any, *, batch_size: int = 256) -> Tensor:
+        """Images -> L2-normalised backbone features ``(N, D)`` float32 on the CPU (cosine = dot product)."""
+        return F.normalize(self.features(images, batch_size=batch_size), dim=1)
+
+    def logits(self, images: Any, *, variant: str = "plain", batch_size: int = 256) -> Tensor:
+        """Images -> logits ``(N, C)`` float32 on the CPU (see :meth:`logits_from_features` for variants)."""
+        self._require_fc()
+        feats = self.features(images, batch_size=batch_size)
+        return self.logits_from_features(feats, variant)
+
+    def predict(self, images: Any, *, variant: str = "plain", batch_size: int = 256) -> Tensor:
+        """Images -> class probabilities ``(N, C)`` (softmax of :meth:`logits`), float32 on the CPU."""
+        return torch.softmax(self.logits(images, variant=variant, batch_size=batch_size), dim=1)
+
+    def classifier_module(self) -> ImageClassifier:
+        """A CPU copy of preprocess + backbone + fc as one module (images -> logits), for export."""
+        fc = self._require_fc()
+        return ImageClassifier(_cpu_copy(self.preprocess), _cpu_copy(self.backbone), _cpu_copy(fc)).eval()
+
+    def __repr__(self) -> str:
+        return (f"Predictor({self.run_dir}, {self.cfg.model.backbone}, {self.num_classes} classes, "
+                f"{self.image_size} px {self.input_mode}, classifier={'yes' if self.fc is not None else 'no'})")
+
+
+def _cpu_copy(module: nn.Module) -> Any:
+    return copy.deepcopy(module).cpu().eval()
+
+
+def _backbone_from(state: dict[str, Tensor], cfg: Config, where: Path) -> nn.Module:
+    backbone = build_backbone(cfg.model.backbone, zero_init_residual=cfg.model.zero_init_residual)
+    try:
+        backbone.load_state_dict(state)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{where} does not fit backbone {cfg.model.backbone}: {exc}") from exc
+    return backbone
+
+
+def load_run(run_dir: str | Path, *, device: str | torch.device = "cpu", cfg: Config | None = None,
+             stage1_ok: bool = False) -> Predictor:
+    """Load a finished run directory as a :class:`Predictor`.
+
+    Args:
+        run_dir: the run directory (``config.yaml`` + ``checkpoints/classifier.pt``).
+        device: where the model runs (``cpu``, ``cuda``, ``cuda:1``; ``auto`` = cuda if available).
+        cfg: the run's config if already loaded (default: read ``config.yaml``).
+        stage1_ok: without ``classifier.pt``, use the stage-1 online backbone of ``last.pt`` (no
+            classifier: ``embed`` works, ``predict`` explains that stage 2 is missing).
+
+    Raises:
+        RunDirError: not a run directory, or no classifier (and not ``stage1_ok``), or an old run
+            whose dataset is needed but missing.
+        CheckpointError: a checkpoint that does not match the run's config.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise RunDirError(f"run directory {run_dir} does not exist (give the --out folder of a dscl run)")
+    cfg = cfg or load_run_config(run_dir)
+    if isinstance(device, str):
+        device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                              "cpu" if device == "auto" else device)
+    cls_path = run_dir / "checkpoints" / "classifier.pt"
+    fc: nn.Linear | None = None
+    class_means: Tensor | None = None
+    if cls_path.is_file():
+        state = load_checkpoint(cls_path)
+        if state.get("backbone_name") != cfg.model.backbone:
+            raise CheckpointError(f"{cls_path} holds a {state.get('backbone_name')} classifier, but the run's "
+                                  f"config.yaml says model.backbone={cfg.model.backbone}")
+        backbone = _backbone_from(state["backbone"], cfg, cls_path)
+        weight = state["fc"]["weight"]
+        fc = nn.Linear(weight.shape[1], weight.shape[0])
+        fc.load_state_dict(state["fc"])
+        class_means = state.get("class_means")
+        source = cls_path
+    elif stage1_ok:
+        state = load_finished_stage1(run_dir)
+        source = run_dir / "checkpoints" / "last.pt"
+        if state.get("backbone") != cfg.model.backbone:
+            raise CheckpointError(f"{source} holds a {state.get('backbone')} backbone, but the run's config.yaml "
+                                  f"says model.backbone={cfg.model.backbone}")
+        prefix = "online.backbone."
+        backbone = _backbone_from({k[len(prefix):]: v for k, v in state["model"].items() if k.startswith(prefix)},
+                                  cfg, source)
+    else:
+        raise RunDirError(f"{cls_path} does not exist: the run has no classifier yet; run stage 2 first "
+                          f"(dscl classify --run {run_dir})")
+    meta = run_meta(state, cfg, source)
+    if fc is not None and fc.out_features != len(meta.class_names):
+        raise CheckpointError(f"{source}: the classifier has {fc.out_features} outputs but the run has "
+                              f"{len(meta.class_names)} class names")
+    info = {k: state[k] for k in INFO_KEYS if k in state}
+    return Predictor(run_dir, cfg, backbone, fc, class_means, meta, source, device, info)
+
+
+# ------------------------------------------------------------------------------------------------
+# files in, rows out: what `dscl predict` / `dscl embed` stream over
+
+LIST_SUFFIXES = (".txt", ".json")  # split lists (OLTR txt "path label" lines, BBN json)
+
+
+@dataclass
+class Inputs:
+    """Image files to run on, in order; ``labels[i]`` is known for entries that come from a split list."""
+
+    paths: list[str]
+    labels: list[int | None]
+
+    @property
+    def labelled(self) -> bool:
+        return any(label is not None for label in self.labels)
+
+
+def collect_inputs(inputs: Sequence[str | Path], *, num_classes: int, data_root: str | Path | None = None) -> Inputs:
+    """Expand command-line inputs: image files (kept even when missing, to become error rows),
+    folders (every image file below them, recursively, sorted; hidden entries skipped) and split
+    lists (``.txt`` / ``.json``: paths relative to ``data_root``, default the list's folder, with labels).
+
+    Raises:
+        DataError: an empty folder, a malformed list, or a list label outside ``[0, num_classes)``.
+    """
+    from dscl.data.readers import IMAGE_EXTENSIONS, read_list
+
+    paths: list[str] = []
+    labels: list[int | None] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(str(f) for f in path.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS
+                           and not any(part.startswith(".") for part in f.relative_to(path).parts))
+            if not found:
+                raise DataError(f"folder {path} holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
+            paths += found
+            labels += [None] * len(found)
+        elif path.is_file() and path.suffix.lower() in LIST_SUFFIXES:
+            split = read_list(path, Path(data_root) if data_root is not None else path.parent)
+            for where, label in zip(split.where, split.labels, strict=True):
+                if not 0 <= label < num_classes:
+                    raise DataError(f"{where}: label {label} is outside [0, {num_classes}) (the run's classes)")
+            paths += split.paths
+            labels += list(split.labels)
+        else:
+            paths.append(str(path))
+            labels.append(None)
+    return Inputs(paths, labels)
+
+
+@dataclass
+class FileBatch:
+    """One batch of input files: ``paths[i]`` decoded into ``images[ok[i]]`` or failed with ``errors[i]``."""
+
+    indices: list[int]
+    paths: list[str]
+    errors: list[str | None]
+    images: Tensor  # (n_ok, 3, S, S) normalised, in the order of the entries whose error is None
+
+
+class _FileSet(Dataset):
+    def __init__(self, paths: Sequence[str], transform: Any) -> None:
+        self.paths = list(paths)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[int, Tensor | None, str | None]:
+        try:
+            return i, self.transform(self.paths[i]), None
+        except (DataError, ValueError, OSError) as exc:
+            return i, None, str(exc)
+
+
+def _collate(items: list[tuple[int, Tensor | None, str | None]]) -> tuple[list[int], list[Tensor], list[str | None]]:
+    return [i for i, _, _ in items], [x for _, x, _ in items if x is not None], [e for _, _, e in items]
+
+
+def iter_files(predictor: Predictor, paths: Sequence[str], *, batch_size: int = 64,
+               workers: int = 0) -> Iterator[FileBatch]:
+    """Decode and convert ``paths`` in batches (``workers`` loader processes); a file that cannot be
+    read becomes an error entry instead of stopping the others."""
+    loader = DataLoader(_FileSet(paths, predictor.image_transform), batch_size=batch_size, shuffle=False,
+                        num_workers=workers, collate_fn=_collate)
+    size = predictor.image_size
+    for indices, images, errors in loader:
+        stacked = torch.stack(images) if images else torch.zeros(0, 3, size, size)
+        yield FileBatch(indices, [paths[i] for i in indices], errors, stacked)
+
+

@@ -1,0 +1,547 @@
+"""Checkpoints in and out: import checkpoints trained elsewhere, export runs for other tools.
+
+Import (:func:`import_checkpoint`, ``dscl import``) turns an external checkpoint into a finished
+stage-1 run directory (plus a stage-2 classifier when the file holds one), so ``classify``,
+``evaluate``, ``analyze``, ``predict`` and ``export`` work on it. Formats (:data:`IMPORT_FORMATS`,
+detected from the keys; ``module.`` prefixes of DataParallel/DDP are always stripped):
+
+* ``official``: the official DSCL / MoCo-v2 stage-1 file (``checkpoint.pth.tar``): ``state_dict`` with
+  ``module.encoder_q.<torchvision ResNet keys>``, the projection head as ``encoder_q.fc.0`` / ``.fc.2``,
+  ``encoder_k.*`` (momentum encoder), ``queue`` (dim x K), ``main_label_queue`` (1 x K), ``queue_ptr``.
+  The queue is NOT imported: the official queue starts as random features with random labels in
+  [0, 1000) and a checkpoint cannot tell which entries are still random; it only matters to continue
+  stage-1 training, and the imported run starts with an empty queue (this package's convention,
+  in which only filled entries enter the losses).
+* ``torchvision``: a plain torchvision (or timm) ResNet state dict, e.g. ImageNet weights or the
+  official stage-2 file (``linear_best.pth.tar``: the ResNet keys plus ``fc.weight`` / ``fc.bias``).
+  The backbone is imported; an ``fc`` whose shape fits the dataset's classes becomes the stage-2
+  classifier (``checkpoints/classifier.pt``), any other ``fc`` is ignored. There is no projection
+  head in such a file, so the run's head is freshly initialised (``gradient-ratio`` refuses it).
+* ``dscl``: this package's own ``checkpoints/last.pt`` (or ``classifier.pt``) from another machine.
+
+Nothing is written unless every backbone weight is found with the right shape; missing and
+unexpected keys are listed. Export (:func:`export_run`, ``dscl export``): TorchScript (images in,
+logits out, preprocessing inside), ONNX (the optional ``export`` extra) and a state dict in the
+torchvision / timm key layout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from dscl import dist
+from dscl.backbones import BACKBONES, build_backbone
+from dscl.checkpoint import CheckpointError, rng_state, save_checkpoint, seed_everything
+from dscl.config import Config, dump_config, method_name
+from dscl.inference import ImageClassifier, Predictor, meta_dict
+from dscl.model import DSCLModel, Encoder
+from dscl.report import atomic_write
+from dscl.rundir import MetricsLog, RunDirError, prepare_run_dir
+
+IMPORT_FORMATS: tuple[str, ...] = ("auto", "official", "torchvision", "dscl")
+EXPORT_FORMATS: tuple[str, ...] = ("torchscript", "onnx", "state-dict")
+# Backbones whose keys are torchvision's (and timm's): their state-dict export loads into torchvision.
+TORCHVISION_LAYOUT: frozenset[str] = frozenset({"resnet18", "resnet50", "resnet152", "resnext50_32x4d"})
+ONNX_OPSET = 18  # first opset the torch.onnx (dynamo) exporter targets; onnxruntime >= 1.14 runs it
+_OFFICIAL_QUEUE_KEYS = ("queue", "main_label_queue", "queue_ptr")
+_SHOWN = 8  # keys listed per category in messages
+
+
+# ------------------------------------------------------------------------------------------------
+# reading external files
+
+
+def _first(keys: list[str], n: int = _SHOWN) -> str:
+    more = f" (+{len(keys) - n} more)" if len(keys) > n else ""
+    return ", ".join(keys[:n]) + more
+
+
+def read_external(path: str | Path) -> Any:
+    """``torch.load`` with ``weights_only=True`` (tensors, containers, numbers, strings only).
+
+    numpy arrays (the RNG state of a dscl ``last.pt``) are allowed too; any other pickled object is
+    refused, because unpickling an untrusted file can run arbitrary code.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    import importlib
+
+    try:
+        multiarray = importlib.import_module("numpy._core.multiarray")  # numpy 2
+    except ImportError:  # numpy 1
+        multiarray = importlib.import_module("numpy.core.multiarray")
+    # numpy arrays (RNG states) and torch's version string (a str subclass) are data, not code
+    allowed: list[Any] = [multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32)),
+                          torch.torch_version.TorchVersion]
+    try:
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure means a file we will not read
+        try:
+            objects = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        except Exception:  # noqa: BLE001 - not even a zip checkpoint
+            objects = []
+        what = (f"it holds Python objects ({', '.join(objects[:5])})" if objects else
+                f"it is not a torch checkpoint ({str(exc).splitlines()[0][:200]})")
+        raise CheckpointError(
+            f"cannot read checkpoint {path} as weights: {what}; dscl reads external checkpoints with "
+            "torch.load(weights_only=True), which refuses anything but tensors and plain containers"
+        ) from exc
+
+
+def _tensor_dict(obj: Any) -> dict[str, Tensor] | None:
+    if isinstance(obj, Mapping) and obj and all(isinstance(v, Tensor) for v in obj.values()):
+        return {str(k): v for k, v in obj.items()}
+    return None
+
+
+def _strip_module(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    out = {}
+    for k, v in state.items():
+        while k.startswith("module."):
+            k = k[len("module."):]
+        out[k] = v
+    return out
+
+
+def detect_format(obj: Any) -> str:
+    """``official``, ``torchvision`` or ``dscl`` for a loaded checkpoint (see the module docstring)."""
+    if isinstance(obj, Mapping) and obj.get("stage") in ("pretrain", "classify") and "version" in obj:
+        return "dscl"
+    state = _state_dict_of(obj)
+    if any(k.startswith("encoder_q.") for k in state):
+        return "official"
+    return "torchvision"
+
+
+def _state_dict_of(obj: Any) -> dict[str, Tensor]:
+    direct = _tensor_dict(obj)
+    if direct is not None:
+        return _strip_module(direct)
+    if isinstance(obj, Mapping):
+        for key in ("state_dict", "model", "model_state", "net"):
+            inner = _tensor_dict(obj.get(key))
+            if inner is not None:
+                return _strip_module(inner)
+    raise CheckpointError("the checkpoint holds no state dict of tensors (looked at the file itself and at "
+                          "'state_dict', 'model', 'model_state', 'net')")
+
+
+# ------------------------------------------------------------------------------------------------
+# mapping into this package's model
+
+
+@dataclass
+class ImportResult:
+    """What :func:`import_checkpoint` did (the CLI prints it)."""
+
+    format: str
+    out: Path
+    loaded: int
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    classifier: bool = False
+
+
+@dataclass
+class _Mapped:
+    backbone: dict[str, Tensor]
+    head: dict[str, Tensor] | None = None
+    momentum: dict[str, Tensor] | None = None
+    queue: dict[str, Tensor] | None = None
+    fc: dict[str, Tensor] | None = None
+    unexpected: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def _split_prefix(state: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def _map_official(state: dict[str, Tensor]) -> _Mapped:
+    q, k = _split_prefix(state, "encoder_q."), _split_prefix(state, "encoder_k.")
+    m = _Mapped(backbone={n: v for n, v in q.items() if not n.startswith("fc.")})
+    head = {n.replace("fc.", "", 1): v for n, v in q.items() if n.startswith(("fc.0.", "fc.2."))}
+    m.head = head or None
+    if k:
+        m.momentum = {("head." + n[len("fc."):] if n.startswith("fc.") else "backbone." + n): v for n, v in k.items()}
+    m.unexpected = [n for n in state if not n.startswith(("encoder_q.", "encoder_k."))
+                    and n not in _OFFICIAL_QUEUE_KEYS]
+    m.unexpected += [f"encoder_q.{n}" for n in q if n.startswith("fc.") and not n.startswith(("fc.0.", "fc.2."))]
+    if any(n in state for n in _OFFICIAL_QUEUE_KEYS):
+        size = tuple(state["queue"].shape) if "queue" in state else "?"
+        m.notes.append(f"queue {size} not imported (the official queue may still hold its random initial "
+                       "entries and labels); the run's queue starts empty")
+    if m.head is None:
+        m.notes.append("no projection head (encoder_q.fc.0 / fc.2) in the file: the head is freshly initialised")
+    if not k:
+        m.notes.append("no momentum encoder (encoder_k.*) in the file: it starts as a copy of encoder_q")
+    return m
+
+
+def _map_torchvision(state: dict[str, Tensor]) -> _Mapped:
+    state = {_strip_backbone(k): v for k, v in state.items()}
+    m = _Mapped(backbone={n: v for n, v in state.items() if not n.startswith("fc.")})
+    fc = {n[len("fc."):]: v for n, v in state.items() if n.startswith("fc.")}
+    if fc:
+        if set(fc) == {"weight", "bias"}:
+            m.fc = fc
+        else:
+            m.unexpected += [f"fc.{n}" for n in fc]
+    m.notes.append("no projection head in a torchvision state dict: the head is freshly initialised and the "
+                   "momentum encoder is a copy of the imported backbone")
+    return m
+
+
+def _strip_backbone(key: str) -> str:
+    return key[len("backbone."):] if key.startswith("backbone.") else key
+
+
+def _map_dscl(obj: Mapping[str, Any]) -> _Mapped:
+    if obj.get("stage") == "classify":
+        m = _Mapped(backbone=dict(obj["backbone"]), fc=dict(obj["fc"]))
+        m.notes.append("a dscl classifier.pt: backbone and classifier imported, no projection head "
+                       "(freshly initialised)")
+        return m
+    model = dict(obj["model"])
+    m = _Mapped(backbone=_split_prefix(model, "online.backbone."), head=_split_prefix(model, "online.head.") or None,
+                momentum=_split_prefix(model, "momentum.") or None, queue=_split_prefix(model, "queue.") or None)
+    m.unexpected = [k for k in model if not k.startswith(("online.backbone.", "online.head.", "momentum.", "queue."))]
+    return m
+
+
+def _compare(given: Mapping[str, Tensor], expected: Mapping[str, Tensor]) -> tuple[list[str], list[str], list[str]]:
+    """(missing, unexpected, shape mismatches) of ``given`` against ``expected`` (BN counters optional)."""
+    missing = [k for k in expected if k not in given and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in given if k not in expected]
+    mismatched = [f"{k} {tuple(v.shape)} vs {tuple(expected[k].shape)}" for k, v in given.items()
+                  if k in expected and tuple(v.shape) != tuple(expected[k].shape)]
+    return missing, unexpected, mismatched
+
+
+def _fitting_backbones(weights: Mapping[str, Tensor], exclude: str) -> list[str]:
+    """Backbone names whose state dict the given weights fit exactly (to suggest model.backbone=...)."""
+    fits = []
+    for name in BACKBONES:
+        if name == exclude:
+            continue
+        missing, unexpected, mismatched = _compare(weights, build_backbone(name).state_dict())
+        if not (missing or unexpected or mismatched):
+            fits.append(name)
+    return fits
+
+
+def _check_part(what: str, given: Mapping[str, Tensor], expected: Mapping[str, Tensor], path: Path,
+                cfg: Config, *, suggest: bool = False) -> list[str]:
+    """Refuse a part with missing keys or wrong shapes; return its unexpected keys."""
+    missing, unexpected, mismatched = _compare(given, expected)
+    matched = len(given) - len(unexpected)
+    if matched == 0 and given:
+        hint = ""
+        if suggest:
+            fits = _fitting_backbones(given, cfg.model.backbone)
+            hint = f"; it fits model.backbone={fits[0]} (add that override)" if fits else ""
+        raise CheckpointError(
+            f"{path}: nothing in the {what} matches a {cfg.model.backbone} (first keys in the file: "
+            f"{_first(sorted(given), 5)}; expected e.g. {_first(list(expected), 5)}){hint}; nothing was written"
+        )
+    if missing or mismatched:
+        hint = ""
+        file_dim = given.get("2.weight", given.get("head.2.weight"))
+        if file_dim is not None and file_dim.shape[0] != cfg.model.dim:
+            hint = f"; the file's embedding dimension is {file_dim.shape[0]}: add model.dim={file_dim.shape[0]}"
+        elif suggest:
+            fits = _fitting_backbones(given, cfg.model.backbone)
+            hint = (f"; the weights fit model.backbone={fits[0]} (add that override)" if fits else
+                    "; check the preset's model.backbone")
+        problems = ([f"missing keys: {_first(missing)}"] if missing else []) + (
+            [f"shape mismatches (file vs model): {_first(mismatched)}"] if mismatched else [])
+        raise CheckpointError(
+            f"{path}: the {what} does not fit model.backbone={cfg.model.backbone} (model.dim={cfg.model.dim}): "
+            + "; ".join(problems) + hint + "; nothing was written"
+        )
+    return unexpected
+
+
+def _plain_model(cfg: Config, queue_size: int) -> DSCLModel:
+    # the preset's model with a deterministic fresh init (model.pretrained is not loaded: the checkpoint replaces it)
+    seed_everything(cfg.optim.seed)
+    backbone = build_backbone(cfg.model.backbone, zero_init_residual=cfg.model.zero_init_residual)
+    return DSCLModel(Encoder(backbone, dim=cfg.model.dim), queue_size=queue_size)
+
+
+def import_checkpoint(path: str | Path, cfg: Config, out: str | Path, *, fmt: str = "auto", overwrite: bool = False,
+                      backbone_only: bool = False) -> ImportResult:
+    """Turn an external checkpoint into a finished stage-1 run directory (see the module docstring).
+
+    Args:
+        path: the checkpoint file.
+        cfg: the run's configuration (a preset plus overrides): backbone, dimension and dataset.
+        out: the run directory to create (refused when it exists and is not empty, unless ``overwrite``).
+        fmt: one of :data:`IMPORT_FORMATS` (``auto`` detects it from the keys).
+        overwrite: replace the dscl files of an existing run in ``out``.
+        backbone_only: ignore a classifier in the file (no ``classifier.pt``; run ``dscl classify``).
+
+    Returns:
+        An :class:`ImportResult` (format, loaded tensor count, missing / unexpected keys, notes).
+
+    Raises:
+        CheckpointError: unreadable file, unknown format, another architecture, wrong shapes, nothing
+            matching. Nothing is written in that case.
+        DataError: the preset's dataset is missing (its classes and counts are stored in the run).
+    """
+    if fmt not in IMPORT_FORMATS:
+        raise ValueError(f"--format {fmt!r}: use one of {', '.join(IMPORT_FORMATS)}")
+    path = Path(path)
+    out = prepare_run_dir(out, resume=False, overwrite=overwrite, check_only=True)
+    obj = read_external(path)
+    detected = detect_format(obj)
+    fmt = detected if fmt == "auto" else fmt
+    if fmt == "dscl":
+        if detected != "dscl":
+            raise CheckpointError(f"{path} is not a dscl checkpoint (no 'stage' and 'version' keys); "
+                                  "use --format official or torchvision")
+        mapped = _map_dscl(obj)
+    else:
+        state = _state_dict_of(obj)
+        if fmt == "official" and not any(k.startswith("encoder_q.") for k in state):
+            raise CheckpointError(f"{path} has no encoder_q.* keys, so it is not an official DSCL / MoCo stage-1 "
+                                  f"checkpoint (first keys: {_first(sorted(state), 5)}); try --format torchvision")
+        mapped = _map_official(state) if fmt == "official" else _map_torchvision(state)
+
+    from dscl.data import build_datasets
+
+    splits = build_datasets(cfg.data, seed=cfg.optim.seed)
+    queue_size = cfg.model.queue_size if cfg.loss.loss != "ce" else 0
+    model = _plain_model(cfg, queue_size)
+    target = model.state_dict()
+    width = model.online.backbone.num_features
+    parts = [("backbone", "online.backbone.", mapped.backbone)]
+    if mapped.head is not None:
+        parts.append(("projection head", "online.head.", mapped.head))
+    if mapped.momentum is not None:
+        parts.append(("momentum encoder's backbone", "momentum.backbone.", _split_prefix(mapped.momentum, "backbone.")))
+        if mapped.head is not None:
+            parts.append(("momentum encoder's head", "momentum.head.", _split_prefix(mapped.momentum, "head.")))
+    new = dict(target)
+    unexpected = list(mapped.unexpected)
+    for what, prefix, given in parts:
+        expected = _split_prefix(target, prefix)
+        extra = _check_part(what, given, expected, path, cfg, suggest=prefix == "online.backbone.")
+        unexpected += [prefix + k for k in extra]
+        new.update({prefix + k: v for k, v in given.items() if k in expected})
+    if mapped.momentum is None:  # MoCo's initial state: the momentum encoder is a copy of the online one
+        new.update({"momentum." + k[len("online."):]: v.clone() for k, v in new.items() if k.startswith("online.")})
+    notes = list(mapped.notes)
+    if mapped.queue is not None:
+        if _compare(mapped.queue, _split_prefix(target, "queue.")) == ([], [], []):
+            new.update({"queue." + k: v for k, v in mapped.queue.items()})
+            notes.append(f"queue imported ({int(mapped.queue['filled'])} filled entries)")
+        else:
+            notes.append("queue not imported (its size differs from model.queue_size); the run's queue starts empty")
+    missing_parts = [] if mapped.momentum is not None else ["momentum.* (copied from the online encoder)"]
+    if mapped.head is None:
+        missing_parts.append("online.head.* (freshly initialised)")
+
+    fc_state = None
+    if mapped.fc is not None and not backbone_only:
+        shape = tuple(mapped.fc["weight"].shape)
+        if shape == (splits.num_classes, width) and tuple(mapped.fc["bias"].shape) == (splits.num_classes,):
+            fc_state = {k: v.float() for k, v in mapped.fc.items()}
+        else:
+            notes.append(f"fc {shape} ignored: the dataset has {splits.num_classes} classes and the backbone "
+                         f"{width} features; run `dscl classify --run {out}` for a classifier")
+    elif mapped.fc is not None:
+        notes.append("fc ignored (--backbone-only); run `dscl classify` for a classifier")
+    model.load_state_dict(new)  # the final consistency check: every tensor in place, shapes right
+
+    meta = meta_dict(splits.class_names, splits.train_counts, splits.mean, splits.std)
+    imported = {"from": str(path.resolve()), "format": fmt, "head": mapped.head is not None,
+                "momentum": mapped.momentum is not None,
+                "file_epoch": obj.get("epoch") if isinstance(obj, Mapping) and isinstance(obj.get("epoch"), int)
+                else None}
+    prepare_run_dir(out, resume=False, overwrite=overwrite)
+    if dist.is_main():
+        dump_config(cfg, out / "config.yaml")
+        save_checkpoint(out / "checkpoints" / "last.pt", {
+            "stage": "pretrain", "epoch": cfg.optim.epochs, "epochs": cfg.optim.epochs, "finished": True,
+            "backbone": cfg.model.backbone, "num_classes": splits.num_classes, "dim": cfg.model.dim,
+            "model": model.state_dict(), "ce_head": None, "optimizer": None, "scaler": None, "rng": [rng_state()],
+            "wall_seconds": 0.0, "method": method_name(cfg), "imported": imported, **meta,
+        })
+        if fc_state is not None:
+            save_checkpoint(out / "checkpoints" / "classifier.pt", {
+                "stage": "classify", "protocol": "imported", "backbone_name": cfg.model.backbone,
+                "num_classes": splits.num_classes, "backbone": model.online.backbone.state_dict(),
+                "fc": fc_state, "class_means": None, "selected_epoch": None,
+                "selection": f"classifier imported from {path.name} ({fmt} format); dscl selected no epoch",
+                "history": [], "wall_seconds": 0.0, "imported": imported, **meta,
+            })
+        MetricsLog(out / "metrics.jsonl").write(stage="import", **imported, classifier=fc_state is not None)
+    dist.barrier()
+    loaded = len(mapped.backbone) + len(mapped.head or {}) + len(mapped.momentum or {}) + (2 if fc_state else 0)
+    return ImportResult(fmt, out, loaded, missing_parts, unexpected, notes, fc_state is not None)
+
+
+# ------------------------------------------------------------------------------------------------
+# export
+
+
+def refuse_existing(out: Path, overwrite: bool) -> None:
+    """Refuse to replace an existing output file (unless ``overwrite``) or a directory; create its folder."""
+    if out.is_dir():
+        raise RunDirError(f"--out {out} is a directory; give a file name")
+    if out.exists() and not overwrite:
+        raise RunDirError(f"--out {out} exists; pass --overwrite to replace it, or choose another file")
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+
+def export_meta(predictor: Predictor) -> dict[str, Any]:
+    """What a user needs besides the weights: classes, input conversion, architecture."""
+    return {
+        "run": str(predictor.run_dir), "architecture": predictor.cfg.model.backbone,
+        "class_names": predictor.class_names, "train_counts": predictor.train_counts,
+        "image_size": predictor.image_size, "mean": list(predictor.mean), "std": list(predictor.std),
+        "input_mode": predictor.input_mode,
+    }
+
+
+def scripted_classifier(predictor: Predictor) -> torch.jit.ScriptModule:
+    """Preprocess + backbone + classifier as a TorchScript module (images -> logits).
+
+    The backbone is traced at the run's image size (the preprocessing always produces that size) and
+    the rest is scripted, so the resize / grey / normalisation branches keep working for any input.
+    """
+    import warnings
+
+    module = predictor.classifier_module()
+    size = predictor.image_size
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit's deprecation notices; the format still loads everywhere
+        module.backbone = torch.jit.trace(module.backbone, torch.zeros(2, 3, size, size))
+        scripted = torch.jit.script(module)
+    return scripted
+
+
+def export_torchscript(predictor: Predictor, out: Path) -> Path:
+    """TorchScript file: uint8 ``(N, H, W, C)`` or float ``(N, C, H, W)`` in [0, 1] -> logits ``(N, C)``.
+
+    ``torch.jit.load(out)`` needs only torch (not dscl); ``meta.json`` inside the file (``_extra_files``)
+    holds the class names and the input conversion.
+    """
+    import warnings
+
+    scripted = scripted_classifier(predictor)
+    extra = {"meta.json": json.dumps(export_meta(predictor))}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit.save's deprecation notice
+        return atomic_write(out, lambda f: torch.jit.save(scripted, f, _extra_files=extra))
+
+
+class _OnnxGraph(nn.Module):
+    """Evaluation-size float images ``(N, 3, S, S)`` in [0, 1] -> logits (resizing is the caller's)."""
+
+    def __init__(self, m: ImageClassifier) -> None:
+        super().__init__()
+        self.m = m
+
+    def forward(self, x: Tensor) -> Tensor:
+        p = self.m.preprocess
+        return self.m.fc(self.m.backbone(p.normalise(p._channels(x))))
+
+
+def onnx_module(predictor: Predictor) -> nn.Module:
+    """The module :func:`export_onnx` exports (float ``(N, 3, S, S)`` in [0, 1] -> logits)."""
+    return _OnnxGraph(predictor.classifier_module()).eval()
+
+
+def _need_onnx() -> Any:
+    try:
+        import onnx
+        import onnxscript  # noqa: F401 - the torch.onnx exporter needs it
+    except ImportError as exc:
+        raise CheckpointError(
+            f"ONNX export needs the optional extra: pip install 'dscl[export]' (onnx, onnxscript, onnxruntime); "
+            f"{exc}"
+        ) from exc
+    return onnx
+
+
+def export_onnx(predictor: Predictor, out: Path, *, opset: int = ONNX_OPSET) -> Path:
+    """ONNX file: float32 ``images`` ``(N, 3, S, S)`` in [0, 1], already resized / cropped to the run's
+    evaluation view, -> ``logits`` ``(N, C)``; dynamic batch. Needs ``pip install 'dscl[export]'``."""
+    onnx = _need_onnx()
+    import contextlib
+    import io
+    import warnings
+
+    module = onnx_module(predictor)
+    size = predictor.image_size
+    batch = torch.export.Dim("batch", min=1)
+    with tempfile.TemporaryDirectory(prefix=".dscl-onnx-", dir=out.parent) as tmp:
+        raw = os.path.join(tmp, "model.onnx")
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            torch.onnx.export(module, (torch.rand(2, 3, size, size),), raw, dynamo=True, opset_version=opset,
+                              input_names=["images"], output_names=["logits"], dynamic_shapes={"x": {0: batch}},
+                              external_data=False)
+        model = onnx.load(raw)
+    for key, value in export_meta(predictor).items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, json.dumps(value)
+    onnx.checker.check_model(model)
+    data = model.SerializeToString()
+    return atomic_write(out, lambda f: f.write(data))
+
+
+def state_dict_export(predictor: Predictor) -> dict[str, Any]:
+    """``{"backbone": {...}, "fc": {"weight", "bias"}, "key_layout", "class_names", ...}`` (tensors on the CPU).
+
+    For the torchvision ResNets ``backbone`` holds torchvision's keys (= timm's), so
+    ``torchvision.models.resnet50().load_state_dict(sd["backbone"], strict=False)`` reports only ``fc``
+    missing, and with ``num_classes=C`` plus ``fc.*`` from ``sd["fc"]`` it is the whole classifier.
+    ``convnet`` and ``resnet32`` have no torchvision equivalent: their keys are this package's
+    (``key_layout: "dscl"``; ``dscl.backbones.build_backbone(name)`` loads them).
+    """
+    fc = predictor._require_fc()
+    name = predictor.cfg.model.backbone
+    return {
+        "format": "dscl-state-dict", "key_layout": "torchvision" if name in TORCHVISION_LAYOUT else "dscl",
+        "backbone": {k: v.detach().cpu().clone() for k, v in predictor.backbone.state_dict().items()},
+        "fc": {k: v.detach().cpu().clone() for k, v in fc.state_dict().items()},
+        **export_meta(predictor),
+    }
+
+
+def export_state_dict(predictor: Predictor, out: Path) -> Path:
+    """Write :func:`state_dict_export` with ``torch.save`` (loads with ``weights_only=True``)."""
+    payload = state_dict_export(predictor)
+    return atomic_write(out, lambda f: torch.save(payload, f))
+
+
+def export_run(predictor: Predictor, fmt: str, out: str | Path, *, overwrite: bool = False) -> Path:
+    """Export a loaded run in ``fmt`` (:data:`EXPORT_FORMATS`) to the file ``out`` (atomic)."""
+    if fmt not in EXPORT_FORMATS:
+        raise ValueError(f"--format {fmt!r}: use one of {', '.join(EXPORT_FORMATS)}")
+    out = Path(out)
+    predictor._require_fc()
+    if fmt == "onnx":  # check the extra before anything is created
+        _need_onnx()
+    refuse_existing(out, overwrite)
+    if fmt == "torchscript":
+        return export_torchscript(predictor, out)
+    if fmt == "onnx":
+        return export_onnx(predictor, out)
+    return export_state_dict(predictor, out)

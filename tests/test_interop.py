@@ -1,0 +1,233 @@
+"""dscl.interop: importing checkpoints in the official DSCL / MoCo, torchvision and dscl layouts;
+exporting runs as TorchScript, ONNX and torchvision-layout state dicts."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from conftest import needs_fmnist
+from dscl import load_run
+from dscl.checkpoint import CheckpointError, load_checkpoint
+from dscl.config import load_config
+from dscl.evaluation import evaluate
+from dscl.interop import export_run, import_checkpoint, read_external, state_dict_export
+from dscl.rundir import RunDirError
+
+# ----------------------------------------------------------------------------------------------
+# checkpoints in the exact layouts other code writes
+
+
+def official_stage1(q: dict[str, torch.Tensor], k: dict[str, torch.Tensor], dim: int = 128, size: int = 256,
+                    epoch: int = 200) -> dict:
+    """The official DSCL / MoCo-v2 ``checkpoint.pth.tar``: DDP ``module.`` prefix, encoder_q / encoder_k with
+    the MLP head as ``fc.0`` / ``fc.2``, a (dim, K) feature queue, a (1, K) label queue of random labels in
+    [0, 1000) and the pointer."""
+    sd = {f"module.encoder_q.{n}": v for n, v in q.items()}
+    sd.update({f"module.encoder_k.{n}": v for n, v in k.items()})
+    sd["module.queue"] = nn.functional.normalize(torch.randn(dim, size), dim=0)
+    sd["module.main_label_queue"] = torch.randint(0, 1000, (1, size))
+    sd["module.queue_ptr"] = torch.zeros(1, dtype=torch.long)
+    return {"epoch": epoch, "arch": "resnet", "state_dict": sd,
+            "optimizer": {"state": {}, "param_groups": [{"lr": 0.0, "momentum": 0.9, "params": [0]}]}}
+
+
+def official_from_dscl(model_state: dict[str, torch.Tensor]) -> dict:
+    """A dscl stage-1 model state rewritten in the official key layout (our convnet: fast to test)."""
+    q, k = {}, {}
+    for name, v in model_state.items():
+        for ours, theirs, part in (("online.backbone.", "", q), ("online.head.", "fc.", q),
+                                   ("momentum.backbone.", "", k), ("momentum.head.", "fc.", k)):
+            if name.startswith(ours):
+                part[theirs + name[len(ours):]] = v
+    return official_stage1(q, k)
+
+
+def _moco_resnet18(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    m = torchvision.models.resnet18(num_classes=128)
+    m.fc = nn.Sequential(nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 128))  # the MoCo-v2 head
+    return m
+
+
+def _r18_cfg(*extra: str):
+    return load_config("smoke", overrides=["model.backbone=resnet18", "data.image_size=32", *extra])
+
+
+# ----------------------------------------------------------------------------------------------
+# import
+
+
+@needs_fmnist
+def test_official_resnet18_stage1_layout_lands_in_the_right_places(tmp_path: Path) -> None:
+    q, k = _moco_resnet18(0), _moco_resnet18(1)
+    path = tmp_path / "checkpoint.pth.tar"
+    torch.save(official_stage1(q.state_dict(), k.state_dict()), path)
+    res = import_checkpoint(path, _r18_cfg(), tmp_path / "run")
+    assert res.format == "official" and not res.classifier and res.unexpected == []
+    assert any("queue (128, 256) not imported" in n for n in res.notes)
+    state = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert state["finished"] and state["imported"]["head"] and state["imported"]["file_epoch"] == 200
+    model = state["model"]
+    for name, v in q.state_dict().items():
+        ours = ("online.head." + name[3:]) if name.startswith("fc.") else "online.backbone." + name
+        assert torch.equal(model[ours], v), name
+    for name, v in k.state_dict().items():
+        ours = ("momentum.head." + name[3:]) if name.startswith("fc.") else "momentum.backbone." + name
+        assert torch.equal(model[ours], v), name
+    assert int(model["queue.filled"]) == 0 and state["class_names"][0] == "T-shirt/top"
+    # the imported backbone computes exactly what encoder_q's trunk computes
+    p = load_run(tmp_path / "run", stage1_ok=True)
+    trunk = _moco_resnet18(0).eval()
+    trunk.fc = nn.Identity()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(p.features_of(x), trunk(x), atol=1e-5)
+
+
+@needs_fmnist
+def test_official_stage2_file_becomes_the_classifier_and_exports_to_torchvision(tmp_path: Path) -> None:
+    torch.manual_seed(2)
+    tv = torchvision.models.resnet18(num_classes=10)
+    for m in tv.modules():  # non-trivial BatchNorm statistics, as a trained stage 2 leaves them
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+    path = tmp_path / "linear_best.pth.tar"
+    torch.save({"epoch": 40, "state_dict": {f"module.{n}": v for n, v in tv.state_dict().items()},
+                "best_acc1": 12.5}, path)
+    res = import_checkpoint(path, _r18_cfg(), tmp_path / "run")
+    assert res.format == "torchvision" and res.classifier
+    assert "online.head.* (freshly initialised)" in res.missing
+    p = load_run(tmp_path / "run")
+    batch = torch.randint(0, 256, (4, 32, 32, 3), dtype=torch.uint8)
+    tv.eval()
+    with torch.no_grad():
+        assert torch.allclose(p.logits(batch), tv(p.prepare(batch)), atol=1e-4)
+    # export: torchvision keys, so torchvision's own resnet18 loads it (only fc missing without num_classes)
+    sd = state_dict_export(p)
+    assert sd["key_layout"] == "torchvision" and sd["class_names"] == p.class_names
+    missing, unexpected = torchvision.models.resnet18().load_state_dict(sd["backbone"], strict=False)
+    assert sorted(missing) == ["fc.bias", "fc.weight"] and unexpected == []
+    whole = torchvision.models.resnet18(num_classes=10)
+    whole.load_state_dict({**sd["backbone"], **{f"fc.{n}": v for n, v in sd["fc"].items()}})
+    with torch.no_grad():
+        assert torch.allclose(whole.eval()(p.prepare(batch)), p.logits(batch), atol=1e-4)
+    # --backbone-only ignores the fc
+    res = import_checkpoint(path, _r18_cfg(), tmp_path / "bare", backbone_only=True)
+    assert not res.classifier and not (tmp_path / "bare" / "checkpoints" / "classifier.pt").exists()
+    # a plain torchvision file (ImageNet-style: no wrapper, no prefix, a 1000-class fc): backbone only
+    torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "imagenet.pth")
+    res = import_checkpoint(tmp_path / "imagenet.pth", _r18_cfg(), tmp_path / "imagenet")
+    assert res.format == "torchvision" and not res.classifier
+    assert any("fc (1000, 512) ignored" in n for n in res.notes)
+
+
+@needs_fmnist
+def test_dscl_last_pt_imports_with_its_queue(smoke_run: Path, tmp_path: Path) -> None:
+    res = import_checkpoint(smoke_run / "checkpoints" / "last.pt", load_config("smoke"), tmp_path / "run")
+    assert res.format == "dscl" and res.missing == [] and res.unexpected == []
+    src = load_checkpoint(smoke_run / "checkpoints" / "last.pt")["model"]
+    got = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["model"]
+    assert set(src) == set(got) and all(torch.equal(src[n], got[n]) for n in src)
+    assert int(got["queue.filled"]) > 0
+
+
+@needs_fmnist
+def test_imports_that_do_not_fit_are_refused_and_write_nothing(smoke_run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    r18 = tmp_path / "r18.pth.tar"
+    torch.save(official_stage1(_moco_resnet18(0).state_dict(), _moco_resnet18(1).state_dict()), r18)
+    with pytest.raises(CheckpointError, match="nothing in the backbone matches a convnet.*model.backbone=resnet18"):
+        import_checkpoint(r18, load_config("smoke"), out)
+    with pytest.raises(CheckpointError, match="embedding dimension is 128: add model.dim=128"):
+        import_checkpoint(r18, _r18_cfg("model.dim=64"), out)
+    official = official_from_dscl(load_checkpoint(smoke_run / "checkpoints" / "last.pt")["model"])
+    del official["state_dict"]["module.encoder_q.stages.4.weight"]
+    torch.save(official, tmp_path / "partial.pth.tar")
+    with pytest.raises(CheckpointError, match="missing keys: stages.4.weight"):
+        import_checkpoint(tmp_path / "partial.pth.tar", load_config("smoke"), out)
+    torch.save({"state_dict": {"encoder.foo.weight": torch.zeros(3)}}, tmp_path / "alien.pth")
+    with pytest.raises(CheckpointError, match="nothing in the backbone matches"):
+        import_checkpoint(tmp_path / "alien.pth", load_config("smoke"), out)
+    with pytest.raises(CheckpointError, match="no encoder_q"):
+        import_checkpoint(tmp_path / "alien.pth", load_config("smoke"), out, fmt="official")
+    (tmp_path / "garbage.pth").write_bytes(b"\x00not a checkpoint")
+    with pytest.raises(CheckpointError, match="cannot read checkpoint .*garbage.pth as weights: it is not a torch"):
+        import_checkpoint(tmp_path / "garbage.pth", load_config("smoke"), out)
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "hook": Path("x")}, tmp_path / "pickled.pth")
+    with pytest.raises(CheckpointError, match="it holds Python objects .*Path.*weights_only=True"):
+        read_external(tmp_path / "pickled.pth")
+    assert not out.exists()
+    out.mkdir()
+    (out / "mine.txt").write_text("keep")
+    with pytest.raises(RunDirError, match="not empty"):
+        import_checkpoint(r18, _r18_cfg(), out)
+
+
+@needs_fmnist
+def test_a_wrongly_loaded_classifier_is_flagged_after_evaluation(smoke_run: Path, tmp_path: Path, capsys) -> None:
+    # a classifier for these classes but random: the symptom users of the peers report (top-1 near chance)
+    state = load_checkpoint(smoke_run / "checkpoints" / "classifier.pt")
+    weight = torch.randn(10, 256, generator=torch.Generator().manual_seed(0)) * 1e-3
+    bias = torch.tensor([0.0] * 9 + [1e3])
+    torch.save({**state["backbone"], "fc.weight": weight, "fc.bias": bias}, tmp_path / "plain.pth")
+    import_checkpoint(tmp_path / "plain.pth", load_config("smoke"), tmp_path / "run")
+    report = evaluate(tmp_path / "run", split="val", device="cpu", progress=False)  # 200 images: fast
+    assert report["top1"] == pytest.approx(10.0, abs=0.01)  # always the last class on a balanced split
+    assert "WARNING: top-1 10.0% is within 1.5x of chance" in capsys.readouterr().err
+    assert [v["method"] for v in report["variants"]][-1] != "nearest class mean"  # no class means imported
+
+
+# ----------------------------------------------------------------------------------------------
+# export
+
+
+@needs_fmnist
+def test_torchscript_export_equals_the_predictor(smoke_run: Path, tmp_path: Path) -> None:
+    p = load_run(smoke_run)
+    path = export_run(p, "torchscript", tmp_path / "model.pt")
+    extra = {"meta.json": ""}
+    module = torch.jit.load(str(path), _extra_files=extra)
+    assert json.loads(extra["meta.json"])["class_names"] == p.class_names
+    gen = torch.Generator().manual_seed(0)
+    for batch in (torch.randint(0, 256, (3, 28, 28, 1), dtype=torch.uint8, generator=gen),
+                  torch.randint(0, 256, (2, 40, 31, 3), dtype=torch.uint8, generator=gen),
+                  torch.rand(2, 3, 50, 20, generator=gen)):
+        with torch.no_grad():
+            assert torch.allclose(module(batch), p.logits(batch), atol=1e-5, rtol=0)
+    with pytest.raises(RunDirError, match="exists; pass --overwrite"):
+        export_run(p, "torchscript", path)
+    sd = torch.load(export_run(p, "state-dict", tmp_path / "sd.pt"), weights_only=True)
+    assert sd["key_layout"] == "dscl" and set(sd["fc"]) == {"weight", "bias"}
+    from dscl.backbones import build_backbone
+
+    build_backbone("convnet").load_state_dict(sd["backbone"])  # convnet has no torchvision twin: its own keys
+
+
+@needs_fmnist
+def test_onnx_export_matches_torch(smoke_run: Path, tmp_path: Path) -> None:
+    ort = pytest.importorskip("onnxruntime", reason="the optional export extra is not installed")
+    pytest.importorskip("onnxscript")
+    p = load_run(smoke_run)
+    path = export_run(p, "onnx", tmp_path / "model.onnx")
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for n in (1, 5):  # dynamic batch
+        x = torch.rand(n, 3, 28, 28, generator=torch.Generator().manual_seed(n))
+        (out,) = session.run(["logits"], {"images": x.numpy()})
+        assert torch.allclose(torch.from_numpy(out), p.logits(x), atol=1e-4)
+
+
+@needs_fmnist
+def test_onnx_export_without_the_extra_says_how_to_install_it(smoke_run: Path, tmp_path: Path,
+                                                              monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "onnx", None)  # what `import onnx` sees when it is not installed
+    with pytest.raises(CheckpointError, match=r"pip install 'dscl\[export\]'"):
+        export_run(load_run(smoke_run), "onnx", tmp_path / "model.onnx")
+    assert not (tmp_path / "model.onnx").exists()
