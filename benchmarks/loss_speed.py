@@ -7,12 +7,16 @@ of B x (2B+K), masked logits, log-softmax and a dense weights matrix for DSCL; a
 L patches with separate matmuls, softmax / log_softmax per patch for PBSD. Both compute the same
 number (checked: the script prints the relative difference of the two loss values).
 
-What is measured, per variant and size, each in a fresh subprocess (so one variant's allocator state
-cannot help or hurt the other):
+The baseline's PBSD loops over the L patches like the official code, so the memory comparison is
+against what users of that code run today. What is measured, per size:
 
-* time: ``--repeats`` timed forward+backward steps after 2 warm-up steps; the median (and all
-  samples) in milliseconds, wall clock (``time.perf_counter``).
-* extra peak memory: after a warm-up step and ``malloc_trim``, the kernel's peak-RSS counter is
+* time (one subprocess for both variants): ``--repeats`` rounds after 2 warm-up steps each; every
+  round times one forward+backward of each variant back to back, in alternating order, so that
+  load from other jobs hits both alike. Reported: each variant's median and all samples in
+  milliseconds (wall clock), the ratio of the medians (``speedup``, the headline) and the median
+  of the per-round ratios (``speedup_paired_median``).
+* memory (a fresh subprocess per variant, so one variant's allocator state cannot help or hurt the
+  other), extra peak: after a warm-up step and ``malloc_trim``, the kernel's peak-RSS counter is
   reset (``echo 5 > /proc/self/clear_refs``), then one forward+backward runs; the figure is
   ``VmHWM`` after the step minus ``VmRSS`` before it, i.e. the most resident memory the step added
   on top of the inputs (everything the allocator really touched: logits, masks, autograd buffers,
@@ -20,13 +24,20 @@ cannot help or hurt the other):
 * saved MiB: total size of the tensors autograd keeps for backward (via
   ``torch.autograd.graph.saved_tensors_hooks``), not counting storage shared with the inputs.
 
-The machine may be shared with other jobs: timings are noisy; the JSON keeps every sample.
+The machine may be shared with other jobs: timings are noisy; the JSON keeps every sample. Torch
+runs with the OpenMP settings ``dscl`` uses (passive waits, :mod:`dscl.threads`); beside other jobs
+the default busy-waiting slows both variants several-fold and distorts the ratio.
 
 Usage:
     python benchmarks/loss_speed.py [--repeats 7] [--quick] [--out benchmarks/results/loss_speed.json]
 """
 
 from __future__ import annotations
+
+# ruff: noqa: E402  (the OpenMP settings below must be in place before torch is imported)
+from dscl.threads import set_openmp_defaults
+
+set_openmp_defaults()  # as `dscl` runs: passive OpenMP waits (DSCL_OPENMP_DEFAULTS=0: OpenMP's own)
 
 import argparse
 import contextlib
@@ -188,22 +199,30 @@ def worker(variant, size, repeats):
     except OSError:
         _run_step(step, inp)
 
-    _run_step(step, inp)  # second warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        _run_step(step, inp)
-        times.append((time.perf_counter() - t0) * 1e3)
     return {
         "variant": variant,
         "size": size,
         "loss": value,
-        "median_ms": statistics.median(times),
-        "times_ms": times,
         "extra_peak_mib": peak_mib,
         "saved_mib": sum(saved.values()) / 2**20,
         "threads": torch.get_num_threads(),
     }
+
+
+def timing_worker(size, repeats):
+    """Both variants in one process on the same inputs, alternating step by step (the order flips
+    every round), so that load from other jobs on a shared machine hits both alike."""
+    inp = make_inputs(size)
+    for variant in STEPS:  # two warm-up steps each
+        _run_step(STEPS[variant], inp)
+        _run_step(STEPS[variant], inp)
+    times = {variant: [] for variant in STEPS}
+    for i in range(repeats):
+        for variant in (list(STEPS) if i % 2 == 0 else list(STEPS)[::-1]):
+            t0 = time.perf_counter()
+            _run_step(STEPS[variant], inp)
+            times[variant].append((time.perf_counter() - t0) * 1e3)
+    return {"times_ms": times, "threads": torch.get_num_threads()}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -227,6 +246,13 @@ def _estimated_straightforward_bytes(size):
     return 4 * (14 * b * (2 * b + k) + 8 * n * b * (k + 1))
 
 
+def memory_budget_mib(size):
+    """Issue #15's ceiling for our extra peak memory: one (L*B) x (K+1) float32 buffer plus the
+    B x (2B+K) float32 logits (55 MB at B=128, K=16384, L=5)."""
+    b, k, n = size["B"], size["K"], size["L"]
+    return 4 * (n * b * (k + 1) + b * (2 * b + k)) / 2**20
+
+
 def _cpu_model():
     try:
         with open("/proc/cpuinfo") as f:
@@ -238,17 +264,9 @@ def _cpu_model():
     return platform.processor()
 
 
-def run_variant(variant, size, repeats, threads):
-    cmd = [
-        sys.executable,
-        __file__,
-        "--_worker",
-        variant,
-        "--_size",
-        json.dumps(size),
-        "--repeats",
-        str(repeats),
-    ]
+def run_worker(worker_name, size, repeats, threads):
+    """``worker_name`` = a variant (its memory, fresh process) or ``timing`` (both variants' times)."""
+    cmd = [sys.executable, __file__, "--_worker", worker_name, "--_size", json.dumps(size), "--repeats", str(repeats)]
     if threads:
         cmd += ["--threads", str(threads)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True)
@@ -267,6 +285,9 @@ def main(argv=None):
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args._worker == "timing":
+        print(json.dumps(timing_worker(json.loads(args._size), args.repeats)))
+        return 0
     if args._worker:
         print(json.dumps(worker(args._worker, json.loads(args._size), args.repeats)))
         return 0
@@ -278,7 +299,11 @@ def main(argv=None):
         if avail is not None and need * 2 > avail:
             skipped.append({"size": size, "reason": f"needs ~{need / 2**30:.1f} GiB, {avail / 2**30:.1f} available"})
             continue
-        res = {v: run_variant(v, size, args.repeats, args.threads) for v in ("straightforward", "ours")}
+        res = {v: run_worker(v, size, args.repeats, args.threads) for v in ("straightforward", "ours")}
+        timing = run_worker("timing", size, args.repeats, args.threads)
+        for v, r in res.items():
+            r["times_ms"] = timing["times_ms"][v]
+            r["median_ms"] = statistics.median(r["times_ms"])
         ours, ref = res["ours"], res["straightforward"]
         rows.append(
             {
@@ -286,6 +311,10 @@ def main(argv=None):
                 "straightforward": ref,
                 "ours": ours,
                 "speedup": ref["median_ms"] / ours["median_ms"],
+                # each round timed both back to back: the median of the per-round ratios
+                "speedup_paired_median": statistics.median(
+                    s / o for s, o in zip(ref["times_ms"], ours["times_ms"], strict=True)),
+                "memory_budget_mib": memory_budget_mib(size),
                 "loss_rel_diff": abs(ours["loss"] - ref["loss"]) / abs(ref["loss"]),
             }
         )
@@ -306,7 +335,8 @@ def main(argv=None):
                 f"{s['B']:>4} {s['D']:>4} {s['K']:>6} {s['L']:>2} | {v:<16} {r['median_ms']:>10.1f} "
                 f"{peak:>15} {r['saved_mib']:>10.1f} | {speed:>7}"
             )
-        print(f"     loss values agree to rel {row['loss_rel_diff']:.1e}")
+        print(f"     loss values agree to rel {row['loss_rel_diff']:.1e}; extra-peak budget (one (L*B) x (K+1) "
+              f"buffer + the B x (2B+K) logits) {row['memory_budget_mib']:.1f} MiB")
     for s in skipped:
         print(f"skipped {s['size']}: {s['reason']}")
 

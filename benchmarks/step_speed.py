@@ -16,6 +16,11 @@ median of the timed steps is reported. Example (the issue's command):
 
 from __future__ import annotations
 
+# ruff: noqa: E402  (the OpenMP settings below must be in place before torch is imported)
+from dscl.threads import set_openmp_defaults
+
+set_openmp_defaults()  # as `dscl` runs: passive OpenMP waits (DSCL_OPENMP_DEFAULTS=0: OpenMP's own)
+
 import argparse
 import copy
 import json
@@ -35,7 +40,7 @@ from torchvision.ops import roi_align
 from dscl.backbones import build_backbone
 from dscl.config import LossConfig
 from dscl.model import DSCLModel, Encoder
-from dscl.pretrain import Batch, pretrain_step
+from dscl.pretrain import Batch, patches_channels_last, pretrain_step
 
 RESULTS = Path(__file__).parent / "results" / "step_speed.json"
 
@@ -168,8 +173,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     def run_ours(inputs):
         q, k, p, bx, y = inputs
+        # the layouts the training loop hands the step (pretrain._batches): channels-last views and
+        # L-major channels-last patches (the student's batched forward then needs no layout change)
         batch = Batch(q.contiguous(memory_format=torch.channels_last), k.contiguous(memory_format=torch.channels_last),
-                      p, bx, y)
+                      patches_channels_last(p), bx, y)
         t = time.perf_counter()
         pretrain_step(ours, batch, opt_ours, lr=0.01, m=0.999, loss_cfg=loss_cfg)
         return time.perf_counter() - t

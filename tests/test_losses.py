@@ -643,7 +643,8 @@ def test_pbsd_row_blocks_match_reference(monkeypatch):
     """The blocked elementwise pass of PBSD (several row blocks, a ragged last one) changes nothing."""
     import dscl.losses as losses
 
-    monkeypatch.setattr(losses, "_BLOCK_ELEMENTS", 2 * 9)  # K + 1 = 9 -> blocks of 2 rows over L*B = 9
+    monkeypatch.setattr(losses, "_BLOCK_ELEMENTS", 2 * 8)  # K = 8 -> blocks of 2 rows over L*B = 9
+    monkeypatch.setattr(losses, "_MIN_BLOCK_ROWS", 1)
     gen = torch.Generator().manual_seed(13)
     teacher, student = unit(3, 3, 5, gen=gen), unit(3, 3, 5, gen=gen)
     key, queue = unit(3, 5, gen=gen), unit(8, 5, gen=gen)
@@ -654,3 +655,149 @@ def test_pbsd_row_blocks_match_reference(monkeypatch):
     ours.backward()
     ref.backward()
     torch.testing.assert_close(s_ours.grad, s_ref.grad, rtol=1e-9, atol=1e-12)
+
+
+# --------------------------------------------------------------------------------------------------
+# Issue #15: num_classes (no host-device sync), PBSD memory, device-adapted blocking
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if not c[4]], ids=case_id)
+@pytest.mark.parametrize("kind", ["dscl", "supcon"])
+def test_num_classes_gives_the_same_loss_and_gradient(case, kind):
+    b, k, d, c, _ = case
+    query, key, labels, queue, queue_labels = make_inputs(b, k, d, c, seed=3 * b + k)
+    fn = dscl_loss if kind == "dscl" else supcon_loss
+    n_classes = c + 2  # classes absent from both the batch and the queue change nothing
+    q_plain, q_known = query.clone().requires_grad_(), query.clone().requires_grad_()
+    plain = fn(q_plain, key, labels, queue, queue_labels, temperature=0.2)
+    known = fn(q_known, key, labels, queue, queue_labels, temperature=0.2, num_classes=n_classes)
+    torch.testing.assert_close(known, plain, rtol=1e-12, atol=1e-12)
+    plain.backward()
+    known.backward()
+    torch.testing.assert_close(q_known.grad, q_plain.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_num_classes_path_calls_no_syncing_op(monkeypatch):
+    """torch.unique and bincount wait for the device; with num_classes neither runs."""
+    query, key, labels, queue, queue_labels = make_inputs(6, 12, 5, 4, seed=1)
+    expected = dscl_loss(query, key, labels, queue, queue_labels)
+
+    def syncing(*args, **kwargs):
+        raise AssertionError("a host-device synchronising op ran")
+
+    monkeypatch.setattr(torch, "unique", syncing)
+    monkeypatch.setattr(torch, "bincount", syncing)
+    monkeypatch.setattr(torch.Tensor, "unique", syncing)
+    monkeypatch.setattr(torch.Tensor, "bincount", syncing)
+    got = dscl_loss(query, key, labels, queue, queue_labels, num_classes=4)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    supcon_loss(query, key, labels, queue, queue_labels, num_classes=4)
+    assert DSCLLoss(num_classes=4)(query, key, labels, queue, queue_labels).isfinite()
+    assert SupConLoss(num_classes=4)(query, key, labels, queue, queue_labels).isfinite()
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, True])
+def test_bad_num_classes_raises(bad):
+    query, key, labels, queue, queue_labels = make_inputs(4, 5, 3, 2, seed=0)
+    with pytest.raises(ValueError, match="num_classes"):
+        dscl_loss(query, key, labels, queue, queue_labels, num_classes=bad)
+
+
+def test_label_outside_num_classes_raises_naming_the_argument():
+    query, key, labels, queue, queue_labels = make_inputs(4, 5, 3, 3, seed=0)
+    with pytest.raises(ValueError, match=r"queue_labels must lie in \[0, num_classes=2\)"):
+        dscl_loss(query, key, labels % 2, queue, queue_labels + 2, num_classes=2)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, num_classes=3\)"):
+        supcon_loss(query, key, labels - 1 - labels.max(), queue, queue_labels, num_classes=3)
+
+
+class _FreshBuffers(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records every op output whose storage is new and at least ``min_bytes`` large (tensor-size
+    tracking at the dispatcher: sees allocations inside autograd Functions, unlike tracemalloc)."""
+
+    def __init__(self, min_bytes: int) -> None:
+        super().__init__()
+        self.min_bytes = min_bytes
+        self.seen: set[int] = set()
+        self.big: list[tuple[str, tuple[int, ...]]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                if storage.data_ptr() not in self.seen:
+                    self.seen.add(storage.data_ptr())
+                    if storage.nbytes() >= self.min_bytes:
+                        self.big.append((str(func), tuple(t.shape)))
+        return out
+
+
+def test_pbsd_allocates_no_full_size_buffer(monkeypatch):
+    """Issue #15: PBSD held two (L*B) x (K+1) float32 buffers; now only row blocks exist."""
+    import dscl.losses as losses
+
+    n_patches, b, d, k = 5, 32, 16, 4095
+    full = n_patches * b * (k + 1)
+    monkeypatch.setattr(losses, "_BLOCK_ELEMENTS", full // 8)  # blocks of 20 rows
+    monkeypatch.setattr(losses, "_MIN_BLOCK_ROWS", 1)
+    gen = torch.Generator().manual_seed(0)
+    teacher, student = unit(n_patches, b, d, dtype=torch.float32, gen=gen), unit(
+        n_patches, b, d, dtype=torch.float32, gen=gen).requires_grad_()
+    key, queue = unit(b, d, dtype=torch.float32, gen=gen), unit(k, d, dtype=torch.float32, gen=gen)
+    with _FreshBuffers(min_bytes=4 * full // 2) as tracker:
+        loss = pbsd_loss(teacher, student, key, queue)
+        loss.backward()
+    assert tracker.big == []
+    # and the blocked, gradient-in-forward result is still the loop's (float64 check at this size)
+    s64 = student.detach().double().requires_grad_()
+    ref = pbsd_loss(teacher.double(), s64, key.double(), queue.double())
+    ref.backward()
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(student.grad.double(), s64.grad, rtol=1e-4, atol=1e-7)
+
+
+def test_pbsd_without_grad_skips_the_gradient_and_keeps_the_value():
+    gen = torch.Generator().manual_seed(5)
+    teacher, student = unit(3, 4, 6, gen=gen), unit(3, 4, 6, gen=gen)
+    key, queue = unit(4, 6, gen=gen), unit(10, 6, gen=gen)
+    with torch.no_grad():
+        value = pbsd_loss(teacher, student.requires_grad_(), key, queue, temperature=0.3)
+    assert not value.requires_grad
+    torch.testing.assert_close(value, ref_pbsd(teacher, student.detach(), key, queue, 0.3), rtol=1e-9, atol=1e-12)
+
+
+def test_pbsd_blocks_adapt_to_the_device():
+    import dscl.losses as losses
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    # ImageNet-LT size (L*B = 1280 rows, K = 65536): at most two blocks on a GPU, >= 128-row blocks on a CPU
+    assert losses._pbsd_block_rows(cuda, 1280, 65536) >= 640
+    assert 128 <= losses._pbsd_block_rows(cpu, 1280, 65536) < 640
+    # the issue's CPU size (L*B = 640, K = 16384): several blocks, never a whole (L*B) x K buffer
+    assert 128 <= losses._pbsd_block_rows(cpu, 640, 16384) <= 320
+    assert losses._pbsd_block_rows(cpu, 9, 5) == 9 and losses._pbsd_block_rows(cpu, 5, 0) == 5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_losses_with_num_classes_do_not_synchronise_on_cuda():
+    query, key, labels, queue, queue_labels = (
+        t.cuda() for t in make_inputs(16, 64, 8, 5, seed=2, dtype=torch.float32))
+    gen = torch.Generator().manual_seed(0)
+    teacher, student = (unit(3, 16, 8, dtype=torch.float32, gen=gen).cuda() for _ in range(2))
+    query.requires_grad_()
+    student.requires_grad_()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss = dscl_loss(query, key, labels, queue, queue_labels, num_classes=5)
+        loss = loss + supcon_loss(query, key, labels, queue, queue_labels, num_classes=5)
+        loss = loss + pbsd_loss(teacher, student, key, queue)
+        loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    cpu = dscl_loss(query.detach().cpu(), key.cpu(), labels.cpu(), queue.cpu(), queue_labels.cpu())
+    torch.testing.assert_close(
+        dscl_loss(query.detach(), key, labels, queue, queue_labels, num_classes=5).cpu(), cpu,
+        rtol=1e-4, atol=1e-5)

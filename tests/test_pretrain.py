@@ -1,6 +1,7 @@
 """Stage 1: the step's gradient flow, EMA, exact resume, interrupts, no patch work without PBSD."""
 
 import dataclasses
+import os
 
 import pytest
 import torch
@@ -74,8 +75,18 @@ def test_momentum_encoder_moves_by_ema():
         torch.testing.assert_close(k_new, 0.9 * k_old + 0.1 * q_old)
 
 
+@pytest.fixture
+def restore_determinism():
+    """optim.deterministic switches torch's process-wide flags on; give the next tests a clean process."""
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             torch.get_num_threads())
+    yield
+    torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+    torch.set_num_threads(saved[2])
+
+
 @needs_fmnist
-def test_resume_is_exact(tmp_path):
+def test_resume_is_exact(tmp_path, restore_determinism):
     cfg = load_config("smoke", overrides=["optim.epochs=2", "optim.deterministic=true"])
     pretrain(cfg, tmp_path / "straight", progress=False)
     pretrain(cfg, tmp_path / "split", progress=False, max_epochs=1)
@@ -87,6 +98,9 @@ def test_resume_is_exact(tmp_path):
     assert a["finished"] and b["finished"] and a["epoch"] == b["epoch"] == 2
     for key, value in a["model"].items():
         assert torch.equal(value, b["model"][key]), key
+    # issue #11 item 7: deterministic means strict (an op without a deterministic kernel raises)
+    assert torch.are_deterministic_algorithms_enabled() and not torch.is_deterministic_algorithms_warn_only_enabled()
+    assert os.environ.get("CUBLAS_WORKSPACE_CONFIG") == ":4096:8"
 
 
 def test_bf16_autocast_step_is_finite():
@@ -145,6 +159,104 @@ def test_no_patches_are_cut_without_pbsd(tmp_path, monkeypatch):
         return real(image_size, views, mean, std)
 
     monkeypatch.setattr(train_mod, "DSCLTransform", spy)
-    cfg = load_config("smoke", overrides=["optim.epochs=1", "optim.warmup_epochs=5", "loss.pbsd_weight=0"])
+    # the per-sample path (the batched one: tests/test_batched_views.py::test_no_patches_without_pbsd_batched)
+    cfg = load_config("smoke", overrides=["optim.epochs=1", "optim.warmup_epochs=5", "loss.pbsd_weight=0",
+                                          "views.augment_on=loader"])
     pretrain(cfg, tmp_path / "run", progress=False)
     assert seen == [0]
+
+
+# ---------------------------------------------------------------------------------------------
+# issue #11 item 1 (fp16 policy) and issue #15 (a step that never stalls a GPU)
+
+
+def test_fp16_nonfinite_loss_is_skipped_not_fatal():
+    """An fp16 overflow is the scaler's business: the step is skipped, the scale lowered, no exception."""
+    model = _model()
+    opt = torch.optim.SGD(model.online.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu")
+    batch = _batch()
+    batch.query[0, 0, 0, 0] = float("inf")  # what an fp16 overflow in the forward pass looks like
+    before = [p.detach().clone() for p in model.online.parameters()]
+    parts = pretrain_step(model, batch, opt, lr=0.1, m=0.99, loss_cfg=load_config("smoke").loss, scaler=scaler)
+    assert not torch.isfinite(parts["loss"])
+    assert all(torch.equal(a, p) for a, p in zip(before, model.online.parameters(), strict=True))
+    assert scaler.get_scale() == 65536.0 / 2
+    parts = pretrain_step(model, _batch(seed=1), opt, lr=0.1, m=0.99, loss_cfg=load_config("smoke").loss,
+                          scaler=scaler)
+    assert torch.isfinite(parts["loss"]) and all(torch.isfinite(p).all() for p in model.online.parameters())
+    assert not all(torch.equal(a, p) for a, p in zip(before, model.online.parameters(), strict=True))
+
+
+def test_step_reads_nothing_back_from_the_device(monkeypatch):
+    """No .item(), bool() or float() of a tensor inside the fp32 step: each one stalls a GPU for the host."""
+    model = _model()
+    opt = torch.optim.SGD(model.online.parameters(), lr=0.1, momentum=0.9)
+    losses = []
+
+    def host_read(*args, **kwargs):
+        raise AssertionError("a tensor value was read on the host inside the training step")
+
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        monkeypatch.setattr(torch.Tensor, name, host_read)
+    for seed in range(2):
+        parts = pretrain_step(model, _batch(seed=seed), opt, lr=0.1, m=0.99, loss_cfg=load_config("smoke").loss)
+        losses.append(parts["loss"])
+    monkeypatch.undo()
+    # torch.unique / bincount wait for a GPU too (their output size depends on the data): with the class
+    # count known (what pretrain() passes) the losses use neither. (On a CPU the losses range-check the
+    # labels with a cheap host read, which is why this half does not patch __int__.)
+    monkeypatch.setattr(torch, "unique", host_read)
+    monkeypatch.setattr(torch, "bincount", host_read)
+    for seed in range(2, 4):
+        parts = pretrain_step(model, _batch(seed=seed), opt, lr=0.1, m=0.99, loss_cfg=load_config("smoke").loss,
+                              num_classes=3)
+        losses.append(parts["loss"])
+    monkeypatch.undo()
+    assert all(torch.isfinite(v) for v in losses) and len(model.queue) == 16  # queue size 16: full
+
+
+def test_nonfinite_guard_policy():
+    from dscl.pretrain import NonFiniteGuard
+
+    nan, one = torch.tensor(float("nan")), torch.tensor(1.0)
+    strict = NonFiniteGuard(torch.device("cpu"), tolerate=False)
+    strict.update(one)
+    assert strict.check(step=1) == 0
+    strict.update(one)
+    strict.update(nan)  # fp32/bf16: one NaN is fatal, at the next check
+    with pytest.raises(FloatingPointError, match=r"1 of the 2 steps up to step 3"):
+        strict.check(step=3)
+    fp16 = NonFiniteGuard(torch.device("cpu"), tolerate=True, max_streak=5)
+    for _ in range(3):
+        fp16.update(nan)
+    fp16.update(one)
+    assert fp16.check(step=4) == 3  # overflows the scaler skipped: counted, not fatal
+    for _ in range(3):
+        fp16.update(nan)
+    assert fp16.check(step=7) == 3
+    for _ in range(2):  # the streak carries over a check: 5 in a row
+        fp16.update(nan)
+    with pytest.raises(FloatingPointError, match="5 steps in a row"):
+        fp16.check(step=9)
+
+
+@needs_fmnist
+def test_nan_loss_stops_the_run_before_saving(tmp_path, monkeypatch):
+    """fp32: a NaN loss stops the run at the next check, and last.pt keeps the last finite epoch."""
+    import dscl.pretrain as train_mod
+
+    cfg = load_config("smoke", overrides=["optim.epochs=2", "optim.log_every=100"])
+    real_loss, calls = train_mod.dscl_loss, {"n": 0}
+
+    def nan_in_epoch_2(*args, **kwargs):
+        calls["n"] += 1
+        loss = real_loss(*args, **kwargs)
+        return loss * float("nan") if calls["n"] == 9 else loss  # 7 steps per epoch
+
+    monkeypatch.setattr(train_mod, "dscl_loss", nan_in_epoch_2)
+    with pytest.raises(FloatingPointError, match="up to step 14"):
+        pretrain(cfg, tmp_path / "run", progress=False)
+    state = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert state["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())

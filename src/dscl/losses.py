@@ -16,12 +16,20 @@ Implementation notes (why it looks the way it does):
 
 * No dense label masks. A DSCL/SupCon anchor needs ``sum_{t in P_i} l_it``, which equals
   ``q_i . (S_{y_i} - q_i - k_i) / tau`` with ``S_c`` the sum of all contrast features of class ``c``
-  (one ``index_add_`` over the batch and the queue). The only B x (2B+K) buffer is the logits matrix,
-  which is turned into the softmax in place and kept for the analytic backward.
+  (one ``index_add_`` over the batch and the queue). The only B x (2B+K) buffers are the logits
+  ((B, 2B) in-batch and (B, K) queue parts), turned into the softmax in place and kept for the
+  analytic backward.
 * Both contrastive cores are ``torch.autograd.Function`` s with analytic backwards (first-order
   only; double backward is not supported). Large fresh allocations are expensive on CPUs (first
-  touch of mmap-ed pages), so the big buffers are written in place: PBSD keeps at most two
-  (L*B) x (K+1) buffers alive and saves one (softmax(student) - target) for the backward.
+  touch of mmap-ed pages), so the big buffers are written in place. PBSD never holds an
+  (L*B) x (K+1) matrix: it walks blocks of rows (teacher and student logits of a block, 8 MiB each
+  on a CPU), and each block's contribution to the student gradient is computed in the forward, so
+  only the (L, B, D) gradient is saved (and not even computed when no gradient is needed). Peak
+  extra memory at B = 128, K = 16384, L = 5: ~26 MiB, where two (L*B) x (K+1) buffers took 84 MB.
+* Matmul outputs are contiguous (queue logits apart from the in-batch / own-key columns): a matmul
+  into a column slice of a wider buffer makes a hidden copy.
+* No host-device synchronisation when ``num_classes`` is given (GPU steps do not stall); without it
+  ``torch.unique`` compresses the labels to the classes present, which waits for the device.
 * Losses are computed in float32 even under ``torch.autocast`` (the fp16 guards of the official code
   overflow, METHOD.md C.2 item 5); float64 inputs stay float64.
 * Keys, queue and the PBSD teacher are detached: no gradient ever reaches them.
@@ -38,7 +46,14 @@ from torch import Tensor, nn
 __all__ = ["DSCLLoss", "PBSDLoss", "SupConLoss", "dscl_loss", "pbsd_loss", "supcon_loss"]
 
 _INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
-_BLOCK_ELEMENTS = 1 << 20  # PBSD row-block size (elements of one buffer): 4 MiB in float32
+# PBSD row blocks. A block's teacher and student (rows, K) logits hold at most _BLOCK_ELEMENTS
+# elements each (8 MiB of float32: 128 rows at K = 16384, so both and the queue stay in a 32 MiB
+# last-level cache), but never fewer than _MIN_BLOCK_ROWS rows: on a CPU the matmuls run 1.5-2x
+# slower at 32-64 rows than at 128-256. A GPU gains nothing from blocking and pays per kernel
+# launch: 64M elements (256 MiB) is one or two blocks at ImageNet-LT size (L*B = 1280, K = 65536).
+_BLOCK_ELEMENTS = 1 << 21
+_BLOCK_ELEMENTS_CUDA = 1 << 26
+_MIN_BLOCK_ROWS = 128
 
 # Maps |P_i| (per-anchor count of other positives, as a float tensor of the compute dtype) to the
 # weight on log p(k_i|i) and the weight on each log p(t|i), t in P_i.
@@ -135,25 +150,61 @@ def _compute_dtype(*tensors: Tensor) -> torch.dtype:
 # --------------------------------------------------------------------------------------------------
 
 
-def _softmax_rows_(logits: Tensor) -> Tensor:
-    """Turn ``logits`` (R, N) into its row softmax in place; return the row log-sum-exp (R,).
+def _softmax_parts_(*parts: Tensor) -> Tensor:
+    """Row softmax over the columns of all ``parts`` (each (R, n_i)) together, written in place.
 
-    In place on purpose: a fresh (R, N) buffer costs as much as the exp itself on a CPU.
+    Returns the row log-sum-exp (R,). In place on purpose: a fresh (R, N) buffer costs as much as the
+    exp itself on a CPU. Keeping the parts apart lets each be a contiguous matmul output.
     """
-    row_max = logits.amax(dim=1, keepdim=True)
-    logits.sub_(row_max).exp_()
-    row_sum = logits.sum(dim=1, keepdim=True)
-    logits.div_(row_sum)
-    return (row_max + row_sum.log()).squeeze(1)
+    parts = tuple(p for p in parts if p.shape[1])
+    row_max = parts[0].amax(dim=1)
+    for p in parts[1:]:
+        row_max = torch.maximum(row_max, p.amax(dim=1))
+    row_sum = torch.zeros_like(row_max)
+    for p in parts:
+        row_sum += p.sub_(row_max[:, None]).exp_().sum(dim=1)
+    for p in parts:
+        p.div_(row_sum[:, None])
+    return row_max + row_sum.log()
 
 
-def _class_ids(labels: Tensor, queue_labels: Tensor) -> tuple[Tensor, Tensor, int]:
-    """Compress labels to 0..C-1 over the classes present in the batch.
+def _pbsd_block_elements(device: torch.device) -> int:
+    return _BLOCK_ELEMENTS_CUDA if device.type == "cuda" else _BLOCK_ELEMENTS
 
-    Returns (batch ids (B,), queue ids (K,), C). Queue entries whose class is not in the batch are
-    never positives for any anchor and get the spare id C.
+
+def _pbsd_block_rows(device: torch.device, rows: int, k_len: int) -> int:
+    """Rows per PBSD block for ``rows`` rows of ``k_len`` queue logits (see _BLOCK_ELEMENTS)."""
+    return max(1, min(rows, max(_MIN_BLOCK_ROWS, _pbsd_block_elements(device) // max(k_len, 1))))
+
+
+def _check_num_classes(num_classes: int | None, labels: Tensor, queue_labels: Tensor) -> None:
+    if num_classes is None:
+        return
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be an integer >= 1 or None, got {num_classes!r}")
+    # The range check reads the labels on the host: free on a CPU, a stall on a GPU, where an
+    # out-of-range label trips index_add_'s device-side bounds assertion instead.
+    for name, t in (("labels", labels), ("queue_labels", queue_labels)):
+        if t.device.type == "cpu" and t.numel() and (int(t.min()) < 0 or int(t.max()) >= num_classes):
+            raise ValueError(
+                f"{name} must lie in [0, num_classes={num_classes}), got values in "
+                f"[{int(t.min())}, {int(t.max())}]; pass num_classes=None for arbitrary integer labels"
+            )
+
+
+def _class_ids(
+    labels: Tensor, queue_labels: Tensor, num_classes: int | None = None
+) -> tuple[Tensor, Tensor, int]:
+    """Class ids 0..C-1 of the batch and the queue, and C.
+
+    With ``num_classes`` the labels are the ids (no host-device synchronisation). Without it, labels
+    are compressed to the classes present in the batch (``torch.unique``, which waits for the device):
+    queue entries whose class is not in the batch are never positives for any anchor and get the
+    spare id C. Returns (batch ids (B,), queue ids (K,), C).
     """
     labels, queue_labels = labels.long(), queue_labels.long()
+    if num_classes is not None:
+        return labels, queue_labels, num_classes
     classes, batch_ids = torch.unique(labels, sorted=True, return_inverse=True)
     n_classes = classes.numel()
     if queue_labels.numel() == 0:
@@ -171,9 +222,11 @@ def _class_ids(labels: Tensor, queue_labels: Tensor) -> tuple[Tensor, Tensor, in
 class _WeightedContrast(torch.autograd.Function):
     """Mean over anchors of ``lse_i - a_i l_{i,k_i} - c_i sum_{t in P_i} l_it`` (METHOD.md G 1, 5).
 
-    Columns of the logits buffer: [queries (B) | keys (B) | queue (K)]; the self column (diagonal of
-    the query block) is -inf, so it is absent from numerator and denominator. Gradient (G 5):
-    ``dloss_i/dl_it = p_it - w_it``, with ``w = a_i`` on ``k_i`` and ``c_i`` on each t in P_i.
+    Contrast columns: [queries (B) | keys (B)] in one (B, 2B) buffer and the queue (K) in a
+    contiguous (B, K) one (a matmul into a column slice of a wider buffer costs a copy); the self
+    column (diagonal of the query block) is -inf, so it is absent from numerator and denominator.
+    Gradient (G 5): ``dloss_i/dl_it = p_it - w_it``, with ``w = a_i`` on ``k_i`` and ``c_i`` on each
+    t in P_i.
     """
 
     @staticmethod
@@ -191,13 +244,12 @@ class _WeightedContrast(torch.autograd.Function):
     ) -> Tensor:
         b, k_len = query.shape[0], queue.shape[0]
         scaled = query * (1.0 / temperature)  # (B, D): q_i / tau
-        prob = query.new_empty(b, 2 * b + k_len)
+        prob = query.new_empty(b, 2 * b)
         torch.mm(scaled, query.t(), out=prob[:, :b])  # (B, B): q_i . q_j / tau
-        torch.mm(scaled, key.t(), out=prob[:, b : 2 * b])  # (B, B): q_i . k_j / tau
-        if k_len:
-            torch.mm(scaled, queue.t(), out=prob[:, 2 * b :])  # (B, K): q_i . queue_m / tau
+        torch.mm(scaled, key.t(), out=prob[:, b:])  # (B, B): q_i . k_j / tau
+        queue_prob = scaled @ queue.t()  # (B, K): q_i . queue_m / tau
         prob[:, :b].diagonal().fill_(-math.inf)
-        own_key = prob[:, b : 2 * b].diagonal().clone()  # (B,): l_{i,k_i}
+        own_key = prob[:, b:].diagonal().clone()  # (B,): l_{i,k_i}
 
         # S_c: sum of all contrast features of class c (row C collects queue entries of other classes).
         class_sum = query.new_zeros(n_classes + 1, query.shape[1])
@@ -207,24 +259,24 @@ class _WeightedContrast(torch.autograd.Function):
         others = class_sum[batch_ids] - query - key  # (B, D): sum_{t in P_i} f_t
         pos_sum = (scaled * others).sum(dim=1)  # (B,): sum_{t in P_i} l_it
 
-        lse = _softmax_rows_(prob)
+        lse = _softmax_parts_(prob, queue_prob)
         loss = (lse - key_weight * own_key - pos_weight * pos_sum).mean()
 
-        ctx.save_for_backward(prob, query, key, queue, batch_ids, key_weight, pos_weight, others)
+        ctx.save_for_backward(prob, queue_prob, query, key, queue, batch_ids, key_weight, pos_weight, others)
         ctx.n_classes = n_classes
         ctx.temperature = temperature
         return loss
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
-        prob, query, key, queue, batch_ids, key_weight, pos_weight, others = ctx.saved_tensors
+        prob, queue_prob, query, key, queue, batch_ids, key_weight, pos_weight, others = ctx.saved_tensors
         b = query.shape[0]
         with torch.autocast(device_type=query.device.type, enabled=False):
             # Anchor side: sum_t (p_it - w_it) f_t.
             grad = prob[:, :b] @ query  # (B, B) @ (B, D)
-            grad.addmm_(prob[:, b : 2 * b], key)  # (B, B) @ (B, D)
+            grad.addmm_(prob[:, b:], key)  # (B, B) @ (B, D)
             if queue.shape[0]:
-                grad.addmm_(prob[:, 2 * b :], queue)  # (B, K) @ (K, D)
+                grad.addmm_(queue_prob, queue)  # (B, K) @ (K, D)
             grad.sub_(key_weight.unsqueeze(1) * key + pos_weight.unsqueeze(1) * others)
             # Contrast side (q_j as a column of other anchors): sum_i (p_ij - w_ij) q_i, where
             # w_ij = c_i for i != j of the same class.
@@ -263,6 +315,11 @@ def positive_weights(loss: str, n_pos: Tensor, alpha: float = 1 / 9) -> tuple[Te
     raise ValueError(f"loss must be scl or dscl, got {loss!r}")
 
 
+def _class_counts(ids: Tensor, n: int) -> Tensor:
+    """``bincount(ids, minlength=n)`` for ids known to be < n, without bincount's device sync."""
+    return ids.new_zeros(n).index_add_(0, ids, torch.ones_like(ids))
+
+
 def _weighted_contrastive_loss(
     query: Tensor,
     key: Tensor,
@@ -271,19 +328,21 @@ def _weighted_contrastive_loss(
     queue_labels: Tensor,
     weight_fn: _WeightFn,
     temperature: float,
+    num_classes: int | None,
 ) -> Tensor:
     _check_temperature(temperature)
     _check_contrastive_inputs(query, key, labels, queue, queue_labels)
+    _check_num_classes(num_classes, labels, queue_labels)
     dtype = _compute_dtype(query, key, queue)
     with torch.autocast(device_type=query.device.type, enabled=False):
         query = query.to(dtype)
         key = key.detach().to(dtype)
         queue = queue.detach().to(dtype)
-        batch_ids, queue_ids, n_classes = _class_ids(labels, queue_labels)
+        batch_ids, queue_ids, n_classes = _class_ids(labels, queue_labels, num_classes)
         # Class sizes within the contrast set: each batch image contributes its query and its key.
-        counts = 2 * torch.bincount(batch_ids, minlength=n_classes)
+        counts = 2 * _class_counts(batch_ids, n_classes + 1)
         if queue_ids.numel():
-            counts += torch.bincount(queue_ids, minlength=n_classes + 1)[:n_classes]
+            counts += _class_counts(queue_ids, n_classes + 1)
         n_pos = (counts[batch_ids] - 2).to(dtype)  # |P_i|: minus self and own key
         key_weight, pos_weight = weight_fn(n_pos)
         return _WeightedContrast.apply(
@@ -308,6 +367,7 @@ def dscl_loss(
     *,
     alpha: float = 1 / 9,
     temperature: float = 0.07,
+    num_classes: int | None = None,
 ) -> Tensor:
     """Decoupled supervised contrastive loss (paper Sec. 3.2, "formula 9"; METHOD.md A.6).
 
@@ -324,6 +384,9 @@ def dscl_loss(
         queue_labels: (K,) integer labels of the queue entries.
         alpha: weight of the own key, in (0, 1]; alpha = 1 ignores labels (instance discrimination).
         temperature: tau > 0.
+        num_classes: optional number of classes C when every label (batch and queue) is in [0, C):
+            the loss then needs no host-device synchronisation (no ``torch.unique``), which keeps a
+            GPU step from stalling. Same value either way; checked on the CPU only.
 
     Returns:
         Scalar loss (float32, or float64 for float64 inputs).
@@ -333,7 +396,7 @@ def dscl_loss(
     """
     _check_alpha(alpha)
     return _weighted_contrastive_loss(
-        query, key, labels, queue, queue_labels, _dscl_weights(float(alpha)), temperature
+        query, key, labels, queue, queue_labels, _dscl_weights(float(alpha)), temperature, num_classes
     )
 
 
@@ -345,6 +408,7 @@ def supcon_loss(
     queue_labels: Tensor,
     *,
     temperature: float = 0.07,
+    num_classes: int | None = None,
 ) -> Tensor:
     """Supervised contrastive loss, the paper's SCL baseline (METHOD.md A.5).
 
@@ -358,6 +422,9 @@ def supcon_loss(
         queue: (K, D) filled queue entries (K may be 0); detached here.
         queue_labels: (K,) integer labels.
         temperature: tau > 0.
+        num_classes: optional number of classes C when every label (batch and queue) is in [0, C):
+            the loss then needs no host-device synchronisation (no ``torch.unique``), which keeps a
+            GPU step from stalling. Same value either way; checked on the CPU only.
 
     Returns:
         Scalar loss (float32, or float64 for float64 inputs).
@@ -365,7 +432,9 @@ def supcon_loss(
     Raises:
         ValueError: on bad shapes, dtypes or temperature (the message names the argument).
     """
-    return _weighted_contrastive_loss(query, key, labels, queue, queue_labels, _supcon_weights, temperature)
+    return _weighted_contrastive_loss(
+        query, key, labels, queue, queue_labels, _supcon_weights, temperature, num_classes
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -376,57 +445,64 @@ def supcon_loss(
 class _PatchDistill(torch.autograd.Function):
     """Mean over L*B rows of ``CE(softmax(teacher logits), log_softmax(student logits))``.
 
-    Row r = (patch j, image b); columns = [own key k_b | queue (K)]. The gradient w.r.t. the
-    student logits is ``(softmax(student) - target) / (L*B)`` (METHOD.md G 11); it is computed in
-    the forward and is the only (L*B) x (K+1) buffer saved (two exist during the forward).
+    Row r = (patch j, image b) = ``j * B + b``; entries = [own key k_b, queue (K)]. The gradient
+    w.r.t. the student features is ``(softmax(student) - target) @ [k_b; queue] / (tau L B)``
+    (METHOD.md G 11). It is computed here, in the forward, one block of rows at a time, and is the
+    only thing saved for the backward (an (L, B, D) tensor): no (L*B) x (K+1) buffer outlives its
+    block. The own-key column is kept apart from the (rows, K) queue block so that every matmul
+    writes and reads contiguous memory (a strided ``out=`` costs a copy).
     """
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx, student: Tensor, teacher: Tensor, key: Tensor, queue: Tensor, temperature: float
+        ctx,
+        student: Tensor,
+        teacher: Tensor,
+        key: Tensor,
+        queue: Tensor,
+        temperature: float,
+        needs_grad: bool,
     ) -> Tensor:
         n_patches, b, dim = student.shape
         rows, k_len = n_patches * b, queue.shape[0]
-
-        def logits(feats: Tensor) -> Tensor:
-            scaled = feats * (1.0 / temperature)  # (L, B, D)
-            out = feats.new_empty(rows, k_len + 1)
-            out[:, 0] = torch.einsum("lbd,bd->lb", scaled, key).reshape(rows)  # (L, B): c . k_b / tau
-            if k_len:
-                torch.mm(scaled.reshape(rows, dim), queue.t(), out=out[:, 1:])  # (L*B, K)
-            return out
-
-        target = logits(teacher)
-        delta = logits(student)
-        loss = delta.new_zeros(())
-        # Row blocks of ~4 MiB so the elementwise passes below run in cache rather than streaming
-        # the two (L*B, K+1) buffers from memory a dozen times.
-        block = max(1, _BLOCK_ELEMENTS // (k_len + 1))
-        for start in range(0, rows, block):
-            t_blk, s_blk = target[start : start + block], delta[start : start + block]
-            _softmax_rows_(t_blk)  # teacher probabilities
-            cross = (t_blk * s_blk).sum(dim=1)  # sum_t target_t * student logit_t
-            lse = _softmax_rows_(s_blk)  # s_blk now holds softmax(student)
-            loss += (lse - cross).sum()
-            s_blk.sub_(t_blk)  # softmax(student) - target
-        loss /= rows
-        del target
-
-        ctx.save_for_backward(delta, key, queue)
-        ctx.shape = (n_patches, b, dim)
-        ctx.temperature = temperature
+        inv_tau = 1.0 / temperature
+        grad = student.new_zeros(rows, dim) if needs_grad else None
+        loss = student.new_zeros(())
+        if k_len:  # with an empty queue each distribution has one entry: loss 0, gradient 0
+            s_scaled = student.reshape(rows, dim) * inv_tau  # (L*B, D): s / tau
+            t_scaled = teacher.reshape(rows, dim) * inv_tau  # (L*B, D): c / tau
+            key_rows = key.repeat(n_patches, 1)  # (L*B, D): row j*B + b holds k_b
+            s_own_all = (s_scaled * key_rows).sum(dim=1, keepdim=True)  # (L*B, 1): s . k_b / tau
+            t_own_all = (t_scaled * key_rows).sum(dim=1, keepdim=True)  # (L*B, 1): c . k_b / tau
+            block = _pbsd_block_rows(student.device, rows, k_len)
+            buf = student.new_empty(2 * block, k_len)  # a block's teacher rows, then its student rows
+            for start in range(0, rows, block):
+                stop = min(start + block, rows)
+                n = stop - start
+                both = buf[: 2 * n]
+                # (2n, D) @ (D, K): [c; s] . queue / tau in one matmul (twice the rows: faster on a CPU)
+                torch.mm(torch.cat([t_scaled[start:stop], s_scaled[start:stop]]), queue.t(), out=both)
+                t_q, s_q = both[:n], both[n:]
+                t_own, s_own = t_own_all[start:stop], s_own_all[start:stop]
+                _softmax_parts_(t_own, t_q)  # t_own, t_q now hold the target
+                # sum_r sum_t target_rt * s_rt; a flat dot needs no block-sized temporary
+                cross = torch.dot(t_q.reshape(-1), s_q.reshape(-1)) + torch.dot(t_own.view(-1), s_own.view(-1))
+                loss += _softmax_parts_(s_own, s_q).sum() - cross  # s_own, s_q now hold softmax(student)
+                if grad is not None:
+                    delta = s_q.sub_(t_q)  # softmax(student) - target, queue part
+                    g = grad[start:stop]
+                    torch.mm(delta, queue, out=g)  # (rows, K) @ (K, D)
+                    g.addcmul_(s_own - t_own, key_rows[start:stop])
+            loss /= rows
+        if grad is not None:
+            grad.mul_(inv_tau / rows)
+            ctx.save_for_backward(grad.view(n_patches, b, dim))
         return loss
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
-        delta, key, queue = ctx.saved_tensors
-        n_patches, b, dim = ctx.shape
-        with torch.autocast(device_type=key.device.type, enabled=False):
-            grad = delta[:, :1].reshape(n_patches, b, 1) * key  # (L, B, D): own-key column
-            if queue.shape[0]:
-                grad = grad.reshape(n_patches * b, dim).addmm_(delta[:, 1:], queue)  # (L*B, K) @ (K, D)
-            grad = grad.reshape(n_patches, b, dim).mul_(grad_out / (n_patches * b * ctx.temperature))
-        return grad, None, None, None, None
+        (grad,) = ctx.saved_tensors
+        return grad * grad_out, None, None, None, None, None
 
 
 def pbsd_loss(
@@ -466,6 +542,7 @@ def pbsd_loss(
             key.detach().to(dtype),
             queue.detach().to(dtype),
             float(temperature),
+            torch.is_grad_enabled() and patch_student.requires_grad,
         )
 
 
@@ -475,41 +552,46 @@ def pbsd_loss(
 
 
 class DSCLLoss(nn.Module):
-    """Module form of :func:`dscl_loss`; holds only ``alpha`` and ``temperature``."""
+    """Module form of :func:`dscl_loss`; holds only ``alpha``, ``temperature`` (and ``num_classes``)."""
 
-    def __init__(self, alpha: float = 1 / 9, temperature: float = 0.07) -> None:
+    def __init__(self, alpha: float = 1 / 9, temperature: float = 0.07, num_classes: int | None = None) -> None:
         super().__init__()
         _check_alpha(alpha)
         _check_temperature(temperature)
         self.alpha = alpha
         self.temperature = temperature
+        self.num_classes = num_classes
 
     def forward(
         self, query: Tensor, key: Tensor, labels: Tensor, queue: Tensor, queue_labels: Tensor
     ) -> Tensor:
         return dscl_loss(
-            query, key, labels, queue, queue_labels, alpha=self.alpha, temperature=self.temperature
+            query, key, labels, queue, queue_labels, alpha=self.alpha, temperature=self.temperature,
+            num_classes=self.num_classes,
         )
 
     def extra_repr(self) -> str:
-        return f"alpha={self.alpha}, temperature={self.temperature}"
+        return f"alpha={self.alpha}, temperature={self.temperature}, num_classes={self.num_classes}"
 
 
 class SupConLoss(nn.Module):
-    """Module form of :func:`supcon_loss`; holds only ``temperature``."""
+    """Module form of :func:`supcon_loss`; holds only ``temperature`` (and ``num_classes``)."""
 
-    def __init__(self, temperature: float = 0.07) -> None:
+    def __init__(self, temperature: float = 0.07, num_classes: int | None = None) -> None:
         super().__init__()
         _check_temperature(temperature)
         self.temperature = temperature
+        self.num_classes = num_classes
 
     def forward(
         self, query: Tensor, key: Tensor, labels: Tensor, queue: Tensor, queue_labels: Tensor
     ) -> Tensor:
-        return supcon_loss(query, key, labels, queue, queue_labels, temperature=self.temperature)
+        return supcon_loss(
+            query, key, labels, queue, queue_labels, temperature=self.temperature, num_classes=self.num_classes
+        )
 
     def extra_repr(self) -> str:
-        return f"temperature={self.temperature}"
+        return f"temperature={self.temperature}, num_classes={self.num_classes}"
 
 
 class PBSDLoss(nn.Module):

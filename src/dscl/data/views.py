@@ -20,12 +20,17 @@ training step itself. Here all the pieces of one sample are augmented together:
 Randomness comes from ``torch.rand`` (one call per sample) on ``generator`` if given, else on torch's
 global RNG, which DataLoader seeds differently in every worker. Do not pass a generator to a
 transform used with ``num_workers > 0``: every worker would get a copy of the same generator state.
+The uniforms become parameters in :func:`draw_view_params` (crop boxes, flips, jitter factors and
+order, grayscale, blur sigma), written once for numpy arrays and torch tensors alike: the batched
+pipeline on the training device (:mod:`dscl.data.batched_views`, ``views.augment_on``) draws its
+parameters with the same function, so both paths follow the same distributions.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple, TypeAlias
 
 import numpy as np
 import torch
@@ -39,6 +44,9 @@ _MATRIX_MAX = 96  # largest side (px) resized with weight matrices; above it int
 _TRIES = 10  # RandomResizedCrop attempts before the fallback
 _GRAY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
 _U_PHOTO = 12  # uniforms per image for the photometric parameters
+_SIGMA_MAX = 2.0  # blur sigma ~ U(0.1, _SIGMA_MAX) (MoCo v2 / the official code)
+
+Array: TypeAlias = Any  # a numpy array or a torch tensor (the parameter functions accept both)
 
 
 class DSCLViews(NamedTuple):
@@ -100,42 +108,91 @@ def _as_uint8_chw(image: torch.Tensor | Image.Image | np.ndarray) -> torch.Tenso
     return image
 
 
-def sample_boxes(
-    u: np.ndarray, height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float], fallback: str
-) -> np.ndarray:
-    """RandomResizedCrop boxes ``(n, 4)`` as ``(i, j, h, w)`` (top, left, height, width).
+def _xp(a: Array) -> Any:
+    """The array module of ``a``: numpy for arrays, torch for tensors."""
+    return torch if isinstance(a, torch.Tensor) else np
 
-    ``u``: (n, 2 * _TRIES + 2) uniforms (read as plain floats: cheaper than numpy for a few boxes).
+
+def _is_array(a: object) -> bool:
+    return isinstance(a, (np.ndarray, torch.Tensor))
+
+
+def _as_int64(a: Array) -> Array:
+    return a.long() if isinstance(a, torch.Tensor) else a.astype(np.int64)
+
+
+def _table_like(a: Array, rows: tuple[Any, ...]) -> Array:
+    """``rows`` (a tuple of floats or of float tuples) as a read-only float64 array of ``a``'s kind and
+    device. Cached: a fresh table costs a per-sample transform a few microseconds, and copying one
+    to a GPU on every batch would wait for the device."""
+    return _cached_table(rows, a.device if isinstance(a, torch.Tensor) else None)
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_table(rows: tuple[Any, ...], device: torch.device | None) -> Array:
+    if device is not None:
+        return torch.tensor(rows, dtype=torch.float64, device=device)
+    table = np.asarray(rows, dtype=np.float64)
+    table.flags.writeable = False
+    return table
+
+
+def _fallback_size(height: Any, width: Any, ratio: tuple[float, float], fallback: str) -> tuple[Any, Any]:
+    """(h, w) of the crop used when no try fits: torchvision's central crop with the ratio clamped
+    ("center") or the whole image ("whole"); python numbers in, python numbers out, else arrays."""
+    if fallback == "whole":
+        return height, width
+    lo, hi = min(ratio), max(ratio)
+    if not (_is_array(height) or _is_array(width)):
+        if width / height < lo:
+            return int(round(width / lo)), width
+        if width / height > hi:
+            return height, int(round(height * hi))
+        return height, width
+    xp = _xp(height if _is_array(height) else width)
+    aspect = width / height
+    return xp.where(aspect < lo, xp.round(width / lo), height), xp.where(aspect > hi, xp.round(height * hi), width)
+
+
+def sample_boxes(
+    u: Array, height: Any, width: Any, scale: tuple[float, float], ratio: tuple[float, float], fallback: str
+) -> Array:
+    """RandomResizedCrop boxes ``(..., 4)`` as int64 ``(i, j, h, w)`` (top, left, height, width).
+
+    One function for both pipelines: ``u`` is a numpy array (per-sample transform, CPU) or a torch
+    tensor (batched transform, any device) of shape ``(..., 2 * _TRIES + 2)`` uniforms in [0, 1);
+    ``height`` / ``width`` are numbers or arrays of the same kind broadcastable to ``u.shape[:-1]``.
     Area fraction ~ U(scale), aspect ratio log-uniform in ``ratio``, ``w = round(sqrt(area * s * r))``,
     ``h = round(sqrt(area * s / r))``; the first of ``_TRIES`` tries that fits is used, else
     ``fallback`` ("center": torchvision's central crop with the ratio clamped; "whole": the whole
-    image, as the official patch sampler does).
+    image, as the official patch sampler does). The position of a fitting box is uniform
+    (``u[..., -2]``, ``u[..., -1]``); the fallback is centred. All float64 and branch-free (no
+    host-device synchronisation on a GPU); (h, w) pairs are handled together so that a per-sample
+    call is a few dozen small numpy operations.
     """
-    area = float(height * width)
+    xp = _xp(u)
+    if _is_array(height):
+        sizes = xp.stack([height + 0.0 * width, width + 0.0 * height], -1)  # (..., 2): (H, W) per row
+        area = (height * width)[..., None]  # broadcast over the tries
+    else:
+        sizes = _table_like(u, (float(height), float(width)))
+        area = float(height * width)
     log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
-    boxes = np.empty((len(u), 4), dtype=np.int64)
-    for k, row in enumerate(u.tolist()):  # plain floats: ~10x cheaper than numpy for a handful of boxes
-        for t in range(_TRIES):
-            target = area * (scale[0] + row[2 * t] * (scale[1] - scale[0]))
-            aspect = math.exp(log_lo + row[2 * t + 1] * (log_hi - log_lo))
-            w = int(round(math.sqrt(target * aspect)))
-            h = int(round(math.sqrt(target / aspect)))
-            if 0 < w <= width and 0 < h <= height:
-                i = min(int(row[-2] * (height - h + 1)), height - h)
-                j = min(int(row[-1] * (width - w + 1)), width - w)
-                boxes[k] = (i, j, h, w)
-                break
-        else:
-            if fallback == "whole":
-                h, w = height, width
-            elif width / height < min(ratio):
-                w, h = width, int(round(width / min(ratio)))
-            elif width / height > max(ratio):
-                h, w = height, int(round(height * max(ratio)))
-            else:
-                h, w = height, width
-            boxes[k] = ((height - h) // 2, (width - w) // 2, h, w)
-    return boxes
+    tries = u[..., : 2 * _TRIES]
+    target = area * (scale[0] + tries[..., 0::2] * (scale[1] - scale[0]))  # (..., T)
+    aspect = xp.exp(log_lo + tries[..., 1::2] * (log_hi - log_lo))
+    # (..., T, 2): h = round(sqrt(area s / r)), w = round(sqrt(area s r)); half to even, as round()
+    hw = xp.round(xp.sqrt(xp.stack([target / aspect, target * aspect], -1)))
+    fits = ((hw > 0) & (hw <= sizes[..., None, :])).all(-1)  # (..., T)
+    first = fits & (fits.cumsum(-1) == 1)  # one-hot of the first try that fits
+    found = fits.any(-1)[..., None]
+    fall_h, fall_w = _fallback_size(height, width, ratio, fallback)
+    fall = (xp.stack([fall_h + 0.0 * fall_w, fall_w + 0.0 * fall_h], -1) if _is_array(fall_h) or _is_array(fall_w)
+            else _table_like(u, (float(fall_h), float(fall_w))))
+    hw = xp.where(found, (hw * first[..., None]).sum(-2), fall)  # (..., 2)
+    free = sizes - hw
+    ij = xp.where(found, xp.minimum(xp.floor(u[..., -2:] * (free + 1.0)), free), xp.floor(free / 2.0))
+    return _as_int64(xp.concatenate([ij, hw], -1))
 
 
 def _resize_weights(starts: np.ndarray, lengths: np.ndarray, in_size: int, out_size: int,
@@ -196,36 +253,115 @@ def resized_crops(image: torch.Tensor | np.ndarray, boxes: np.ndarray, size: int
 
 
 class _PhotoParams(NamedTuple):
-    """Per-image photometric parameters (numpy arrays of length N)."""
+    """Per-image photometric parameters: arrays (numpy or torch) of shape ``(...)`` (``order``: ``(..., 4)``)."""
 
-    brightness: np.ndarray
-    contrast: np.ndarray
-    saturation: np.ndarray
-    hue: np.ndarray
-    order: np.ndarray  # (N, 4) permutation of (brightness, contrast, saturation, hue)
-    gray: np.ndarray  # bool
-    sigma: np.ndarray  # 0 = no blur
+    brightness: Array
+    contrast: Array
+    saturation: Array
+    hue: Array
+    order: Array  # (..., 4) permutation of (brightness, contrast, saturation, hue)
+    gray: Array  # bool
+    sigma: Array  # 0 = no blur
 
 
-def draw_photometric(u: np.ndarray, recipes: list[_Recipe]) -> _PhotoParams:
-    """Parameters from uniforms ``u`` (N, _U_PHOTO), one recipe per image."""
-    r = np.asarray(recipes, dtype=np.float64)  # (N, 7)
-    jitter = u[:, 0] < r[:, 4]
+@functools.lru_cache(maxsize=64)
+def _photo_table(recipes: tuple[_Recipe, ...]) -> tuple[tuple[float, ...], ...]:
+    """Per recipe: lowest jitter factors (3), their spans (3), hue strength, p_jitter, p_gray, p_blur."""
+    rows = []
+    for r in recipes:
+        strength = (r.brightness, r.contrast, r.saturation)
+        lo = tuple(max(0.0, 1.0 - x) for x in strength)  # ColorJitter: factor ~ U(max(0, 1 - s), 1 + s)
+        rows.append(lo + tuple(1.0 + x - low for x, low in zip(strength, lo, strict=True))
+                    + (r.hue, r.p_jitter, r.p_gray, r.p_blur))
+    return tuple(rows)
 
-    def factor(strength: np.ndarray, v: np.ndarray) -> np.ndarray:
-        # torchvision ColorJitter: factor ~ U(max(0, 1 - s), 1 + s); identity when not applied
-        lo = np.maximum(0.0, 1.0 - strength)
-        return np.where(jitter, lo + v * (1.0 + strength - lo), 1.0)
 
+def draw_photometric(u: Array, recipes: list[_Recipe]) -> _PhotoParams:
+    """Parameters from uniforms ``u`` (..., M, _U_PHOTO), one recipe per image m (numpy or torch).
+
+    ColorJitter with probability ``p_jitter``: brightness, contrast and saturation factors
+    ~ U(max(0, 1 - s), 1 + s), hue shift ~ U(-h, h), applied in a uniformly random order (else
+    identity factors); grayscale with ``p_gray``; blur sigma ~ U(0.1, 2) with ``p_blur`` (else 0).
+    """
+    xp = _xp(u)
+    t = _table_like(u, _photo_table(tuple(recipes)))  # (M, 10)
+    jitter = u[..., 0] < t[:, 7]
+    factors = xp.where(jitter[..., None], t[:, 0:3] + u[..., 1:4] * t[:, 3:6], 1.0)  # (..., M, 3)
     return _PhotoParams(
-        brightness=factor(r[:, 0], u[:, 1]),
-        contrast=factor(r[:, 1], u[:, 2]),
-        saturation=factor(r[:, 2], u[:, 3]),
-        hue=np.where(jitter, r[:, 3] * (2.0 * u[:, 4] - 1.0), 0.0),
-        order=np.argsort(u[:, 5:9], axis=1),
-        gray=u[:, 9] < r[:, 5],
-        sigma=np.where(u[:, 10] < r[:, 6], 0.1 + 1.9 * u[:, 11], 0.0),
+        brightness=factors[..., 0],
+        contrast=factors[..., 1],
+        saturation=factors[..., 2],
+        hue=xp.where(jitter, t[:, 6] * (2.0 * u[..., 4] - 1.0), 0.0),
+        order=u[..., 5:9].argsort(-1),
+        gray=u[..., 9] < t[:, 8],
+        sigma=xp.where(u[..., 10] < t[:, 9], 0.1 + (_SIGMA_MAX - 0.1) * u[..., 11], 0.0),
     )
+
+
+class ViewParams(NamedTuple):
+    """The random parameters of N DSCL samples (numpy arrays or torch tensors).
+
+    One drawing function (:func:`draw_view_params`) serves the per-sample transform (numpy, N = 1)
+    and the batched one (torch, on the training device), so both draw from the same distributions.
+
+    crops: (N, 2, 4) int64 RandomResizedCrop boxes ``(i, j, h, w)`` of the query (0) and the key (1)
+        in pixels of the source image;
+    flips: (N, 2) bool horizontal flips of query and key;
+    boxes: (N, L, 4) int64 patch boxes ``(i, j, h, w)`` in pixels of the (flipped) query view;
+    patch_flips: (N, L) bool;
+    photo: photometric parameters of shape (N, 2 + L), images in the order key, query, patches.
+    """
+
+    crops: Array
+    flips: Array
+    boxes: Array
+    patch_flips: Array
+    photo: _PhotoParams
+
+
+def _uniform_layout(num_patches: int) -> tuple[int, int, int, int]:
+    """Uniforms per sample: global boxes, global flips, patch boxes + flips, photometric."""
+    return 2 * (2 * _TRIES + 2), 2, num_patches * (2 * _TRIES + 3), (2 + num_patches) * _U_PHOTO
+
+
+def view_uniforms(num_patches: int) -> int:
+    """How many uniforms :func:`draw_view_params` reads per sample."""
+    return sum(_uniform_layout(num_patches))
+
+
+def view_recipes(views: ViewConfig) -> list[_Recipe]:
+    """Photometric recipe of each image of a sample: key (weak), query and patches (strong)."""
+    return list(_view_recipes(bool(views.blur), int(views.num_patches)))
+
+
+@functools.lru_cache(maxsize=64)
+def _view_recipes(blur: bool, num_patches: int) -> tuple[_Recipe, ...]:
+    return (_WEAK,) + (_strong(blur),) * (1 + num_patches)
+
+
+def draw_view_params(u: Array, height: Any, width: Any, image_size: int, views: ViewConfig) -> ViewParams:
+    """Random parameters of N samples from uniforms ``u`` (N, :func:`view_uniforms`) (METHOD.md A.2).
+
+    Args:
+        u: float64 uniforms in [0, 1), numpy or torch (the result has the same kind and device).
+        height, width: source image size in pixels: numbers, or arrays of ``u``'s kind of shape (N, 1).
+        image_size: side S of the global views (the patch boxes live in that frame).
+        views: the ViewConfig (scales, ratios, number of patches, blur).
+    """
+    n_patches = views.num_patches
+    n_global, n_flip, n_patch, _ = _uniform_layout(n_patches)
+    n = u.shape[0]
+    u_global = u[:, :n_global].reshape(n, 2, 2 * _TRIES + 2)
+    u_flip = u[:, n_global : n_global + n_flip]
+    start = n_global + n_flip
+    u_patch = u[:, start : start + n_patch].reshape(n, n_patches, 2 * _TRIES + 3)
+    u_photo = u[:, start + n_patch :].reshape(n, 2 + n_patches, _U_PHOTO)
+    crops = sample_boxes(u_global, height, width, views.global_scale, (3 / 4, 4 / 3), "center")
+    boxes = sample_boxes(u_patch[..., :-1], image_size, image_size, views.patch_scale,
+                         (views.patch_ratio[0], views.patch_ratio[1]), "whole")
+    # the query is flipped inside the crop op (before the patches are cut); the key's flip commutes
+    return ViewParams(crops, u_flip < 0.5, boxes, u_patch[..., -1] < 0.5,
+                      draw_photometric(u_photo, list(_view_recipes(bool(views.blur), n_patches))))
 
 
 _GRAY_NP = np.asarray(_GRAY, dtype=np.float32)
@@ -294,11 +430,17 @@ def _color(x: np.ndarray, p: _PhotoParams, sizes: np.ndarray) -> np.ndarray:
 
 
 def _gaussian_kernels(sigma: np.ndarray, size: int) -> tuple[np.ndarray, int]:
-    """(n, 2r+1) normalised Gaussian taps (a delta where sigma == 0), radius r = ceil(3 max sigma) < size."""
+    """(n, 2r+1) normalised Gaussian taps (a delta where sigma == 0), r = min(ceil(3 max sigma), size - 1).
+
+    Each image's kernel is truncated at its own ``min(ceil(3 sigma), size - 1)`` (zero taps beyond),
+    so it does not depend on which other images share the call (the batched pipeline's kernels are
+    the same).
+    """
     radius = min(int(math.ceil(3.0 * float(sigma.max()))), size - 1)
     offsets = np.arange(-radius, radius + 1, dtype=np.float64)
     safe = np.where(sigma > 0, sigma, 1.0)[:, None]
     taps = np.exp(-0.5 * (offsets[None, :] / safe) ** 2)
+    taps *= np.abs(offsets)[None, :] <= np.minimum(np.ceil(3.0 * sigma), size - 1)[:, None]
     taps[sigma <= 0] = offsets[None, :] == 0
     taps /= taps.sum(axis=1, keepdims=True)
     return taps.astype(np.float32), radius
@@ -388,30 +530,28 @@ class DSCLTransform:
         self.mean = np.asarray(mean, dtype=np.float32)
         self.std = np.asarray(std, dtype=np.float32)
         self.generator = generator
-        n = self.num_patches
-        # images in the order key, query, patches (the key first keeps it out of the hue pixel spans)
-        self._recipes = [_WEAK, _strong(views.blur)] + [_strong(views.blur)] * n
-        self._layout = (2 * (2 * _TRIES + 2), 2, n * (2 * _TRIES + 3), (2 + n) * _U_PHOTO)
+        self._uniforms = view_uniforms(self.num_patches)
+
+    def draw(self, height: int, width: int) -> ViewParams:
+        """Random parameters of one sample from a ``height`` x ``width`` image (a batch of N = 1, numpy)."""
+        u = torch.rand(self._uniforms, generator=self.generator, dtype=torch.float64).numpy()
+        return draw_view_params(u[None], height, width, self.image_size, self.views)
+
+    def apply(self, image: torch.Tensor, params: ViewParams) -> DSCLViews:
+        """The views of uint8 ``image`` (3, H, W) for the given parameters (N = 1; deterministic)."""
+        size, psize = self.image_size, self.patch_size
+        globals_ = resized_crops(image, params.crops[0], size, params.flips[0])  # (2,3,S,S) in [0,1]: query, key
+        boxes = params.boxes[0]
+        patches = resized_crops(globals_[0], boxes, psize, params.patch_flips[0])
+        photo = _PhotoParams(*(a[0] for a in params.photo)) if self.views.photometric else None
+        pair, patch_t = augment_and_normalise([globals_[::-1], patches], photo, self.mean, self.std)
+        xyxy = np.stack([boxes[:, 1], boxes[:, 0], boxes[:, 1] + boxes[:, 3], boxes[:, 0] + boxes[:, 2]], 1)
+        return DSCLViews(pair[1], pair[0], patch_t,
+                         torch.from_numpy(xyxy.astype(np.float32)).reshape(self.num_patches, 4))
 
     def __call__(self, image: torch.Tensor) -> DSCLViews:
         img = _as_uint8_chw(image)
-        _, height, width = img.shape
-        size, n, psize = self.image_size, self.num_patches, self.patch_size
-        u = torch.rand(sum(self._layout), generator=self.generator, dtype=torch.float64).numpy()
-        u_global, u_flip, u_patch, u_photo = np.split(u, np.cumsum(self._layout)[:-1])
-        crops = sample_boxes(u_global.reshape(2, -1), height, width, self.views.global_scale,
-                             (3 / 4, 4 / 3), "center")
-        flips = u_flip < 0.5  # query flipped inside the crop op (before patches); key flip commutes
-        globals_ = resized_crops(img, crops, size, flips)  # (2,3,S,S) in [0,1]: query, key
-        u_patch = u_patch.reshape(n, 2 * _TRIES + 3)
-        boxes = sample_boxes(u_patch[:, :-1], size, size, self.views.patch_scale,
-                             (self.views.patch_ratio[0], self.views.patch_ratio[1]), "whole")
-        patches = resized_crops(globals_[0], boxes, psize, u_patch[:, -1] < 0.5)
-        params = (draw_photometric(u_photo.reshape(2 + n, _U_PHOTO), self._recipes)
-                  if self.views.photometric else None)
-        pair, patch_t = augment_and_normalise([globals_[::-1], patches], params, self.mean, self.std)
-        xyxy = np.stack([boxes[:, 1], boxes[:, 0], boxes[:, 1] + boxes[:, 3], boxes[:, 0] + boxes[:, 2]], 1)
-        return DSCLViews(pair[1], pair[0], patch_t, torch.from_numpy(xyxy.astype(np.float32)).reshape(n, 4))
+        return self.apply(img, self.draw(img.shape[1], img.shape[2]))
 
     def __repr__(self) -> str:
         return (f"DSCLTransform(image_size={self.image_size}, num_patches={self.num_patches}, "
