@@ -140,7 +140,8 @@ def test_real_fmnist_lt_counts(monkeypatch):
     monkeypatch.delenv("DSCL_DATA", raising=False)
     splits = build_datasets(DataConfig())
     assert splits.train_counts == [1000, 599, 359, 215, 129, 77, 46, 27, 16, 10]
-    assert len(splits.train) == 2478 and len(splits.test) == 10000 and splits.val is None
+    assert len(splits.train) == 2478 and len(splits.test) == 10000
+    assert splits.val_source == "held-out" and splits.val.class_counts() == [200] * 10  # unused train images
     assert splits.test.class_counts() == [1000] * 10
     assert splits.class_names[0] == "T-shirt/top" and splits.class_names[9] == "Ankle boot"
     image = splits.train.load(0)
@@ -148,7 +149,8 @@ def test_real_fmnist_lt_counts(monkeypatch):
     assert torch.equal(image[0], image[1]) and torch.equal(image[0], image[2])  # grey replicated
     summary = summarize_dataset(splits)
     assert summary["shot_classes"] == {"many": 5, "medium": 3, "few": 2}
-    assert summary["num_train"] == 2478 and summary["num_val"] is None and summary["num_test"] == 10000
+    assert summary["num_train"] == 2478 and summary["num_val"] == 2000 and summary["num_test"] == 10000
+    assert summary["val_counts"] == [200] * 10 and summary["val_train_overlap"] == 0
     assert check_images(splits.train) == []
     assert build_datasets(DataConfig()).train.targets == splits.train.targets  # deterministic
 
@@ -156,7 +158,8 @@ def test_real_fmnist_lt_counts(monkeypatch):
 @needs_fmnist
 def test_fmnist_val_carving(monkeypatch):
     monkeypatch.delenv("DSCL_DATA", raising=False)
-    splits = build_datasets(DataConfig(val_fraction=0.1), seed=1)
+    # carving happens only without a held-out split (val_per_class=0)
+    splits = build_datasets(DataConfig(val_fraction=0.1, val_per_class=0), seed=1)
     assert splits.val_is_carved and splits.val is not None
     val_counts = splits.val.class_counts()
     assert val_counts == [100, 60, 36, 22, 13, 8, 5, 3, 2, 1]
@@ -166,7 +169,7 @@ def test_fmnist_val_carving(monkeypatch):
     # disjoint, and the same seed gives the same carving
     train_ids = {splits.train._index[i] for i in range(len(splits.train))}
     assert not train_ids & {splits.val._index[i] for i in range(len(splits.val))}
-    again = build_datasets(DataConfig(val_fraction=0.1), seed=1)
+    again = build_datasets(DataConfig(val_fraction=0.1, val_per_class=0), seed=1)
     assert np.array_equal(again.val._index, splits.val._index)
 
 
@@ -275,7 +278,7 @@ def test_split_class_without_training_image_is_named(tmp_path):
 
 
 def test_split_missing_root_and_lists(tmp_path):
-    with pytest.raises(DataError, match=r"data root .*nope does not exist"):
+    with pytest.raises(DataError, match=r"data folder .*nope, given by --data-root \(data.data_root\), does not exist"):
         build_datasets(_split_cfg(tmp_path, "a.png 0\n", data_root=str(tmp_path / "nope")))
     cfg = DataConfig(dataset="split", data_root=str(tmp_path), list_dir=str(tmp_path),
                      train_list="missing.txt", test_list="test.txt")
@@ -332,3 +335,142 @@ def test_ltdataset_subset_transform_and_summary():
     splits = DatasetSplits("toy", ds, None, ds, 3, ["a", "b", "c"], [150, 100, 20], (0.5,) * 3, (0.5,) * 3)
     assert summarize_dataset(splits)["shot_classes"] == {"many": 1, "medium": 2, "few": 0}
     assert summarize_dataset(splits, 99, 21)["shot_classes"] == {"many": 2, "medium": 0, "few": 1}
+
+
+# ----------------------------------------------------------------- the data folder actually used (item 3)
+
+
+def _tiny_fmnist(folder: Path) -> None:
+    import gzip
+
+    folder.mkdir(parents=True, exist_ok=True)
+    labels = np.repeat(np.arange(10), 5)
+    images = np.arange(50 * 28 * 28).reshape(50, 28, 28) % 251
+    for prefix in ("train", "t10k"):
+        for kind, array in (("images-idx3", images), ("labels-idx1", labels)):
+            header = bytes([0, 0, 8, array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
+            with gzip.open(folder / f"{prefix}-{kind}-ubyte.gz", "wb") as fh:
+                fh.write(header + array.astype(np.uint8).tobytes())
+
+
+@pytest.mark.parametrize("dataset", ["fmnist-lt", "cifar10-lt", "split", "folder"])
+def test_dscl_data_pointing_nowhere_fails_for_every_dataset(tmp_path, monkeypatch, dataset):
+    # issue #12: DSCL_DATA pointing at a missing folder was ignored and the system Fashion-MNIST used
+    monkeypatch.setenv("DSCL_DATA", str(tmp_path / "typo"))
+    (tmp_path / "train.txt").write_text("a.png 0\n")
+    cfg = DataConfig(dataset=dataset, list_dir=str(tmp_path), train_list="train.txt", test_list="train.txt")
+    with pytest.raises(DataError) as err:
+        build_datasets(cfg)
+    msg = str(err.value)
+    assert f"data folder {tmp_path / 'typo'}, given by the environment variable DSCL_DATA, does not exist" in msg
+    assert "unset DSCL_DATA" in msg
+
+
+def test_named_folder_without_fmnist_is_not_replaced_by_the_system_copy(tmp_path, monkeypatch):
+    (tmp_path / "other").mkdir()
+    monkeypatch.setenv("DSCL_DATA", str(tmp_path / "other"))
+    with pytest.raises(DataError) as err:
+        build_datasets(DataConfig())
+    msg = str(err.value)
+    assert "Fashion-MNIST not found" in msg and str(tmp_path / "other") in msg
+    assert FMNIST_SYSTEM_DIR not in msg.split("\n")[1:-1]  # only the named folder was searched
+    assert "unset DSCL_DATA" in msg
+    # an empty variable counts as unset; --data-root (data.data_root) wins over DSCL_DATA
+    _tiny_fmnist(tmp_path / "mine" / "fashion-mnist")
+    splits = build_datasets(DataConfig(data_root=str(tmp_path / "mine"), n_max=5, imbalance_factor=5,
+                                       val_per_class=0))
+    assert splits.data_root == str(tmp_path / "mine" / "fashion-mnist")
+
+
+def test_data_root_records_the_folder_actually_read(tmp_path, monkeypatch):
+    _tiny_fmnist(tmp_path / "fm")
+    monkeypatch.setenv("DSCL_DATA", str(tmp_path / "fm"))
+    splits = build_datasets(DataConfig(n_max=5, imbalance_factor=5, val_per_class=0))
+    assert splits.data_root == str(tmp_path / "fm")
+    monkeypatch.delenv("DSCL_DATA")
+    _write_fake_cifar10(tmp_path / "c")
+    splits = build_datasets(DataConfig(dataset="cifar10-lt", data_root=str(tmp_path / "c"), n_max=12,
+                                       imbalance_factor=4, val_per_class=0))
+    assert splits.data_root == str(tmp_path / "c" / "cifar-10-batches-py")
+    _images(tmp_path / "f", ["train/a/0.png", "test/a/1.png"])
+    assert build_datasets(DataConfig(dataset="folder", data_root=str(tmp_path / "f"))).data_root == str(tmp_path / "f")
+    # split lists without a named root: paths are relative to the train list's folder, recorded absolute
+    _images(tmp_path / "s", ["x.png"])
+    (tmp_path / "s" / "train.txt").write_text("x.png 0\n")
+    monkeypatch.chdir(tmp_path)
+    cfg = DataConfig(dataset="split", train_list="s/train.txt", test_list="s/train.txt")
+    splits = build_datasets(cfg)
+    assert splits.data_root == str(tmp_path / "s") and splits.train.path(0) == "s/x.png"
+
+
+@needs_fmnist
+def test_system_fmnist_is_recorded(monkeypatch):
+    monkeypatch.delenv("DSCL_DATA", raising=False)
+    assert build_datasets(DataConfig(n_max=60, imbalance_factor=10)).data_root == FMNIST_SYSTEM_DIR
+    monkeypatch.setenv("DSCL_DATA", "")  # empty = unset
+    assert build_datasets(DataConfig(n_max=60, imbalance_factor=10)).data_root == FMNIST_SYSTEM_DIR
+
+
+# ------------------------------------------------------------------------ label errors name file and line
+
+
+def test_mistyped_train_label_names_its_line(tmp_path):
+    # a label typed 12 instead of 2 used to give "9 of 13 classes have no training image" with no line
+    with pytest.raises(DataError) as err:
+        build_datasets(_split_cfg(tmp_path, "a.png 0\nb.png 1\nc.png 2\nd.png 12\ne.png 1\n"))
+    msg = str(err.value)
+    assert "9 of 13 classes have no training image (classes 3, 4, 5, 6, 7, 8, 9, 10, 11)" in msg
+    assert f"label 12 is at {tmp_path / 'train.txt'}, line 4" in msg
+
+
+def test_huge_train_label_is_reported_without_allocating_per_class_arrays(tmp_path):
+    with pytest.raises(DataError, match=r"1000000000000 of 1000000000002 classes .*line 2"):
+        build_datasets(_split_cfg(tmp_path, "a.png 0\nb.png 1000000000001\n"))
+
+
+def test_json_label_errors_name_the_annotation(tmp_path):
+    def write(name, labels, num_classes):
+        ann = [{"fpath": f"{k}.png", "category_id": c} for k, c in enumerate(labels)]
+        (tmp_path / name).write_text(json.dumps({"annotations": ann, "num_classes": num_classes}))
+
+    write("train.json", [0, 1, 1], 2)
+    write("test.json", [0, 1], 5)
+    cfg = DataConfig(dataset="split", data_root=str(tmp_path), list_dir=str(tmp_path), train_list="train.json",
+                     test_list="test.json")
+    with pytest.raises(DataError, match=r"test\.json: num_classes is 5 but the train list .*train\.json has 2"):
+        build_datasets(cfg)
+    write("test.json", [0, 3], None)
+    with pytest.raises(DataError, match=r"test\.json, annotation 2: label 3 is outside \[0, 2\)"):
+        build_datasets(cfg)
+    write("train.json", [0, 1, 4], 3)
+    with pytest.raises(DataError, match=r"train\.json, annotation 3: label 4 is outside \[0, 3\)"):
+        build_datasets(cfg)
+
+
+def test_list_locations_follow_samples_through_subsets(tmp_path):
+    _images(tmp_path, ["a.png", "b.png", "c.png"])
+    splits = build_datasets(_split_cfg(tmp_path, "a.png 0\n\n# note\nb.png 1\nc.png 1\n", "c.png 0\n"))
+    assert [splits.train.location(i) for i in range(3)] == [
+        f"{tmp_path / 'train.txt'}, line {n}" for n in (1, 4, 5)
+    ]
+    assert splits.train.subset([2, 0]).location(0) == f"{tmp_path / 'train.txt'}, line 5"
+    assert splits.test.location(0) == f"{tmp_path / 'test.txt'}, line 1"
+    folder = LTDataset([0], 1, ["a"], paths=[str(tmp_path / "a.png")])
+    assert folder.location(0) is None
+    with pytest.raises(ValueError, match="2 list locations for 1 paths"):
+        LTDataset([0], 1, ["a"], paths=["x"], where=["l1", "l2"])
+
+
+# ------------------------------------------------------------------------------- hidden folders (item 8)
+
+
+def test_folder_dataset_skips_hidden_folders_and_files(tmp_path):
+    _images(tmp_path, ["train/cat/1.png", "train/dog/2.png", "test/cat/3.png", "test/dog/4.png",
+                       "train/.ipynb_checkpoints/5.png", "train/.git/6.png", "train/cat/.hidden.png",
+                       "train/cat/._1.png", "train/dog/.ipynb_checkpoints/2-checkpoint.png",
+                       "test/.ipynb_checkpoints/7.png", "train/dog/sub/8.png"])
+    splits = build_datasets(DataConfig(dataset="folder", data_root=str(tmp_path)))
+    assert splits.class_names == ["cat", "dog"] and splits.num_classes == 2
+    train = sorted(Path(splits.train.path(i)).relative_to(tmp_path).as_posix() for i in range(len(splits.train)))
+    assert train == ["train/cat/1.png", "train/dog/2.png", "train/dog/sub/8.png"]
+    assert len(splits.test) == 2

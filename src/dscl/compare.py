@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from dscl.config import Config, apply_mapping, config_from_dict, validate
+from dscl.config import Config, apply_mapping, config_from_dict, flat_config, validate
 
 METHODS = ("ce", "scl", "dscl", "scl+pbsd", "dscl+pbsd")
 METRICS = ("all", "many", "medium", "few")
@@ -64,6 +64,35 @@ def method_config(base: Config, method: str, seed: int) -> Config:
                         "optim": {"seed": seed}}, f"method {method}")
     validate(cfg)
     return cfg
+
+
+def config_differences(configs: dict[str, Config]) -> dict[str, dict[str, Any]]:
+    """Every ``section.key`` whose value differs between the named configs: ``{key: {name: value}}``.
+
+    ``optim.seed`` is left out (it differs by design). A comparison is fair when this lists only the
+    stage-1 objective (``loss.loss``, ``loss.pbsd_weight``); anything else is printed so that an
+    unfair comparison cannot happen by accident.
+    """
+    flats = {name: flat_config(cfg) for name, cfg in configs.items()}
+    keys = sorted(set().union(*flats.values())) if flats else []
+    out: dict[str, dict[str, Any]] = {}
+    for key in keys:
+        if key in ("optim.seed", "preset"):
+            continue
+        values = {name: flat.get(key) for name, flat in flats.items()}
+        if len({json.dumps(v, sort_keys=True) for v in values.values()}) > 1:
+            out[key] = values
+    return out
+
+
+def format_differences(diff: dict[str, dict[str, Any]]) -> str:
+    """The manifest as Markdown lines (one per differing key)."""
+    if not diff:
+        return "Every config key is the same for all methods (apart from the seed)."
+    lines = ["Config keys that differ between the methods (everything else is identical):", ""]
+    for key, values in diff.items():
+        lines.append(f"- `{key}`: " + ", ".join(f"{name} = {value}" for name, value in values.items()))
+    return "\n".join(lines)
 
 
 def check_plan(out: Path, name: str, plan: dict[str, Any], what: str) -> None:
@@ -145,6 +174,8 @@ def format_markdown(result: dict[str, Any]) -> str:
             m = metrics[metric]
             cells.append("—" if m["mean"] is None else f"{m['mean']:.1f} ± {m['std']:.1f}")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    if "differences" in result:
+        lines += ["", format_differences(result["differences"])]
     lines += ["", f"Command: `{result['command']}`", f"Wall time: {result['wall_seconds'] / 60:.1f} min", ""]
     return "\n".join(lines)
 
@@ -154,6 +185,8 @@ def compare(base: Config, methods: Sequence[str], seeds: Sequence[int], out: str
     """Run every (method, seed) into ``out/runs`` and write ``compare.json`` / ``compare.md``."""
     out = Path(out)
     check_plan(out, "compare-config.yaml", {"preset": base.preset, "config": base.to_dict()}, "comparison")
+    differences = config_differences({m: method_config(base, m, seeds[0]) for m in methods})
+    print(format_differences(differences), flush=True)
     reports: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
     dataset = base.data.dataset
     for seed in seeds:
@@ -168,6 +201,7 @@ def compare(base: Config, methods: Sequence[str], seeds: Sequence[int], out: str
         "preset": base.preset,
         "seeds": list(seeds),
         "methods": aggregate(reports),
+        "differences": differences,
         "command": command,
         # compute time of all runs (reused runs count with their original time)
         "wall_seconds": round(sum(r["wall_seconds"] for runs in reports.values() for r in runs), 1),

@@ -1,7 +1,8 @@
 """One hyperparameter over several values (the paper's Fig. 5), chosen on a validation split.
 
-Every point trains the same method on the training set minus a class-stratified validation split
-(``--val-fraction``, default 0.1, or the dataset's own validation split), keeps the last stage-2
+Every point trains the same method and is chosen on the dataset's own validation split (a list, a
+folder, or the held-out split of a generated LT set, which costs no training data), or on a
+class-stratified split carved from the training set (``--val-fraction``), keeps the last stage-2
 epoch (``classifier.select=last``: on a small carved split the epoch choice itself is noise, and the
 points should differ only in the swept value), and is evaluated on both the validation and the test set. The value is
 *chosen* by the validation split's balanced accuracy (mean per-class top-1); the test numbers are
@@ -16,13 +17,15 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import re
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from dscl.compare import FIELDS, CompareError, aggregate, check_plan, method_config, run_one
-from dscl.config import Config, ConfigError, apply_mapping, parse_overrides, validate
+from dscl.config import Config, ConfigError, apply_mapping, dump_config, parse_overrides, validate
 
 # short names for the paper's swept hyperparameters
 ALIASES = {
@@ -90,6 +93,35 @@ def point_config(base: Config, key: str, value: str, method: str, seed: int) -> 
     return cfg
 
 
+# Config sections that only stage 2 and evaluation read: points differing only there share stage 1.
+STAGE2_SECTIONS = ("classifier", "eval")
+
+
+def stage1_identity(cfg: Config) -> str:
+    """Everything stage 1 depends on, as a canonical string (the config minus :data:`STAGE2_SECTIONS`)."""
+    d = cfg.to_dict()
+    for section in STAGE2_SECTIONS:
+        d.pop(section, None)
+    return json.dumps(d, sort_keys=True)
+
+
+def share_stage1(src: Path, run: Path, cfg: Config) -> None:
+    """Give ``run`` the finished stage 1 of ``src`` (hard link, or a copy across file systems) and its
+    own ``config.yaml``; a run that already has a checkpoint is left alone."""
+    target = run / "checkpoints" / "last.pt"
+    if target.exists():
+        return
+    source = src / "checkpoints" / "last.pt"
+    if not source.is_file():
+        raise SweepError(f"cannot share stage 1: {source} does not exist")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+    dump_config(cfg, run / "config.yaml")
+
+
 def _dir_name(key: str, value: str, seed: int) -> str:
     safe = re.sub(r"[^A-Za-z0-9_.+-]+", "_", value.strip("[]() ")).strip("_") or "value"
     return f"{key}={safe}-seed{seed}"
@@ -103,6 +135,27 @@ def _numeric(values: Sequence[str]) -> list[float] | None:
     return nums if all(math.isfinite(n) for n in nums) else None
 
 
+def _validation_plan(base: Config, val_fraction: float | None) -> tuple[float, str]:
+    """(fraction to carve, words for the report). The dataset's own validation split (a list, a folder
+    or the held-out split of a generated LT set) is used unless ``--val-fraction`` asks for carving;
+    with neither, 10% of each class is carved."""
+    from dscl.data import build_datasets
+
+    if val_fraction is not None:
+        if val_fraction <= 0 or val_fraction >= 1:
+            raise SweepError(f"--val-fraction must be in (0, 1), got {val_fraction}; omit it to use the "
+                             "dataset's own validation split")
+        val_fraction = float(val_fraction)
+    elif base.data.val_fraction > 0:
+        val_fraction = base.data.val_fraction
+    if val_fraction is not None:
+        return val_fraction, f"{val_fraction:g} of each training class carved out of the training set"
+    splits = build_datasets(base.data, seed=base.optim.seed)  # reads lists / arrays only, opens no image
+    if splits.val is not None:
+        return 0.0, f"{splits.val_description()} ({len(splits.val)} images)"
+    return 0.1, "0.1 of each training class carved out of the training set (the dataset has no validation split)"
+
+
 def sweep(base: Config, key: str, values: Sequence[str], *, method: str, seeds: Sequence[int], out: str | Path,
           val_fraction: float | None, command: str, device: str = "auto", progress: bool = True) -> dict[str, Any]:
     """Train ``method`` at every value and seed; write ``sweep.json``, ``sweep.md`` and ``sweep.png`` to ``out``.
@@ -114,7 +167,9 @@ def sweep(base: Config, key: str, values: Sequence[str], *, method: str, seeds: 
         method: one of :data:`dscl.compare.METHODS`.
         seeds: training seeds; each point is the mean over them.
         out: the sweep folder (created; a folder holding a different sweep is refused).
-        val_fraction: fraction of each class carved for choosing; None = the base config's, else 0.1.
+        val_fraction: fraction of each class carved for choosing; None = the dataset's own validation
+            split (list, folder, or the held-out split of fmnist-lt / cifar*-lt), else the base
+            config's ``data.val_fraction``, else 0.1.
         command: the command line, recorded in the results.
 
     Returns:
@@ -122,14 +177,13 @@ def sweep(base: Config, key: str, values: Sequence[str], *, method: str, seeds: 
     """
     base = copy.deepcopy(base)
     values = list(values)
-    fraction = val_fraction if val_fraction is not None else (base.data.val_fraction or 0.1)
-    if fraction <= 0 and not base.data.val_list:
-        raise SweepError(
-            "a sweep chooses on a validation split: give --val-fraction > 0 (e.g. 0.1), or a dataset with "
-            "its own validation list (data.val_list)"
-        )
-    # the split chooses the swept value only; every point's stage 2 keeps its last epoch (like compare)
-    apply_mapping(base, {"data": {"val_fraction": fraction}, "classifier": {"select": "last"}}, "sweep")
+    fraction, val_words = _validation_plan(base, val_fraction)
+    # the split chooses the swept value only; every point's stage 2 keeps its last epoch, so the
+    # points differ only in the swept value (not in a noisy epoch choice)
+    mapping: dict[str, Any] = {"data": {"val_fraction": fraction}, "classifier": {"select": "last"}}
+    if fraction > 0:
+        mapping["data"]["val_per_class"] = 0  # carving was asked for: no held-out split beside it
+    apply_mapping(base, mapping, "sweep")
     validate(base)
     configs = {}
     for value in values:  # every point must be a valid config before anything trains
@@ -145,11 +199,18 @@ def sweep(base: Config, key: str, values: Sequence[str], *, method: str, seeds: 
     val_reports: dict[str, list[dict[str, Any]]] = {v: [] for v in values}
     test_reports: dict[str, list[dict[str, Any]]] = {v: [] for v in values}
     dataset = base.data.dataset
+    shared = all(len({stage1_identity(configs[v][s]) for v in values}) == 1 for s in seeds)
+    if shared:
+        print(f"{key} does not change stage 1: each seed trains stage 1 once and every value reuses it",
+              flush=True)
     for seed in seeds:
+        first = out / "runs" / _dir_name(key, values[0], seed)
         for value in values:
             run = out / "runs" / _dir_name(key, value, seed)
             print(f"== {key}={value}, seed {seed} -> {run}", flush=True)
             cfg = configs[value][seed]
+            if shared and run != first:
+                share_stage1(first, run, cfg)
             test_reports[value].append(run_one(cfg, run, device=device, progress=progress))
             val_path = run / "val" / "report.json"
             if val_path.is_file():
@@ -171,9 +232,11 @@ def sweep(base: Config, key: str, values: Sequence[str], *, method: str, seeds: 
         "method": method,
         "seeds": list(seeds),
         "val_fraction": fraction,
+        "validation": val_words,
         "selection": f"the value with the highest mean validation {SELECT_BY} accuracy (mean per-class top-1 on "
-                     "the validation split carved from the training data); test numbers are never used",
+                     f"{val_words}); test numbers are never used",
         "chosen": chosen,
+        "stage1_shared": shared,
         "points": points,
         "command": command,
         "wall_seconds": round(sum(r["wall_seconds"] for runs in test_reports.values() for r in runs), 1),
@@ -195,9 +258,9 @@ def format_markdown(result: dict[str, Any]) -> str:
         f"# {result['dataset']}: {result['method']} over {result['param']}",
         "",
         f"Preset `{result['preset']}`, seeds {', '.join(map(str, result['seeds']))}; top-1 %. "
-        f"Validation = {result['val_fraction']:g} of each training class held out (chosen by its balanced "
-        "accuracy = mean per-class top-1); test = the untouched test set, reported beside, never used for "
-        "choosing. Many / Medium / Few as in the run reports.",
+        f"Validation = {result.get('validation', str(result['val_fraction']) + ' of each training class')} "
+        "(chosen by its balanced accuracy = mean per-class top-1); test = the untouched test set, reported "
+        "beside, never used for choosing. Many / Medium / Few as in the run reports.",
         "",
         "| value | val balanced | val Many | val Medium | val Few | test All | test Many | test Medium | test Few |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",

@@ -84,8 +84,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="the method every point trains (default: %(default)s)")
     p.add_argument("--seeds", default="0", help="comma-separated seeds (default: %(default)s)")
     p.add_argument("--val-fraction", type=float, default=None,
-                   help="fraction of each class carved from train for choosing (default 0.1, or the "
-                        "dataset's own validation split)")
+                   help="carve this fraction of each training class for choosing (default: the dataset's "
+                        "own validation split — fmnist-lt / cifar*-lt hold one out of their unused training "
+                        "images — else 0.1)")
     p.add_argument("--out", required=True, metavar="DIR",
                    help="sweep folder; rerunning the same command continues a killed sweep")
     config_args(p)
@@ -103,8 +104,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     a = asub.add_parser("retrieval", help="top-k nearest training images of test queries, head vs tail (Fig. 1)")
     a.add_argument("--run", required=True, metavar="DIR", help="a run directory with a finished stage 1")
     a.add_argument("--compare-run", default=None, metavar="DIR2", help="a second run drawn side by side")
-    a.add_argument("--classes", default="head,tail",
-                   help="query classes: names, indices, or head/medium/tail/all (default: %(default)s)")
+    a.add_argument("--classes", default=None,
+                   help="query classes: names, indices, or head/medium/tail/all (default: head,tail, or the "
+                        "run's most and least frequent non-empty shot groups when it lacks one of them)")
     a.add_argument("--k", type=int, default=5, help="neighbours per query (default: %(default)s)")
     a.add_argument("--queries-per-class", type=int, default=1,
                    help="query images drawn per class in the picture (default: %(default)s)")

@@ -1,0 +1,26 @@
+"""`dscl compare`'s manifest of config keys that differ between the compared methods."""
+
+from dscl.compare import config_differences, format_differences, format_markdown, method_config
+from dscl.config import load_config
+
+
+def test_manifest_lists_only_the_objective_for_a_fair_comparison():
+    base = load_config("smoke")
+    diff = config_differences({m: method_config(base, m, seed=0) for m in ("ce", "dscl", "dscl+pbsd")})
+    assert set(diff) == {"loss.loss", "loss.pbsd_weight"}
+    assert diff["loss.loss"] == {"ce": "ce", "dscl": "dscl", "dscl+pbsd": "dscl"}
+    assert diff["loss.pbsd_weight"]["dscl+pbsd"] == base.loss.pbsd_weight > 0
+
+
+def test_manifest_catches_an_unfair_difference_and_ignores_the_seed():
+    a = method_config(load_config("smoke"), "scl", seed=0)
+    b = method_config(load_config("smoke", overrides=["optim.epochs=5", "views.global_scale=[0.3,1.0]"]), "dscl",
+                      seed=1)
+    diff = config_differences({"scl": a, "dscl": b})
+    assert {"optim.epochs", "views.global_scale", "loss.loss"} <= set(diff) and "optim.seed" not in diff
+    text = format_differences(diff)
+    assert "`optim.epochs`: scl = 2, dscl = 5" in text
+    assert "same for all" in format_differences({})
+    md = format_markdown({"dataset": "d", "preset": "p", "seeds": [0], "methods": {}, "differences": diff,
+                          "command": "dscl compare", "wall_seconds": 60})
+    assert "`views.global_scale`" in md
