@@ -8,7 +8,7 @@ Conditions, each in fresh processes:
 * ``dscl``:   beside a second, identical ``dscl pretrain`` started at the same moment (both are
   measured; their mean is the figure).
 
-Variants: ``new`` is dscl's defaults (passive OpenMP wait policy, intra-op threads = cores - DataLoader
+Variants: ``new`` is dscl's defaults (OpenMP spinning capped, intra-op threads = cores - DataLoader
 workers); ``old`` reproduces the behaviour before the fix (``DSCL_OPENMP_DEFAULTS=0`` and torch's
 default thread count). A run's figure is the median of the images/s it logs after its first epoch
 (``metrics.jsonl``; the first epoch holds process start-up and worker spawn). Conditions and

@@ -19,7 +19,7 @@ from __future__ import annotations
 # ruff: noqa: E402  (the OpenMP settings below must be in place before torch is imported)
 from dscl.threads import set_openmp_defaults
 
-set_openmp_defaults()  # as `dscl` runs: passive OpenMP waits (DSCL_OPENMP_DEFAULTS=0: OpenMP's own)
+set_openmp_defaults()  # as `dscl` runs: capped OpenMP spinning (DSCL_OPENMP_DEFAULTS=0: OpenMP's own)
 
 import argparse
 import copy

@@ -190,8 +190,10 @@ def test_openmp_defaults_only_where_unset():
     from dscl.threads import set_openmp_defaults
 
     env = {"KMP_BLOCKTIME": "5"}
-    assert set_openmp_defaults(env) == {"OMP_WAIT_POLICY": "PASSIVE"}
-    assert env == {"KMP_BLOCKTIME": "5", "OMP_WAIT_POLICY": "PASSIVE"}
+    assert set_openmp_defaults(env) == {"GOMP_SPINCOUNT": "10000"}
+    assert env == {"KMP_BLOCKTIME": "5", "GOMP_SPINCOUNT": "10000"}
+    # a wait policy the user chose is theirs: no spin budget is added on top of it
+    assert set_openmp_defaults({"OMP_WAIT_POLICY": "ACTIVE"}) == {"KMP_BLOCKTIME": "0"}
     assert set_openmp_defaults({"DSCL_OPENMP_DEFAULTS": "0"}) == {}
     assert set_openmp_defaults() == {}  # torch is imported in this process: too late, leave os.environ
 
@@ -204,7 +206,7 @@ def test_cli_sets_openmp_defaults_before_torch_loads(tmp_path):
         "class Spy:\n"
         "    def find_spec(self, name, path=None, target=None):\n"
         "        if name == 'torch':\n"
-        "            print('AT_TORCH_IMPORT', os.environ.get('OMP_WAIT_POLICY'), os.environ.get('KMP_BLOCKTIME'))\n"
+        "            print('AT_TORCH_IMPORT', os.environ.get('GOMP_SPINCOUNT'), os.environ.get('KMP_BLOCKTIME'))\n"
         "            sys.stdout.flush()\n"
         "            os._exit(0)\n"  # the check is done; spare loading torch
         "sys.meta_path.insert(0, Spy())\n"
@@ -212,8 +214,9 @@ def test_cli_sets_openmp_defaults_before_torch_loads(tmp_path):
         "main(['run', '--preset', 'smoke', '--out', 'never-created'])\n"
         "print('TORCH NEVER IMPORTED')\n"
     )
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "KMP_BLOCKTIME", "DSCL_OPENMP_DEFAULTS")}
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME",
+                                                          "DSCL_OPENMP_DEFAULTS")}
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120,
                          cwd=tmp_path)
     assert res.returncode == 0, res.stderr
-    assert res.stdout.strip().splitlines()[-1] == "AT_TORCH_IMPORT PASSIVE 0"
+    assert res.stdout.strip().splitlines()[-1] == "AT_TORCH_IMPORT 10000 0"
