@@ -46,6 +46,7 @@ def check_same_data(runs: Sequence[Path], all_splits: Sequence[DatasetSplits], s
     """Refuse runs whose dataset, class list, training counts or evaluated images differ from the first's."""
     first, ref = runs[0], all_splits[0]
     ref_set = _split_of(ref, split, first)
+    ref_fingerprint = ref_set.fingerprint()  # one hash of the reference split, not one per run
     for run, s in zip(runs[1:], all_splits[1:], strict=True):
         where = f"{run} and {first}"
         if s.name != ref.name:
@@ -57,9 +58,10 @@ def check_same_data(runs: Sequence[Path], all_splits: Sequence[DatasetSplits], s
             raise EnsembleError(f"{where} were trained on different training sets (per-class counts differ: "
                                 f"{sum(s.train_counts)} vs {sum(ref.train_counts)} images)")
         ds = _split_of(s, split, run)
-        if ds.fingerprint() != ref_set.fingerprint():
+        fingerprint = ds.fingerprint()
+        if fingerprint != ref_fingerprint:
             raise EnsembleError(f"{where} have different {split} sets ({len(ds)} vs {len(ref_set)} images, "
-                                f"fingerprints {ds.fingerprint()} vs {ref_set.fingerprint()})")
+                                f"fingerprints {fingerprint} vs {ref_fingerprint})")
 
 
 def _probabilities(p: Predictor, dataset: LTDataset, dev: torch.device, progress: bool,
