@@ -9,8 +9,10 @@ Conditions, each in fresh processes:
   measured; their mean is the figure).
 
 Variants: ``new`` is dscl's defaults (OpenMP spinning capped, intra-op threads = cores - DataLoader
-workers); ``old`` reproduces the behaviour before the fix (``DSCL_OPENMP_DEFAULTS=0`` and torch's
-default thread count). A run's figure is the median of the images/s it logs after its first epoch
+workers, fewer threads while other processes use the cores: ``dscl.threads.ThreadAdapter``); ``fixed``
+is ``new`` with the thread count held (``DSCL_ADAPT_THREADS=0``); ``old`` reproduces the behaviour
+before issue #15 (``DSCL_OPENMP_DEFAULTS=0`` and torch's default thread count); ``threadsN`` fixes N
+threads (``DSCL_NUM_THREADS=N``). A run's figure is the median of the images/s it logs after its first epoch
 (``metrics.jsonl``; the first epoch holds process start-up and worker spawn). Conditions and
 variants run round-robin, ``--repeats`` rounds with the order rotated each round, and the median over
 rounds is reported with every sample. The headline is the fraction of the quiet figure kept beside
@@ -19,7 +21,7 @@ one competitor: the goal is >= 0.40 (0.50 is the fair share of a shared machine)
 Needs a machine with nothing else running (check ``uptime``); the final measurement (~15 minutes on
 2 cores):
 
-    python benchmarks/contention.py --preset fmnist-lt --epochs 3 --repeats 3
+    python benchmarks/contention.py --preset fmnist-lt --epochs 3 --repeats 3 --variants new,fixed
 
 Writes ``benchmarks/results/contention.json`` with the CPU model and the load average before/after.
 """
@@ -42,7 +44,7 @@ from _results import write_results
 RESULTS = Path(__file__).parent / "results" / "contention.json"
 #: Thread and OpenMP settings a caller's shell may carry; every child starts without them.
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY", "KMP_BLOCKTIME", "GOMP_SPINCOUNT",
-               "DSCL_NUM_THREADS", "DSCL_OPENMP_DEFAULTS")
+               "DSCL_NUM_THREADS", "DSCL_OPENMP_DEFAULTS", "DSCL_ADAPT_THREADS")
 MATMUL = "import torch\ntorch.set_num_threads({threads})\na = torch.randn({n}, {n})\nwhile True:\n    a @ a\n"
 
 
@@ -72,8 +74,12 @@ def variant_env(variant: str, default_threads: int) -> dict[str, str]:
     env = clean_env()
     if variant == "old":
         env.update(DSCL_OPENMP_DEFAULTS="0", DSCL_NUM_THREADS=str(default_threads))
+    elif variant == "fixed":
+        env["DSCL_ADAPT_THREADS"] = "0"
+    elif variant.startswith("threads"):  # a fixed intra-op thread count, e.g. threads1
+        env["DSCL_NUM_THREADS"] = variant.removeprefix("threads")
     elif variant != "new":
-        raise ValueError(f"unknown variant {variant!r}; use new or old")
+        raise ValueError(f"unknown variant {variant!r}; use new, fixed, old or threadsN")
     return env
 
 
@@ -83,15 +89,16 @@ def start_dscl(out: Path, env: dict[str, str], args: argparse.Namespace) -> subp
     return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
-def finish(proc: subprocess.Popen, out: Path) -> float:
+def finish(proc: subprocess.Popen, out: Path) -> tuple[float, list[int]]:
     _, err = proc.communicate()
     if proc.returncode != 0:
         raise RuntimeError(f"dscl pretrain --out {out} failed ({proc.returncode}):\n{err[-2000:]}")
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    ips = [r["img_per_s"] for r in rows if r.get("stage") == "pretrain" and r["epoch"] > 1]
-    if not ips:
+    measured = [r for r in rows if r.get("stage") == "pretrain" and r["epoch"] > 1]
+    if not measured:
         raise RuntimeError(f"{out}: no images/s logged after the first epoch; use --epochs 2 or more")
-    return statistics.median(ips)
+    threads = sorted({r["threads"] for r in measured if "threads" in r})  # compute threads seen
+    return statistics.median(r["img_per_s"] for r in measured), threads
 
 
 def measure(variant: str, condition: str, workdir: Path, tag: str, args: argparse.Namespace,
@@ -109,12 +116,14 @@ def measure(variant: str, condition: str, workdir: Path, tag: str, args: argpars
     try:
         runs = [workdir / f"{tag}-a"] + ([workdir / f"{tag}-b"] if condition == "dscl" else [])
         procs = [start_dscl(out, env, args) for out in runs]
-        values = [finish(p, out) for p, out in zip(procs, runs, strict=True)]
+        done = [finish(p, out) for p, out in zip(procs, runs, strict=True)]
     finally:
         if competitor is not None:
             competitor.kill()
             competitor.wait()
-    return {"img_per_s": statistics.mean(values), "runs": values, "wall_seconds": round(time.perf_counter() - t, 1)}
+    values = [v for v, _ in done]
+    return {"img_per_s": statistics.mean(values), "runs": values, "threads": [th for _, th in done],
+            "wall_seconds": round(time.perf_counter() - t, 1)}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -123,7 +132,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--epochs", type=int, default=3, help="stage-1 epochs per run (the first is not measured)")
     ap.add_argument("--log-every", type=int, default=5, help="steps per logged images/s interval")
     ap.add_argument("--repeats", type=int, default=3, help="rounds over all variants x conditions (median)")
-    ap.add_argument("--variants", default="new,old", help="new (dscl's defaults), old (before the fix)")
+    ap.add_argument("--variants", default="new,fixed", help="new (dscl's defaults), fixed (new without thread "
+                    "adaptation), old (before issue #15: slow, ~4.5 min per run beside matmul), threadsN")
     ap.add_argument("--conditions", default="quiet,matmul,dscl")
     ap.add_argument("--matmul-threads", type=int, default=2)
     ap.add_argument("--matmul-size", type=int, default=1024)
@@ -149,7 +159,8 @@ def main(argv: list[str] | None = None) -> dict:
                 result = measure(v, c, Path(tmp), f"r{r}-{v}-{c}", args, default_threads)
                 samples[(v, c)].append(result)
                 print(f"round {r + 1}/{args.repeats}  {v:<4} {c:<7} {result['img_per_s']:7.1f} img/s  "
-                      f"(runs {[round(x, 1) for x in result['runs']]}, {result['wall_seconds']} s)", flush=True)
+                      f"(runs {[round(x, 1) for x in result['runs']]}, threads {result['threads']}, "
+                      f"{result['wall_seconds']} s)", flush=True)
     rows = []
     for v in variants:
         quiet = statistics.median(s["img_per_s"] for s in samples[(v, "quiet")])
@@ -168,7 +179,8 @@ def main(argv: list[str] | None = None) -> dict:
         args.out, "contention", argv, results=rows,
         settings={"preset": args.preset, "epochs": args.epochs, "log_every": args.log_every, "repeats": args.repeats,
                   "overrides": args.override, "matmul_threads": args.matmul_threads, "matmul_size": args.matmul_size,
-                  "old_variant": f"DSCL_OPENMP_DEFAULTS=0 DSCL_NUM_THREADS={default_threads}"},
+                  "old_variant": f"DSCL_OPENMP_DEFAULTS=0 DSCL_NUM_THREADS={default_threads}",
+                  "fixed_variant": "DSCL_ADAPT_THREADS=0"},
         machine={"cpu_model": cpu_model(),
                  "cpus_available": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
                  "torch_default_threads": default_threads, "load_average_before": list(load_before),

@@ -220,3 +220,128 @@ def test_cli_sets_openmp_defaults_before_torch_loads(tmp_path):
                          cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip().splitlines()[-1] == "AT_TORCH_IMPORT 10000 0"
+
+
+# ---------------------------------------------------------------------------------------------
+# issue #15: fewer compute threads while other processes use the cores
+
+
+class _Clock:
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        return self.t
+
+
+def _adapter(readings, max_threads=2):
+    from dscl.threads import ThreadAdapter
+
+    clock, applied, told = _Clock(), [], []
+    feed = iter([None] + readings)  # the constructor takes the baseline sample
+
+    def measure():
+        value = next(feed)
+        return None if value is None else (value, 4.0)
+
+    ad = ThreadAdapter(max_threads, max_threads, apply=applied.append, measure=measure,
+                       notify=lambda old, new, others: told.append((old, new, round(others, 1))),
+                       interval=4.0, clock=clock)
+    return ad, clock, applied, told
+
+
+def test_thread_adapter_follows_other_processes_with_hysteresis():
+    ad, clock, applied, told = _adapter([0.1, 1.2, 1.4, 0.5, 0.05, 0.5])
+    assert ad.tick() == 2 and applied == []            # before the first interval: no measurement
+    clock.t = 4.0
+    assert ad.tick() == 2 and applied == []            # quiet (0.1 core used by others): keep 2
+    clock.t = 5.0
+    assert ad.tick() == 2                              # inside the interval: nothing is read
+    clock.t = 8.0
+    assert ad.tick() == 1 and applied == [1]           # a competitor takes 1.2 cores: 1 thread
+    assert told == [(2, 1, 1.2)]
+    clock.t = 12.0
+    assert ad.tick() == 1 and applied == [1]           # it takes more while we use 1: stay
+    clock.t = 16.0
+    assert ad.tick() == 1                              # 0.5 core: within the slack, no flip-flop
+    clock.t = 20.0
+    assert ad.tick() == 2 and applied == [1, 2]        # it left: back to 2
+    clock.t = 24.0
+    assert ad.tick() == 2 and ad.changes == 2          # 0.5 core at 2 threads: within the slack too
+
+
+def test_thread_adapter_stays_within_bounds_and_survives_unreadable_proc():
+    ad, clock, applied, _ = _adapter([7.5, None, 0.0], max_threads=8)
+    clock.t = 4.0
+    assert ad.tick() == 1 and applied == [1]           # never below one thread
+    clock.t = 8.0
+    assert ad.tick() == 1                              # a failed reading changes nothing
+    clock.t = 12.0
+    assert ad.tick() == 8 and applied == [1, 8]        # never above the configured count
+
+
+def test_read_cpu_busy_counts_only_our_cpus_and_busy_fields():
+    from dscl.threads import read_cpu_busy
+
+    tick = os.sysconf("SC_CLK_TCK")
+    stat = ("cpu  900 900 900 900 900 900 900 900 0 0\n"
+            "cpu0 10 1 2 1000 50 3 4 5 0 0\n"       # busy = 10+1+2+3+4+5 = 25 (idle, iowait not)
+            "cpu1 100 0 0 0 0 0 0 0 0 0\n"
+            "cpu2 1 0 0 0 0 0 0 0 0 0\n"
+            "intr 1 2 3\n")
+    assert read_cpu_busy({0}, stat) == pytest.approx(25 / tick)
+    assert read_cpu_busy({0, 2}, stat) == pytest.approx(26 / tick)
+    assert read_cpu_busy({0, 5}, stat) is None          # a CPU /proc/stat does not list: no guess
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="needs Linux /proc")
+def test_children_cpu_finds_a_busy_child_process():
+    """DataLoader workers are child processes: their CPU time is ours, not a competitor's."""
+    import subprocess
+    import sys
+
+    from dscl.threads import _children_cpu
+
+    code = ("import time\nwhile time.process_time() < 0.5: pass\nprint('done', flush=True)\ntime.sleep(60)")
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "done"
+        cpu = _children_cpu(os.getpid())
+        assert child.pid in cpu and 0.45 <= cpu[child.pid] < 30
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_thread_adapter_only_where_the_count_is_ours(restore_torch_flags, monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv(runtime.THREADS_ENV, raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.delenv("DSCL_ADAPT_THREADS", raising=False)
+    monkeypatch.setattr(runtime, "adapt_enabled", lambda: True)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(4)), raising=False)
+    torch.set_num_threads(runtime._TORCH_DEFAULT_THREADS)
+    runtime._threads_set = None
+    cpu = torch.device("cpu")
+    runtime.configure_threads(workers=0)                 # 4 threads, chosen by dscl
+    ad = runtime.thread_adapter(cpu, deterministic=False)
+    assert ad is not None and ad.max_threads == 4
+    ad.apply(1)                                          # what a change does: torch and our record
+    assert torch.get_num_threads() == 1 and runtime._threads_set == 1
+    assert runtime.configure_threads(workers=0) == 4     # the next stage starts from the full count
+    assert runtime.thread_adapter(cpu, deterministic=True) is None
+    assert runtime.thread_adapter(torch.device("cuda"), deterministic=False) is None
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert runtime.thread_adapter(cpu, deterministic=False) is None
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    monkeypatch.setenv(runtime.THREADS_ENV, "4")
+    assert runtime.thread_adapter(cpu, deterministic=False) is None
+    monkeypatch.delenv(runtime.THREADS_ENV)
+    torch.set_num_threads(3)                             # the caller's own choice
+    assert runtime.thread_adapter(cpu, deterministic=False) is None
+
+
+def test_adapt_switch():
+    from dscl.threads import adapt_enabled
+
+    assert adapt_enabled({"DSCL_ADAPT_THREADS": "0"}) is False

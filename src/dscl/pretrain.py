@@ -37,7 +37,16 @@ from dscl.losses import dscl_loss, pbsd_loss, supcon_loss
 from dscl.model import DSCLModel, build_encoder, momentum_update
 from dscl.report import format_duration
 from dscl.rundir import MetricsLog, check_compatible, prepare_run_dir, record_resume
-from dscl.runtime import amp_dtype, autocast, configure_backends, make_loader, num_workers, say, to_device
+from dscl.runtime import (
+    amp_dtype,
+    autocast,
+    configure_backends,
+    make_loader,
+    num_workers,
+    say,
+    thread_adapter,
+    to_device,
+)
 from dscl.schedules import warmup_cosine
 
 
@@ -374,6 +383,8 @@ def pretrain(
     train_fingerprint = splits.train.fingerprint()
     t_start = time.perf_counter()
     guard = NonFiniteGuard(dev, tolerate=scaler is not None)
+    # fewer compute threads while other jobs use these CPUs (dscl.threads; off for GPUs / deterministic)
+    adapter = thread_adapter(dev, deterministic=cfg.optim.deterministic)
     for epoch in range(start_epoch, end_epoch):
         sampler.set_epoch(epoch)
         model.train()
@@ -387,6 +398,8 @@ def pretrain(
             parts = pretrain_step(model, batch, optimizer, lr=lr, m=cfg.model.momentum, loss_cfg=cfg.loss,
                                   scaler=scaler, dtype=dtype, ce_head=ce_head, num_classes=splits.num_classes)
             guard.update(parts["loss"])
+            if adapter is not None:
+                adapter.tick()
             seen += batch.query.shape[0] * world
             bar.update(1)
             if (it + 1) % cfg.optim.log_every == 0 or it + 1 == steps_per_epoch:
@@ -395,7 +408,8 @@ def pretrain(
                 now = time.perf_counter()
                 ips = seen / max(now - t_log, 1e-9)
                 log.write(stage="pretrain", epoch=epoch + 1, step=step + 1, lr=lr, momentum=cfg.model.momentum,
-                          img_per_s=round(ips, 1), queue_fill=len(model.queue), **values,
+                          img_per_s=round(ips, 1), queue_fill=len(model.queue), threads=torch.get_num_threads(),
+                          **values,
                           **({"skipped_steps": skipped} if scaler is not None else {}))
                 bar.set_postfix(loss=f"{values['loss']:.3f}", img_s=f"{ips:.0f}")
                 t_log, seen = now, 0

@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from dscl import dist
 from dscl.config import ConfigError
+from dscl.threads import ADAPT_ENV, ThreadAdapter, adapt_enabled
 
 #: ``DSCL_ALLOW_SLOW_BF16=1`` runs ``optim.amp=bf16`` on hardware without native bf16 (with a warning)
 #: instead of refusing: for a CPU this check misjudges, or to reproduce a bf16 result exactly.
@@ -168,8 +169,8 @@ def configure_threads(workers: int) -> int:
     """Size torch's intra-op thread pool to this process's CPUs minus its DataLoader workers (>= 1).
 
     More busy threads than cores makes OpenMP threads wait on each other's time slices; beside a
-    second job that costs far more than the lost parallelism (with :mod:`dscl.threads`' passive
-    wait policy). Left alone when the user chose: ``OMP_NUM_THREADS`` set, or ``torch.set_num_threads``
+    second job that costs far more than the lost parallelism. While training, :func:`thread_adapter`
+    lowers the count further when other processes use these CPUs. Left alone when the user chose: ``OMP_NUM_THREADS`` set, or ``torch.set_num_threads``
     called by the caller. ``DSCL_NUM_THREADS=N`` forces N. Returns the thread count in use.
     """
     global _threads_set
@@ -187,6 +188,32 @@ def configure_threads(workers: int) -> int:
         torch.set_num_threads(n)
     _threads_set = n
     return n
+
+
+def _set_threads(n: int) -> None:
+    global _threads_set
+    torch.set_num_threads(n)
+    _threads_set = n
+
+
+def thread_adapter(device: torch.device, *, deterministic: bool) -> ThreadAdapter | None:
+    """A :class:`dscl.threads.ThreadAdapter` for a CPU training stage, or None where the thread count
+    must stay put: a GPU run, ``optim.deterministic`` (reductions split by thread count), several
+    dscl processes on this machine (they share the cores by design), a count the user chose
+    (``DSCL_NUM_THREADS``, ``OMP_NUM_THREADS``, their own ``torch.set_num_threads``), one thread
+    already, ``DSCL_ADAPT_THREADS=0``, or no readable ``/proc/stat``. Call after the stage's loader
+    exists (:func:`configure_threads` has sized the pool by then)."""
+    current = torch.get_num_threads()
+    if (device.type != "cpu" or deterministic or processes_per_node() > 1 or current < 2
+            or os.environ.get(THREADS_ENV, "").strip() or os.environ.get("OMP_NUM_THREADS")
+            or current != _threads_set or not adapt_enabled()):
+        return None
+
+    def notify(old: int, new: int, others: float) -> None:
+        say(f"threads: {old} -> {new} (other processes are using {others:.1f} of this process's "
+            f"{current} CPUs; {ADAPT_ENV}=0 keeps {current})")
+
+    return ThreadAdapter(current, current, apply=_set_threads, notify=notify)
 
 
 def make_loader(dataset: Any, batch: int, *, sampler: Any, workers: int, device: torch.device,
