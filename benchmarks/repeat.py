@@ -35,7 +35,8 @@ def _loss(r: dict) -> dict[str, float]:
 
 def _step(r: dict) -> dict[str, float]:
     return {"speedup": r["speedup"], "dscl img/s": r["img_per_s"],
-            "straightforward img/s": r["straightforward_img_per_s"]}
+            "straightforward img/s": r["straightforward_img_per_s"],
+            **({"ceiling": r["speedup_ceiling"]} if "speedup_ceiling" in r else {})}
 
 
 def _ddp(r: dict) -> dict[str, float]:

@@ -139,6 +139,37 @@ def random_inputs(args, num_classes, gen):
             torch.randn(b, L, 3, p, p, generator=gen), boxes, torch.randint(0, num_classes, (b,), generator=gen))
 
 
+def encoder_breakdown(model: DSCLModel, args, gen, repeats: int = 5) -> dict[str, float]:
+    """Median seconds of the backbone+head work inside our step, each part alone: the online encoder's
+    forward+backward on the query views, the momentum encoder's no-grad forward on the key views, and
+    the online encoder's forward+backward on all patches (one batch of L*B, channels-last, L-major)."""
+    b, L, s, p = args.batch, args.patches, args.image_size, args.patch_size
+    cl = torch.channels_last
+    q = torch.randn(b, 3, s, s, generator=gen).contiguous(memory_format=cl)
+    patches = patches_channels_last(torch.randn(b, L, 3, p, p, generator=gen)).transpose(0, 1).reshape(L * b, 3, p, p)
+
+    def fwd_bwd(x):
+        z, _ = model.online(x)
+        z.sum().backward()
+        model.online.zero_grad(set_to_none=True)
+
+    def key_fwd():
+        with torch.no_grad():
+            model.momentum(q)
+
+    parts = {"query fwd+bwd": lambda: fwd_bwd(q), "key fwd": key_fwd, "patches fwd+bwd": lambda: fwd_bwd(patches)}
+    out = {}
+    for name, fn in parts.items():
+        fn()
+        ts = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t)
+        out[name] = statistics.median(ts)
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--backbone", default="resnet18")
@@ -149,6 +180,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--queue", type=int, default=4096)
     ap.add_argument("--classes", type=int, default=100)
     ap.add_argument("--steps", type=int, default=10, help="timed steps per variant (after 2 warm-up steps)")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="also time the online encoder's three convolution workloads of our step alone (query "
+                         "forward+backward, key forward, patches forward+backward): the floor under our step, and "
+                         "so the ceiling of its speed-up over the straightforward step")
     ap.add_argument("--json", action="store_true", help="print the result as JSON on the last line")
     ap.add_argument("--out", default=str(RESULTS), help="results file ('' to skip writing)")
     args = ap.parse_args(argv)
@@ -200,6 +235,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"step {i + 1}/{args.steps + 2}: " + ", ".join(f"{n} {t[-1] * 1e3:.0f} ms" for n, t in times.items()
                                                           if t), file=sys.stderr)
     med = {k: statistics.median(v) for k, v in times.items()}
+    breakdown = encoder_breakdown(ours, args, gen) if args.breakdown else None
     result = {
         "benchmark": "step_speed",
         "command": "python benchmarks/step_speed.py " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -213,6 +249,9 @@ def main(argv: list[str] | None = None) -> dict:
         "speedup_per_step_median": round(statistics.median(
             s / d for s, d in zip(times["straightforward"], times["dscl"], strict=True)), 3),
         "samples_ms": {k: [round(t * 1e3, 1) for t in v] for k, v in times.items()},
+        **({"encoder_ms": {k: round(v * 1e3, 1) for k, v in breakdown.items()},
+            "encoder_share_of_dscl_step": round(sum(breakdown.values()) / med["dscl"], 3),
+            "speedup_ceiling": round(med["straightforward"] / sum(breakdown.values()), 3)} if breakdown else {}),
         "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                     "platform": platform.platform(), "processor": platform.processor(),
                     "torch": torch.__version__, "device": "cpu"},
@@ -224,6 +263,10 @@ def main(argv: list[str] | None = None) -> dict:
           f"{result['straightforward_img_per_s']:>8}")
     print(f"speed-up (straightforward time / dscl time): {result['speedup']}x "
           f"(median of the per-step ratios: {result['speedup_per_step_median']}x)")
+    if breakdown:
+        print("our encoder alone (median ms): " + ", ".join(f"{k} {v * 1e3:.0f}" for k, v in breakdown.items())
+              + f" = {sum(breakdown.values()) * 1e3:.0f} ms, {result['encoder_share_of_dscl_step']:.0%} of our step; "
+              f"a step with nothing but these would be {result['speedup_ceiling']}x the straightforward step")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

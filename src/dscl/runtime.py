@@ -170,8 +170,9 @@ def configure_threads(workers: int) -> int:
 
     More busy threads than cores makes OpenMP threads wait on each other's time slices; beside a
     second job that costs far more than the lost parallelism. While training, :func:`thread_adapter`
-    lowers the count further when other processes use these CPUs. Left alone when the user chose: ``OMP_NUM_THREADS`` set, or ``torch.set_num_threads``
-    called by the caller. ``DSCL_NUM_THREADS=N`` forces N. Returns the thread count in use.
+    lowers the count further when other processes use these CPUs. Left alone when the user chose:
+    ``OMP_NUM_THREADS`` set, or ``torch.set_num_threads`` called by the caller. ``DSCL_NUM_THREADS=N``
+    forces N. Returns the thread count in use.
     """
     global _threads_set
     forced = os.environ.get(THREADS_ENV, "").strip()
