@@ -37,6 +37,7 @@ import torchvision
 from torch import nn
 from torchvision.ops import roi_align
 
+from _results import median_ms
 from dscl.backbones import build_backbone
 from dscl.config import LossConfig
 from dscl.model import DSCLModel, Encoder
@@ -158,16 +159,7 @@ def encoder_breakdown(model: DSCLModel, args, gen, repeats: int = 5) -> dict[str
             model.momentum(q)
 
     parts = {"query fwd+bwd": lambda: fwd_bwd(q), "key fwd": key_fwd, "patches fwd+bwd": lambda: fwd_bwd(patches)}
-    out = {}
-    for name, fn in parts.items():
-        fn()
-        ts = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t)
-        out[name] = statistics.median(ts)
-    return out
+    return {name: median_ms(fn, repeats, warmup=1) / 1e3 for name, fn in parts.items()}
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -28,8 +28,6 @@ from dscl.threads import set_openmp_defaults
 set_openmp_defaults()  # as `dscl` runs: capped OpenMP spinning (DSCL_OPENMP_DEFAULTS=0: OpenMP's own)
 
 import argparse
-import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -37,7 +35,7 @@ import torch
 import torchvision.transforms.v2 as T
 import torchvision.transforms.v2.functional as TF
 
-from _results import write_results
+from _results import median_ms, write_results
 from dscl.config import ViewConfig
 from dscl.data import DSCLTransform
 from dscl.data.batched_views import BatchedDSCLTransform, Canvas, CanvasTransform, working_size
@@ -71,21 +69,6 @@ def torchvision_chain(size: int, num_patches: int, patch: int, blur: bool) -> Ca
         return query_tf(query), key_tf(key), patches
 
     return run
-
-
-def median_ms(fn: Callable[[], object], repeats: int, inner: int, sync: Callable[[], None] = lambda: None) -> float:
-    """Median over ``repeats`` rounds of the mean ms of ``inner`` calls (after 3 warm-up calls)."""
-    for _ in range(3):
-        fn()
-    sync()
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(inner):
-            fn()
-        sync()
-        samples.append((time.perf_counter() - start) * 1000 / inner)
-    return statistics.median(samples)
 
 
 def one_thread(fn: Callable[[], float]) -> float:

@@ -240,11 +240,7 @@ def _adapter(readings, max_threads=2):
     clock, applied, told = _Clock(), [], []
     feed = iter([None] + readings)  # the constructor takes the baseline sample
 
-    def measure():
-        value = next(feed)
-        return None if value is None else (value, 4.0)
-
-    ad = ThreadAdapter(max_threads, max_threads, apply=applied.append, measure=measure,
+    ad = ThreadAdapter(max_threads, apply=applied.append, measure=lambda: next(feed),
                        notify=lambda old, new, others: told.append((old, new, round(others, 1))),
                        interval=4.0, clock=clock)
     return ad, clock, applied, told

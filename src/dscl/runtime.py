@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from dscl import dist
 from dscl.config import ConfigError
-from dscl.threads import ADAPT_ENV, ThreadAdapter, adapt_enabled
+from dscl.threads import ADAPT_ENV, ThreadAdapter, adapt_enabled, affinity
 
 #: ``DSCL_ALLOW_SLOW_BF16=1`` runs ``optim.amp=bf16`` on hardware without native bf16 (with a warning)
 #: instead of refusing: for a CPU this check misjudges, or to reproduce a bf16 result exactly.
@@ -153,8 +153,7 @@ def processes_per_node() -> int:
 
 def cpus_per_process() -> int:
     """This process's share of the CPUs it may run on (its affinity mask over the processes per node)."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cpus // processes_per_node())
+    return max(1, len(affinity()) // processes_per_node())
 
 
 def num_workers(requested: int) -> int:
@@ -214,7 +213,7 @@ def thread_adapter(device: torch.device, *, deterministic: bool) -> ThreadAdapte
         say(f"threads: {old} -> {new} (other processes are using {others:.1f} of this process's "
             f"{current} CPUs; {ADAPT_ENV}=0 keeps {current})")
 
-    return ThreadAdapter(current, current, apply=_set_threads, notify=notify)
+    return ThreadAdapter(current, apply=_set_threads, notify=notify)
 
 
 def make_loader(dataset: Any, batch: int, *, sampler: Any, workers: int, device: torch.device,

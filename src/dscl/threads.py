@@ -129,9 +129,9 @@ class CpuUsage:
             return None
         return time.monotonic(), busy, time.process_time(), _children_cpu(os.getpid())
 
-    def others(self) -> tuple[float, float] | None:
-        """(cores used by others, seconds measured) since the previous call; None on the first call
-        or where /proc is unreadable."""
+    def others(self) -> float | None:
+        """Cores used by others since the previous call; None on the first call or where /proc is
+        unreadable."""
         now, last = self._sample(), self._last
         self._last = now
         if now is None or last is None:
@@ -141,39 +141,40 @@ class CpuUsage:
             return None
         kids = sum(v - last[3][pid] for pid, v in now[3].items() if pid in last[3])
         own = (now[2] - last[2]) + kids
-        return max(0.0, (now[1] - last[1] - own) / wall), wall
+        return max(0.0, (now[1] - last[1] - own) / wall)
 
 
 class ThreadAdapter:
     """Trains on the cores other processes leave free: call :meth:`tick` once per step.
 
     Every ``interval`` seconds it measures the cores others used (:class:`CpuUsage`, or ``measure``
-    in tests) and, when the free cores differ from the threads in use by more than ``slack`` (so
+    in tests) and, when the free cores (``max_threads``, the cores this process was sized for, less
+    what others used) differ from the threads in use by more than ``slack`` (so
     that load hovering at a boundary does not flip the count back and forth), sets the thread count
     to the free cores, rounded, within 1..``max_threads``. ``apply`` sets threads (``torch.set_num_threads``);
     ``notify`` hears each change (a status line). :attr:`threads` is the count in use.
     """
 
-    def __init__(self, max_threads: int, cpus: int, *, apply: Callable[[int], None],
-                 measure: Callable[[], tuple[float, float] | None] | None = None,
+    def __init__(self, max_threads: int, *, apply: Callable[[int], None],
+                 measure: Callable[[], float | None] | None = None,
                  notify: Callable[[int, int, float], None] | None = None,
                  interval: float = 4.0, slack: float = 0.7, clock: Callable[[], float] = time.monotonic):
-        self.max_threads, self.cpus, self.threads = max_threads, cpus, max_threads
+        self.max_threads = self.threads = max_threads
         self.apply, self.notify, self.interval, self.slack, self.clock = apply, notify, interval, slack, clock
-        self.measure = measure if measure is not None else CpuUsage(_affinity()).others
+        self.measure = measure if measure is not None else CpuUsage(affinity()).others
         self.changes = 0
         self._next = clock() + interval
         self.measure()  # the baseline of the first interval
 
     def tick(self) -> int:
-        if self.clock() < self._next:
+        now = self.clock()
+        if now < self._next:
             return self.threads
-        self._next = self.clock() + self.interval
-        got = self.measure()
-        if got is None:
+        self._next = now + self.interval
+        others = self.measure()
+        if others is None:
             return self.threads
-        others, _ = got
-        free = self.cpus - others
+        free = self.max_threads - others  # the cores this process was sized for, less others' use
         if abs(free - self.threads) > max(self.slack, 0.1 * self.max_threads):
             want = max(1, min(self.max_threads, round(free)))
             if want != self.threads:
@@ -185,7 +186,8 @@ class ThreadAdapter:
         return self.threads
 
 
-def _affinity() -> set[int]:
+def affinity() -> set[int]:
+    """The CPUs this process may run on (its affinity mask; all CPUs where there is none)."""
     if hasattr(os, "sched_getaffinity"):
         return set(os.sched_getaffinity(0))
     return set(range(os.cpu_count() or 1))
@@ -196,4 +198,4 @@ def adapt_enabled(environ: MutableMapping[str, str] | None = None) -> bool:
     env = os.environ if environ is None else environ
     if env.get(ADAPT_ENV, "1").strip() == "0":
         return False
-    return sys.platform.startswith("linux") and read_cpu_busy(_affinity()) is not None
+    return sys.platform.startswith("linux") and read_cpu_busy(affinity()) is not None
