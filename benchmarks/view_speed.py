@@ -113,7 +113,8 @@ def measure_case(size: int, num_patches: int, patch: int, source: tuple[int, int
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats, no torchvision columns")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "view_speed.json"))
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "view_speed.json"),
+                        help="results file ('' to skip writing)")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     repeats = 3 if args.quick else 7
@@ -136,6 +137,8 @@ def main(argv: list[str] | None = None) -> dict:
               f"{r['per_sample_ms'] / r['batched_cpu_ms']:>5.1f}x | {tv}")
     machine = {"torch_threads": torch.get_num_threads(), "torch": torch.__version__,
                "device": torch.cuda.get_device_name() if cuda else "cpu"}
+    if not args.out:
+        return {"results": rows, "machine": machine}
     return write_results(args.out, "view_speed", argv, statistic="median ms per sample", results=rows,
                          machine=machine)
 
