@@ -34,8 +34,11 @@ def _loss(r: dict) -> dict[str, float]:
 
 
 def _step(r: dict) -> dict[str, float]:
-    return {"speedup": r["speedup"], "dscl img/s": r["img_per_s"],
-            "straightforward img/s": r["straightforward_img_per_s"],
+    return {"dscl img/s": r["img_per_s"],
+            **({"joint img/s": r["joint_img_per_s"], "per-slot cost": r["per_slot_cost"]}
+               if "per_slot_cost" in r else {}),
+            **({"speedup": r["speedup"], "straightforward img/s": r["straightforward_img_per_s"]}
+               if "speedup" in r else {}),
             **({"ceiling": r["speedup_ceiling"]} if "speedup_ceiling" in r else {})}
 
 
@@ -51,6 +54,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("benchmark", choices=sorted(HEADLINES))
     ap.add_argument("--times", type=int, default=3)
+    ap.add_argument("--out", default=None, help="results file (default results/<benchmark>_repeats.json)")
     ap.add_argument("args", nargs=argparse.REMAINDER, help="after --: arguments for the benchmark")
     args = ap.parse_args(argv)
     extra = [a for a in args.args if a != "--"]
@@ -67,7 +71,8 @@ def main(argv: list[str] | None = None) -> dict:
     keys = runs[0]["headline"].keys()
     medians = {k: statistics.median(r["headline"][k] for r in runs) for k in keys}
     print("median over runs:", medians)
-    return write_results(HERE / "results" / f"{args.benchmark}_repeats.json", "repeat", argv,
+    target = Path(args.out) if args.out else HERE / "results" / f"{args.benchmark}_repeats.json"
+    return write_results(target, "repeat", argv,
                          repeated=f"benchmarks/{args.benchmark}.py " + " ".join(extra), times=args.times,
                          median=medians, per_run=[r["headline"] for r in runs], runs=[r["result"] for r in runs])
 

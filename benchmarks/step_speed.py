@@ -2,13 +2,16 @@
 
 The project's step is :func:`dscl.pretrain.pretrain_step` (both encoders, all patches in one batched
 forward, one ``roi_align`` call, the fused losses, backward, SGD step, momentum update, enqueue),
-with channels_last. The straightforward step is written below from METHOD.md A.9's description of
+with channels_last, timed twice: with ``model.patch_bn=per-slot`` (the default and the paper's
+BatchNorm semantics: each patch slot normalised with its own statistics inside the batched forward)
+and with ``joint`` (one set of statistics over all L*B patches); ``per_slot_cost`` is the per-slot
+step's extra time over the joint one. The straightforward step is written below from METHOD.md A.9's description of
 the official code: a forward hook on layer4, a separate forward of the online encoder per patch, a
 per-patch ``roi_align`` with a per-image box list, the DSCL loss with dense float masks over
 ``cat(q, k, queue)``, PBSD as a per-patch loop, a Python-loop EMA update and a pointer enqueue.
 
-Both run on the same random inputs, alternating step by step so machine noise hits both alike; the
-median of the timed steps is reported. Example (the issue's command):
+All variants run on the same random inputs, in an order that rotates step by step so machine noise
+hits them alike; the median of the timed steps is reported. Example (the issue's command):
 
     python benchmarks/step_speed.py --backbone resnet18 --image-size 224 --patch-size 64 \
         --patches 5 --batch 16 --queue 4096 --steps 10 --json
@@ -176,10 +179,17 @@ def main(argv: list[str] | None = None) -> dict:
                     help="also time the online encoder's three convolution workloads of our step alone (query "
                          "forward+backward, key forward, patches forward+backward): the floor under our step, and "
                          "so the ceiling of its speed-up over the straightforward step")
+    ap.add_argument("--no-straightforward", action="store_true",
+                    help="time only dscl's step (per-slot and joint patch BatchNorm); needed for backbones the "
+                         "straightforward step does not build (it takes torchvision ResNets), e.g. convnet")
     ap.add_argument("--json", action="store_true", help="print the result as JSON on the last line")
     ap.add_argument("--out", default=str(RESULTS), help="results file ('' to skip writing)")
     args = ap.parse_args(argv)
-    if args.queue % args.batch:
+    straight = not args.no_straightforward
+    if straight and not hasattr(torchvision.models, args.backbone):
+        ap.error(f"the straightforward step builds torchvision ResNets only; use --no-straightforward with "
+                 f"--backbone {args.backbone}")
+    if straight and args.queue % args.batch:
         ap.error("the straightforward step (like the official code) needs --queue divisible by --batch")
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
@@ -192,21 +202,28 @@ def main(argv: list[str] | None = None) -> dict:
     ours.queue.enqueue(F.normalize(torch.randn(args.queue, 128, generator=gen), dim=1),
                        torch.randint(0, args.classes, (args.queue,), generator=gen))
     opt_ours = torch.optim.SGD(ours.online.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-    naive = NaiveDSCL(args.backbone, 128, args.queue, args.classes)
-    opt_naive = torch.optim.SGD([p for p in naive.encoder_q.parameters()], lr=0.01, momentum=0.9,
-                                weight_decay=5e-4)
+    joint = copy.deepcopy(ours)
+    joint.patch_bn = "joint"
+    opt_joint = torch.optim.SGD(joint.online.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    if straight:
+        naive = NaiveDSCL(args.backbone, 128, args.queue, args.classes)
+        opt_naive = torch.optim.SGD([p for p in naive.encoder_q.parameters()], lr=0.01, momentum=0.9,
+                                    weight_decay=5e-4)
+        naive.train()
     ours.train()
-    naive.train()
+    joint.train()
 
-    def run_ours(inputs):
-        q, k, p, bx, y = inputs
-        # the layouts the training loop hands the step (pretrain._batches): channels-last views and
-        # L-major channels-last patches (the student's batched forward then needs no layout change)
-        batch = Batch(q.contiguous(memory_format=torch.channels_last), k.contiguous(memory_format=torch.channels_last),
-                      patches_channels_last(p), bx, y)
-        t = time.perf_counter()
-        pretrain_step(ours, batch, opt_ours, lr=0.01, m=0.999, loss_cfg=loss_cfg)
-        return time.perf_counter() - t
+    def stepper(model, opt):
+        def run(inputs):
+            q, k, p, bx, y = inputs
+            # the layouts the training loop hands the step (pretrain._batches): channels-last views and
+            # L-major channels-last patches (the student's batched forward then needs no layout change)
+            batch = Batch(q.contiguous(memory_format=torch.channels_last),
+                          k.contiguous(memory_format=torch.channels_last), patches_channels_last(p), bx, y)
+            t = time.perf_counter()
+            pretrain_step(model, batch, opt, lr=0.01, m=0.999, loss_cfg=loss_cfg)
+            return time.perf_counter() - t
+        return run
 
     def run_naive(inputs):
         q, k, p, bx, y = inputs
@@ -214,12 +231,14 @@ def main(argv: list[str] | None = None) -> dict:
         naive_step(naive, opt_naive, q, k, p, bx, y, m=0.999, beta=beta, tau=0.07, lam=1.5)
         return time.perf_counter() - t
 
-    times: dict[str, list[float]] = {"dscl": [], "straightforward": []}
+    variants = [("dscl", stepper(ours, opt_ours)), ("dscl-joint", stepper(joint, opt_joint))]
+    if straight:
+        variants.append(("straightforward", run_naive))
+    times: dict[str, list[float]] = {name: [] for name, _ in variants}
     for i in range(args.steps + 2):
         inputs = random_inputs(args, args.classes, gen)
-        order = [("dscl", run_ours), ("straightforward", run_naive)]
-        if i % 2:
-            order.reverse()
+        shift = i % len(variants)
+        order = variants[shift:] + variants[:shift]
         for name, fn in order:
             dt = fn(inputs)
             if i >= 2:
@@ -234,16 +253,23 @@ def main(argv: list[str] | None = None) -> dict:
         "settings": {k: getattr(args, k) for k in ("backbone", "image_size", "patch_size", "patches", "batch",
                                                    "queue", "classes", "steps")},
         "img_per_s": round(args.batch / med["dscl"], 2),
-        "straightforward_img_per_s": round(args.batch / med["straightforward"], 2),
+        "joint_img_per_s": round(args.batch / med["dscl-joint"], 2),
+        # extra time of the per-slot BatchNorm step over the joint one: of the medians, and the median of
+        # the per-step ratios (each step's variants ran back to back on the same inputs)
+        "per_slot_cost": round(med["dscl"] / med["dscl-joint"] - 1, 4),
+        "per_slot_cost_per_step_median": round(statistics.median(
+            d / j for d, j in zip(times["dscl"], times["dscl-joint"], strict=True)) - 1, 4),
         "median_ms": {k: round(v * 1e3, 1) for k, v in med.items()},
-        "speedup": round(med["straightforward"] / med["dscl"], 3),
-        # each step's two variants ran back to back on the same inputs: the per-step ratios and their median
-        "speedup_per_step_median": round(statistics.median(
-            s / d for s, d in zip(times["straightforward"], times["dscl"], strict=True)), 3),
+        **({"straightforward_img_per_s": round(args.batch / med["straightforward"], 2),
+            "speedup": round(med["straightforward"] / med["dscl"], 3),
+            # each step's variants ran back to back on the same inputs: the per-step ratios and their median
+            "speedup_per_step_median": round(statistics.median(
+                s / d for s, d in zip(times["straightforward"], times["dscl"], strict=True)), 3)} if straight else {}),
         "samples_ms": {k: [round(t * 1e3, 1) for t in v] for k, v in times.items()},
         **({"encoder_ms": {k: round(v * 1e3, 1) for k, v in breakdown.items()},
             "encoder_share_of_dscl_step": round(sum(breakdown.values()) / med["dscl"], 3),
-            "speedup_ceiling": round(med["straightforward"] / sum(breakdown.values()), 3)} if breakdown else {}),
+            **({"speedup_ceiling": round(med["straightforward"] / sum(breakdown.values()), 3)} if straight else {}),
+            } if breakdown else {}),
         "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                     "platform": platform.platform(), "processor": platform.processor(),
                     "torch": torch.__version__, "device": "cpu"},
@@ -251,19 +277,24 @@ def main(argv: list[str] | None = None) -> dict:
     }
     print(f"{'variant':<16} {'median ms':>10} {'img/s':>8}")
     print(f"{'dscl':<16} {result['median_ms']['dscl']:>10} {result['img_per_s']:>8}")
-    print(f"{'straightforward':<16} {result['median_ms']['straightforward']:>10} "
-          f"{result['straightforward_img_per_s']:>8}")
-    print(f"speed-up (straightforward time / dscl time): {result['speedup']}x "
-          f"(median of the per-step ratios: {result['speedup_per_step_median']}x)")
+    print(f"{'dscl-joint':<16} {result['median_ms']['dscl-joint']:>10} {result['joint_img_per_s']:>8}")
+    if straight:
+        print(f"{'straightforward':<16} {result['median_ms']['straightforward']:>10} "
+              f"{result['straightforward_img_per_s']:>8}")
+        print(f"speed-up (straightforward time / dscl time): {result['speedup']}x "
+              f"(median of the per-step ratios: {result['speedup_per_step_median']}x)")
+    print(f"per-slot patch BatchNorm costs {result['per_slot_cost']:+.1%} over joint "
+          f"(median of the per-step ratios: {result['per_slot_cost_per_step_median']:+.1%})")
     if breakdown:
         print("our encoder alone (median ms): " + ", ".join(f"{k} {v * 1e3:.0f}" for k, v in breakdown.items())
-              + f" = {sum(breakdown.values()) * 1e3:.0f} ms, {result['encoder_share_of_dscl_step']:.0%} of our step; "
-              f"a step with nothing but these would be {result['speedup_ceiling']}x the straightforward step")
+              + f" = {sum(breakdown.values()) * 1e3:.0f} ms, {result['encoder_share_of_dscl_step']:.0%} of our step"
+              + (f"; a step with nothing but these would be {result['speedup_ceiling']}x the straightforward step"
+                 if straight else ""))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     if args.json:
-        print(json.dumps({"img_per_s": result["img_per_s"], "speedup": result["speedup"]}))
+        print(json.dumps({k: result[k] for k in ("img_per_s", "per_slot_cost", "speedup") if k in result}))
     return result
 
 

@@ -149,3 +149,32 @@ def test_preset_descriptions():
         assert preset_description(name).endswith("."), name
     assert preset_description("smoke") == (
         "Seconds on a CPU: a tiny Fashion-MNIST-LT subset, 2 epochs, for tests and for trying the CLI.")
+
+
+def test_official_profile_sets_the_official_conventions():
+    from dscl.config import PROFILES, preset_changes
+
+    cfg = load_config("fmnist-lt", profile="official")
+    assert cfg.profile == "official"
+    assert (cfg.model.patch_bn, cfg.model.roi_aligned, cfg.model.queue_init) == ("per-slot", False, "random")
+    assert cfg.classifier.protocol == "official" and not cfg.classifier.standardize and cfg.classifier.update_bn
+    assert cfg.optim.epochs == load_config("fmnist-lt").optim.epochs  # hyperparameters stay the preset's
+    assert preset_changes(cfg) == []  # the preset under its profile: expected numbers still apply
+    own = load_config("fmnist-lt", overrides=["model.queue_init=empty"], profile="official")
+    assert own.model.queue_init == "empty" and preset_changes(own) == ["model.queue_init"]  # overrides win
+    default = load_config("fmnist-lt")
+    assert default.profile == "default" and default.model.queue_init == "empty" and default.model.roi_aligned
+    assert set(PROFILES) == {"default", "official"}
+    with pytest.raises(ConfigError, match="unknown profile 'paper'"):
+        load_config("smoke", profile="paper")
+    back = config_from_dict(yaml.safe_load(yaml.safe_dump(cfg.to_dict())))
+    assert back.profile == "official" and back.to_dict() == cfg.to_dict()
+
+
+def test_paper_scale_presets_use_per_slot_patch_bn():
+    for name in ("imagenet-lt", "inat2018", "places-lt"):
+        assert load_config(name).model.patch_bn == "per-slot"
+    with pytest.raises(ConfigError, match="model.patch_bn must be per-slot"):
+        load_config("smoke", overrides=["model.patch_bn=slot"])
+    with pytest.raises(ConfigError, match="model.queue_init must be empty or random"):
+        load_config("smoke", overrides=["model.queue_init=zeros"])

@@ -163,3 +163,129 @@ def test_momentum_update_errors_and_no_graph():
         momentum_update(model.online, nn.Linear(2, 2), 0.5)
     momentum_update(model.online, model.momentum, 0.999)
     assert all(p.grad_fn is None and not p.requires_grad for p in model.momentum.parameters())
+
+
+# ------------------------------------------------------------------------------------------------
+# per-slot patch BatchNorm (issue #20): one batched forward == L separate forwards, one per slot
+
+
+def _bn_layers(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def _slot_model(name: str, bn_momentum: float | None = 0.1, track: bool = True) -> DSCLModel:
+    model = make_model(name, dim=8).double()
+    for bn in _bn_layers(model):
+        bn.momentum = bn_momentum
+        if not track:  # what BatchNorm2d(track_running_stats=False) builds
+            bn.track_running_stats = False
+            bn.running_mean = bn.running_var = bn.num_batches_tracked = None
+    g = torch.Generator().manual_seed(1)
+    for bn in _bn_layers(model.online):  # non-trivial affine parameters and running statistics
+        bn.weight.data.uniform_(0.5, 1.5, generator=g)
+        bn.bias.data.normal_(0.0, 0.2, generator=g)
+        if track:
+            bn.running_mean.normal_(0.0, 0.5, generator=g)
+            bn.running_var.uniform_(0.5, 2.0, generator=g)
+            bn.num_batches_tracked.fill_(7)
+    return model
+
+
+def _student_and_grads(model: DSCLModel, patches: torch.Tensor, weights: torch.Tensor, separate: bool):
+    model.online.zero_grad(set_to_none=True)
+    if separate:  # the paper's step 3: one online-encoder forward per slot j
+        out = torch.stack([model.online(patches[:, j])[0] for j in range(patches.shape[1])])
+    else:
+        out = model.patch_student(patches)
+    (out * weights).sum().backward()
+    grads = {k: p.grad.clone() for k, p in model.online.named_parameters()}
+    return out.detach(), grads
+
+
+@pytest.mark.parametrize(
+    ("name", "px", "bn_momentum", "track", "train", "channels_last"),
+    [
+        ("convnet", 14, 0.1, True, True, False),
+        ("convnet", 14, 0.3, True, True, False),  # momentum != 0.1: the sequential update is not linear in L
+        ("convnet", 14, None, True, True, False),  # momentum=None: cumulative average over num_batches_tracked
+        ("resnet32", 8, 0.1, False, True, False),  # track_running_stats=False: batch statistics in eval too
+        ("resnet32", 8, 0.1, True, False, False),  # eval mode: running statistics, nothing updated
+        ("convnet", 14, 0.1, True, True, True),  # channels_last
+        ("resnet18", 32, 0.2, True, True, True),  # torchvision layout, 1x1 layer4 map per patch
+    ],
+)
+def test_per_slot_patch_bn_equals_one_forward_per_slot(name, px, bn_momentum, track, train, channels_last):
+    """Outputs, every parameter gradient and the BN buffers after the step (running mean / var after L
+    sequential momentum updates, num_batches_tracked + L) equal L separate forwards, in float64."""
+    b, slots = 4, 3
+    batched, separate = _slot_model(name, bn_momentum, track), _slot_model(name, bn_momentum, track)
+    assert batched.patch_bn == "per-slot"
+    g = torch.Generator().manual_seed(2)
+    patches = torch.randn(b, slots, 3, px, px, generator=g, dtype=torch.float64) * 2 + 0.5
+    weights = torch.randn(slots, b, 8, generator=g, dtype=torch.float64)
+    for model in (batched, separate):
+        model.train(train)
+        if channels_last:
+            model.to(memory_format=torch.channels_last)
+    if channels_last:
+        patches = patches.permute(1, 0, 3, 4, 2).contiguous().permute(1, 0, 4, 2, 3)  # as pretrain stores them
+    out_b, grads_b = _student_and_grads(batched, patches, weights, separate=False)
+    out_s, grads_s = _student_and_grads(separate, patches, weights, separate=True)
+    torch.testing.assert_close(out_b, out_s, rtol=1e-10, atol=1e-12)
+    for k in grads_s:
+        torch.testing.assert_close(grads_b[k], grads_s[k], rtol=1e-9, atol=1e-12, msg=f"gradient of {k}")
+    buffers_b, buffers_s = dict(batched.online.named_buffers()), dict(separate.online.named_buffers())
+    assert buffers_b.keys() == buffers_s.keys()
+    for k in buffers_s:
+        torch.testing.assert_close(buffers_b[k], buffers_s[k], rtol=1e-12, atol=1e-14, msg=f"buffer {k}")
+    if track:
+        n = _bn_layers(batched.online)[0].num_batches_tracked
+        assert int(n) == 7 + (slots if train else 0)
+
+
+def test_joint_patch_bn_is_not_per_slot():
+    """The control: the joint forward (one set of statistics over all L*B crops, one update) gives other
+    outputs and running statistics, so the test above can fail."""
+    b, slots = 4, 3
+    joint, separate = _slot_model("convnet"), _slot_model("convnet")
+    joint.patch_bn = "joint"
+    patches = torch.randn(b, slots, 3, 14, 14, dtype=torch.float64)
+    patches[:, 1] += 3.0  # slots with different statistics
+    weights = torch.randn(slots, b, 8, dtype=torch.float64)
+    out_j, _ = _student_and_grads(joint, patches, weights, separate=False)
+    out_s, _ = _student_and_grads(separate, patches, weights, separate=True)
+    assert (out_j - out_s).abs().max() > 1e-2
+    bn_j, bn_s = _bn_layers(joint.online)[0], _bn_layers(separate.online)[0]
+    assert (bn_j.running_mean - bn_s.running_mean).abs().max() > 1e-2
+    assert int(bn_j.num_batches_tracked) == 8 and int(bn_s.num_batches_tracked) == 10
+
+
+def test_per_slot_batchnorm_leaves_the_layers_untouched():
+    from dscl.model import per_slot_batchnorm
+
+    model = make_model()
+    keys = list(model.state_dict())
+    with per_slot_batchnorm(model.online, 2):
+        assert all("forward" in vars(bn) for bn in _bn_layers(model.online))
+        assert not any("forward" in vars(bn) for bn in _bn_layers(model.momentum))
+        with pytest.raises(ValueError, match="do not split into 2 equal slots"):
+            model.online(torch.randn(3, 3, 14, 14))
+    assert not any("forward" in vars(bn) for bn in _bn_layers(model))
+    assert list(model.state_dict()) == keys and all(type(bn) is nn.BatchNorm2d for bn in _bn_layers(model))
+    with pytest.raises(RuntimeError, match="boom"), per_slot_batchnorm(model.online, 2):
+        raise RuntimeError("boom")
+    assert not any("forward" in vars(bn) for bn in _bn_layers(model))  # restored on errors too
+    with pytest.raises(ValueError, match="slots"), per_slot_batchnorm(model.online, 0):
+        pass
+    with pytest.raises(ValueError, match="patch_bn"):
+        DSCLModel(Encoder(build_backbone("convnet"), dim=8), 8, patch_bn="per-patch")
+
+
+def test_patch_teacher_follows_the_model_roi_convention():
+    model = make_model().eval()
+    fmap = torch.randn(2, 256, 4, 4)
+    boxes = random_boxes(2, 3, 28)
+    model.roi_aligned = False
+    own = model.patch_teacher(fmap, boxes, 28)
+    torch.testing.assert_close(own, model.patch_teacher(fmap, boxes, 28, aligned=False))
+    assert not torch.allclose(own, model.patch_teacher(fmap, boxes, 28, aligned=True))

@@ -160,3 +160,26 @@ def test_snapshot_is_a_view_of_the_buffers():
     q.enqueue(*rows(0, 2))
     f, y = q.snapshot()
     assert f.data_ptr() == q.features.data_ptr() and y.data_ptr() == q.labels.data_ptr()
+
+
+def test_fill_random_is_the_official_start():
+    """model.queue_init=random (METHOD.md A.4): full, unit features, labels in [0, C), writes from row 0."""
+    q = LabeledQueue(12, 4)
+    q.fill_random(3, generator=torch.Generator().manual_seed(0))
+    feats, labels = q.snapshot()
+    assert len(q) == 12 and q.is_full and int(q.filled) == 12 and int(q.ptr) == 0
+    torch.testing.assert_close(feats.norm(dim=1), torch.ones(12))
+    assert labels.min() >= 0 and labels.max() < 3 and len(set(labels.tolist())) > 1
+    assert len({tuple(r) for r in feats.tolist()}) == 12  # random, not a constant
+    again = LabeledQueue(12, 4)
+    again.fill_random(3, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(again.features, q.features, rtol=0, atol=0)
+    q.enqueue(*rows(100, 5, dim=4))  # the oldest (random) rows go first
+    assert q.labels[:5].tolist() == list(range(100, 105)) and q._ptr == 5 and len(q) == 12
+    torch.testing.assert_close(q.labels[5:], labels[5:].clone())
+    restored = LabeledQueue(12, 4)
+    restored.load_state_dict(q.state_dict())
+    assert len(restored) == 12 and restored._ptr == 5
+    with pytest.raises(ValueError, match="num_classes"):
+        q.fill_random(0)
+    LabeledQueue(0, 4).fill_random(3)  # a size-0 queue stays empty

@@ -102,6 +102,16 @@ class ModelConfig:
     queue_size: int = 65536  # K
     momentum: float = 0.999  # m of the EMA update
     channels_last: bool = True
+    # BatchNorm over the L patch slots of the PBSD student: per-slot = each slot normalised with its own
+    # batch statistics and the running statistics updated once per slot (the paper's L separate
+    # forwards, METHOD.md A.9 step 3); joint = one set of statistics over all L*B patches (see README).
+    patch_bn: str = "per-slot"
+    # roi_align pixel convention of the PBSD teacher: true = pixel-exact boxes (ours); false = the
+    # official aligned=False, which shifts every box by half a feature cell (dscl/patches.py).
+    roi_aligned: bool = True
+    # empty = only keys enqueued so far enter the losses (ours); random = the official start, a full
+    # queue of random unit features with labels uniform in [0, num_classes) (METHOD.md A.4, C.2 item 1).
+    queue_init: str = "empty"
 
 
 @dataclass
@@ -173,6 +183,9 @@ class Config:
     """The whole resolved configuration of a run."""
 
     preset: str = "fmnist-lt"
+    # default | official: `official` (--profile official) applies PROFILES["official"] over the preset,
+    # the official code's conventions in both stages (README "Deliberate differences").
+    profile: str = "default"
     data: DataConfig = field(default_factory=DataConfig)
     views: ViewConfig = field(default_factory=ViewConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -186,6 +199,17 @@ class Config:
 
 
 SECTIONS = ("data", "views", "model", "loss", "optim", "classifier", "eval")
+
+#: Named sets of conventions applied over a preset (before a config file and overrides, which still
+#: win). ``official`` restores the official code's behaviour wherever ours deliberately differs
+#: (README "Deliberate differences"); hyperparameters stay the preset's.
+PROFILES: dict[str, dict[str, dict[str, Any]]] = {
+    "default": {},
+    "official": {
+        "model": {"patch_bn": "per-slot", "roi_aligned": False, "queue_init": "random"},
+        "classifier": {"protocol": "official", "standardize": False, "update_bn": True},
+    },
+}
 
 
 def _plain(obj: Any) -> Any:
@@ -273,6 +297,11 @@ def apply_mapping(cfg: Config, mapping: dict[str, Any], source: str) -> None:
         if section == "preset":
             cfg.preset = str(values)
             continue
+        if section == "profile":
+            if values not in PROFILES:
+                raise ConfigError(f"{source}: unknown profile {values!r}; valid profiles: {', '.join(PROFILES)}")
+            cfg.profile = str(values)
+            continue
         if section not in SECTIONS:
             raise ConfigError(
                 f"{source}: unknown config section {section!r}; valid sections: {', '.join(SECTIONS)}"
@@ -324,8 +353,10 @@ def load_config(
     preset: str | None = None,
     config_file: str | None = None,
     overrides: list[str] | None = None,
+    profile: str | None = None,
 ) -> Config:
-    """Defaults <- preset <- config file <- ``section.key=value`` overrides, validated."""
+    """Defaults <- preset <- profile (:data:`PROFILES`) <- config file <- ``section.key=value``
+    overrides, validated."""
     cfg = Config()
     name = preset or "fmnist-lt"
     names = preset_names()
@@ -335,6 +366,11 @@ def load_config(
     mapping.pop("expected", None)  # metadata (the paper's numbers), not configuration
     apply_mapping(cfg, mapping, f"preset {name}")
     cfg.preset = name
+    if profile is not None:
+        if profile not in PROFILES:
+            raise ConfigError(f"unknown profile {profile!r}; valid profiles: {', '.join(PROFILES)}")
+        apply_mapping(cfg, PROFILES[profile], f"profile {profile}")
+        cfg.profile = profile
     if config_file:
         apply_mapping(cfg, _read_yaml(config_file, "config file"), config_file)
     if overrides:
@@ -362,14 +398,15 @@ def preset_expected(name: str) -> dict[str, Any] | None:
 
 
 def preset_changes(cfg: Config) -> list[str]:
-    """``section.key`` names where ``cfg`` differs from its preset, ignoring :data:`NEUTRAL_KEYS`.
+    """``section.key`` names where ``cfg`` differs from its preset (under its profile), ignoring
+    :data:`NEUTRAL_KEYS`.
 
     An empty list means the run is the preset's configuration, so the preset's ``expected`` numbers
     apply to it. A preset that no longer exists counts as changed (``["preset"]``).
     """
     if cfg.preset not in preset_names():
         return ["preset"]
-    ref = load_config(cfg.preset).to_dict()
+    ref = load_config(cfg.preset, profile=cfg.profile).to_dict()
     mine = cfg.to_dict()
     changed = []
     for section in SECTIONS:
@@ -491,6 +528,11 @@ def validate(cfg: Config) -> None:
          f"views.patch_scale must be [low, high] with 0 < low <= high <= 1, got {list(cfg.views.patch_scale)}")
     need(len(cfg.views.global_scale) == 2 and 0 < cfg.views.global_scale[0] <= cfg.views.global_scale[1] <= 1,
          f"views.global_scale must be [low, high] with 0 < low <= high <= 1, got {list(cfg.views.global_scale)}")
+    need(cfg.model.patch_bn in ("per-slot", "joint"),
+         f"model.patch_bn must be per-slot (the paper's: each patch slot normalised on its own) or joint, "
+         f"got {cfg.model.patch_bn!r}")
+    need(cfg.model.queue_init in ("empty", "random"),
+         f"model.queue_init must be empty or random (the official start), got {cfg.model.queue_init!r}")
     need(cfg.loss.loss in ("dscl", "scl", "ce"), f"loss.loss must be dscl, scl or ce, got {cfg.loss.loss!r}")
     need(cfg.optim.amp in ("none", "bf16", "fp16"), f"optim.amp must be none, bf16 or fp16, got {cfg.optim.amp!r}")
     need(cfg.classifier.select in ("val", "last"),

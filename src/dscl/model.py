@@ -7,6 +7,9 @@ the step order of METHOD.md A.9 (momentum update, forwards, losses, backward, st
 from __future__ import annotations
 
 import copy
+import functools
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +19,53 @@ from dscl.backbones import Backbone, build_backbone
 from dscl.config import Config
 from dscl.patches import ALIGNED_DEFAULT, pool_boxes
 from dscl.queue import LabeledQueue
+
+#: How the PBSD student's BatchNorm layers see the L patch slots (``model.patch_bn``).
+#: ``per-slot``: each slot's B crops are normalised with that slot's own batch statistics and the
+#: running statistics are updated once per slot, in slot order — exactly the paper's L separate
+#: forwards (METHOD.md A.9 step 3), with the convolutions still batched over all L*B crops.
+#: ``joint``: one set of statistics over all L*B crops and one running-statistics update per step.
+PATCH_BN = ("per-slot", "joint")
+
+
+def _per_slot_forward(bn: nn.modules.batchnorm._BatchNorm, slots: int, x: Tensor) -> Tensor:
+    """``bn`` applied to each of ``slots`` equal consecutive row blocks of ``x`` on its own."""
+    # Only batch statistics depend on the grouping; with running statistics (eval) it is one call.
+    if not (bn.training or (bn.running_mean is None and bn.running_var is None)):
+        return type(bn).forward(bn, x)
+    if x.shape[0] % slots:
+        raise ValueError(f"per-slot BatchNorm: {x.shape[0]} rows do not split into {slots} equal slots")
+    # type(bn).forward on each block is the module's own forward (momentum, momentum=None's cumulative
+    # average, num_batches_tracked, track_running_stats): block j updates the running statistics after
+    # block j-1, as the j-th of `slots` separate forwards would. Blocks of dim 0 are contiguous in both
+    # memory formats, so each call runs the fused kernel on the very data a separate forward would get.
+    return torch.cat([type(bn).forward(bn, block) for block in x.chunk(slots)])
+
+
+@contextmanager
+def per_slot_batchnorm(module: nn.Module, slots: int) -> Iterator[None]:
+    """Inside the block, every BatchNorm layer of ``module`` treats its input as ``slots`` stacked batches.
+
+    A forward of ``(slots * B, ...)`` rows (slot-major) then gives exactly what ``slots`` separate
+    forwards of ``B`` rows give: per-slot batch statistics in training, and one running-statistics
+    update per slot in slot order (the sequential momentum updates of METHOD.md A.9 step 3). Outside
+    the block the layers are untouched (their class, parameters and state dict never change).
+
+    Args:
+        module: a model holding ``BatchNorm{1,2,3}d`` (or ``SyncBatchNorm``) layers.
+        slots: number of stacked batches; 1 leaves the layers as they are.
+    """
+    if slots < 1:
+        raise ValueError(f"slots must be >= 1, got {slots}")
+    layers = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)] if slots > 1 else []
+    for bn in layers:
+        # an instance attribute shadows the class's forward for this module only, until deleted below
+        bn.forward = functools.partial(_per_slot_forward, bn, slots)  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        for bn in layers:
+            del bn.forward
 
 
 class Encoder(nn.Module):
@@ -60,10 +110,19 @@ class DSCLModel(nn.Module):
     Args:
         encoder: the online :class:`Encoder` (trained by SGD).
         queue_size: capacity K of the queue (METHOD.md A.4).
+        patch_bn: ``per-slot`` (the paper's BatchNorm semantics for the L patch slots) or ``joint``;
+            see :data:`PATCH_BN`.
+        roi_aligned: roi_align convention of the PBSD teacher (``False`` = the paper's); see
+            :mod:`dscl.patches`.
     """
 
-    def __init__(self, encoder: Encoder, queue_size: int) -> None:
+    def __init__(self, encoder: Encoder, queue_size: int, *, patch_bn: str = "per-slot",
+                 roi_aligned: bool = ALIGNED_DEFAULT) -> None:
         super().__init__()
+        if patch_bn not in PATCH_BN:
+            raise ValueError(f"patch_bn must be one of {', '.join(PATCH_BN)}, got {patch_bn!r}")
+        self.patch_bn = patch_bn
+        self.roi_aligned = bool(roi_aligned)
         self.online = encoder
         self.momentum = copy.deepcopy(encoder)
         for p in self.momentum.parameters():
@@ -76,7 +135,7 @@ class DSCLModel(nn.Module):
         boxes: Tensor,
         image_size: int | tuple[int, int],
         *,
-        aligned: bool = ALIGNED_DEFAULT,
+        aligned: bool | None = None,
     ) -> Tensor:
         """PBSD teacher c = normalize(g(ROIPool(u, box))) (METHOD.md A.7), without autograd graph.
 
@@ -87,18 +146,23 @@ class DSCLModel(nn.Module):
             fmap: ``(B, C, H, W)`` online feature map of the query view (from :meth:`Encoder.forward`).
             boxes: ``(B, L, 4)`` patch boxes ``(x1, y1, x2, y2)`` in query-view pixels.
             image_size: query-view size ``h`` or ``(h, w)`` in pixels.
-            aligned: roi_align convention, see :mod:`dscl.patches`.
+            aligned: roi_align convention, see :mod:`dscl.patches`; None = the model's ``roi_aligned``.
 
         Returns:
             ``(L, B, dim)`` L2-normalised teacher features.
         """
         with torch.no_grad():
+            aligned = self.roi_aligned if aligned is None else aligned
             pooled = pool_boxes(fmap, boxes, image_size, aligned=aligned)  # (L, B, C)
             n_boxes, b, c = pooled.shape
             return self.online.project(pooled.reshape(n_boxes * b, c)).view(n_boxes, b, -1)
 
     def patch_student(self, patches: Tensor) -> Tensor:
         """PBSD student s = normalize(g(f(patch))) for all patches in one online-encoder forward.
+
+        With ``patch_bn="per-slot"`` the BatchNorm layers normalise each slot on its own
+        (:func:`per_slot_batchnorm`), so the result, its gradients and the running statistics are those
+        of L separate forwards, one per slot (METHOD.md A.9 step 3).
 
         Args:
             patches: ``(B, L, 3, h, w)`` patch crops.
@@ -110,7 +174,8 @@ class DSCLModel(nn.Module):
             raise ValueError(f"patches must be (B, L, 3, h, w), got shape {tuple(patches.shape)}")
         b, n_boxes = patches.shape[:2]
         flat = patches.transpose(0, 1).reshape(n_boxes * b, *patches.shape[2:])  # L-major
-        z, _ = self.online(flat)
+        with per_slot_batchnorm(self.online, n_boxes if self.patch_bn == "per-slot" else 1):
+            z, _ = self.online(flat)
         return z.view(n_boxes, b, -1)
 
 
@@ -136,6 +201,20 @@ def momentum_update(online: nn.Module, momentum: nn.Module, m: float) -> None:
         return
     torch._foreach_mul_(k, m)
     torch._foreach_add_(k, q, alpha=1.0 - m)
+
+
+def build_model(cfg: Config, num_classes: int, *, queue_size: int | None = None) -> DSCLModel:
+    """The stage-1 model a config describes: :func:`build_encoder`, ``model.patch_bn``,
+    ``model.roi_aligned``, and the queue (``model.queue_size``, none for the ``ce`` baseline) started as
+    ``model.queue_init`` says (``random``: the paper's full queue of random unit features with labels
+    uniform in ``[0, num_classes)``, drawn from the global torch RNG)."""
+    if queue_size is None:
+        queue_size = cfg.model.queue_size if cfg.loss.loss != "ce" else 0
+    model = DSCLModel(build_encoder(cfg), queue_size=queue_size, patch_bn=cfg.model.patch_bn,
+                      roi_aligned=cfg.model.roi_aligned)
+    if cfg.model.queue_init == "random":
+        model.queue.fill_random(num_classes)
+    return model
 
 
 def build_encoder(cfg: Config) -> Encoder:

@@ -34,7 +34,7 @@ from dscl.config import Config, LossConfig, ViewConfig, dump_config, method_name
 from dscl.data import DatasetSplits, DSCLTransform, LTDataset, build_datasets, check_files_before_training
 from dscl.data.batched_views import BatchedDSCLTransform, CanvasTransform, augment_on_device, working_size
 from dscl.losses import dscl_loss, pbsd_loss, supcon_loss
-from dscl.model import DSCLModel, build_encoder, momentum_update
+from dscl.model import DSCLModel, build_model, momentum_update
 from dscl.report import format_duration
 from dscl.rundir import MetricsLog, check_compatible, prepare_run_dir, record_resume
 from dscl.runtime import (
@@ -325,7 +325,7 @@ def pretrain(
     warmup_steps = min(round(cfg.optim.warmup_epochs * steps_per_epoch), total_steps)
     base_lr = cfg.optim.base_lr * cfg.optim.batch_size / 256  # linear scaling by the global batch
 
-    model = DSCLModel(build_encoder(cfg), queue_size=cfg.model.queue_size if cfg.loss.loss != "ce" else 0)
+    model = build_model(cfg, splits.num_classes)  # model.queue_init=random draws from the seeded RNG
     ce_head = nn.Linear(model.online.backbone.num_features, splits.num_classes) if cfg.loss.loss == "ce" else None
     model.to(dev)
     if ce_head is not None:

@@ -2,7 +2,8 @@
 
 Unlike the official code, the queue starts empty and knows how full it is: :meth:`LabeledQueue.snapshot`
 returns only the filled entries, so no random features or labels ever enter the losses and any batch
-size works (no ``K % batch == 0`` requirement; enqueues wrap around).
+size works (no ``K % batch == 0`` requirement; enqueues wrap around). :meth:`LabeledQueue.fill_random`
+gives the official start instead (``model.queue_init=random``).
 """
 
 from __future__ import annotations
@@ -59,6 +60,28 @@ class LabeledQueue(nn.Module):
 
     def extra_repr(self) -> str:
         return f"size={self.size}, dim={self.dim}, filled={self._filled}"
+
+    @torch.no_grad()
+    def fill_random(self, num_classes: int, generator: torch.Generator | None = None) -> None:
+        """The official code's start (METHOD.md A.4, C.2 item 1): every row a random unit vector
+        (L2-normalised standard Gaussian), every label uniform in ``[0, num_classes)``, the queue full
+        and the write pointer at row 0. Until the first ``size`` keys have been enqueued these random
+        entries take part in the losses, with random "positives" among them.
+
+        Args:
+            num_classes: the dataset's class count (the official code hard-codes 1000).
+            generator: random source (default: the global torch RNG, so a seeded run is reproducible).
+        """
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        if self.size == 0:
+            return
+        feats = torch.randn(self.size, self.dim, generator=generator)
+        self.features.copy_(torch.nn.functional.normalize(feats, dim=1))
+        self.labels.copy_(torch.randint(0, num_classes, (self.size,), generator=generator))
+        self._ptr, self._filled = 0, self.size
+        self.ptr.fill_(0)
+        self.filled.fill_(self.size)
 
     @torch.no_grad()
     def enqueue(self, features: Tensor, labels: Tensor) -> None:

@@ -65,7 +65,8 @@ def stage1_model(art: RunArtifacts, *, initial: bool = False) -> DSCLModel:
     cfg = art.cfg
     if initial:
         seed_everything(cfg.optim.seed)
-    model = DSCLModel(build_encoder(cfg), queue_size=cfg.model.queue_size)
+    model = DSCLModel(build_encoder(cfg), queue_size=cfg.model.queue_size, patch_bn=cfg.model.patch_bn,
+                      roi_aligned=cfg.model.roi_aligned)
     if not initial:
         if cfg.loss.loss == "ce":
             raise AnalysisError(
