@@ -6,6 +6,7 @@ import re
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 from conftest import needs_fmnist, run_cli
@@ -82,6 +83,11 @@ def test_run_smoke_end_to_end(tmp_path):
     assert (out / "report.md").stat().st_size > 0
     assert (out / "plots" / "per_class_accuracy.png").stat().st_size > 0
     assert (out / "plots" / "confusion_matrix.png").stat().st_size > 0
+    # issue #21: accuracy under forward / uniform / backward long-tailed test distributions
+    ta = report["test_agnostic"]
+    assert len(ta) == 11 and ta["uniform"] == pytest.approx(report["top1_macro"], abs=1e-3)
+    assert (out / "plots" / "test_agnostic.png").stat().st_size > 0
+    assert "## Under other test distributions" in (out / "report.md").read_text()
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert {x["stage"] for x in lines} >= {"pretrain", "pretrain_epoch", "classify"}
     assert all(np.isfinite(x["loss"]) for x in lines if x["stage"] == "pretrain")
@@ -295,7 +301,7 @@ def test_dataset_flags_on_every_config_command(tmp_path):
     res = run_cli("run", "--dataset", "folder", "--data-root", str(root), "--out", str(tmp_path / "r"))
     assert res.returncode == 2 and "unrecognized" not in res.stderr and str(root) in res.stderr
     assert not (tmp_path / "r").exists()
-    res = run_cli("classify", "--run", str(tmp_path), "optim.epochs=1")
+    res = run_cli("export", "--run", str(tmp_path), "--format", "onnx", "--out", "m.onnx", "optim.epochs=1")
     assert res.returncode == 2 and "takes no section.key=value overrides" in res.stderr
 
 
@@ -397,3 +403,52 @@ def test_stage2_estimate_counts_the_forward_passes():
     assert stage2_forward_images(cfg, 240, 200, 10000) == 240 * 3 + 200 + 10000
     cfg.classifier.protocol, cfg.classifier.select = "official", "last"
     assert stage2_forward_images(cfg, 240, 200, 10000) == 240 * cfg.classifier.epochs + 240 + 10000
+
+
+@needs_fmnist
+def test_run_with_the_official_profile(tmp_path):
+    """--profile official (issue #20): the official conventions in both stages, recorded in config.yaml
+    and report.json / report.md; the queue starts full of random entries; a resume keeps the profile."""
+    out = tmp_path / "run"
+    res = run_cli("run", "--preset", "smoke", "--profile", "official", "--out", str(out), "--no-progress")
+    assert res.returncode == 0, res.stderr
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    assert cfg["profile"] == "official"
+    assert (cfg["model"]["patch_bn"], cfg["model"]["roi_aligned"], cfg["model"]["queue_init"]) == (
+        "per-slot", False, "random")
+    assert cfg["classifier"]["protocol"] == "official" and cfg["classifier"]["standardize"] is False
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert next(x for x in lines if x["stage"] == "pretrain")["queue_fill"] == 128  # full from step 1
+    report = json.loads((out / "report.json").read_text())
+    assert report["profile"] == "official"
+    assert report["conventions"] == {"patch_bn": "per-slot", "roi_aligned": False, "queue_init": "random",
+                                     "classifier_protocol": "official", "classifier_standardize": False}
+    assert "Profile official: patch BatchNorm per-slot, roi_align aligned=False" in (out / "report.md").read_text()
+    res = run_cli("pretrain", "--out", str(out), "--resume", "--profile", "default", "--no-progress")
+    assert res.returncode == 2 and "trained with profile official" in res.stderr
+
+
+@needs_fmnist
+def test_classify_and_evaluate_take_overrides_but_not_stage1_keys(smoke_run, tmp_path, capsys):
+    """Issue #21: `classify` / `evaluate` take section.key=value overrides and --data-root; keys that
+    describe stage 1 (or, for evaluate, the trained classifier) are refused before anything changes."""
+    import shutil
+
+    from dscl.cli import main
+
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run, run)
+    before = (run / "config.yaml").read_text()
+    assert main(["classify", "--run", str(run), "model.dim=64", "--no-progress"]) == 2
+    assert "cannot change model.dim" in capsys.readouterr().err and (run / "config.yaml").read_text() == before
+    assert main(["classify", "--run", str(run), "classifier.epochs=2", "classifier.milestones=[1]",
+                 "--no-progress"]) == 0
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    assert cfg["classifier"]["epochs"] == 2 and cfg["classifier"]["milestones"] == [1]
+    assert main(["evaluate", "--run", str(run), "classifier.epochs=5", "--no-progress"]) == 2
+    assert "cannot change classifier.epochs" in capsys.readouterr().err
+    assert main(["evaluate", "--run", str(run), "eval.few_threshold=10", "eval.many_threshold=30",
+                 "--no-progress", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["shot_classes"] == {"many": 3, "medium": 5, "few": 2}  # smoke counts 60 46 36 | 28 .. 10 | 7 6
+    assert yaml.safe_load((run / "config.yaml").read_text())["eval"]["many_threshold"] == 30

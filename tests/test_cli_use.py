@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from conftest import needs_fmnist, run_cli
-from dscl.checkpoint import load_checkpoint
+from dscl.checkpoint import load_checkpoint, save_checkpoint
 from dscl.cli import main
 from dscl.data.core import decode_image
 from dscl.data.readers import FMNIST_CLASSES
@@ -94,7 +94,7 @@ def test_predict_on_a_folder_run_with_mixed_image_modes(folder_run: Path, tmp_pa
     assert res.returncode == 2, res.stderr  # one unreadable file: an error row, a count, a non-zero exit
     rows = list(csv.DictReader(out.open()))
     assert len(rows) == 9 + 1 + 9
-    assert list(rows[0]) == ["path", "label", "class_1", "prob_1", "class_2", "prob_2", "error"]
+    assert list(rows[0]) == ["path", "label", "class_1", "index_1", "prob_1", "class_2", "index_2", "prob_2", "error"]
     broken = [r for r in rows if r["error"]]
     assert [Path(r["path"]).name for r in broken] == ["broken.png"] and "cannot read" in broken[0]["error"]
     good = [r for r in rows if not r["error"]]
@@ -111,7 +111,8 @@ def test_predict_jsonl_and_bad_input(folder_run: Path, tmp_path: Path, capsys) -
     assert main(["predict", "--run", str(folder_run), str(_test_dir(folder_run) / "ants"), "--out", str(out),
                  "--top-k", "9", "--variant", "tau-norm", "--no-progress"]) == 0
     records = [json.loads(line) for line in out.read_text().splitlines()]
-    assert len(records) == 3 and all(len(r["top_k"]) == 3 and r["error"] is None for r in records)
+    assert len(records) == 3 and all(r["error"] is None for r in records)
+    assert all(r[f"class_{i}"] == CLASSES[r[f"index_{i}"]] for r in records for i in (1, 2, 3))
     assert main(["predict", "--run", str(folder_run), str(_test_dir(folder_run)), "--out", str(out)]) == 2
     assert "exists; pass --overwrite" in capsys.readouterr().err
     bare = tmp_path / "bare"
@@ -119,6 +120,55 @@ def test_predict_jsonl_and_bad_input(folder_run: Path, tmp_path: Path, capsys) -
     (bare / "checkpoints" / "classifier.pt").unlink()
     assert main(["predict", "--run", str(bare), str(_test_dir(folder_run))]) == 2
     assert "dscl classify --run" in capsys.readouterr().err
+
+
+def test_predict_files_are_whole_or_absent(folder_run: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    """Issue #21: CSV and JSONL hold the same columns (class indices, --all-probs); an unknown extension is
+    refused; an interrupted or failed predict leaves nothing under the final name, so the rerun works."""
+    images = str(_test_dir(folder_run))
+    csv_out, jsonl_out = tmp_path / "p.csv", tmp_path / "p.jsonl"
+    for out in (csv_out, jsonl_out):
+        assert main(["predict", "--run", str(folder_run), images, "--out", str(out), "--all-probs", "--logits",
+                     "--top-k", "2", "--no-progress"]) == 0
+    rows = list(csv.DictReader(csv_out.open()))
+    records = [json.loads(line) for line in jsonl_out.read_text().splitlines()]
+    assert list(rows[0]) == list(records[0]) and len(rows) == len(records) == 9
+    assert [f"prob:{c}" for c in CLASSES] == [c for c in rows[0] if c.startswith("prob:")]
+    for row, rec in zip(rows, records, strict=True):
+        assert row["path"] == rec["path"] and int(row["index_1"]) == rec["index_1"]
+        assert sum(rec[f"prob:{c}"] for c in CLASSES) == pytest.approx(1.0, abs=1e-6)
+        assert rec[f"prob:{rec['class_1']}"] == pytest.approx(rec["prob_1"])
+    bad = tmp_path / "p.json"
+    assert main(["predict", "--run", str(folder_run), images, "--out", str(bad), "--no-progress"]) == 2
+    assert "CSV (.csv) or JSON lines (.jsonl)" in capsys.readouterr().err and not bad.exists()
+
+    import dscl.inference as inference
+
+    real = inference.iter_files
+
+    def interrupted(*args, **kwargs):
+        for n, batch in enumerate(real(*args, **kwargs)):
+            if n:
+                raise KeyboardInterrupt
+            yield batch
+
+    monkeypatch.setattr(inference, "iter_files", interrupted)
+    out = tmp_path / "interrupted.csv"
+    assert main(["predict", "--run", str(folder_run), images, "--out", str(out), "--batch-size", "2",
+                 "--no-progress"]) == 130
+    assert not out.exists() and not list(tmp_path.glob(".interrupted.csv.*"))  # no partial file, no temp left
+    monkeypatch.setattr(inference, "iter_files", real)
+    assert main(["predict", "--run", str(folder_run), images, "--out", str(out), "--no-progress"]) == 0
+    assert len(list(csv.DictReader(out.open()))) == 9
+
+    no_means = tmp_path / "no_means"  # an imported classifier has no class means: ncm fails
+    shutil.copytree(folder_run, no_means)
+    state = load_checkpoint(no_means / "checkpoints" / "classifier.pt")
+    save_checkpoint(no_means / "checkpoints" / "classifier.pt", {**state, "class_means": None})
+    ncm = tmp_path / "ncm.csv"
+    assert main(["predict", "--run", str(no_means), images, "--out", str(ncm), "--variant", "ncm",
+                 "--no-progress"]) == 2
+    assert "class means" in capsys.readouterr().err and not ncm.exists()
 
 
 def test_embed_writes_features_paths_and_labels(folder_run: Path, tmp_path: Path) -> None:
@@ -201,3 +251,125 @@ def test_export_errors_exit_2(smoke_run: Path, tmp_path: Path, capsys, monkeypat
     monkeypatch.setitem(sys.modules, "onnx", None)
     assert main(["export", "--run", str(smoke_run), "--format", "onnx", "--out", str(tmp_path / "m.onnx")]) == 2
     assert "pip install 'dscl[export]'" in capsys.readouterr().err and not (tmp_path / "m.onnx").exists()
+
+
+@needs_fmnist
+def test_state_dict_export_imports_back(smoke_run: Path, tmp_path: Path) -> None:
+    """Issue #21: `dscl export --format state-dict` -> `dscl import` is a run with the same predictions and
+    the same report rows (tau-norm of a standardised classifier included); its report names the source
+    and claims no method, epochs or precision it does not know."""
+    from dscl.classify import classify
+    from dscl.rundir import load_run_config
+
+    run = tmp_path / "standardised"
+    shutil.copytree(smoke_run, run)
+    cfg = load_run_config(run)
+    cfg.classifier.standardize = True
+    classify(run, cfg=cfg, device="cpu", progress=False)
+    (run / "config.yaml").write_text((run / "config.yaml").read_text().replace("standardize: false",
+                                                                               "standardize: true"))
+    sd = tmp_path / "sd.pt"
+    assert main(["export", "--run", str(run), "--format", "state-dict", "--out", str(sd)]) == 0
+    back = tmp_path / "back"
+    assert main(["import", "--checkpoint", str(sd), "--out", str(back), "--preset", "smoke"]) == 0
+    assert load_checkpoint(back / "checkpoints" / "classifier.pt")["protocol"] == "imported"
+    images = tmp_path / "imgs"
+    images.mkdir()
+    rng = np.random.default_rng(5)
+    for k in range(4):
+        _save(images / str(k), k, k % 3, rng)
+    rows = {}
+    for r in (run, back):
+        out = tmp_path / f"{r.name}.csv"
+        assert main(["predict", "--run", str(r), str(images), "--out", str(out), "--logits", "--no-progress"]) == 0
+        rows[r.name] = list(csv.DictReader(out.open()))
+    for a, b in zip(rows[run.name], rows["back"], strict=True):
+        assert a["class_1"] == b["class_1"] and float(a["logit_1"]) == pytest.approx(float(b["logit_1"]), abs=1e-5)
+    reports = {}
+    for r in (run, back):
+        assert main(["evaluate", "--run", str(r), "--no-progress"]) == 0
+        reports[r.name] = json.loads((r / "report.json").read_text())
+    mine, imported = reports[run.name], reports["back"]
+    assert imported["top1"] == pytest.approx(mine["top1"])
+    tau = [v for v in imported["variants"] if v["method"].startswith("+ tau")]
+    assert tau and tau[0]["top1"] == pytest.approx(next(v for v in mine["variants"]
+                                                        if v["method"].startswith("+ tau"))["top1"])
+    assert imported["method"] == "imported dscl checkpoint" and imported["epochs"] is None
+    assert imported["precision"] is None and imported["imported"]["from"] == str(sd.resolve())
+    assert "conventions" not in imported and imported["expected"] is None
+    text = (back / "report.md").read_text()
+    assert f"Imported from {sd.resolve()}" in text and "epochs: unknown" in text
+
+
+def test_labelled_lists_by_name_index_tab_or_quotes(tmp_path: Path) -> None:
+    """Issue #21: a list may label by class name (plain, tab-separated with spaces, quoted) or by index;
+    indices on a run with class names get a note naming the mapping; a label that is neither is refused."""
+    from dscl.data import DataError
+    from dscl.inference import read_labelled_list
+
+    names = ["sea urchin", "ant", "bee"]
+    listing = tmp_path / "l.txt"
+    listing.write_text("# comment\n\na.png ant\nb c.png\tsea urchin\n\"d e.png\" \"bee\"\nf.png 2\n"
+                       "g h.png\n'/abs/i.png'\n")
+    got = read_labelled_list(listing, tmp_path, names)
+    assert got.paths == [str(tmp_path / n) for n in ("a.png", "b c.png", "d e.png", "f.png", "g h.png")] + [
+        "/abs/i.png"]
+    assert got.labels == [1, 0, 2, 2, None, None]
+    assert len(got.notes) == 1 and "0 = sea urchin, 1 = ant, 2 = bee" in got.notes[0]
+    assert read_labelled_list(listing, tmp_path, ["0", "1", "2", "ant", "bee", "sea urchin"]).notes == []
+    listing.write_text("a.png 7\n")
+    with pytest.raises(DataError, match=r"line 1: label '7' is neither a class of the run \(sea urchin, ant, bee\)"):
+        read_labelled_list(listing, tmp_path, names)
+    listing.write_text('"a.png ant\n')
+    with pytest.raises(DataError, match="line 1"):
+        read_labelled_list(listing, tmp_path, names)
+
+
+def test_evaluate_new_labelled_data(folder_run: Path, tmp_path: Path, capsys) -> None:
+    """Issue #21: `dscl evaluate --run RUN DATA --out DIR` on a class-folder tree or a labelled list (names or
+    indices): the usual report files, groups from the run's training counts, missing classes reported,
+    unknown classes refused by name, nothing written on errors."""
+    test = _test_dir(folder_run)
+    own = json.loads((folder_run / "report.json").read_text())
+    out = tmp_path / "tree"
+    assert main(["evaluate", "--run", str(folder_run), str(test), "--out", str(out), "--no-progress"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["top1"] == pytest.approx(own["top1"]) and report["split"] == "data"
+    assert [r["train_count"] for r in report["per_class"]] == [12, 6, 3]
+    for name in ("report.md", "per_class.csv", "confusion.csv", "predictions.csv", "plots/per_class_accuracy.png"):
+        assert (out / name).stat().st_size > 0, name
+    assert report["data_source"] == str(test.resolve()) and "expected" in report and report["expected"] is None
+    assert len(list(csv.DictReader((out / "predictions.csv").open()))) == 9
+
+    names = tmp_path / "names.txt"  # class names, and only two classes: the third is missing
+    names.write_text("".join(f"{p.relative_to(test)}\t{p.parent.name}\n" for p in sorted(test.rglob("*.*"))
+                             if p.parent.name != "cats"))
+    out2 = tmp_path / "names"
+    assert main(["evaluate", "--run", str(folder_run), str(names), "--data-root", str(test), "--out", str(out2),
+                 "--no-progress"]) == 0
+    rep2 = json.loads((out2 / "report.json").read_text())
+    assert [m["class"] for m in rep2["missing_classes"]] == ["cats"]
+    assert "cats" in capsys.readouterr().out
+    indices = tmp_path / "idx.txt"
+    indices.write_text("".join(f"{p.relative_to(test)} {CLASSES.index(p.parent.name)}\n"
+                               for p in sorted(test.rglob("*.*"))))
+    out3 = tmp_path / "idx"
+    assert main(["evaluate", "--run", str(folder_run), str(indices), "--data-root", str(test), "--out", str(out3),
+                 "--no-progress"]) == 0
+    assert json.loads((out3 / "report.json").read_text())["top1"] == pytest.approx(own["top1"])
+    assert "0 = ants, 1 = bees, 2 = cats" in capsys.readouterr().err
+
+    bad = tmp_path / "bad"
+    shutil.copytree(test, bad)
+    (bad / "dogs").mkdir()
+    out4 = tmp_path / "bad_out"
+    assert main(["evaluate", "--run", str(folder_run), str(bad), "--out", str(out4), "--no-progress"]) == 2
+    assert "class folder(s) dogs are not classes of the run" in capsys.readouterr().err and not out4.exists()
+    shutil.rmtree(bad / "dogs")
+    (bad / "ants" / "broken.png").write_bytes(b"no image")
+    assert main(["evaluate", "--run", str(folder_run), str(bad), "--out", str(out4), "--no-progress"]) == 2
+    assert "broken.png" in capsys.readouterr().err and not out4.exists()
+    assert main(["evaluate", "--run", str(folder_run), str(test), "--out", str(out), "--no-progress"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(["evaluate", "--run", str(folder_run), str(test), "--no-progress"]) == 2
+    assert "needs --out" in capsys.readouterr().err

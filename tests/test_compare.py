@@ -1,5 +1,7 @@
 """`dscl compare`'s manifest of config keys that differ between the compared methods."""
 
+import pytest
+
 from dscl.compare import config_differences, format_differences, format_markdown, method_config
 from dscl.config import load_config
 
@@ -24,3 +26,24 @@ def test_manifest_catches_an_unfair_difference_and_ignores_the_seed():
     md = format_markdown({"dataset": "d", "preset": "p", "seeds": [0], "methods": {}, "differences": diff,
                           "command": "dscl compare", "wall_seconds": 60})
     assert "`views.global_scale`" in md
+
+
+def test_compare_aggregates_the_test_agnostic_columns():
+    """Issue #21: `dscl compare` shows forward / uniform / backward accuracy per method (mean ± std);
+    reports written before the key existed count as missing."""
+    from dscl.compare import FIELDS, TEST_AGNOSTIC_FIELDS, aggregate
+    from dscl.metrics import accuracy_under_distributions
+
+    def report(acc: list[float]) -> dict:
+        return {"top1": 1.0, "many": None, "medium": 2.0, "few": 3.0,
+                "test_agnostic": accuracy_under_distributions(acc, [100, 5])}
+
+    reports = {"dscl": [report([90.0, 30.0]), report([80.0, 40.0])], "old": [{"top1": 1.0, "many": None,
+                                                                            "medium": 2.0, "few": 3.0}]}
+    ta = aggregate(reports, TEST_AGNOSTIC_FIELDS)
+    assert ta["dscl"]["uniform"]["mean"] == 60.0 and ta["dscl"]["uniform"]["std"] == 0.0
+    assert ta["dscl"]["forward-50"]["runs"][0] == pytest.approx((50 * 90 + 30) / 51, abs=1e-3)
+    assert ta["old"]["uniform"]["mean"] is None
+    md = format_markdown({"dataset": "d", "preset": "p", "seeds": [0, 1], "methods": aggregate(reports, FIELDS),
+                          "test_agnostic": ta, "command": "dscl compare", "wall_seconds": 60})
+    assert "| method | forward-50 |" in md and "backward-50 |" in md and "60.0 ± 0.0" in md

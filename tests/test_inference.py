@@ -81,7 +81,8 @@ def test_collect_inputs(tmp_path: Path) -> None:
     assert got.paths == [str(tmp_path / p) for p in ("imgs/a.JPG", "imgs/b.png", "imgs/deep/c.webp",
                                                       "imgs/b.png", "imgs/deep/c.webp", "missing.png")]
     assert got.labels == [None, None, None, 1, 0, None] and got.labelled
-    with pytest.raises(DataError, match=r"list.txt, line 1: label 1 is outside \[0, 1\)"):
+    with pytest.raises(DataError, match=r"list.txt, line 1: label '1' is neither a class of the run .0. nor a "
+                                        r"class index in \[0, 1\)"):
         collect_inputs([str(tmp_path / "list.txt")], num_classes=1)
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="holds no image files"):
@@ -145,6 +146,11 @@ def test_predictor_api_on_the_smoke_run(smoke_run: Path, tmp_path: Path) -> None
     # a uint8 NHWC batch equals the list of its images; a float NCHW batch in [0, 1] is accepted too
     batch = torch.randint(0, 256, (5, 28, 28, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     assert torch.allclose(p.logits(batch), p.logits([im.permute(2, 0, 1) for im in batch]), atol=1e-6)
+    # every input type README lists: numpy uint8 (N, H, W, C) and float (N, C, H, W) batches, numpy images
+    assert torch.equal(p.logits(batch.numpy()), p.logits(batch))
+    assert torch.equal(p.logits(batch.permute(0, 3, 1, 2).float().numpy() / 255),
+                       p.logits(batch.permute(0, 3, 1, 2).float() / 255))
+    assert torch.allclose(p.logits([im.numpy() for im in batch]), p.logits(batch), atol=1e-6)
     grey = batch[..., :1]  # (uint8 colour is rounded to integer grey, float colour is not)
     assert torch.allclose(p.logits(grey.permute(0, 3, 1, 2).float() / 255), p.logits(grey), atol=1e-4)
     emb = p.embed(files)
@@ -232,8 +238,9 @@ def test_ensemble_refuses_bad_arguments_before_any_work(smoke_run: Path, tmp_pat
         ensemble([smoke_run, smoke_run], tmp_path / "two", device="cpu", progress=False)
     (tmp_path / "used").mkdir()
     (tmp_path / "used" / "notes.txt").write_text("mine")
-    with pytest.raises(RunDirError, match="not empty"):
+    with pytest.raises(RunDirError, match="not empty") as err:
         ensemble([smoke_run, tmp_path], tmp_path / "used", device="cpu", progress=False)
+    assert "--resume" not in str(err.value) and "--overwrite" in str(err.value)  # ensemble has no --resume
 
 
 @needs_fmnist
@@ -247,10 +254,45 @@ def test_ensemble_refuses_other_datasets_and_class_lists() -> None:
     runs = [Path("a"), Path("b")]
     with pytest.raises(EnsembleError, match="different training sets"):
         check_same_data(runs, [a, b], "test")
-    renamed = dataclasses.replace(a, class_names=[n.upper() for n in a.class_names])
-    with pytest.raises(EnsembleError, match="different class lists"):
+    renamed = dataclasses.replace(a, class_names=[*a.class_names[:-1], "Boot"])
+    with pytest.raises(EnsembleError, match="different class lists: only in the first: Boot; only in the second: "
+                                            "Ankle boot"):
         check_same_data(runs, [a, renamed], "test")
+    swapped = dataclasses.replace(a, class_names=[a.class_names[1], a.class_names[0], *a.class_names[2:]])
+    with pytest.raises(EnsembleError, match="same 10 classes in another order .class 0 is 'Trouser'"):
+        check_same_data(runs, [a, swapped], "test")
     fewer = dataclasses.replace(a, test=a.test.subset(range(100)))
     with pytest.raises(EnsembleError, match="different test sets"):
         check_same_data(runs, [a, fewer], "test")
     check_same_data(runs, [a, build_datasets(load_config("smoke").data)], "test")
+
+
+@needs_fmnist
+def test_tau_norm_of_a_standardised_classifier(smoke_run: Path, tmp_path: Path) -> None:
+    """Issue #21: classifier.standardize stores its statistics; tau-norm at tau = 0 then gives exactly the
+    plain classifier's logits, and tau = 1 stays far from chance (it read ~chance before the fix)."""
+    from dscl.classify import classify
+    from dscl.rundir import load_run_config
+
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run, run)
+    cfg = load_run_config(run)
+    cfg.classifier.standardize = True
+    classify(run, cfg=cfg, device="cpu", progress=False)
+    state = load_checkpoint(run / "checkpoints" / "classifier.pt")
+    assert set(state["feature_stats"]) == {"mean", "std"}
+    p = load_run(run, cfg=cfg)
+    assert p.feature_stats is not None
+    feats = torch.randn(40, p.num_features).abs() * 2
+    plain = p.logits_from_features(feats, "plain")
+    p.cfg.classifier.tau_norm = 0.0
+    assert torch.equal(p.logits_from_features(feats, "tau-norm"), plain)
+    splits = build_datasets(cfg.data, seed=cfg.optim.seed)
+    images = torch.stack([splits.test.with_transform(EvalTransform(28, splits.mean, splits.std))[i][0]
+                          for i in range(0, 10000, 25)])
+    labels = torch.tensor([splits.test.targets[i] for i in range(0, 10000, 25)])
+    test_feats = p.features_of(images)
+    p.cfg.classifier.tau_norm = 1.0
+    acc = {v: float((p.logits_from_features(test_feats, v).argmax(1) == labels).float().mean())
+           for v in ("plain", "tau-norm")}
+    assert acc["tau-norm"] > acc["plain"] - 0.15 and acc["tau-norm"] > 0.3, acc

@@ -208,3 +208,66 @@ def test_class_means_hand_computed():
     s = 1 / math.sqrt(2)
     # normalised features (1,0) and (0,1) average to (0.5,0.5) -> renormalised (s,s); empty class -> 0
     torch.testing.assert_close(means, torch.tensor([[s, s], [0.0, 1.0], [0.0, 0.0]]))
+
+
+def test_tau_norm_logits_in_the_trained_space():
+    """Issue #21: tau = 0 is the plain classifier exactly (raw or standardised features); on a
+    standardised classifier tau-norm acts on the trained weights and standardised features, bias kept."""
+    from dscl.classify import fold_standardization
+    from dscl.metrics import tau_norm_logits
+
+    g = torch.Generator().manual_seed(0)
+    feats = torch.randn(50, 6, generator=g) * torch.tensor([1, 5, 0.1, 2, 3, 0.5]) + 4
+    trained = torch.nn.Linear(6, 3)
+    mean, std = feats.mean(0), feats.std(0)
+    folded = fold_standardization(trained, (mean, std))
+    plain = folded(feats)
+    torch.testing.assert_close(trained((feats - mean) / std), plain, rtol=1e-5, atol=1e-5)  # the fold itself
+    exact = torch.nn.functional.linear(feats.double(), folded.weight.double(), folded.bias.double())
+    for stats in (None, (mean, std)):
+        assert torch.equal(tau_norm_logits(feats, folded.weight, folded.bias, 0.0, stats), plain)
+        # and the unfolding path itself is the same classifier (tau -> 0), to float64 accuracy
+        tiny = tau_norm_logits(feats, folded.weight, folded.bias, 1e-12, stats)
+        torch.testing.assert_close(tiny.double(), exact, rtol=1e-5, atol=1e-5)
+    z = (feats - mean) / std
+    want = z @ (trained.weight / trained.weight.norm(dim=1, keepdim=True)).T + trained.bias
+    got = tau_norm_logits(feats, folded.weight, folded.bias, 1.0, (mean, std))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # the old computation (folded weights, no bias, raw features) is a different classifier
+    assert not torch.allclose(feats @ tau_normalize(folded.weight, 1.0).T, want)
+    raw = tau_norm_logits(feats, trained.weight, trained.bias, 0.5, None)
+    torch.testing.assert_close(raw, feats @ tau_normalize(trained.weight, 0.5).T + trained.bias)
+
+
+def test_lt_test_priors_follow_the_training_order():
+    from dscl.metrics import lt_test_priors
+
+    counts = [10, 500, 40, 500, 3]  # ranks by training images: 1, 3 (tie: index order), 2, 0, 4
+    fwd = lt_test_priors(counts, 50, "forward")
+    assert fwd.sum() == pytest.approx(1.0)
+    assert fwd[1] == pytest.approx(50 * fwd[4]) and fwd[1] > fwd[3] > fwd[2] > fwd[0] > fwd[4]
+    bwd = lt_test_priors(counts, 50, "backward")
+    assert bwd[4] == pytest.approx(50 * bwd[1]) and list(np.argsort(bwd)) == list(np.argsort(-fwd))
+    assert np.allclose(lt_test_priors(counts, 50, "uniform"), 0.2)
+    assert np.allclose(lt_test_priors([7], 10, "forward"), [1.0])
+    with pytest.raises(ValueError, match="direction"):
+        lt_test_priors(counts, 2, "sideways")
+
+
+def test_accuracy_under_distributions_is_the_prior_weighted_mean():
+    """A head class at 90 %, a tail class at 30 %: forward-ρ weights them ρ:1, backward 1:ρ, uniform = the
+    per-class mean; a class without test images drops out."""
+    from dscl.metrics import TEST_AGNOSTIC_FACTORS, accuracy_under_distributions
+
+    ta = accuracy_under_distributions([90.0, 30.0], [100, 5])
+    assert list(ta) == (["forward-50", "forward-25", "forward-10", "forward-5", "forward-2", "uniform"]
+                        + ["backward-2", "backward-5", "backward-10", "backward-25", "backward-50"])
+    assert len(TEST_AGNOSTIC_FACTORS) == 5
+    assert ta["uniform"] == pytest.approx(60.0)
+    assert ta["forward-50"] == pytest.approx((50 * 90 + 30) / 51, abs=1e-4)
+    assert ta["backward-50"] == pytest.approx((90 + 50 * 30) / 51, abs=1e-4)
+    values = list(ta.values())
+    assert values == sorted(values, reverse=True)  # head better than tail: accuracy falls forward -> backward
+    missing = accuracy_under_distributions([90.0, None, 30.0], [100, 50, 5])
+    assert missing["uniform"] == pytest.approx(60.0)
+    assert set(accuracy_under_distributions([None], [4]).values()) == {None}

@@ -52,7 +52,7 @@ def test_build_report_keys_types_and_ranges():
     report, _ = _toy_report()
     assert set(report) >= DESIGN_KEYS
     assert set(report) == DESIGN_KEYS | {"top1_macro", "split", "selection", "variants", "train_counts",
-                                         "shot_classes_evaluated", "missing_classes"}
+                                         "shot_classes_evaluated", "missing_classes", "test_agnostic"}
     assert isinstance(report["dataset"], str) and isinstance(report["method"], str)
     for key in ("top1", "top5", "top1_macro", "many", "medium", "few"):
         assert isinstance(report[key], float) and 0.0 <= report[key] <= 100.0, key
@@ -105,7 +105,8 @@ def test_write_report_files(tmp_path):
     paths = write_report(tmp_path / "run", report, confusion=cm)
     run = tmp_path / "run"
     expected = {run / "report.json", run / "report.md", run / "plots" / "per_class_accuracy.png",
-                run / "plots" / "confusion_matrix.png", run / "per_class.csv", run / "confusion.csv"}
+                run / "plots" / "confusion_matrix.png", run / "per_class.csv", run / "confusion.csv",
+                run / "plots" / "test_agnostic.png"}
     assert set(paths) == expected
     assert json.loads((run / "report.json").read_text()) == report
     md = (run / "report.md").read_text()
@@ -158,7 +159,8 @@ def test_write_report_is_atomic(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert (tmp_path / "report.json").read_bytes() == before
     assert sorted(os.listdir(tmp_path)) == ["confusion.csv", "per_class.csv", "plots", "report.json", "report.md"]
-    assert sorted(os.listdir(tmp_path / "plots")) == ["confusion_matrix.png", "per_class_accuracy.png"]
+    assert sorted(os.listdir(tmp_path / "plots")) == ["confusion_matrix.png", "per_class_accuracy.png",
+                                                      "test_agnostic.png"]
 
 
 def test_format_table_alignment():

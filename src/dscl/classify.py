@@ -254,6 +254,7 @@ def classify(run_dir: str | Path, *, cfg: Config | None = None, device: str = "a
             fc = fold_standardization(fc, stats)  # the saved layer takes raw features, like any other
         train_feats, train_labels = feats, labels
     else:
+        stats = None
         fc, chosen, history = train_linear_official(backbone, splits, cfg, device=dev, progress=progress,
                                                     val=splits.val if cc.select == "val" else None, log=log)
         train_feats, train_labels = extract_features(backbone, clean_train, batch_size=fbatch, device=dev,
@@ -264,6 +265,8 @@ def classify(run_dir: str | Path, *, cfg: Config | None = None, device: str = "a
             "stage": "classify", "protocol": cc.protocol, "backbone_name": cfg.model.backbone,
             "num_classes": splits.num_classes, "backbone": {k: v.cpu() for k, v in backbone.state_dict().items()},
             "fc": fc.state_dict(), "class_means": class_means(train_feats, train_labels, splits.num_classes),
+            # the z-scoring folded into fc (classifier.standardize): tau-norm works in that space
+            "feature_stats": {"mean": stats[0].cpu(), "std": stats[1].cpu()} if stats is not None else None,
             "selected_epoch": chosen, "selection": selection_sentence(splits, chosen, cc.epochs, cc.select),
             "history": history, "wall_seconds": time.perf_counter() - t0,
             # what dscl.inference.load_run needs without the dataset (a run copied elsewhere)

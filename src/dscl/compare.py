@@ -26,6 +26,7 @@ from typing import Any
 import yaml
 
 from dscl.config import Config, apply_mapping, config_from_dict, flat_config, validate
+from dscl.metrics import TEST_AGNOSTIC_FACTORS
 
 METHODS = ("ce", "scl", "dscl", "scl+pbsd", "dscl+pbsd")
 METRICS = ("all", "many", "medium", "few")
@@ -136,8 +137,21 @@ def run_one(cfg: Config, run: Path, *, device: str, progress: bool) -> dict[str,
     return evaluate(run, cfg=cfg, device=device, progress=progress)
 
 
-# metric name in compare.json -> key in report.json
+# metric name in compare.json -> key in report.json ("a.b" = key b of the mapping under a)
 FIELDS = {"all": "top1", "many": "many", "medium": "medium", "few": "few"}
+#: the test-agnostic columns (report.json "test_agnostic"), in their report order
+TEST_AGNOSTIC_FIELDS = {name: f"test_agnostic.{name}" for name in
+                        [f"forward-{f}" for f in sorted(TEST_AGNOSTIC_FACTORS, reverse=True)] + ["uniform"]
+                        + [f"backward-{f}" for f in sorted(TEST_AGNOSTIC_FACTORS)]}
+
+
+def _value(report: dict[str, Any], key: str) -> Any:
+    """``report[key]``, or ``report[a][b]`` for ``key = "a.b"``; None where absent (an older report)."""
+    head, _, rest = key.partition(".")
+    value = report.get(head)
+    if rest:
+        value = value.get(rest) if isinstance(value, dict) else None
+    return value
 
 
 def aggregate(reports: dict[str, list[dict[str, Any]]],
@@ -147,7 +161,7 @@ def aggregate(reports: dict[str, list[dict[str, Any]]],
     for method, runs in reports.items():
         out[method] = {}
         for metric, key in (fields or FIELDS).items():
-            values = [r[key] for r in runs]
+            values = [_value(r, key) for r in runs]
             present = [v for v in values if v is not None]
             out[method][metric] = {
                 "mean": round(statistics.fmean(present), 2) if present else None,
@@ -174,6 +188,16 @@ def format_markdown(result: dict[str, Any]) -> str:
             m = metrics[metric]
             cells.append("—" if m["mean"] is None else f"{m['mean']:.1f} ± {m['std']:.1f}")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    if result.get("test_agnostic"):
+        names = list(TEST_AGNOSTIC_FIELDS)
+        lines += ["", "Top-1 % under other test label distributions (forward-long-tailed like training with "
+                  "imbalance ρ, uniform, backward = reversed), exact from each run's per-class accuracies; "
+                  "mean ± std over seeds:", "",
+                  "| method | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+        for method, metrics in result["test_agnostic"].items():
+            lines.append(f"| {method} | " + " | ".join(
+                "—" if metrics[n]["mean"] is None else f"{metrics[n]['mean']:.1f} ± {metrics[n]['std']:.1f}"
+                for n in names) + " |")
     if "differences" in result:
         lines += ["", format_differences(result["differences"])]
     lines += ["", f"Command: `{result['command']}`", f"Wall time: {result['wall_seconds'] / 60:.1f} min", ""]
@@ -201,6 +225,7 @@ def compare(base: Config, methods: Sequence[str], seeds: Sequence[int], out: str
         "preset": base.preset,
         "seeds": list(seeds),
         "methods": aggregate(reports),
+        "test_agnostic": aggregate(reports, TEST_AGNOSTIC_FIELDS),
         "differences": differences,
         "command": command,
         # compute time of all runs (reused runs count with their original time)

@@ -52,8 +52,8 @@ def check_same_data(runs: Sequence[Path], all_splits: Sequence[DatasetSplits], s
         if s.name != ref.name:
             raise EnsembleError(f"{where} were trained on different datasets ({s.name} vs {ref.name})")
         if list(s.class_names) != list(ref.class_names):
-            raise EnsembleError(f"{where} have different class lists ({s.num_classes} vs {ref.num_classes} classes, "
-                                f"e.g. {s.class_names[:3]} vs {ref.class_names[:3]}); ensemble runs of one dataset")
+            diff = class_list_difference(s.class_names, ref.class_names)
+            raise EnsembleError(f"{where} have different class lists: {diff}; ensemble runs of one dataset")
         if list(s.train_counts) != list(ref.train_counts):
             raise EnsembleError(f"{where} were trained on different training sets (per-class counts differ: "
                                 f"{sum(s.train_counts)} vs {sum(ref.train_counts)} images)")
@@ -62,6 +62,17 @@ def check_same_data(runs: Sequence[Path], all_splits: Sequence[DatasetSplits], s
         if fingerprint != ref_fingerprint:
             raise EnsembleError(f"{where} have different {split} sets ({len(ds)} vs {len(ref_set)} images, "
                                 f"fingerprints {fingerprint} vs {ref_fingerprint})")
+
+
+def class_list_difference(a: Sequence[str], b: Sequence[str]) -> str:
+    """Which classes differ between two class lists (or, for the same set, where the order differs)."""
+    only_a, only_b = [c for c in a if c not in set(b)], [c for c in b if c not in set(a)]
+    if only_a or only_b:
+        def shown(names: list[str]) -> str:
+            return ", ".join(names[:10]) + (f" (+{len(names) - 10} more)" if len(names) > 10 else "") or "none"
+        return f"only in the first: {shown(only_a)}; only in the second: {shown(only_b)}"
+    k = next(i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y)
+    return f"the same {len(a)} classes in another order (class {k} is {a[k]!r} vs {b[k]!r})"
 
 
 def _probabilities(p: Predictor, dataset: LTDataset, dev: torch.device, progress: bool,
@@ -99,7 +110,7 @@ def ensemble(runs: Sequence[str | Path], out: str | Path, *, split: str = "test"
         raise EnsembleError(f"--runs needs at least two runs to ensemble, got {len(paths)}")
     if len({p.resolve() for p in paths}) != len(paths):
         raise EnsembleError("--runs lists the same run twice; give each run once")
-    out = prepare_run_dir(out, resume=False, overwrite=overwrite, check_only=True)
+    out = prepare_run_dir(out, resume=False, overwrite=overwrite, check_only=True, resumable=False)
     dev = dist.init(device)
     t0 = time.perf_counter()
     predictors = [load_run(p, device=dev) for p in paths]
@@ -134,7 +145,7 @@ def ensemble(runs: Sequence[str | Path], out: str | Path, *, split: str = "test"
         variants=[m["row"] for m in members], many_threshold=many, few_threshold=few,
     )
     report["members"] = [{"run": m["run"], "method": m["method"], "top1": m["row"]["top1"]} for m in members]
-    prepare_run_dir(out, resume=False, overwrite=overwrite)
+    prepare_run_dir(out, resume=False, overwrite=overwrite, resumable=False)
     if dist.is_main():
         conf = confusion_matrix(probs.argmax(1), labels, ref.num_classes)
         write_report(out, report, confusion=conf, class_names=ref.class_names, many_threshold=many,

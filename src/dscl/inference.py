@@ -32,7 +32,7 @@ the evaluation, the predictor and the exported files share.
 # no ``from __future__ import annotations``: TorchScript reads the class annotations of Preprocess
 import copy
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,8 +48,9 @@ from dscl.checkpoint import CheckpointError, load_checkpoint
 from dscl.config import Config
 from dscl.data import DataError
 from dscl.data.core import decode_image
-from dscl.metrics import logit_adjust, ncm_logits, tau_normalize
+from dscl.metrics import logit_adjust, ncm_logits, tau_norm_logits
 from dscl.rundir import RunDirError, load_finished_stage1, load_run_config
+from dscl.runtime import say
 
 VARIANTS: tuple[str, ...] = ("plain", "logit-adjust", "tau-norm", "ncm")
 # Datasets whose training images are single-channel (replicated to RGB by LTDataset.load).
@@ -215,6 +216,8 @@ class ImageTransform:
 
 
 def _as_items(images: Any) -> list[Any] | Tensor:
+    if isinstance(images, np.ndarray) and images.ndim == 4:  # a numpy batch is a batch, like a tensor one
+        images = torch.from_numpy(np.ascontiguousarray(images))
     if isinstance(images, Tensor):
         if images.dim() != 4:
             raise ValueError(f"a tensor of images must be a batch: uint8 (N, H, W, C) or float (N, C, H, W) in "
@@ -279,11 +282,14 @@ class Predictor:
         image_transform: one image -> ``(3, S, S)``, picklable (the dataset transform of evaluation).
         source: the checkpoint the weights come from.
         info: that checkpoint's bookkeeping (``selection``, ``wall_seconds``, ``protocol``, ``imported``).
+        feature_stats: ``(mean, std)`` of the standardisation folded into ``fc`` (``classifier.standardize``),
+            or None; the ``tau-norm`` variant works in that space.
     """
 
     def __init__(self, run_dir: Path, cfg: Config, backbone: nn.Module, fc: nn.Linear | None,
                  class_means: Tensor | None, meta: RunMeta, source: Path, device: torch.device,
-                 info: dict[str, Any] | None = None) -> None:
+                 info: dict[str, Any] | None = None,
+                 feature_stats: tuple[Tensor, Tensor] | None = None) -> None:
         self.run_dir = run_dir
         self.cfg = cfg
         self.device = device
@@ -299,6 +305,8 @@ class Predictor:
         self.image_transform = ImageTransform(self.preprocess)
         self.source = source
         self.info = dict(info or {})
+        # (mean, std) the classifier's features were z-scored with (classifier.standardize), for tau-norm
+        self.feature_stats = feature_stats
 
     # ------------------------------------------------------------------------------------ properties
 
@@ -342,8 +350,9 @@ class Predictor:
         """Pooled features ``(N, D)`` -> logits ``(N, C)`` of one variant.
 
         ``plain``: the linear classifier; ``logit-adjust``: minus ``tau * log(prior)`` of the training
-        counts (``classifier.logit_adjust_tau``); ``tau-norm``: features times the tau-normalised weights
-        (``classifier.tau_norm``, no bias); ``ncm``: cosine to the class means of clean training features.
+        counts (``classifier.logit_adjust_tau``); ``tau-norm``: the classifier with tau-normalised weights
+        (``classifier.tau_norm``) in the space it was trained in, bias kept, so tau = 0 is ``plain``
+        (:func:`dscl.metrics.tau_norm_logits`); ``ncm``: cosine to the class means of clean training features.
         """
         if variant not in VARIANTS:
             raise ValueError(f"--variant {variant!r}: use one of {', '.join(VARIANTS)}")
@@ -356,7 +365,8 @@ class Predictor:
         with torch.no_grad():
             feats = feats.to(fc.weight.device, torch.float32)
             if variant == "tau-norm":
-                return (feats @ tau_normalize(fc.weight, self.cfg.classifier.tau_norm).T).cpu()
+                return tau_norm_logits(feats, fc.weight, fc.bias, self.cfg.classifier.tau_norm,
+                                       self.feature_stats).cpu()
             logits = fc(feats).cpu()
         if variant == "logit-adjust":
             return logit_adjust(logits, self.train_counts, self.cfg.classifier.logit_adjust_tau)
@@ -447,6 +457,7 @@ def load_run(run_dir: str | Path, *, device: str | torch.device = "cpu", cfg: Co
     cls_path = run_dir / "checkpoints" / "classifier.pt"
     fc: nn.Linear | None = None
     class_means: Tensor | None = None
+    feature_stats: tuple[Tensor, Tensor] | None = None
     if cls_path.is_file():
         state = load_checkpoint(cls_path)
         if state.get("backbone_name") != cfg.model.backbone:
@@ -457,6 +468,12 @@ def load_run(run_dir: str | Path, *, device: str | torch.device = "cpu", cfg: Co
         fc = nn.Linear(weight.shape[1], weight.shape[0])
         fc.load_state_dict(state["fc"])
         class_means = state.get("class_means")
+        stats = state.get("feature_stats")
+        feature_stats = (stats["mean"], stats["std"]) if stats else None
+        if "feature_stats" not in state and state.get("protocol") == "cached" and cfg.classifier.standardize:
+            say(f"{cls_path} was saved before the standardisation statistics were stored (issue #21): its "
+                f"tau-norm variant works on the folded layer, not in the space the classifier was trained in; "
+                f"run `dscl classify --run {run_dir}` again for the right tau-norm numbers")
         source = cls_path
     elif stage1_ok:
         state = load_finished_stage1(run_dir)
@@ -475,7 +492,8 @@ def load_run(run_dir: str | Path, *, device: str | torch.device = "cpu", cfg: Co
         raise CheckpointError(f"{source}: the classifier has {fc.out_features} outputs but the run has "
                               f"{len(meta.class_names)} class names")
     info = {k: state[k] for k in INFO_KEYS if k in state}
-    return Predictor(run_dir, cfg, backbone, fc, class_means, meta, source, device, info)
+    return Predictor(run_dir, cfg, backbone, fc, class_means, meta, source, device, info,
+                     feature_stats=feature_stats)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -486,48 +504,134 @@ LIST_SUFFIXES = (".txt", ".json")  # split lists (OLTR txt "path label" lines, B
 
 @dataclass
 class Inputs:
-    """Image files to run on, in order; ``labels[i]`` is known for entries that come from a split list."""
+    """Image files to run on, in order; ``labels[i]`` is known for entries that come from a labelled list.
+    ``notes``: what a reader should know about how labels were read (e.g. an index-to-class mapping)."""
 
     paths: list[str]
     labels: list[int | None]
+    notes: list[str] = field(default_factory=list)
 
     @property
     def labelled(self) -> bool:
         return any(label is not None for label in self.labels)
 
 
-def collect_inputs(inputs: Sequence[str | Path], *, num_classes: int, data_root: str | Path | None = None) -> Inputs:
-    """Expand command-line inputs: image files (kept even when missing, to become error rows),
-    folders (every image file below them, recursively, sorted; hidden entries skipped) and split
-    lists (``.txt`` / ``.json``: paths relative to ``data_root``, default the list's folder, with labels).
+def _is_int(text: str) -> bool:
+    try:
+        int(text)
+    except ValueError:
+        return False
+    return True
+
+
+def read_labelled_list(path: Path, root: Path, class_names: Sequence[str]) -> Inputs:
+    """A path list for predict / embed / evaluate: one image per line, optionally with its class.
+
+    A line is ``path``, ``path label`` (the label is the last whitespace-separated field, a path may hold
+    spaces), ``path<TAB>label`` (the label may hold spaces), or shell-quoted ``"path" "label with spaces"``.
+    A label is a class **name** of the run or a class **index** (the run's class order, as ``dscl
+    predict`` prints it). Paths are relative to ``root``. Blank lines and ``#`` comments are skipped.
+    When indices are used and the run's classes have names, a note says which mapping was used.
 
     Raises:
-        DataError: an empty folder, a malformed list, or a list label outside ``[0, num_classes)``.
+        DataError: a label that is neither a class name nor an index in range, or a malformed line,
+            with the file and line.
+    """
+    import shlex
+
+    index_of = {name: i for i, name in enumerate(class_names)}
+    paths: list[str] = []
+    labels: list[int | None] = []
+    used_indices = False
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"cannot read the list {path}: {exc}") from exc
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        where = f"{path}, line {lineno}"
+        label: str | None
+        if "\t" in stripped:
+            rel, label = (part.strip() for part in stripped.rsplit("\t", 1))
+        elif '"' in stripped or "'" in stripped:
+            try:
+                parts = shlex.split(stripped)
+            except ValueError as exc:
+                raise DataError(f"{where}: {exc} in {stripped!r}; quote a path or label holding spaces") from None
+            if len(parts) not in (1, 2):
+                raise DataError(f"{where}: expected 'path' or 'path label', got {len(parts)} fields in {stripped!r}; "
+                                "quote a path or label that holds spaces, or separate them with a tab")
+            rel, label = parts[0], parts[1] if len(parts) == 2 else None
+        else:
+            fields = stripped.rsplit(None, 1)
+            if len(fields) == 2 and (fields[1] in index_of or _is_int(fields[1])):
+                rel, label = fields
+            else:
+                rel, label = stripped, None  # an unlabelled path (it may hold spaces)
+        value: int | None = None
+        if label is not None and label != "":
+            if label in index_of:
+                value = index_of[label]
+            elif _is_int(label) and 0 <= int(label) < len(class_names):
+                value, used_indices = int(label), True
+            else:
+                shown = ", ".join(list(class_names)[:10]) + (", ..." if len(class_names) > 10 else "")
+                raise DataError(f"{where}: label {label!r} is neither a class of the run ({shown}) nor a class "
+                                f"index in [0, {len(class_names)})")
+        full = Path(rel) if Path(rel).is_absolute() else root / rel
+        paths.append(str(full))
+        labels.append(value)
+    notes = []
+    if used_indices and list(class_names) != [str(i) for i in range(len(class_names))]:
+        mapping = ", ".join(f"{i} = {n}" for i, n in enumerate(list(class_names)[:10]))
+        notes.append(f"{path}: labels read as class indices in the run's class order ({mapping}"
+                     f"{', ...' if len(class_names) > 10 else ''}); write class names to be explicit")
+    return Inputs(paths, labels, notes)
+
+
+def collect_inputs(inputs: Sequence[str | Path], *, num_classes: int, data_root: str | Path | None = None,
+                   class_names: Sequence[str] | None = None) -> Inputs:
+    """Expand command-line inputs: image files (kept even when missing, to become error rows),
+    folders (every image file below them, recursively, sorted; hidden entries skipped) and lists
+    (``.txt``: one path per line, optionally labelled by class name or index, see
+    :func:`read_labelled_list`; BBN ``.json`` with indices), paths relative to ``data_root``, default the
+    list's folder.
+
+    Raises:
+        DataError: an empty folder, a malformed list, or a list label that is not one of the run's classes.
     """
     from dscl.data.readers import IMAGE_EXTENSIONS, read_list
 
-    paths: list[str] = []
-    labels: list[int | None] = []
+    names = list(class_names) if class_names is not None else [str(i) for i in range(num_classes)]
+    out = Inputs([], [])
     for item in inputs:
         path = Path(item)
+        root = Path(data_root) if data_root is not None else path.parent
         if path.is_dir():
             found = sorted(str(f) for f in path.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS
                            and not any(part.startswith(".") for part in f.relative_to(path).parts))
             if not found:
                 raise DataError(f"folder {path} holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
-            paths += found
-            labels += [None] * len(found)
+            out.paths += found
+            out.labels += [None] * len(found)
+        elif path.is_file() and path.suffix.lower() == ".txt":
+            listed = read_labelled_list(path, root, names)
+            out.paths += listed.paths
+            out.labels += listed.labels
+            out.notes += listed.notes
         elif path.is_file() and path.suffix.lower() in LIST_SUFFIXES:
-            split = read_list(path, Path(data_root) if data_root is not None else path.parent)
+            split = read_list(path, root)
             for where, label in zip(split.where, split.labels, strict=True):
                 if not 0 <= label < num_classes:
                     raise DataError(f"{where}: label {label} is outside [0, {num_classes}) (the run's classes)")
-            paths += split.paths
-            labels += list(split.labels)
+            out.paths += split.paths
+            out.labels += list(split.labels)
         else:
-            paths.append(str(path))
-            labels.append(None)
-    return Inputs(paths, labels)
+            out.paths.append(str(path))
+            out.labels.append(None)
+    return out
 
 
 @dataclass

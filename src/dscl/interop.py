@@ -119,6 +119,8 @@ def detect_format(obj: Any) -> str:
     """``official``, ``torchvision`` or ``dscl`` for a loaded checkpoint (see the module docstring)."""
     if isinstance(obj, Mapping) and obj.get("stage") in ("pretrain", "classify") and "version" in obj:
         return "dscl"
+    if isinstance(obj, Mapping) and obj.get("format") == "dscl-state-dict":  # `dscl export --format state-dict`
+        return "dscl"
     state = _state_dict_of(obj)
     if any(k.startswith("encoder_q.") for k in state):
         return "official"
@@ -162,6 +164,7 @@ class _Mapped:
     momentum: dict[str, Tensor] | None = None
     queue: dict[str, Tensor] | None = None
     fc: dict[str, Tensor] | None = None
+    feature_stats: dict[str, Tensor] | None = None  # standardisation folded into fc (dscl classifiers)
     unexpected: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -210,8 +213,14 @@ def _strip_backbone(key: str) -> str:
 
 
 def _map_dscl(obj: Mapping[str, Any]) -> _Mapped:
+    if obj.get("format") == "dscl-state-dict":
+        # both key layouts are this package's backbone keys: the torchvision ResNets keep torchvision's names
+        m = _Mapped(backbone=dict(obj["backbone"]), fc=dict(obj["fc"]), feature_stats=obj.get("feature_stats"))
+        m.notes.append(f"a dscl state-dict export ({obj.get('architecture')}, {len(obj.get('class_names') or [])} "
+                       f"classes): backbone and classifier imported, no projection head (freshly initialised)")
+        return m
     if obj.get("stage") == "classify":
-        m = _Mapped(backbone=dict(obj["backbone"]), fc=dict(obj["fc"]))
+        m = _Mapped(backbone=dict(obj["backbone"]), fc=dict(obj["fc"]), feature_stats=obj.get("feature_stats"))
         m.notes.append("a dscl classifier.pt: backbone and classifier imported, no projection head "
                        "(freshly initialised)")
         return m
@@ -311,8 +320,8 @@ def import_checkpoint(path: str | Path, cfg: Config, out: str | Path, *, fmt: st
     fmt = detected if fmt == "auto" else fmt
     if fmt == "dscl":
         if detected != "dscl":
-            raise CheckpointError(f"{path} is not a dscl checkpoint (no 'stage' and 'version' keys); "
-                                  "use --format official or torchvision")
+            raise CheckpointError(f"{path} is not a dscl checkpoint or state-dict export (no 'stage' and 'version' "
+                                  "keys, no format 'dscl-state-dict'); use --format official or torchvision")
         mapped = _map_dscl(obj)
     else:
         state = _state_dict_of(obj)
@@ -386,6 +395,7 @@ def import_checkpoint(path: str | Path, cfg: Config, out: str | Path, *, fmt: st
                 "stage": "classify", "protocol": "imported", "backbone_name": cfg.model.backbone,
                 "num_classes": splits.num_classes, "backbone": model.online.backbone.state_dict(),
                 "fc": fc_state, "class_means": None, "selected_epoch": None,
+                "feature_stats": mapped.feature_stats if fc_state is not None else None,
                 "selection": f"classifier imported from {path.name} ({fmt} format); dscl selected no epoch",
                 "history": [], "wall_seconds": 0.0, "imported": imported, **meta,
             })
@@ -521,6 +531,10 @@ def state_dict_export(predictor: Predictor) -> dict[str, Any]:
         "format": "dscl-state-dict", "key_layout": "torchvision" if name in TORCHVISION_LAYOUT else "dscl",
         "backbone": {k: v.detach().cpu().clone() for k, v in predictor.backbone.state_dict().items()},
         "fc": {k: v.detach().cpu().clone() for k, v in fc.state_dict().items()},
+        # the z-scoring folded into fc (classifier.standardize): fc takes raw features either way; the
+        # statistics let a re-import tau-normalise the classifier in the space it was trained in
+        "feature_stats": ({"mean": predictor.feature_stats[0].cpu(), "std": predictor.feature_stats[1].cpu()}
+                          if predictor.feature_stats is not None else None),
         **export_meta(predictor),
     }
 

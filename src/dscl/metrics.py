@@ -31,10 +31,14 @@ __all__ = [
     "confusion_matrix",
     "summarize",
     "logit_adjust",
+    "tau_norm_logits",
     "tau_normalize",
     "class_means",
     "ncm_logits",
     "mean_or_none",
+    "TEST_AGNOSTIC_FACTORS",
+    "lt_test_priors",
+    "accuracy_under_distributions",
 ]
 
 #: Group names in display order (head to tail).
@@ -323,8 +327,7 @@ def tau_normalize(weight: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
 
     Long-tailed training makes head-class weight vectors longer; dividing by a power of the norm
     rebalances the decision boundaries (tau = 0: unchanged, tau = 1: all rows unit length; the paper
-    tunes tau in [0, 1] on a validation split). The classifier's bias is dropped: the caller computes
-    ``features @ tau_normalize(W).T`` with no bias term.
+    tunes tau in [0, 1] on a validation split). :func:`tau_norm_logits` applies it to a classifier.
 
     Args:
         weight: (C, D) linear-classifier weight (one row per class).
@@ -337,6 +340,38 @@ def tau_normalize(weight: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
         raise ValueError(f"weight must be 2-D (C, D), got shape {tuple(weight.shape)}")
     norms = weight.norm(dim=1, keepdim=True).clamp_min(1e-12)  # (C, 1); a zero row stays zero
     return weight / norms.pow(tau)
+
+
+def tau_norm_logits(features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tau: float,
+                    stats: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Logits of a τ-normalised linear classifier, in the feature space it was trained in.
+
+    ``weight`` / ``bias`` are the saved layer, which takes raw features. When the classifier was trained
+    on z-scored features (``classifier.standardize``: ``stats`` = the training features' mean and std,
+    folded into the saved layer as ``W / s`` and ``b - (W / s) m``), the fold is undone first: the
+    features are standardised, the trained weight ``W`` is τ-normalised, and the trained bias kept.
+    τ-normalising the folded weight instead would rescale per-dimension factors and leave the
+    features uncentred (it measured near chance). The bias is kept, so ``tau = 0`` gives exactly the
+    plain classifier's logits.
+
+    Args:
+        features: ``(N, D)`` raw pooled features.
+        weight: ``(C, D)`` saved weight; bias: ``(C,)`` saved bias or None.
+        tau: exponent of :func:`tau_normalize`.
+        stats: ``(mean (D,), std (D,))`` of the standardisation, or None for a classifier on raw features.
+    """
+    if tau == 0:  # W / ||W||^0 = W: the plain classifier, computed as the plain classifier is
+        return torch.nn.functional.linear(features, weight, bias)
+    dtype = features.dtype
+    if stats is not None:  # in float64: undoing the fold must not add float32 rounding of its own
+        features, weight = features.double(), weight.double()
+        bias = bias.double() if bias is not None else None
+        mean, std = (t.to(features.device, torch.float64) for t in stats)
+        trained_w = weight * std[None, :]  # W = (W / s) * s
+        trained_b = bias + weight @ mean if bias is not None else None  # b = (b - (W / s) m) + (W / s) m
+        features, weight, bias = (features - mean) / std, trained_w, trained_b
+    logits = features @ tau_normalize(weight, tau).T
+    return (logits + bias if bias is not None else logits).to(dtype)
 
 
 def class_means(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -385,3 +420,64 @@ def ncm_logits(features: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
     z = F.normalize(features.float(), dim=1)
     m = F.normalize(means.float(), dim=1)
     return z @ m.T  # (N, D) x (D, C) -> (N, C)
+
+
+# --------------------------------------------------------------------------------------------------
+# Test-agnostic evaluation: accuracy under other test label distributions
+# --------------------------------------------------------------------------------------------------
+
+#: Imbalance factors of the forward- and backward-long-tailed test distributions reported.
+TEST_AGNOSTIC_FACTORS: tuple[int, ...] = (50, 25, 10, 5, 2)
+
+
+def lt_test_priors(train_counts: Sequence[int], factor: float, direction: str) -> np.ndarray:
+    """Class priors of a long-tailed test distribution (the test-agnostic protocol of SADE, Zhang et al. 2022).
+
+    Classes are ranked by their training images (most first; ties by class index): rank ``r`` of ``C``
+    gets ``factor ** (-r / (C - 1))`` (``forward``: the test set is long-tailed like the training set),
+    ``factor ** (-(C - 1 - r) / (C - 1))`` (``backward``: the order reversed), or 1 (``uniform``),
+    normalised to sum 1. ``factor`` is the ratio of the largest to the smallest prior.
+    """
+    counts = np.asarray(train_counts, dtype=float)
+    c = len(counts)
+    if c == 0:
+        raise ValueError("train_counts is empty")
+    if direction not in ("forward", "backward", "uniform"):
+        raise ValueError(f"direction must be forward, backward or uniform, got {direction!r}")
+    if factor < 1:
+        raise ValueError(f"factor must be >= 1, got {factor}")
+    rank = np.empty(c)
+    rank[np.lexsort((np.arange(c), -counts))] = np.arange(c)  # 0 = most training images
+    if direction == "uniform" or c == 1:
+        weights = np.ones(c)
+    else:
+        exponent = rank if direction == "forward" else (c - 1 - rank)
+        weights = float(factor) ** (-exponent / (c - 1))
+    return weights / weights.sum()
+
+
+def accuracy_under_distributions(per_class_accuracy: Sequence[float | None], train_counts: Sequence[int],
+                           factors: Sequence[float] = TEST_AGNOSTIC_FACTORS) -> dict[str, float | None]:
+    """Accuracy (%) under forward-long-tailed, uniform and backward-long-tailed test distributions.
+
+    Computed exactly from the per-class accuracies: ``sum_c p_c * acc_c`` with the priors of
+    :func:`lt_test_priors` (the expected accuracy on a test set drawn from those priors, given
+    each class's accuracy). Classes without test images (accuracy None) are left out and the priors of
+    the others renormalised. Returns ``{"forward-50": ..., ..., "uniform": ..., ..., "backward-50": ...}``
+    in that order (forward from the largest factor down, backward from the smallest up); all None when
+    no class has an accuracy.
+    """
+    acc = np.array([np.nan if a is None else float(a) for a in per_class_accuracy])
+    if len(acc) != len(train_counts):
+        raise ValueError(f"{len(acc)} per-class accuracies but {len(train_counts)} train counts")
+    known = ~np.isnan(acc)
+    names = ([(f"forward-{f:g}", "forward", f) for f in sorted(factors, reverse=True)] + [("uniform", "uniform", 1.0)]
+             + [(f"backward-{f:g}", "backward", f) for f in sorted(factors)])
+    out: dict[str, float | None] = {}
+    for name, direction, factor in names:
+        if not known.any():
+            out[name] = None
+            continue
+        p = lt_test_priors(train_counts, factor, direction)[known]
+        out[name] = round(float((p / p.sum() * acc[known]).sum()), 4)
+    return out

@@ -22,7 +22,7 @@ from typing import IO, Any
 import numpy as np
 import torch
 
-from dscl.metrics import GROUPS, as_numpy, shot_groups
+from dscl.metrics import GROUPS, accuracy_under_distributions, as_numpy, shot_groups
 
 #: Above this many classes ``confusion.csv`` lists the non-zero cells (true, predicted, count) instead
 #: of the C x C matrix (iNaturalist 2018's 8,142 classes would make a 66-million-cell file).
@@ -94,7 +94,7 @@ def build_report(
     dataset: str,
     method: str,
     seed: int,
-    epochs: int | Mapping[str, int],
+    epochs: int | Mapping[str, int] | None,
     wall_seconds: float,
     split: str,
     selection: str,
@@ -109,9 +109,11 @@ def build_report(
         summary: output of :func:`summarize` for the main method.
         dataset, method: names shown in the report.
         seed: random seed of the run.
-        epochs: training epochs (an int, or e.g. ``{"pretrain": 200, "classify": 40}``).
+        epochs: training epochs (an int, or e.g. ``{"pretrain": 200, "classify": 40}``); None when
+            unknown (an imported checkpoint).
         wall_seconds: wall-clock duration of the run.
-        split: ``"test"`` or ``"val"`` — the split the numbers come from.
+        split: ``"test"`` or ``"val"`` — the split the numbers come from — or ``"data"``: new labelled
+            data scored with the run (``dscl evaluate --run RUN DATA``).
         selection: one sentence on how the stage-2 epoch was chosen (e.g. "last epoch", or "best
             top-1 on the val split"), because selecting on the test set inflates results.
         variants: post-hoc rows (logit adjustment, τ-norm, NCM), each a mapping with ``method`` and the
@@ -126,19 +128,22 @@ def build_report(
         few, shot_classes, per_class, seed, epochs, wall_seconds`` plus ``top1_macro``, ``split``,
         ``selection``, ``variants``, ``train_counts`` (C,), ``shot_classes_evaluated`` (classes per
         group with at least one image in the evaluated split: the group means average over these),
-        ``missing_classes`` (``[{"class", "group"}]`` of the others) and the ``run_info`` keys.
+        ``missing_classes`` (``[{"class", "group"}]`` of the others), ``test_agnostic`` (accuracy under
+        forward-long-tailed / uniform / backward-long-tailed test distributions,
+        :func:`dscl.metrics.accuracy_under_distributions`) and the ``run_info`` keys.
         Percentages are rounded to 4 decimals; missing values are None.
     """
-    if split not in ("test", "val"):
-        raise ValueError(f"split must be 'test' or 'val', got {split!r}")
+    if split not in ("test", "val", "data"):
+        raise ValueError(f"split must be 'test', 'val' or 'data' (new labelled data), got {split!r}")
     missing = [k for k in ("top1", "top5", "top1_macro", *GROUPS, "shot_classes", "per_class")
                if k not in summary]
     if missing:
         raise ValueError(f"summary is missing {missing}; pass the dict returned by summarize()")
+    epochs_out: int | dict[str, int] | None
     if isinstance(epochs, Mapping):
-        epochs_out: int | dict[str, int] = {str(k): int(v) for k, v in epochs.items()}
+        epochs_out = {str(k): int(v) for k, v in epochs.items()}
     else:
-        epochs_out = int(epochs)
+        epochs_out = None if epochs is None else int(epochs)
     main = variant_row(method, summary)
     report: dict[str, Any] = {
         "dataset": str(dataset),
@@ -167,6 +172,9 @@ def build_report(
         "variants": [variant_row(str(v["method"]), v) for v in (variants or [])],
     }
     report.update(_coverage(report["per_class"], many_threshold, few_threshold))
+    # accuracy if the test set followed other label distributions (exact, from the per-class accuracies)
+    report["test_agnostic"] = accuracy_under_distributions([r["accuracy"] for r in report["per_class"]],
+                                                           [r["train_count"] for r in report["per_class"]])
     for key, value in (run_info or {}).items():
         if key in report:
             raise ValueError(f"run_info key {key!r} would replace the report's own {key!r}")
@@ -228,14 +236,15 @@ def _markdown(
 ) -> str:
     epochs = report["epochs"]
     epochs_txt = (
-        ", ".join(f"{k} {v}" for k, v in epochs.items()) if isinstance(epochs, Mapping) else str(epochs)
+        ", ".join(f"{k} {v}" for k, v in epochs.items()) if isinstance(epochs, Mapping)
+        else "unknown" if epochs is None else str(epochs)
     )
     lines = [
         f"# dscl report: {report['method']} on {report['dataset']}",
         "",
         f"- Dataset: {report['dataset']}",
         f"- Method: {report['method']}",
-        f"- Split: {report['split']}",
+        f"- Split: {report['split']}" + (f" ({report['data_source']})" if report.get("data_source") else ""),
         f"- Selection: {report['selection']}",
         f"- Seed: {report['seed']}; epochs: {epochs_txt}; wall time: {report['wall_seconds']:.1f} s",
         *_facts_lines(report),
@@ -264,6 +273,7 @@ def _markdown(
         f"(total {sc['many'] + sc['medium'] + sc['few']}).",
         "",
     ]
+    lines += _test_agnostic_lines(report)
     for p in plots:
         lines += [f"![{Path(p).stem.replace('_', ' ')}]({p})", ""]
     lines += [
@@ -281,6 +291,46 @@ def _markdown(
     return "\n".join(lines) + "\n"
 
 
+def _test_agnostic_lines(report: Mapping[str, Any]) -> list[str]:
+    """The "other test distributions" section of report.md (nothing for a report without it)."""
+    ta = report.get("test_agnostic")
+    if not isinstance(ta, Mapping) or not ta:
+        return []
+    return [
+        "## Under other test distributions",
+        "",
+        "Top-1 % if the test set followed another label distribution: forward-long-tailed with imbalance "
+        "ρ (class priors ∝ ρ^(−r/(C−1)), r = the class's rank by training images, most first: the test set "
+        "long-tailed like the training set), uniform, and backward-long-tailed (the order reversed). Computed "
+        "exactly from the per-class accuracies above (Σ prior × class accuracy), not by resampling; classes "
+        "without test images are left out.",
+        "",
+        "| " + " | ".join(ta) + " |",
+        "|" + "---:|" * len(ta),
+        "| " + " | ".join(_fmt(v) for v in ta.values()) + " |",
+        "",
+    ]
+
+
+def _plot_test_agnostic(report: Mapping[str, Any], path: Path) -> Path:
+    from matplotlib.figure import Figure
+
+    ta = report["test_agnostic"]
+    names = list(ta)
+    values = [np.nan if v is None else v for v in ta.values()]
+    fig = Figure(figsize=(8, 4.5), layout="constrained")
+    ax = fig.add_subplot()
+    ax.plot(range(len(names)), values, marker="o", color="#1f77b4", lw=2)
+    ax.axvline(names.index("uniform") if "uniform" in names else 0, color="0.5", ls="--", lw=1)
+    ax.set_xticks(range(len(names)), names, rotation=35, ha="right", fontsize=10)
+    ax.set_ylabel("Top-1 accuracy (%)")
+    ax.set_title(f"Accuracy under other test distributions — {report['method']} on {report['dataset']}\n"
+                 f"forward: long-tailed like training; backward: reversed (exact, from the per-class accuracy "
+                 f"on the {report.get('split', 'test')} split)", fontsize=11)
+    ax.grid(True, alpha=0.3)
+    return save_figure(fig, path)
+
+
 def _facts_lines(report: Mapping[str, Any]) -> list[str]:
     """Markdown lines for the run facts a report carries (absent keys are skipped)."""
     def fact(key: str) -> str:
@@ -288,6 +338,11 @@ def _facts_lines(report: Mapping[str, Any]) -> list[str]:
         return "?" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
 
     lines = []
+    imported = report.get("imported")
+    if isinstance(imported, Mapping):
+        lines.append(f"- Imported from {imported.get('from')} ({imported.get('format')} format"
+                     + (f", epoch {imported['file_epoch']} of its training" if imported.get("file_epoch") else "")
+                     + "): how it was trained is not known to dscl")
     if report.get("precision") or report.get("device"):
         lines.append(f"- Stage 1: {fact('precision')} on {fact('device')}, torch {fact('torch_version')}; "
                      f"global batch {fact('global_batch')} over {fact('world_size')} process(es), lr {fact('lr')}")
@@ -296,6 +351,12 @@ def _facts_lines(report: Mapping[str, Any]) -> list[str]:
                      f"`{report['train_fingerprint']}` (same fingerprint = same samples in the same order)")
     if report.get("data_root"):
         lines.append(f"- Data folder: {report['data_root']}")
+    conv = report.get("conventions")
+    if isinstance(conv, Mapping):
+        lines.append(f"- Profile {report.get('profile', 'default')}: patch BatchNorm {conv.get('patch_bn')}, "
+                     f"roi_align aligned={conv.get('roi_aligned')}, queue start {conv.get('queue_init')}, "
+                     f"stage-2 protocol {conv.get('classifier_protocol')}"
+                     + (" on standardised features" if conv.get("classifier_standardize") else ""))
     return lines
 
 
@@ -546,6 +607,9 @@ def write_report(
             title = f"Confusion matrix (row-normalised) — {report['method']} on {report['dataset']}"
             written.append(_plot_confusion(cm, names, plots_dir / "confusion_matrix.png", title))
             plot_rel.append("plots/confusion_matrix.png")
+    if report.get("test_agnostic") and any(v is not None for v in report["test_agnostic"].values()):
+        written.append(_plot_test_agnostic(report, plots_dir / "test_agnostic.png"))
+        plot_rel.append("plots/test_agnostic.png")
 
     md = _markdown(report, plot_rel, many_threshold, few_threshold)
     written.append(atomic_write(out / "report.md", lambda f: f.write(md.encode("utf-8"))))

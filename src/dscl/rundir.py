@@ -78,7 +78,7 @@ def remove_run_files(out: Path) -> None:
                 p.unlink()
 
 
-def _decide(out: Path, *, resume: bool, overwrite: bool) -> tuple[str, str]:
+def _decide(out: Path, *, resume: bool, overwrite: bool, resumable: bool = True) -> tuple[str, str]:
     """What :func:`prepare_run_dir` does with ``out``: ``(action, message)``, action one of ``error``,
     ``resume``, ``create``, ``replace-failed`` or ``overwrite``."""
     if resume and overwrite:
@@ -101,11 +101,14 @@ def _decide(out: Path, *, resume: bool, overwrite: bool) -> tuple[str, str]:
                                   f"checkpoint; replacing them")
     if overwrite:
         return "overwrite", ""
+    if not resumable:  # a command without --resume (ensemble) must not suggest it
+        return "error", f"--out {out} exists and is not empty; pass --overwrite to replace it, or choose another --out"
     return "error", (f"--out {out} exists and is not empty; pass --resume to continue that run, "
                      f"--overwrite to replace it, or choose another --out")
 
 
-def prepare_run_dir(out: str | Path, *, resume: bool, overwrite: bool, check_only: bool = False) -> Path:
+def prepare_run_dir(out: str | Path, *, resume: bool, overwrite: bool, check_only: bool = False,
+                    resumable: bool = True) -> Path:
     """Create or validate a run directory; never delete anything that is not a dscl run file.
 
     A non-empty directory is refused unless ``resume`` (continue from ``checkpoints/last.pt``) or
@@ -120,7 +123,7 @@ def prepare_run_dir(out: str | Path, *, resume: bool, overwrite: bool, check_onl
     Every rank then raises the same error or passes the same single barrier.
     """
     out = Path(out)
-    decision = _decide(out, resume=resume, overwrite=overwrite) if dist.is_main() else None
+    decision = _decide(out, resume=resume, overwrite=overwrite, resumable=resumable) if dist.is_main() else None
     action, message = cast(tuple[str, str], dist.broadcast_object(decision))
     if action == "error":
         raise RunDirError(message)
@@ -202,12 +205,14 @@ def record_resume(run_dir: Path, cfg: Config, *, epochs_done: int) -> dict[str, 
 
 def record_stage2_config(run_dir: Path, cfg: Config) -> dict[str, tuple[Any, Any]]:
     """Make ``config.yaml`` say what stage 2 is about to use: when ``cfg`` differs from the saved config
-    only in ``classifier.*`` / ``eval.*`` (e.g. ``dscl classify --protocol official``), rewrite it
+    only in ``classifier.*`` / ``eval.*`` / where the data is read from (e.g. ``dscl classify --protocol
+    official``), rewrite it
     atomically and log ``{"stage": "config", "changes": {key: [old, new]}}`` to ``metrics.jsonl``.
     Any other difference is refused: stage 2 must not describe a stage 1 that was not trained."""
     saved = load_run_config(run_dir)
     changes = config_changes(saved, cfg)
-    other = sorted(k for k in changes if not k.startswith(("classifier.", "eval.")))
+    other = sorted(k for k in changes if not k.startswith(("classifier.", "eval."))
+                   and k not in ("data.data_root", "data.list_dir", "data.num_workers", "data.check_files"))
     if other:
         raise RunDirError(f"stage 2 of {run_dir} cannot change {', '.join(other)}: those keys describe stage 1")
     if changes and dist.is_main():

@@ -21,6 +21,10 @@ def config_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("configuration")
     g.add_argument("--preset", default=None,
                    help="preset name (default fmnist-lt; see `dscl presets`)")
+    g.add_argument("--profile", choices=("default", "official"), default=None,
+                   help="official: the official code's conventions in both stages over the preset (per-slot "
+                        "patch BatchNorm, roi_align aligned=False, a random full queue at the start, the "
+                        "official stage-2 protocol on raw features); see README 'Deliberate differences'")
     g.add_argument("--config", default=None, metavar="FILE", help="YAML file applied over the preset")
     g.add_argument("--dataset", default=None,
                    help="fmnist-lt, cifar10-lt, cifar100-lt, split or folder (same as data.dataset=NAME)")
@@ -79,7 +83,7 @@ def config_overrides(args: argparse.Namespace, extra: list[str] | None = None) -
 def load_cfg(args: argparse.Namespace, extra: list[str] | None = None):
     from dscl.config import load_config
 
-    return load_config(args.preset, args.config, config_overrides(args, extra))
+    return load_config(args.preset, args.config, config_overrides(args, extra), profile=getattr(args, "profile", None))
 
 
 def resume_cfg(args: argparse.Namespace):
@@ -95,6 +99,12 @@ def resume_cfg(args: argparse.Namespace):
         raise RunDirError(
             f"--preset {args.preset} on --resume: {out} was trained with preset {old.preset}, and a resumed run "
             f"keeps its configuration; drop --preset (or start a new run with another --out)"
+        )
+    profile = getattr(args, "profile", None)
+    if profile is not None and profile != old.profile:
+        raise RunDirError(
+            f"--profile {profile} on --resume: {out} was trained with profile {old.profile}, and a resumed run "
+            f"keeps its configuration; drop --profile (or start a new run with another --out)"
         )
     cfg = copy.deepcopy(old)
     if args.config:
@@ -118,3 +128,38 @@ def print_main(text: str) -> None:
 
     if dist.is_main():
         print(text, flush=True)
+
+
+#: What ``dscl classify`` may change in a run's config: stage 2, the report, where the data is read from.
+CLASSIFY_KEYS = ("classifier.*", "eval.*", "data.data_root", "data.list_dir", "data.num_workers", "data.check_files")
+#: What ``dscl evaluate`` may change: the report's groups and post-hoc rows, where the data is read from.
+EVALUATE_KEYS = ("eval.*", "classifier.tau_norm", "classifier.logit_adjust_tau", "data.data_root", "data.list_dir",
+                 "data.num_workers", "data.check_files")
+
+
+def run_cfg_with_overrides(run: str, args: argparse.Namespace, allowed: tuple[str, ...], command: str,
+                           extra: list[str] | None = None):
+    """The run's ``config.yaml`` with this command line's ``section.key=value`` overrides (and
+    ``--data-root``) applied; a key outside ``allowed`` (``section.*`` = the whole section) is refused,
+    because it would describe a training that did not happen."""
+    from dscl.config import apply_mapping, parse_overrides, validate
+    from dscl.rundir import RunDirError, config_changes, load_run_config
+
+    saved = load_run_config(Path(run))
+    cfg = copy.deepcopy(saved)
+    items = list(getattr(args, "overrides", None) or []) + list(extra or [])
+    if getattr(args, "data_root", None) is not None and command != "evaluate DATA":
+        items.append(f"data.data_root={args.data_root}")
+    if not items:
+        return cfg
+    apply_mapping(cfg, parse_overrides(items), "override")
+    validate(cfg)
+
+    def ok(key: str) -> bool:
+        return any(key == a or (a.endswith(".*") and key.startswith(a[:-1])) for a in allowed)
+
+    refused = sorted(k for k in config_changes(saved, cfg) if not ok(k))
+    if refused:
+        raise RunDirError(f"dscl {command} cannot change {', '.join(refused)}: that would describe a training that "
+                          f"did not happen; it may change {', '.join(allowed)}. Train a new run for the others")
+    return cfg

@@ -9,7 +9,19 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from dscl.cli.common import EXIT_OK, config_args, load_cfg, out_args, print_main, resume_cfg, runtime_args, table
+from dscl.cli.common import (
+    CLASSIFY_KEYS,
+    EVALUATE_KEYS,
+    EXIT_OK,
+    config_args,
+    load_cfg,
+    out_args,
+    print_main,
+    resume_cfg,
+    run_cfg_with_overrides,
+    runtime_args,
+    table,
+)
 
 if TYPE_CHECKING:  # the CLI imports torch-heavy modules only inside the commands
     from dscl.config import Config
@@ -27,25 +39,46 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 def cmd_classify(args: argparse.Namespace) -> int:
     from dscl.classify import classify
-    from dscl.rundir import load_run_config
+    from dscl.rundir import record_stage2_config
 
-    cfg = load_run_config(args.run)
-    if args.protocol and args.protocol != cfg.classifier.protocol:
-        from dscl.config import validate
-        from dscl.rundir import record_stage2_config
-
-        cfg.classifier.protocol = args.protocol
-        validate(cfg)
-        record_stage2_config(Path(args.run), cfg)  # config.yaml says which protocol the classifier used
+    cfg = run_cfg_with_overrides(args.run, args, CLASSIFY_KEYS, "classify",
+                                 [f"classifier.protocol={args.protocol}"] if args.protocol else [])
+    record_stage2_config(Path(args.run), cfg)  # config.yaml says what the classifier used (if anything changed)
     path = classify(args.run, cfg=cfg, device=args.device, progress=not args.no_progress)
     print_main(f"stage 2 classifier: {path}")
     return EXIT_OK
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from dscl.evaluation import evaluate
+    from dscl.cli.common import OVERRIDE
+    from dscl.evaluation import evaluate, evaluate_data
+    from dscl.rundir import record_stage2_config
 
-    report = evaluate(args.run, split=args.split, device=args.device, progress=not args.no_progress)
+    if args.data is not None and OVERRIDE.match(args.data):  # argparse put an override into DATA
+        args.overrides, args.data = [args.data, *(args.overrides or [])], None
+    if args.data is not None:
+        if args.out is None:
+            raise ValueError(f"evaluating {args.data} needs --out DIR (the folder for its report files)")
+        if args.split != "test":
+            raise ValueError("--split chooses a split of the run's own dataset; it does not go with DATA")
+        cfg = run_cfg_with_overrides(args.run, args, EVALUATE_KEYS, "evaluate DATA")
+        report = evaluate_data(args.run, args.data, args.out, data_root=args.data_root, device=args.device,
+                               progress=not args.no_progress, overwrite=args.overwrite, cfg=cfg)
+        if args.json:
+            print_main(json.dumps(report, indent=2))
+        else:
+            out = Path(args.out)
+            print_main(f"{report['dataset']} — {report['method']} of {args.run}; top-1 % on "
+                       f"{sum(r['test_count'] for r in report['per_class'])} images, Many/Medium/Few from the run's "
+                       f"training counts\n{table(report)}\n\nreport: {out / 'report.md'}  plots: {out / 'plots'}  "
+                       f"per class / predictions: {out / 'per_class.csv'}, {out / 'predictions.csv'}")
+        warn_missing_classes(report, to_stderr=args.json)
+        return EXIT_OK
+    if args.out is not None:
+        raise ValueError("--out goes with DATA (new labelled data); the run's own splits are reported in the run")
+    cfg = run_cfg_with_overrides(args.run, args, EVALUATE_KEYS, "evaluate")
+    record_stage2_config(Path(args.run), cfg)  # the report's thresholds / post-hoc settings, recorded
+    report = evaluate(args.run, split=args.split, cfg=cfg, device=args.device, progress=not args.no_progress)
     if args.json:
         print_main(json.dumps(report, indent=2))
     else:
@@ -146,15 +179,31 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--run", required=True, metavar="DIR", help="a run directory with a finished stage 1")
     p.add_argument("--protocol", choices=("cached", "official"), default=None,
                    help="cached: features extracted once (default); official: backbone every epoch")
+    p.add_argument("--data-root", default=None, metavar="DIR", help="the dataset's folder, if it moved "
+                                                                      "(same as data.data_root=DIR)")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value",
+                   help="changes to the run's config for stage 2: classifier.*, eval.*, data.data_root, "
+                        "data.num_workers (keys that describe stage 1 are refused)")
     runtime_args(p)
     p.set_defaults(handler=cmd_classify)
 
-    p = sub.add_parser("evaluate", help="top-1/top-5 and Many/Medium/Few report of a classified run")
+    p = sub.add_parser("evaluate", help="top-1/top-5 and Many/Medium/Few report of a classified run, on its own "
+                                        "test / val split or on new labelled data")
     p.add_argument("--run", required=True, metavar="DIR", help="a run directory with a stage-2 classifier")
+    p.add_argument("data", nargs="?", default=None, metavar="DATA",
+                   help="new labelled data: a folder with one sub-folder per class (named like the run's classes) "
+                        "or a labelled list (.txt 'path label', label = class name or index; BBN .json); "
+                        "needs --out. Without DATA: the run's own --split")
+    p.add_argument("--out", default=None, metavar="DIR", help="folder for the report files of DATA")
+    p.add_argument("--overwrite", action="store_true", help="replace the files of an existing --out")
+    p.add_argument("--data-root", default=None, metavar="DIR",
+                   help="with DATA: the folder the paths of a DATA list are relative to (default: the list's "
+                        "folder); without: the run's dataset folder, if it moved (data.data_root=DIR)")
     p.add_argument("--split", choices=("test", "val"), default="test")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     runtime_args(p)
-    p.set_defaults(handler=cmd_evaluate)
+    # section.key=value overrides anywhere (eval.*, classifier.tau_norm / logit_adjust_tau, data.data_root)
+    p.set_defaults(handler=cmd_evaluate, overrides=[])
 
     p = sub.add_parser("run", help="the main job: pretrain, classify and evaluate, then print the table")
     config_args(p)

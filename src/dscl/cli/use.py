@@ -22,100 +22,140 @@ VARIANT_HELP = ("plain: the linear classifier (default); logit-adjust: minus tau
 # predict
 
 
-class RowWriter:
-    """Streams prediction rows as CSV (default) or JSON lines (``.jsonl``), flushing after each batch."""
+PREDICTION_FORMATS = (".csv", ".jsonl")
 
-    def __init__(self, fh: IO[str], jsonl: bool, k: int, labelled: bool, logits: bool) -> None:
+
+class RowWriter:
+    """Streams prediction rows as CSV or JSON lines, flushing after each batch.
+
+    Both formats hold the same columns, in this order: ``path``, ``label`` (labelled inputs only), then for
+    the k best classes ``class_i`` (name), ``index_i`` (class index) and ``prob_i``; ``logit_i`` with
+    ``--logits``; ``prob:<class name>`` for every class with ``--all-probs``; and ``error`` (empty / null
+    for a readable image). A JSON line is the CSV row as an object, with numbers as numbers and empty
+    cells as null.
+    """
+
+    def __init__(self, fh: IO[str], jsonl: bool, k: int, labelled: bool, logits: bool,
+                 class_names: list[str] | None = None) -> None:
         self.fh, self.jsonl, self.k, self.labelled, self.logits = fh, jsonl, k, labelled, logits
+        self.all_probs = class_names
+        self.columns = ["path"] + (["label"] if labelled else [])
+        for i in range(1, k + 1):
+            self.columns += [f"class_{i}", f"index_{i}", f"prob_{i}"]
+        self.columns += [f"logit_{i}" for i in range(1, k + 1)] if logits else []
+        self.columns += [f"prob:{name}" for name in class_names or []]
+        self.columns.append("error")
         self.csv = None if jsonl else csv.writer(fh)
         if self.csv is not None:
-            header = ["path"] + (["label"] if labelled else [])
-            for i in range(1, k + 1):
-                header += [f"class_{i}", f"prob_{i}"]
-            header += [f"logit_{i}" for i in range(1, k + 1)] if logits else []
-            self.csv.writerow([*header, "error"])
+            self.csv.writerow(self.columns)
 
-    def row(self, path: str, label: str | None, top: list[tuple[str, int, float, float]], error: str | None) -> None:
-        """``top``: (class name, class index, probability, logit) for the k best classes, best first."""
-        if self.csv is not None:
-            cells: list[Any] = [path] + ([label or ""] if self.labelled else [])
-            for name, _, prob, _ in top:
-                cells += [name, f"{prob:.8g}"]
-            cells += ["", ""] * (self.k - len(top))
-            if self.logits:
-                cells += [f"{lg:.8g}" for *_, lg in top] + [""] * (self.k - len(top))
-            self.csv.writerow([*cells, error or ""])
-            return
-        record: dict[str, Any] = {"path": path}
+    def row(self, path: str, label: str | None, top: list[tuple[str, int, float, float]], error: str | None,
+            probs: list[float] | None = None) -> None:
+        """``top``: (class name, class index, probability, logit) for the k best classes, best first;
+        ``probs``: every class's probability (with ``--all-probs``)."""
+        record: dict[str, Any] = dict.fromkeys(self.columns)
+        record["path"] = path
         if self.labelled:
             record["label"] = label
-        record["top_k"] = [{"class": n, "index": i, "prob": round(p, 8), **({"logit": round(lg, 8)} if self.logits
-                                                                           else {})} for n, i, p, lg in top]
+        for i, (name, index, prob, logit) in enumerate(top, start=1):
+            record.update({f"class_{i}": name, f"index_{i}": index, f"prob_{i}": prob})
+            if self.logits:
+                record[f"logit_{i}"] = logit
+        if self.all_probs is not None and probs is not None:
+            record.update({f"prob:{name}": pr for name, pr in zip(self.all_probs, probs, strict=True)})
         record["error"] = error
-        self.fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+        if self.csv is not None:
+            self.csv.writerow(["" if v is None else f"{v:.8g}" if isinstance(v, float) else v
+                               for v in record.values()])
+        else:
+            rounded = {k: round(v, 8) if isinstance(v, float) else v for k, v in record.items()}
+            self.fh.write(json.dumps(rounded, ensure_ascii=False) + "\n")
 
     def flush(self) -> None:
         self.fh.flush()
 
 
-def _open_out(out: str | None, overwrite: bool) -> IO[str]:
+def _prediction_format(out: str | None) -> bool:
+    """Whether ``--out`` asks for JSON lines; refuses a file name that is neither .csv nor .jsonl."""
     if out is None:
-        return sys.stdout
-    from dscl.interop import refuse_existing
-
-    path = Path(out)
-    refuse_existing(path, overwrite)
-    return path.open("w", newline="", encoding="utf-8")
+        return False
+    suffix = Path(out).suffix.lower()
+    if suffix not in PREDICTION_FORMATS:
+        raise ValueError(f"--out {out}: predictions are written as CSV (.csv) or JSON lines (.jsonl); "
+                         f"give a file name ending in one of these")
+    return suffix == ".jsonl"
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    import io
+
     import torch
     from tqdm import tqdm
 
     from dscl.inference import VARIANTS, collect_inputs, iter_files, load_run
+    from dscl.interop import refuse_existing
     from dscl.metrics import summarize
-    from dscl.report import format_table
+    from dscl.report import atomic_write, format_table
 
     if args.top_k < 1:
         raise ValueError(f"--top-k {args.top_k}: must be at least 1")
     if args.variant not in VARIANTS:
         raise ValueError(f"--variant {args.variant!r}: use one of {', '.join(VARIANTS)}")
+    jsonl = _prediction_format(args.out)
+    if args.out is not None:
+        refuse_existing(Path(args.out), args.overwrite)  # before any work
     p = load_run(args.run, device=args.device)
     p.require_classifier()
-    inputs = collect_inputs(args.inputs, num_classes=p.num_classes, data_root=args.data_root)
+    inputs = collect_inputs(args.inputs, num_classes=p.num_classes, data_root=args.data_root,
+                            class_names=p.class_names)
+    for note in inputs.notes:
+        print(f"note: {note}", file=sys.stderr)
     k = min(args.top_k, p.num_classes)
     info = sys.stderr if args.out is None else sys.stdout  # a CSV on stdout stays clean
-    fh = _open_out(args.out, args.overwrite)
-    writer = RowWriter(fh, bool(args.out) and args.out.lower().endswith(".jsonl"), k, inputs.labelled, args.logits)
     known_logits, known_labels, failed = [], [], []
-    bar = tqdm(total=len(inputs.paths), desc="predict", unit="img", disable=args.no_progress, file=sys.stderr,
-               dynamic_ncols=True)
-    try:
-        for batch in iter_files(p, inputs.paths, batch_size=args.batch_size, workers=args.workers):
-            logits = (p.logits_from_features(p.features_of(batch.images), args.variant) if len(batch.images)
-                      else torch.zeros(0, p.num_classes))
-            top_p, top_i = torch.softmax(logits, dim=1).topk(k, dim=1)
-            j = 0
-            for i, path, error in zip(batch.indices, batch.paths, batch.errors, strict=True):
-                label = inputs.labels[i]
-                name = p.class_names[label] if label is not None else None
-                if error is not None:
-                    writer.row(path, name, [], error)
-                    failed.append((path, error))
-                    continue
-                top = [(p.class_names[c], c, float(pr), float(logits[j, c]))
-                       for pr, c in zip(top_p[j].tolist(), top_i[j].tolist(), strict=True)]
-                writer.row(path, name, top, None)
-                if label is not None:
-                    known_logits.append(logits[j])
-                    known_labels.append(label)
-                j += 1
-            writer.flush()
-            bar.update(len(batch.indices))
-    finally:
-        bar.close()
-        if fh is not sys.stdout:
-            fh.close()
+
+    def write_rows(fh: IO[str]) -> None:
+        writer = RowWriter(fh, jsonl, k, inputs.labelled, args.logits, p.class_names if args.all_probs else None)
+        bar = tqdm(total=len(inputs.paths), desc="predict", unit="img", disable=args.no_progress, file=sys.stderr,
+                   dynamic_ncols=True)
+        try:
+            for batch in iter_files(p, inputs.paths, batch_size=args.batch_size, workers=args.workers):
+                logits = (p.logits_from_features(p.features_of(batch.images), args.variant) if len(batch.images)
+                          else torch.zeros(0, p.num_classes))
+                probs = torch.softmax(logits, dim=1)
+                top_p, top_i = probs.topk(k, dim=1)
+                j = 0
+                for i, path, error in zip(batch.indices, batch.paths, batch.errors, strict=True):
+                    label = inputs.labels[i]
+                    name = p.class_names[label] if label is not None else None
+                    if error is not None:
+                        writer.row(path, name, [], error)
+                        failed.append((path, error))
+                        continue
+                    top = [(p.class_names[c], c, float(pr), float(logits[j, c]))
+                           for pr, c in zip(top_p[j].tolist(), top_i[j].tolist(), strict=True)]
+                    writer.row(path, name, top, None, probs[j].tolist() if args.all_probs else None)
+                    if label is not None:
+                        known_logits.append(logits[j])
+                        known_labels.append(label)
+                    j += 1
+                writer.flush()
+                bar.update(len(batch.indices))
+        finally:
+            bar.close()
+
+    if args.out is None:
+        write_rows(sys.stdout)
+    else:
+        # through a temp file renamed at the end: an interrupted or failed predict leaves no file under
+        # the final name (nothing half-written, nothing that blocks the rerun)
+        def write(f: IO[bytes]) -> None:
+            text = io.TextIOWrapper(f, encoding="utf-8", newline="")
+            write_rows(text)
+            text.flush()
+            text.detach()
+
+        atomic_write(Path(args.out), write)
     n_ok = len(inputs.paths) - len(failed)
     lines = [f"predicted {n_ok} of {len(inputs.paths)} images ({args.variant} classifier of {p.run_dir})"
              + (f"; rows in {args.out}" if args.out else "")]
@@ -127,6 +167,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
                **{key: s[key] for key in ("top1", "many", "medium", "few")}}
         lines += ["", "top-1 % on the labelled list (Many/Medium/Few = mean per-class accuracy, groups from the "
                   "run's training counts)", format_table([row]), f"top-5: {s['top5']:.1f}%"]
+        from dscl.evaluation import chance_warning
+
+        warning = chance_warning(s["top1"], p.num_classes)
+        if warning:
+            lines += ["", warning] + ([f"The list's labels were read as indices: {n}" for n in inputs.notes]
+                                      or ["Check that the list's labels name the run's classes."])
     if failed:
         lines += ["", f"{len(failed)} file(s) could not be read (error rows written):"]
         lines += [f"  {path}: {err}" for path, err in failed[:10]]
@@ -154,7 +200,10 @@ def cmd_embed(args: argparse.Namespace) -> int:
         raise ValueError(f"--out {out}: embeddings are written as a numpy .npz file; give a name ending in .npz")
     refuse_existing(out, args.overwrite)
     p = load_run(args.run, device=args.device, stage1_ok=True)
-    inputs = collect_inputs(args.inputs, num_classes=p.num_classes, data_root=args.data_root)
+    inputs = collect_inputs(args.inputs, num_classes=p.num_classes, data_root=args.data_root,
+                            class_names=p.class_names)
+    for note in inputs.notes:
+        print(f"note: {note}", file=sys.stderr)
     feats: list[torch.Tensor] = []
     ok: list[int] = []
     failed: list[tuple[str, str]] = []
@@ -256,8 +305,9 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
 def _io_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run", required=True, metavar="DIR", help="a classified run directory")
     p.add_argument("inputs", nargs="+", metavar="INPUT",
-                   help="image files, folders (searched recursively) or split lists (.txt 'path label' lines, "
-                        "BBN .json)")
+                   help="image files, folders (searched recursively) or lists: .txt with one path per line, "
+                        "optionally followed by its class name or index ('path label', 'path<TAB>label', or "
+                        "quoted \"path\" \"label\"), or BBN .json")
     p.add_argument("--data-root", default=None, metavar="DIR",
                    help="folder the paths of a split list are relative to (default: the list's folder)")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: %(default)s)")
@@ -273,10 +323,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     _io_args(p)
     p.add_argument("--top-k", type=int, default=5, help="classes per image (default: %(default)s)")
     p.add_argument("--out", default=None, metavar="FILE",
-                   help="output file: CSV, or JSON lines when it ends in .jsonl (default: CSV on stdout)")
+                   help="output file: FILE.csv or FILE.jsonl (JSON lines with the same columns); default: CSV on "
+                        "stdout. Written to a temporary file and renamed when complete")
     p.add_argument("--variant", default="plain", choices=("plain", "logit-adjust", "tau-norm", "ncm"),
                    help=VARIANT_HELP)
     p.add_argument("--logits", action="store_true", help="also write the raw logits of the top-k classes")
+    p.add_argument("--all-probs", action="store_true",
+                   help="also write every class's probability (one prob:<class name> column per class)")
     p.set_defaults(handler=cmd_predict)
 
     p = sub.add_parser("embed", help="L2-normalised backbone features of images -> .npz (features, paths, labels)")
