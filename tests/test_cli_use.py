@@ -247,6 +247,43 @@ def test_ensemble_of_two_runs_writes_a_report(smoke_run: Path, folder_run: Path,
 
 
 @needs_fmnist
+def test_an_ensemble_predicts_like_its_averaged_members(smoke_run: Path, tmp_path: Path, capsys) -> None:
+    """Issue #21: `dscl predict --run ENSEMBLE` gives the members' averaged softmax; embed / export say why
+    an ensemble cannot."""
+    from dscl.classify import classify
+    from dscl.inference import load_model, load_run
+    from dscl.rundir import load_run_config
+
+    other = tmp_path / "other"
+    shutil.copytree(smoke_run, other)
+    cfg = load_run_config(other)
+    cfg.classifier.epochs, cfg.classifier.milestones = 1, (1,)
+    classify(other, cfg=cfg, device="cpu", progress=False)
+    ens = tmp_path / "ens"
+    assert main(["ensemble", "--runs", str(smoke_run), str(other), "--out", str(ens), "--no-progress"]) == 0
+    images = tmp_path / "imgs"
+    images.mkdir()
+    rng = np.random.default_rng(7)
+    for k in range(5):
+        _save(images / str(k), k, k % 3, rng)
+    files = sorted(str(f) for f in images.iterdir())
+    members = [load_run(r) for r in (smoke_run, other)]
+    want = (members[0].predict(files) + members[1].predict(files)) / 2
+    assert not torch.allclose(members[0].predict(files), members[1].predict(files), atol=1e-3)
+    model = load_model(ens)
+    torch.testing.assert_close(model.predict(files), want, rtol=1e-5, atol=1e-6)
+    out = tmp_path / "ens.csv"
+    assert main(["predict", "--run", str(ens), str(images), "--out", str(out), "--all-probs", "--no-progress"]) == 0
+    rows = list(csv.DictReader(out.open()))
+    got = torch.tensor([[float(r[f"prob:{c}"]) for c in FMNIST_CLASSES] for r in rows])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert main(["embed", "--run", str(ens), str(images), "--out", str(tmp_path / "e.npz")]) == 2
+    assert "an ensemble of runs" in capsys.readouterr().err
+    assert main(["export", "--run", str(ens), "--format", "torchscript", "--out", str(tmp_path / "m.pt")]) == 2
+    assert "an ensemble of runs" in capsys.readouterr().err
+
+
+@needs_fmnist
 def test_export_errors_exit_2(smoke_run: Path, tmp_path: Path, capsys, monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "onnx", None)
     assert main(["export", "--run", str(smoke_run), "--format", "onnx", "--out", str(tmp_path / "m.onnx")]) == 2

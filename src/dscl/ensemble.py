@@ -9,6 +9,7 @@ class names, the same training counts per class and the same evaluated images wi
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,9 +22,9 @@ from dscl.config import method_name
 from dscl.data import DatasetSplits, LTDataset, build_datasets
 from dscl.evaluation import chance_warning, check_run_matches_data
 from dscl.features import extract_features
-from dscl.inference import Predictor, load_run
+from dscl.inference import ENSEMBLE_FILE, Predictor, load_run
 from dscl.metrics import confusion_matrix, summarize
-from dscl.report import build_report, variant_row, write_report
+from dscl.report import atomic_write, build_report, variant_row, write_report
 from dscl.rundir import RunDirError, prepare_run_dir
 from dscl.runtime import amp_dtype, num_workers, say
 
@@ -150,6 +151,10 @@ def ensemble(runs: Sequence[str | Path], out: str | Path, *, split: str = "test"
         conf = confusion_matrix(probs.argmax(1), labels, ref.num_classes)
         write_report(out, report, confusion=conf, class_names=ref.class_names, many_threshold=many,
                      few_threshold=few)
+        # the member runs, so that `dscl predict --run OUT` (dscl.inference.load_model) uses the ensemble
+        spec = json.dumps({"format": "dscl-ensemble", "members": [str(p.resolve()) for p in paths],
+                           "weights": "equal softmax average", "split": split}, indent=2) + "\n"
+        atomic_write(out / ENSEMBLE_FILE, lambda f: f.write(spec.encode("utf-8")))
         warning = chance_warning(report["top1"], ref.num_classes)
         if warning:
             say(warning)

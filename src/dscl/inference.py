@@ -31,6 +31,7 @@ the evaluation, the predictor and the exported files share.
 
 # no ``from __future__ import annotations``: TorchScript reads the class annotations of Preprocess
 import copy
+import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -372,6 +373,10 @@ class Predictor:
             return logit_adjust(logits, self.train_counts, self.cfg.classifier.logit_adjust_tau)
         return logits
 
+    def batch_logits(self, x: Tensor, variant: str = "plain") -> Tensor:
+        """Prepared views (:meth:`prepare`, or a batch of :func:`iter_files`) -> logits ``(N, C)``."""
+        return self.logits_from_features(self.features_of(x), variant)
+
     def require_classifier(self) -> nn.Linear:
         """The linear layer; a clear error for a run without stage 2."""
         return self._require_fc()
@@ -431,6 +436,112 @@ def _backbone_from(state: dict[str, Tensor], cfg: Config, where: Path) -> nn.Mod
     return backbone
 
 
+ENSEMBLE_FILE = "ensemble.json"  # written by `dscl ensemble`: the member runs, so the ensemble is usable
+
+
+class _EnsembleTransform:
+    """One image -> every member's evaluation view, flattened and concatenated (members may differ in
+    image size and grey / colour conversion); the file is decoded once. Picklable for loader workers."""
+
+    def __init__(self, transforms: list[ImageTransform]) -> None:
+        self.transforms = transforms
+
+    def __call__(self, image: ImageLike) -> Tensor:
+        hwc = to_uint8_hwc(image).unsqueeze(0)
+        with torch.no_grad():
+            return torch.cat([t.preprocess(hwc)[0].reshape(-1) for t in self.transforms])
+
+
+class EnsemblePredictor:
+    """An ensemble made by ``dscl ensemble`` as a model: the equal-weight average of its members' softmax
+    outputs. ``predict`` / ``logits`` (log of the averaged probabilities) and ``dscl predict`` work as for
+    one run; ``embed`` and ``export`` do not (the members have no common feature space).
+
+    Attributes:
+        members: the member :class:`Predictor` objects; ``run_dir``: the ensemble folder; ``cfg``: the first
+        member's config (its Many / Few thresholds); ``class_names``, ``train_counts``: the members' (equal).
+    """
+
+    def __init__(self, run_dir: Path, members: list[Predictor]) -> None:
+        self.run_dir = run_dir
+        self.members = members
+        first = members[0]
+        for m in members[1:]:
+            if m.class_names != first.class_names:
+                raise RunDirError(f"{run_dir}: member {m.run_dir} has other classes than {first.run_dir}")
+        self.cfg = first.cfg
+        self.class_names, self.train_counts = first.class_names, first.train_counts
+        self.source = run_dir / ENSEMBLE_FILE
+        self.info = {"selection": f"equal-weight average of the softmax outputs of {len(members)} runs"}
+        self.class_means = None
+        self.image_transform = _EnsembleTransform([m.image_transform for m in members])
+        self._sizes = [3 * m.image_size * m.image_size for m in members]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def require_classifier(self) -> None:
+        for m in self.members:
+            m.require_classifier()
+
+    def prepare(self, images: Any) -> Tensor:
+        """Images -> ``(N, sum of the members' 3*S*S)``: every member's view, flattened side by side."""
+        return torch.cat([m.prepare(images).flatten(1) for m in self.members], dim=1)
+
+    def features_of(self, x: Tensor) -> list[Tensor]:
+        """The rows of :meth:`prepare` / the loader -> one pooled-feature tensor per member."""
+        chunks = x.split(self._sizes, dim=1)
+        return [m.features_of(c.reshape(len(c), 3, m.image_size, m.image_size))
+                for m, c in zip(self.members, chunks, strict=True)]
+
+    def logits_from_features(self, feats: list[Tensor], variant: str = "plain") -> Tensor:
+        """``log`` of the members' averaged softmax (so its softmax is the ensemble's probabilities)."""
+        probs = torch.stack([torch.softmax(m.logits_from_features(f, variant), dim=1)
+                             for m, f in zip(self.members, feats, strict=True)]).mean(dim=0)
+        return torch.log(probs.clamp_min(1e-30))
+
+    def batch_logits(self, x: Tensor, variant: str = "plain") -> Tensor:
+        """Prepared views (:meth:`prepare`, or a batch of :func:`iter_files`) -> logits ``(N, C)``."""
+        return self.logits_from_features(self.features_of(x), variant)
+
+    def logits(self, images: Any, *, variant: str = "plain", batch_size: int = 256) -> Tensor:
+        x = self.prepare(images)
+        return torch.cat([self.batch_logits(x[i:i + batch_size], variant)
+                          for i in range(0, len(x), batch_size)]) if len(x) else torch.zeros(0, self.num_classes)
+
+    def predict(self, images: Any, *, variant: str = "plain", batch_size: int = 256) -> Tensor:
+        return torch.softmax(self.logits(images, variant=variant, batch_size=batch_size), dim=1)
+
+    def __repr__(self) -> str:
+        return f"EnsemblePredictor({self.run_dir}, {len(self.members)} runs, {self.num_classes} classes)"
+
+
+def load_ensemble(run_dir: str | Path, *, device: str | torch.device = "cpu") -> EnsemblePredictor:
+    """The ensemble folder written by ``dscl ensemble`` (``ensemble.json`` naming its member runs)."""
+    run_dir = Path(run_dir)
+    try:
+        spec = json.loads((run_dir / ENSEMBLE_FILE).read_text())
+    except (OSError, ValueError) as exc:
+        raise RunDirError(f"cannot read {run_dir / ENSEMBLE_FILE}: {exc}") from exc
+    members = [Path(m) for m in spec.get("members", [])]
+    missing = [str(m) for m in members if not m.is_dir()]
+    if missing or len(members) < 2:
+        raise RunDirError(f"{run_dir / ENSEMBLE_FILE}: member run(s) {', '.join(missing) or '(none listed)'} not "
+                          f"found; an ensemble folder uses its member runs where they were when it was made")
+    return EnsemblePredictor(run_dir, [load_run(m, device=device) for m in members])
+
+
+def is_ensemble(run_dir: str | Path) -> bool:
+    """Whether ``run_dir`` is an ensemble folder of ``dscl ensemble`` rather than a run."""
+    return (Path(run_dir) / ENSEMBLE_FILE).is_file() and not (Path(run_dir) / "config.yaml").is_file()
+
+
+def load_model(run_dir: str | Path, *, device: str | torch.device = "cpu") -> Predictor | EnsemblePredictor:
+    """A classified run (:func:`load_run`) or an ensemble folder (:func:`load_ensemble`), for prediction."""
+    return load_ensemble(run_dir, device=device) if is_ensemble(run_dir) else load_run(run_dir, device=device)
+
+
 def load_run(run_dir: str | Path, *, device: str | torch.device = "cpu", cfg: Config | None = None,
              stage1_ok: bool = False) -> Predictor:
     """Load a finished run directory as a :class:`Predictor`.
@@ -450,6 +561,10 @@ def load_run(run_dir: str | Path, *, device: str | torch.device = "cpu", cfg: Co
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise RunDirError(f"run directory {run_dir} does not exist (give the --out folder of a dscl run)")
+    if cfg is None and is_ensemble(run_dir):
+        raise RunDirError(f"{run_dir} is an ensemble of runs (dscl ensemble): it predicts (dscl predict, "
+                          f"dscl.inference.load_ensemble) but has no single backbone to embed, export or "
+                          f"evaluate; use one of its member runs for that")
     cfg = cfg or load_run_config(run_dir)
     if isinstance(device, str):
         device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
@@ -663,15 +778,14 @@ def _collate(items: list[tuple[int, Tensor | None, str | None]]) -> tuple[list[i
     return [i for i, _, _ in items], [x for _, x, _ in items if x is not None], [e for _, _, e in items]
 
 
-def iter_files(predictor: Predictor, paths: Sequence[str], *, batch_size: int = 64,
+def iter_files(predictor: Predictor | EnsemblePredictor, paths: Sequence[str], *, batch_size: int = 64,
                workers: int = 0) -> Iterator[FileBatch]:
     """Decode and convert ``paths`` in batches (``workers`` loader processes); a file that cannot be
     read becomes an error entry instead of stopping the others."""
     loader = DataLoader(_FileSet(paths, predictor.image_transform), batch_size=batch_size, shuffle=False,
                         num_workers=workers, collate_fn=_collate)
-    size = predictor.image_size
     for indices, images, errors in loader:
-        stacked = torch.stack(images) if images else torch.zeros(0, 3, size, size)
+        stacked = torch.stack(images) if images else predictor.prepare([])
         yield FileBatch(indices, [paths[i] for i in indices], errors, stacked)
 
 

@@ -92,7 +92,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
-    from dscl.inference import VARIANTS, collect_inputs, iter_files, load_run
+    from dscl.inference import VARIANTS, collect_inputs, iter_files, load_model
     from dscl.interop import refuse_existing
     from dscl.metrics import summarize
     from dscl.report import atomic_write, format_table
@@ -104,7 +104,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     jsonl = _prediction_format(args.out)
     if args.out is not None:
         refuse_existing(Path(args.out), args.overwrite)  # before any work
-    p = load_run(args.run, device=args.device)
+    p = load_model(args.run, device=args.device)  # a run, or an ensemble folder of `dscl ensemble`
     p.require_classifier()
     inputs = collect_inputs(args.inputs, num_classes=p.num_classes, data_root=args.data_root,
                             class_names=p.class_names)
@@ -120,7 +120,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
                    dynamic_ncols=True)
         try:
             for batch in iter_files(p, inputs.paths, batch_size=args.batch_size, workers=args.workers):
-                logits = (p.logits_from_features(p.features_of(batch.images), args.variant) if len(batch.images)
+                logits = (p.batch_logits(batch.images, args.variant) if len(batch.images)
                           else torch.zeros(0, p.num_classes))
                 probs = torch.softmax(logits, dim=1)
                 top_p, top_i = probs.topk(k, dim=1)
