@@ -6,6 +6,7 @@ import re
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from PIL import Image
 
@@ -452,3 +453,28 @@ def test_classify_and_evaluate_take_overrides_but_not_stage1_keys(smoke_run, tmp
     report = json.loads(capsys.readouterr().out)
     assert report["shot_classes"] == {"many": 3, "medium": 5, "few": 2}  # smoke counts 60 46 36 | 28 .. 10 | 7 6
     assert yaml.safe_load((run / "config.yaml").read_text())["eval"]["many_threshold"] == 30
+
+
+@needs_fmnist
+def test_a_run_trained_in_fp16_is_classified_and_evaluated_on_a_cpu(smoke_run, tmp_path, capsys):
+    """Issue #22 item 5: stage 2, evaluation and predict pick the precision of the device they run on
+    (float32 on a CPU), never refusing because stage 1 trained with fp16 / bf16 on a GPU; evaluation and
+    predict agree."""
+    import shutil
+
+    from dscl.cli import main
+    from dscl.runtime import frozen_dtype
+
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run, run)
+    cfg = (run / "config.yaml").read_text()
+    assert "amp: none" in cfg
+    (run / "config.yaml").write_text(cfg.replace("amp: none", "amp: fp16"))  # as a GPU run writes it
+    assert main(["classify", "--run", str(run), "--device", "cpu", "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", "--run", str(run), "--device", "cpu", "--no-progress", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["top1"] > 10
+    assert frozen_dtype("fp16", torch.device("cpu")) is None and frozen_dtype("bf16", torch.device("cpu")) is None
+    assert frozen_dtype("none", torch.device("cuda")) is None
+    assert frozen_dtype("fp16", torch.device("cuda")) is torch.float16

@@ -23,7 +23,7 @@ from dscl.data import ClassBalancedSampler, ClassifierTransform, DatasetSplits, 
 from dscl.features import extract_features, recompute_bn
 from dscl.metrics import class_means
 from dscl.rundir import MetricsLog, load_run_config, load_stage1_backbone
-from dscl.runtime import amp_dtype, autocast, make_loader, num_workers, say, to_device
+from dscl.runtime import autocast, frozen_dtype, make_loader, num_workers, say, to_device
 from dscl.schedules import step_decay
 
 
@@ -145,7 +145,7 @@ def train_linear_official(
     batch = max(1, cc.batch_size // world)
     loader = make_loader(train, batch, sampler=sampler, workers=num_workers(cfg.data.num_workers),
                      device=device, drop_last=False)
-    dtype = amp_dtype(cfg.optim.amp, device)
+    dtype = frozen_dtype(cfg.optim.amp, device)  # the device's own precision, whatever trained stage 1
     val_ds = val.with_transform(EvalTransform(cfg.data.image_size, splits.mean, splits.std)) if val else None
     best: tuple[float, int, dict[str, torch.Tensor], dict[str, torch.Tensor]] | None = None
     history: list[dict[str, float]] = []
@@ -224,7 +224,7 @@ def classify(run_dir: str | Path, *, cfg: Config | None = None, device: str = "a
     say(f"stage 2 ({cc.protocol} protocol): class-balanced linear classifier on {splits.name}")
     if cc.update_bn and cc.protocol == "cached":
         recompute_bn(backbone, clean_train, batch_size=fbatch, device=dev, workers=workers, progress=progress)
-    dtype = amp_dtype(cfg.optim.amp, dev)
+    dtype = frozen_dtype(cfg.optim.amp, dev)  # the device's own precision, whatever trained stage 1
     if cc.protocol == "cached":
         feats, labels = extract_features(backbone, clean_train, batch_size=fbatch, device=dev, workers=workers,
                                          progress=progress, desc="features", dtype=dtype)

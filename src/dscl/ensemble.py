@@ -26,7 +26,7 @@ from dscl.inference import ENSEMBLE_FILE, Predictor, load_run
 from dscl.metrics import confusion_matrix, summarize
 from dscl.report import atomic_write, build_report, variant_row, write_report
 from dscl.rundir import RunDirError, prepare_run_dir
-from dscl.runtime import amp_dtype, num_workers, say
+from dscl.runtime import num_workers, say
 
 
 class EnsembleError(ValueError):
@@ -81,7 +81,7 @@ def _probabilities(p: Predictor, dataset: LTDataset, dev: torch.device, progress
     p.backbone.to(memory_format=torch.channels_last)
     feats, labels = extract_features(p.backbone, dataset.with_transform(p.image_transform), batch_size=256,
                                      device=dev, workers=num_workers(p.cfg.data.num_workers), progress=progress,
-                                     desc=desc, dtype=amp_dtype(p.cfg.optim.amp, dev))
+                                     desc=desc)  # float32, as predict and evaluate
     return torch.softmax(p.logits_from_features(feats), dim=1), labels
 
 

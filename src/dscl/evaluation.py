@@ -18,7 +18,7 @@ from dscl.inference import LIST_SUFFIXES, Inputs, Predictor, collect_inputs, loa
 from dscl.metrics import confusion_matrix, summarize
 from dscl.report import build_report, write_predictions, write_report
 from dscl.rundir import RunDirError, load_run_config
-from dscl.runtime import amp_dtype, num_workers, say
+from dscl.runtime import num_workers, say
 
 
 def evaluate(run_dir: str | Path, *, split: str = "test", cfg: Config | None = None, device: str = "auto",
@@ -50,7 +50,7 @@ def evaluate(run_dir: str | Path, *, split: str = "test", cfg: Config | None = N
     predictor.backbone.to(memory_format=torch.channels_last)
     feats, labels = extract_features(predictor.backbone, dataset.with_transform(predictor.image_transform),
                                      batch_size=256, device=dev, workers=num_workers(cfg.data.num_workers),
-                                     progress=progress, desc=f"{split} features", dtype=amp_dtype(cfg.optim.amp, dev))
+                                     progress=progress, desc=f"{split} features")  # float32, as predict
     logits, summary, variants = score(predictor, feats, labels)
     stage1 = load_checkpoint(run_dir / "checkpoints" / "last.pt")
     wall = stage1.get("wall_seconds", 0.0) + state.get("wall_seconds", 0.0) + (time.perf_counter() - t0)

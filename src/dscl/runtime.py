@@ -121,6 +121,21 @@ def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16
 
 
+def frozen_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """Autocast dtype for the frozen backbone of stage 2 on ``device`` (None = float32).
+
+    Chosen for the device stage 2 runs on, never refused because of how stage 1 was trained: a run
+    trained with fp16 or bf16 on a GPU is classified in float32 on a CPU (no check_amp error). On CUDA
+    the run's precision is kept where the GPU can run it. Evaluation, prediction and ensembles always
+    run float32 (``extract_features`` with no dtype), so their numbers agree with each other.
+    """
+    if amp == "none" or device.type != "cuda":
+        return None
+    if amp == "bf16" and not bf16_support(device)[0]:
+        return None
+    return torch.float16 if amp == "fp16" else torch.bfloat16
+
+
 def configure_backends(device: torch.device, *, deterministic: bool) -> None:
     """Deterministic algorithms or cuDNN autotuning for a fixed-shape training stage.
 
