@@ -94,6 +94,7 @@ def test_run_smoke_end_to_end(tmp_path):
     assert all(np.isfinite(x["loss"]) for x in lines if x["stage"] == "pretrain")
     # the compute threads of every logged interval (the count drops while other jobs use the CPU)
     assert all(isinstance(x["threads"], int) and x["threads"] >= 1 for x in lines if x["stage"] == "pretrain")
+    assert all(x["queue_rejected"] == 0 for x in lines if x["stage"] == "pretrain")  # non-finite keys kept out
     _check_run_facts_and_csvs(out, report, res)
 
     # the run directory is refused without --resume/--overwrite, and nothing in it is touched

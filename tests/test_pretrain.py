@@ -260,3 +260,29 @@ def test_nan_loss_stops_the_run_before_saving(tmp_path, monkeypatch):
     state = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
     assert state["epoch"] == 1
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_an_overflowing_key_never_reaches_the_queue():
+    """Issue #22 item 3: one non-finite key (fp16 overflow in the momentum encoder) makes that step's loss
+    non-finite (the scaler skips it) but stays out of the queue, so the next steps train normally."""
+    model = _model(queue=32)
+    cfg = load_config("smoke").loss
+    opt = torch.optim.SGD(model.online.parameters(), lr=0.1, momentum=0.9)
+    pretrain_step(model, _batch(seed=1), opt, lr=0.1, m=0.9, loss_cfg=cfg)
+
+    def overflow(module, args, out):
+        out = out.clone()
+        out[2] = float("inf")
+        return out
+
+    hook = model.momentum.head.register_forward_hook(overflow)
+    before = {k: v.clone() for k, v in model.online.state_dict().items()}
+    scaler = torch.amp.GradScaler("cpu")
+    parts = pretrain_step(model, _batch(seed=2), opt, lr=0.1, m=0.9, loss_cfg=cfg, scaler=scaler)
+    hook.remove()
+    assert not torch.isfinite(parts["loss"])
+    assert all(torch.equal(before[k], v) for k, v in model.online.state_dict().items() if "running" not in k
+               and "num_batches" not in k)  # the scaler skipped the step
+    assert torch.isfinite(model.queue.features).all() and int(model.queue.rejected) == 1
+    parts = pretrain_step(model, _batch(seed=3), opt, lr=0.1, m=0.9, loss_cfg=cfg, scaler=scaler)
+    assert all(torch.isfinite(v) for v in parts.values())

@@ -183,3 +183,25 @@ def test_fill_random_is_the_official_start():
     with pytest.raises(ValueError, match="num_classes"):
         q.fill_random(0)
     LabeledQueue(0, 4).fill_random(3)  # a size-0 queue stays empty
+
+
+def test_non_finite_keys_are_kept_out():
+    """Issue #22 item 3: an inf/NaN key (an fp16 overflow of the momentum encoder) never enters the queue;
+    its slot keeps the previous entry and `rejected` counts it on the device."""
+    q = LabeledQueue(6, 2)
+    q.enqueue(*rows(0, 6))
+    feats, labels = rows(10, 4)
+    feats[1, 0] = float("nan")
+    feats[3, 1] = float("inf")
+    q.enqueue(feats, labels)
+    assert torch.isfinite(q.features).all()
+    assert q.labels.tolist() == [10, 1, 12, 3, 4, 5] and q.features[:, 0].tolist() == [10, 1, 12, 3, 4, 5]
+    assert int(q.rejected) == 2 and q._ptr == 4 and len(q) == 6
+    wrap = LabeledQueue(3, 2)  # a batch that wraps around the end
+    wrap.enqueue(*rows(0, 2))
+    feats, labels = rows(5, 3)
+    feats[2] = float("nan")
+    wrap.enqueue(feats, labels)
+    assert wrap.labels.tolist() == [6, 1, 5]  # slot 2 <- 5, slot 0 <- 6, slot 1 keeps 1 (7 was NaN)
+    assert torch.isfinite(wrap.features).all() and int(wrap.rejected) == 1
+    assert "rejected" not in q.state_dict()  # checkpoints keep their keys

@@ -409,6 +409,7 @@ def pretrain(
                 ips = seen / max(now - t_log, 1e-9)
                 log.write(stage="pretrain", epoch=epoch + 1, step=step + 1, lr=lr, momentum=cfg.model.momentum,
                           img_per_s=round(ips, 1), queue_fill=len(model.queue), threads=torch.get_num_threads(),
+                          queue_rejected=int(model.queue.rejected),  # non-finite keys kept out, since the start
                           **values,
                           **({"skipped_steps": skipped} if scaler is not None else {}))
                 bar.set_postfix(loss=f"{values['loss']:.3f}", img_s=f"{ips:.0f}")

@@ -34,6 +34,7 @@ class LabeledQueue(nn.Module):
     labels: Tensor
     ptr: Tensor
     filled: Tensor
+    rejected: Tensor
 
     def __init__(self, size: int, dim: int) -> None:
         super().__init__()
@@ -47,6 +48,9 @@ class LabeledQueue(nn.Module):
         self.register_buffer("labels", torch.full((size,), -1, dtype=torch.int64))
         self.register_buffer("ptr", torch.zeros((), dtype=torch.int64))
         self.register_buffer("filled", torch.zeros((), dtype=torch.int64))
+        # rows with an inf/NaN feature that enqueue kept out (an fp16 overflow of the momentum encoder),
+        # counted on the device so that no step waits for the host; not saved in checkpoints
+        self.register_buffer("rejected", torch.zeros((), dtype=torch.int64), persistent=False)
         self._ptr = 0
         self._filled = 0
 
@@ -88,7 +92,11 @@ class LabeledQueue(nn.Module):
         """Write ``N`` rows at ``ptr`` (FIFO, wrapping around), overwriting the oldest entries.
 
         Equivalent to enqueuing the rows one at a time: for ``N > size`` only the last ``size`` rows
-        survive. Features are stored detached, in float32, on the queue's device.
+        survive. Features are stored detached, in float32, on the queue's device. A row with a
+        non-finite feature (an fp16 overflow in the momentum encoder) is kept out: its slot keeps its
+        previous entry (during the first pass over an empty queue: a zero row labelled -1, which matches
+        no class) and :attr:`rejected` counts it, without a host-device sync. One NaN key in the queue
+        would otherwise make every later loss NaN until the queue wrapped.
 
         Args:
             features: ``(N, dim)`` keys (normally L2-normalised momentum-encoder outputs).
@@ -115,16 +123,19 @@ class LabeledQueue(nn.Module):
         if self.size == 0 or n_total == 0:
             return
         n = min(n_total, self.size)
-        feats = features[n_total - n:].detach()
+        feats = features[n_total - n:].detach().to(self.features.dtype)
         labs = labels[n_total - n:]
+        ok = torch.isfinite(feats).all(dim=1)  # (n,) on the device: no host read
+        self.rejected += (~ok).sum()
         # Start where the first surviving row would have been written by row-by-row enqueues.
         start = (self._ptr + n_total - n) % self.size
         first = min(n, self.size - start)
-        self.features[start:start + first].copy_(feats[:first])
-        self.labels[start:start + first].copy_(labs[:first])
-        if first < n:
-            self.features[: n - first].copy_(feats[first:])
-            self.labels[: n - first].copy_(labs[first:])
+        for dst, src in ((slice(start, start + first), slice(0, first)), (slice(0, n - first), slice(first, n))):
+            if src.stop <= src.start:
+                continue
+            keep = ok[src]
+            self.features[dst].copy_(torch.where(keep[:, None], feats[src], self.features[dst]))
+            self.labels[dst].copy_(torch.where(keep, labs[src].to(self.labels.dtype), self.labels[dst]))
         self._ptr = (start + n) % self.size
         self._filled = min(self.size, self._filled + n_total)
         self.ptr.fill_(self._ptr)
