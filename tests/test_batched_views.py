@@ -344,3 +344,38 @@ def test_batched_path_saves_its_generator_per_rank(tmp_path):
     restored = torch.Generator().set_state(state["view_rng"][0])
     start = torch.Generator().manual_seed(_view_seed(cfg.optim.seed, 0))  # the stream has advanced
     assert not torch.equal(torch.rand(4, generator=restored), torch.rand(4, generator=start))
+
+
+def test_batched_views_make_no_blocking_host_to_device_copy():
+    """Issue #22 item 1 (simulated on the CPU): the only tensors that cross from the host are the canvas
+    and its sizes, each once and without blocking; no Python-list index (which builds a host index tensor
+    and copies it with a blocking copy). On CUDA either would make the host wait for the GPU each step."""
+    from torch.overrides import TorchFunctionMode
+
+    views = ViewConfig(num_patches=3, patch_size=16, blur=True)
+    images = _images(6, 60, 50, seed=2)
+    canvas = torch.utils.data.default_collate([CanvasTransform(48)(img) for img in images])
+    t = BatchedDSCLTransform(32, views, MEAN, STD, device="cpu", generator=torch.Generator().manual_seed(0))
+    host = {id(canvas.image): "image", id(canvas.size): "size"}
+
+    class Record(TorchFunctionMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.copies: list[tuple[str, bool]] = []
+            self.list_indices = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func is torch.Tensor.to and id(args[0]) in host:
+                self.copies.append((host[id(args[0])], bool(kwargs.get("non_blocking", False))))
+                return func(*args, **kwargs).clone()  # as on a GPU: the device copy is another tensor
+            if func is torch.Tensor.__getitem__:
+                index = args[1] if isinstance(args[1], tuple) else (args[1],)
+                self.list_indices += sum(isinstance(i, list) for i in index)
+            return func(*args, **kwargs)
+
+    with Record() as rec:
+        out = t(canvas)
+    assert sorted(rec.copies) == [("image", True), ("size", True)], rec.copies
+    assert rec.list_indices == 0
+    assert out.query.shape == (6, 3, 32, 32) and out.patches.shape == (6, 3, 3, 16, 16)

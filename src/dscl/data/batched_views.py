@@ -325,17 +325,19 @@ class BatchedDSCLTransform:
         # patches are cut from the flipped query crop before its colour augmentation: (N, L, 3, p, p)
         patches = _resized_crops(pair[:, 0], py.view(n, n_patches, psize, size), px.view(n, n_patches, psize, size))
         photo = _PhotoParams(*(a.to(dev) for a in params.photo))  # (N, 2 + L): key, query, patches
-        query = self._finish(pair[:, 0], photo, [1], self._recipes[1])
-        key = self._finish(pair[:, 1], photo, [0], self._recipes[0])
+        query = self._finish(pair[:, 0], photo, slice(1, 2), self._recipes[1])
+        key = self._finish(pair[:, 1], photo, slice(0, 1), self._recipes[0])
         flat = self._finish(patches.reshape(n * n_patches, 3, psize, psize), photo,
-                            list(range(2, 2 + n_patches)), self._recipes[2] if n_patches else self._recipes[1])
+                            slice(2, 2 + n_patches), self._recipes[2] if n_patches else self._recipes[1])
         i, j, h, w = boxes.unbind(-1)
         xyxy = torch.stack([j, i, j + w, i + h], dim=-1).to(torch.float32)
         return DSCLViews(query, key, flat.reshape(n, n_patches, 3, psize, psize), xyxy)
 
-    def _finish(self, x: Tensor, photo: _PhotoParams, columns: list[int], recipe: _Recipe) -> Tensor:
+    def _finish(self, x: Tensor, photo: _PhotoParams, columns: slice, recipe: _Recipe) -> Tensor:
         """Photometric augmentation (images of ``columns`` of ``photo``, image-major) and normalisation."""
         if self.views.photometric and x.shape[0]:
+            # a slice, never a Python list: list indexing builds an index tensor on the host and copies it
+            # to the device with a blocking copy (the host would wait for the GPU three times per step)
             picked = _PhotoParams(*(a[:, columns].reshape(-1, *a.shape[2:]) for a in photo))
             x = _color(x, picked, recipe)
             if recipe.p_blur > 0:
@@ -344,7 +346,9 @@ class BatchedDSCLTransform:
 
     def __call__(self, canvas: Canvas) -> DSCLViews:
         images = canvas.image.to(self.device, non_blocking=True)
-        return self.apply(images, self.draw(canvas.size), canvas.size)
+        # the sizes cross to the device once, without blocking; draw and apply use that copy
+        size = canvas.size.to(self.device, non_blocking=True)
+        return self.apply(images, self.draw(size), size)
 
     def __repr__(self) -> str:
         return (f"BatchedDSCLTransform(image_size={self.image_size}, num_patches={self.num_patches}, "
