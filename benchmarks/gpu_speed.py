@@ -84,7 +84,9 @@ def main(argv: list[str] | None = None) -> dict:
             q, k, p, bx, y = inputs
             batch = Batch(q.contiguous(memory_format=torch.channels_last),
                           k.contiguous(memory_format=torch.channels_last), p, bx, y)
-            pretrain_step(model, batch, opt, lr=0.01, m=0.999, loss_cfg=loss_cfg, dtype=dtype, scaler=grad_scaler)
+            # num_classes as training passes it: without it the losses call torch.unique (a host sync per step)
+            pretrain_step(model, batch, opt, lr=0.01, m=0.999, loss_cfg=loss_cfg, dtype=dtype, scaler=grad_scaler,
+                          num_classes=args.classes)
         return step
 
     def straightforward(inputs):

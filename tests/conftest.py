@@ -6,6 +6,10 @@ from pathlib import Path
 
 import pytest
 
+# cuBLAS reads this when the process first uses it (issue #22 item 2): set it before any test touches CUDA,
+# so that the deterministic GPU tests work after earlier tests made cuBLAS calls
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 HAS_FMNIST = bool(os.environ.get("DSCL_DATA")) or (FMNIST / "t10k-labels-idx1-ubyte.gz").is_file()
 needs_fmnist = pytest.mark.skipif(

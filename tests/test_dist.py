@@ -149,3 +149,17 @@ def test_torchrun_cli_run(tmp_path):
     assert res.stdout.count("report:") == 1  # only rank 0 prints
     report = json.loads((out / "report.json").read_text())
     assert sum(r["test_count"] for r in report["per_class"]) == 10000  # both ranks' shards gathered
+
+
+def test_device_cuda_n_becomes_the_current_device(monkeypatch):
+    """Issue #22 item 6: `--device cuda:N` without torchrun makes GPU N current (pinning, the CUDA RNG state
+    of checkpoints and device="cuda" tensors then belong to it, not to GPU 0). Simulated: CUDA calls recorded."""
+    from dscl import dist
+
+    calls = []
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(d))
+    assert dist.init("cuda:1") == torch.device("cuda", 1) and calls == [1]
+    assert dist.init("cuda") == torch.device("cuda") and calls == [1]  # the current device is left alone
+    assert dist.init("cpu") == torch.device("cpu") and calls == [1]

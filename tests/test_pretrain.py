@@ -286,3 +286,25 @@ def test_an_overflowing_key_never_reaches_the_queue():
     assert torch.isfinite(model.queue.features).all() and int(model.queue.rejected) == 1
     parts = pretrain_step(model, _batch(seed=3), opt, lr=0.1, m=0.9, loss_cfg=cfg, scaler=scaler)
     assert all(torch.isfinite(v) for v in parts.values())
+
+
+def test_scaler_skips_with_a_finite_loss_are_counted():
+    """Issue #22 item 4: the usual fp16 case is a finite loss with inf gradients; the scaler skips that step
+    and the step reports it (on the device), so skipped_steps counts it."""
+    from dscl.pretrain import NonFiniteGuard
+
+    model = _model()
+    opt = torch.optim.SGD(model.online.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu")
+    guard = NonFiniteGuard(torch.device("cpu"), tolerate=True)
+    cfg = load_config("smoke").loss
+    hook = model.online.head[0].weight.register_hook(lambda g: torch.full_like(g, float("inf")))
+    parts = pretrain_step(model, _batch(), opt, lr=0.1, m=0.99, loss_cfg=cfg, scaler=scaler)
+    hook.remove()
+    assert torch.isfinite(parts["loss"]) and bool(parts["scaler_skipped"])
+    guard.update(parts["loss"], parts["scaler_skipped"])
+    parts = pretrain_step(model, _batch(seed=1), opt, lr=0.1, m=0.99, loss_cfg=cfg, scaler=scaler)
+    assert not bool(parts["scaler_skipped"])
+    guard.update(parts["loss"], parts["scaler_skipped"])
+    assert guard.check(2) == 1
+    assert "scaler_skipped" not in pretrain_step(model, _batch(seed=2), opt, lr=0.1, m=0.99, loss_cfg=cfg)

@@ -113,6 +113,24 @@ def test_deterministic_mode_is_strict(restore_torch_flags, monkeypatch):
     assert not torch.backends.cudnn.benchmark and torch.backends.cudnn.deterministic
 
 
+def test_deterministic_mode_refuses_a_cuda_process_started_without_the_cublas_setting(restore_torch_flags,
+                                                                                     monkeypatch):
+    """Issue #22 item 2: once CUDA is initialised, setting CUBLAS_WORKSPACE_CONFIG is too late; say so."""
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    with pytest.raises(ConfigError, match="CUBLAS_WORKSPACE_CONFIG=:4096:8 in the environment before"):
+        runtime.configure_backends(torch.device("cuda"), deterministic=True)
+    assert not torch.are_deterministic_algorithms_enabled()
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # set before CUDA started: fine
+    runtime.configure_backends(torch.device("cuda"), deterministic=True)
+    assert torch.are_deterministic_algorithms_enabled()
+
+
+def test_the_test_process_sets_the_cublas_setting_early():
+    assert os.environ.get("CUBLAS_WORKSPACE_CONFIG")  # tests/conftest.py, before any CUDA use
+
+
 def test_deterministic_mode_keeps_a_users_cublas_setting(restore_torch_flags, monkeypatch):
     monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")
     runtime.configure_backends(torch.device("cuda"), deterministic=True)

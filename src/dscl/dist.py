@@ -56,6 +56,10 @@ def init(device: str = "auto") -> torch.device:
             dev = torch.device("cuda", local)
         backend = "nccl" if dev.type == "cuda" else "gloo"
         tdist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
+    elif dev.type == "cuda" and dev.index is not None and not launched_by_torchrun():
+        # --device cuda:N: make GPU N the current device, so that pinned memory, the CUDA RNG state saved
+        # and restored with checkpoints, and any tensor made with device="cuda" belong to it, not GPU 0
+        torch.cuda.set_device(dev.index)
     return dev
 
 

@@ -121,14 +121,21 @@ def pretrain_step(
     loss = loss_con + loss_cfg.pbsd_weight * loss_pbsd
     optimizer.zero_grad(set_to_none=True)
     params = [p for g in optimizer.param_groups for p in g["params"]]
+    skipped = None
     if scaler is not None:
         scaler.scale(loss).backward()
         # Average BEFORE unscaling: unscale_ is where a scaler decides "found inf". Deciding on each
         # rank's own gradients and averaging after let one rank's inf reach ranks that had decided
         # to step (non-finite weights there, scales diverging). An inf anywhere now skips everywhere.
         dist.average_gradients(params)
+        # the scale as a device tensor (GradScaler keeps it in _scale; get_scale() would read it to the
+        # host): update() lowers it exactly when step() skipped, so a lower scale marks a skipped step
+        # (a finite loss with inf gradients included), with no host-device sync
+        scale_before = scaler._scale.clone() if scaler._scale is not None else None
         scaler.step(optimizer)  # unscale_, skip if non-finite, else step
         scaler.update()
+        if scale_before is not None and scaler._scale is not None:
+            skipped = scaler._scale < scale_before
     else:
         loss.backward()
         dist.average_gradients(params)
@@ -137,7 +144,10 @@ def pretrain_step(
         # every rank holds the same per-rank batch in stage 1, so the gathers need no size exchange
         model.queue.enqueue(dist.all_gather_cat(keys.float(), equal_sizes=True),
                             dist.all_gather_cat(batch.labels, equal_sizes=True))
-    return {"loss": loss.detach(), "loss_con": loss_con.detach(), "loss_pbsd": loss_pbsd.detach()}
+    parts = {"loss": loss.detach(), "loss_con": loss_con.detach(), "loss_pbsd": loss_pbsd.detach()}
+    if skipped is not None:
+        parts["scaler_skipped"] = skipped  # 0-dim bool on the device (fp16 only); not a loss
+    return parts
 
 
 class NonFiniteGuard:
@@ -150,8 +160,10 @@ class NonFiniteGuard:
     Policy. Without a gradient scaler (fp32, bf16) a non-finite loss is an error: its step has already
     put NaN into the weights, so the run stops at the next check and ``checkpoints/last.pt`` keeps the
     last finished epoch. With fp16 (``tolerate=True``) an overflow is routine: the scaler skips that
-    step and lowers its scale, so the run goes on, and stops only after ``max_streak`` non-finite
-    losses in a row (a diverged run, or a forward pass that overflows float16 whatever the scale).
+    step and lowers its scale, so the run goes on, and stops only after ``max_streak`` skipped steps
+    in a row (a diverged run, or a forward pass that overflows float16 whatever the scale). A skipped
+    step is a non-finite loss or a finite loss whose gradients overflowed (the scaler's own skips,
+    the usual fp16 case), so ``skipped_steps`` in metrics.jsonl counts every step the scaler skipped.
     """
 
     def __init__(self, device: torch.device, *, tolerate: bool, max_streak: int = 20) -> None:
@@ -162,8 +174,12 @@ class NonFiniteGuard:
         self.worst = torch.zeros((), dtype=torch.long, device=device)  # longest streak since the last check
         self.steps = 0
 
-    def update(self, loss: torch.Tensor) -> None:
-        bad = (~torch.isfinite(loss)).long()
+    def update(self, loss: torch.Tensor, skipped: torch.Tensor | None = None) -> None:
+        """Count a step whose loss is non-finite or (fp16) whose update the gradient scaler skipped."""
+        bad = ~torch.isfinite(loss)
+        if skipped is not None:
+            bad = bad | skipped
+        bad = bad.long()
         self.count += bad
         self.streak = (self.streak + 1) * bad
         torch.maximum(self.worst, self.streak, out=self.worst)
@@ -185,8 +201,9 @@ class NonFiniteGuard:
             )
         if worst >= self.max_streak:
             raise FloatingPointError(
-                f"fp16 stage-1 loss was inf/NaN for {worst} steps in a row (up to step {step}): the gradient "
-                f"scaler skips such steps, but this many means the run diverged or float16 overflows in the "
+                f"fp16 stage-1 steps were skipped for {worst} steps in a row (inf/NaN loss or gradients, up to step "
+                f"{step}): the gradient scaler skips such steps, but this many means the run diverged or float16 "
+                f"overflows in the "
                 f"forward pass. Use optim.amp=bf16 (Ampere or newer) or optim.amp=none, or lower "
                 f"optim.base_lr, and continue from checkpoints/last.pt with --resume"
             )
@@ -397,14 +414,14 @@ def pretrain(
             lr = warmup_cosine(step, total_steps, warmup_steps, base_lr)
             parts = pretrain_step(model, batch, optimizer, lr=lr, m=cfg.model.momentum, loss_cfg=cfg.loss,
                                   scaler=scaler, dtype=dtype, ce_head=ce_head, num_classes=splits.num_classes)
-            guard.update(parts["loss"])
+            guard.update(parts["loss"], parts.get("scaler_skipped"))
             if adapter is not None:
                 adapter.tick()
             seen += batch.query.shape[0] * world
             bar.update(1)
             if (it + 1) % cfg.optim.log_every == 0 or it + 1 == steps_per_epoch:
                 skipped = guard.check(step + 1)  # raises (on every rank) before a bad epoch is saved
-                values = {k: float(v) for k, v in parts.items()}
+                values = {k: float(v) for k, v in parts.items() if k != "scaler_skipped"}
                 now = time.perf_counter()
                 ips = seen / max(now - t_log, 1e-9)
                 log.write(stage="pretrain", epoch=epoch + 1, step=step + 1, lr=lr, momentum=cfg.model.momentum,

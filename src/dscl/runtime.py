@@ -146,6 +146,14 @@ def configure_backends(device: torch.device, *, deterministic: bool) -> None:
     ``cudnn.benchmark`` picks the fastest convolution for the fixed input shapes once.
     """
     if deterministic:
+        if (device.type == "cuda" and "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+                and torch.cuda.is_available() and torch.cuda.is_initialized()):
+            # cuBLAS read the variable when this process first used it; setting it now changes nothing and
+            # the first deterministic matmul would fail deep inside torch
+            raise ConfigError(
+                "optim.deterministic=true needs CUBLAS_WORKSPACE_CONFIG=:4096:8 in the environment before the "
+                "process first uses CUDA, and this process already has; set it when starting Python "
+                "(CUBLAS_WORKSPACE_CONFIG=:4096:8 python ...) or run dscl before any other GPU work")
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.backends.cudnn.benchmark = False
         torch.backends.cudnn.deterministic = True
