@@ -119,6 +119,7 @@ def test_deterministic_mode_refuses_a_cuda_process_started_without_the_cublas_se
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    torch.use_deterministic_algorithms(False)  # whatever earlier tests left (the fixture restores it)
     with pytest.raises(ConfigError, match="CUBLAS_WORKSPACE_CONFIG=:4096:8 in the environment before"):
         runtime.configure_backends(torch.device("cuda"), deterministic=True)
     assert not torch.are_deterministic_algorithms_enabled()
