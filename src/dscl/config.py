@@ -366,11 +366,8 @@ def load_config(
     mapping.pop("expected", None)  # metadata (the paper's numbers), not configuration
     apply_mapping(cfg, mapping, f"preset {name}")
     cfg.preset = name
-    if profile is not None:
-        if profile not in PROFILES:
-            raise ConfigError(f"unknown profile {profile!r}; valid profiles: {', '.join(PROFILES)}")
-        apply_mapping(cfg, PROFILES[profile], f"profile {profile}")
-        cfg.profile = profile
+    if profile is not None:  # apply_mapping checks the name first, then sets the profile's keys
+        apply_mapping(cfg, {"profile": profile, **PROFILES.get(profile, {})}, f"profile {profile}")
     if config_file:
         apply_mapping(cfg, _read_yaml(config_file, "config file"), config_file)
     if overrides:

@@ -67,7 +67,8 @@ def check_same_data(runs: Sequence[Path], all_splits: Sequence[DatasetSplits], s
 
 def class_list_difference(a: Sequence[str], b: Sequence[str]) -> str:
     """Which classes differ between two class lists (or, for the same set, where the order differs)."""
-    only_a, only_b = [c for c in a if c not in set(b)], [c for c in b if c not in set(a)]
+    set_a, set_b = set(a), set(b)
+    only_a, only_b = [c for c in a if c not in set_b], [c for c in b if c not in set_a]
     if only_a or only_b:
         def shown(names: list[str]) -> str:
             return ", ".join(names[:10]) + (f" (+{len(names) - 10} more)" if len(names) > 10 else "") or "none"

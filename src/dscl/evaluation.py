@@ -104,7 +104,7 @@ def labelled_data(data: str | Path, predictor: Predictor, data_root: str | Path 
         DataError: a folder of an unknown class (named), a folder without class folders, an unlabelled
             list entry, or no image at all.
     """
-    from dscl.data.readers import IMAGE_EXTENSIONS
+    from dscl.data.readers import read_folder_split
 
     path = Path(data)
     names = predictor.class_names
@@ -115,12 +115,8 @@ def labelled_data(data: str | Path, predictor: Predictor, data_root: str | Path 
             raise DataError(f"{path}: class folder(s) {', '.join(unknown[:10])} are not classes of the run "
                             f"{predictor.run_dir} ({', '.join(names[:10])}{', ...' if len(names) > 10 else ''}); "
                             "rename them or leave them out")
-        inputs = Inputs([], [])
-        for d in folders:
-            files = sorted(str(f) for f in d.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS
-                           and not any(part.startswith(".") for part in f.relative_to(d).parts))
-            inputs.paths += files
-            inputs.labels += [names.index(d.name)] * len(files)
+        paths, labels, _ = read_folder_split(path, list(names))  # the run's class order
+        inputs = Inputs(paths, list(labels))
         if not inputs.paths:
             raise DataError(f"{path} holds no image in class folders: give a folder with one sub-folder per class "
                             f"(named like the run's classes), or a labelled list")

@@ -486,8 +486,12 @@ class EnsemblePredictor:
             m.require_classifier()
 
     def prepare(self, images: Any) -> Tensor:
-        """Images -> ``(N, sum of the members' 3*S*S)``: every member's view, flattened side by side."""
-        return torch.cat([m.prepare(images).flatten(1) for m in self.members], dim=1)
+        """Images -> ``(N, sum of the members' 3*S*S)``: every member's view, flattened side by side.
+        Files are decoded once, not once per member."""
+        items = _as_items(images)
+        if not isinstance(items, Tensor):
+            items = [to_uint8_hwc(im).permute(2, 0, 1) for im in items]  # uint8 (C, H, W): decoded
+        return torch.cat([m.prepare(items).flatten(1) for m in self.members], dim=1)
 
     def features_of(self, x: Tensor) -> list[Tensor]:
         """The rows of :meth:`prepare` / the loader -> one pooled-feature tensor per member."""
@@ -717,7 +721,7 @@ def collect_inputs(inputs: Sequence[str | Path], *, num_classes: int, data_root:
     Raises:
         DataError: an empty folder, a malformed list, or a list label that is not one of the run's classes.
     """
-    from dscl.data.readers import IMAGE_EXTENSIONS, read_list
+    from dscl.data.readers import IMAGE_EXTENSIONS, image_files, read_list
 
     names = list(class_names) if class_names is not None else [str(i) for i in range(num_classes)]
     out = Inputs([], [])
@@ -725,8 +729,7 @@ def collect_inputs(inputs: Sequence[str | Path], *, num_classes: int, data_root:
         path = Path(item)
         root = Path(data_root) if data_root is not None else path.parent
         if path.is_dir():
-            found = sorted(str(f) for f in path.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS
-                           and not any(part.startswith(".") for part in f.relative_to(path).parts))
+            found = sorted(str(f) for f in image_files(path))
             if not found:
                 raise DataError(f"folder {path} holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
             out.paths += found

@@ -156,8 +156,17 @@ def stage1_command(run_dir: Path) -> str:
     return cmd if failed_start(run_dir) else cmd + " --overwrite"
 
 
+#: Keys stage 2 may change in a run's config (``dscl classify``): stage 2, the report, where the data is read.
+STAGE2_KEYS = ("classifier.*", "eval.*", "data.data_root", "data.list_dir", "data.num_workers", "data.check_files")
+
+
+def key_allowed(key: str, patterns: tuple[str, ...]) -> bool:
+    """Whether ``section.key`` is one of ``patterns`` (``section.*`` = the whole section)."""
+    return any(key == k or (k.endswith(".*") and key.startswith(k[:-1])) for k in patterns)
+
+
 def _resumable(key: str) -> bool:
-    return any(key == k or (k.endswith(".*") and key.startswith(k[:-1])) for k in RESUMABLE_KEYS)
+    return key_allowed(key, RESUMABLE_KEYS)
 
 
 def config_changes(old: Config, new: Config) -> dict[str, tuple[Any, Any]]:
@@ -211,8 +220,7 @@ def record_stage2_config(run_dir: Path, cfg: Config) -> dict[str, tuple[Any, Any
     Any other difference is refused: stage 2 must not describe a stage 1 that was not trained."""
     saved = load_run_config(run_dir)
     changes = config_changes(saved, cfg)
-    other = sorted(k for k in changes if not k.startswith(("classifier.", "eval."))
-                   and k not in ("data.data_root", "data.list_dir", "data.num_workers", "data.check_files"))
+    other = sorted(k for k in changes if not key_allowed(k, STAGE2_KEYS))
     if other:
         raise RunDirError(f"stage 2 of {run_dir} cannot change {', '.join(other)}: those keys describe stage 1")
     if changes and dist.is_main():

@@ -130,35 +130,31 @@ def print_main(text: str) -> None:
         print(text, flush=True)
 
 
-#: What ``dscl classify`` may change in a run's config: stage 2, the report, where the data is read from.
-CLASSIFY_KEYS = ("classifier.*", "eval.*", "data.data_root", "data.list_dir", "data.num_workers", "data.check_files")
 #: What ``dscl evaluate`` may change: the report's groups and post-hoc rows, where the data is read from.
 EVALUATE_KEYS = ("eval.*", "classifier.tau_norm", "classifier.logit_adjust_tau", "data.data_root", "data.list_dir",
                  "data.num_workers", "data.check_files")
 
 
 def run_cfg_with_overrides(run: str, args: argparse.Namespace, allowed: tuple[str, ...], command: str,
-                           extra: list[str] | None = None):
-    """The run's ``config.yaml`` with this command line's ``section.key=value`` overrides (and
-    ``--data-root``) applied; a key outside ``allowed`` (``section.*`` = the whole section) is refused,
-    because it would describe a training that did not happen."""
+                           extra: list[str] | None = None, *, data_root_key: bool = True):
+    """The run's ``config.yaml`` with this command line's ``section.key=value`` overrides (and, with
+    ``data_root_key``, ``--data-root`` as ``data.data_root``) applied; a key outside ``allowed``
+    (``section.*`` = the whole section) is refused, because it would describe a training that did not
+    happen."""
     from dscl.config import apply_mapping, parse_overrides, validate
-    from dscl.rundir import RunDirError, config_changes, load_run_config
+    from dscl.rundir import RunDirError, config_changes, key_allowed, load_run_config
 
     saved = load_run_config(Path(run))
     cfg = copy.deepcopy(saved)
     items = list(getattr(args, "overrides", None) or []) + list(extra or [])
-    if getattr(args, "data_root", None) is not None and command != "evaluate DATA":
+    if data_root_key and getattr(args, "data_root", None) is not None:
         items.append(f"data.data_root={args.data_root}")
     if not items:
         return cfg
     apply_mapping(cfg, parse_overrides(items), "override")
     validate(cfg)
 
-    def ok(key: str) -> bool:
-        return any(key == a or (a.endswith(".*") and key.startswith(a[:-1])) for a in allowed)
-
-    refused = sorted(k for k in config_changes(saved, cfg) if not ok(k))
+    refused = sorted(k for k in config_changes(saved, cfg) if not key_allowed(k, allowed))
     if refused:
         raise RunDirError(f"dscl {command} cannot change {', '.join(refused)}: that would describe a training that "
                           f"did not happen; it may change {', '.join(allowed)}. Train a new run for the others")

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dscl.cli.common import (
-    CLASSIFY_KEYS,
     EVALUATE_KEYS,
     EXIT_OK,
     config_args,
@@ -39,9 +38,9 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 def cmd_classify(args: argparse.Namespace) -> int:
     from dscl.classify import classify
-    from dscl.rundir import record_stage2_config
+    from dscl.rundir import STAGE2_KEYS, record_stage2_config
 
-    cfg = run_cfg_with_overrides(args.run, args, CLASSIFY_KEYS, "classify",
+    cfg = run_cfg_with_overrides(args.run, args, STAGE2_KEYS, "classify",
                                  [f"classifier.protocol={args.protocol}"] if args.protocol else [])
     record_stage2_config(Path(args.run), cfg)  # config.yaml says what the classifier used (if anything changed)
     path = classify(args.run, cfg=cfg, device=args.device, progress=not args.no_progress)
@@ -61,7 +60,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             raise ValueError(f"evaluating {args.data} needs --out DIR (the folder for its report files)")
         if args.split != "test":
             raise ValueError("--split chooses a split of the run's own dataset; it does not go with DATA")
-        cfg = run_cfg_with_overrides(args.run, args, EVALUATE_KEYS, "evaluate DATA")
+        # with DATA, --data-root is where the list's paths start, not the run's dataset folder
+        cfg = run_cfg_with_overrides(args.run, args, EVALUATE_KEYS, "evaluate", data_root_key=False)
         report = evaluate_data(args.run, args.data, args.out, data_root=args.data_root, device=args.device,
                                progress=not args.no_progress, overwrite=args.overwrite, cfg=cfg)
         if args.json:

@@ -352,6 +352,16 @@ def _hidden(name: str) -> bool:
     return name.startswith(".")
 
 
+def image_files(folder: Path) -> list[Path]:
+    """Every image file below ``folder`` (``IMAGE_EXTENSIONS``, any case, recursively, sorted), hidden
+    entries skipped at every level."""
+    return sorted(
+        p for p in folder.rglob("*")
+        if p.suffix.lower() in IMAGE_EXTENSIONS and not any(_hidden(part) for part in p.relative_to(folder).parts)
+        and p.is_file()
+    )
+
+
 def read_folder_split(folder: Path, class_names: list[str] | None) -> tuple[list[str], list[int], list[str]]:
     """Images of ``folder/<class>/**``; classes = sorted subfolders unless ``class_names`` is given.
 
@@ -374,11 +384,7 @@ def read_folder_split(folder: Path, class_names: list[str] | None) -> tuple[list
         cdir = folder / name
         if not cdir.is_dir():
             continue
-        files = sorted(
-            p for p in cdir.rglob("*")
-            if p.suffix.lower() in IMAGE_EXTENSIONS and not any(_hidden(part) for part in p.relative_to(cdir).parts)
-            and p.is_file()
-        )
+        files = image_files(cdir)
         paths += [str(p) for p in files]
         labels += [label] * len(files)
     return paths, labels, class_names
