@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -46,16 +45,6 @@ RESULTS = Path(__file__).parent / "results" / "contention.json"
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY", "KMP_BLOCKTIME", "GOMP_SPINCOUNT",
                "DSCL_NUM_THREADS", "DSCL_OPENMP_DEFAULTS", "DSCL_ADAPT_THREADS")
 MATMUL = "import torch\ntorch.set_num_threads({threads})\na = torch.randn({n}, {n})\nwhile True:\n    a @ a\n"
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def clean_env() -> dict[str, str]:
@@ -175,6 +164,8 @@ def main(argv: list[str] | None = None) -> dict:
     load_after = os.getloadavg()
     if not args.out:
         return {"results": rows}
+    from dscl.runtime import cpu_model  # imports torch: only once the measurements are done
+
     return write_results(
         args.out, "contention", argv, results=rows,
         settings={"preset": args.preset, "epochs": args.epochs, "log_every": args.log_every, "repeats": args.repeats,

@@ -19,6 +19,7 @@ import argparse
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -35,7 +36,7 @@ from step_speed import NaiveDSCL, naive_step, random_inputs
 RESULTS = Path(__file__).parent / "results" / "gpu_speed.json"
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--backbone", default="resnet50")
     ap.add_argument("--image-size", type=int, default=224)
@@ -48,16 +49,19 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--out", default=str(RESULTS), help="results file ('' to skip writing)")
     args = ap.parse_args(argv)
-    dev = torch.device(args.device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
         ap.error("no CUDA GPU here; this benchmark is for a GPU machine (--device cpu only checks that it runs)")
     if args.queue % args.batch:
         ap.error("the straightforward step (like the official code) needs --queue divisible by --batch")
-    torch.manual_seed(0)
-    gen = torch.Generator().manual_seed(0)
+    return args
+
+
+def build_variants(args: argparse.Namespace, dev: torch.device,
+                   gen: torch.Generator) -> tuple[dict[str, Callable[[tuple], None]], torch.amp.GradScaler]:
+    """The four timed steps by name (dscl fp32 / bf16 autocast / fp16 + scaler, straightforward fp32), each
+    with its own model and optimiser, and the fp16 variant's gradient scaler."""
     alpha = 1 / 9
     loss_cfg = LossConfig(loss="dscl", alpha=alpha, temperature=0.07, pbsd_weight=1.5)
-    configure_backends(dev, deterministic=False)  # cudnn.benchmark on CUDA, as pretrain() does
 
     def ours_model() -> tuple[DSCLModel, torch.optim.Optimizer]:
         model = DSCLModel(Encoder(build_backbone(args.backbone, zero_init_residual=True), dim=128),
@@ -74,10 +78,6 @@ def main(argv: list[str] | None = None) -> dict:
     scaler = torch.amp.GradScaler(dev.type)  # dscl's fp16 recipe; the CPU scaler only for the smoke check
     naive = NaiveDSCL(args.backbone, 128, args.queue, args.classes).to(dev).train()
     opt_naive = torch.optim.SGD(naive.encoder_q.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
-
-    def sync() -> None:
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
 
     def ours(model, opt, dtype, grad_scaler=None):
         def step(inputs):
@@ -96,8 +96,18 @@ def main(argv: list[str] | None = None) -> dict:
     variants = {"dscl fp32": ours(fp32, opt32, None), "dscl bf16 autocast": ours(bf16, opt_bf16, torch.bfloat16),
                 "dscl fp16 + scaler": ours(fp16, opt_fp16, torch.float16, scaler),
                 "straightforward fp32": straightforward}
+    return variants, scaler
+
+
+def time_rounds(variants: dict[str, Callable[[tuple], None]], args: argparse.Namespace, dev: torch.device,
+                gen: torch.Generator, warmup: int = 3) -> dict[str, list[float]]:
+    """Seconds of each variant's timed steps: round-robin on the same inputs, order rotated every round."""
+
+    def sync() -> None:
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
     times: dict[str, list[float]] = {name: [] for name in variants}
-    warmup = 3
     for i in range(args.steps + warmup):
         inputs = tuple(t.to(dev) for t in random_inputs(args, args.classes, gen))
         names = list(variants)
@@ -110,6 +120,17 @@ def main(argv: list[str] | None = None) -> dict:
             if i >= warmup:
                 times[name].append(time.perf_counter() - t)
         print(f"round {i + 1}/{args.steps + warmup}", file=sys.stderr, flush=True)
+    return times
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    dev = torch.device(args.device)
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    configure_backends(dev, deterministic=False)  # cudnn.benchmark on CUDA, as pretrain() does
+    variants, scaler = build_variants(args, dev, gen)
+    times = time_rounds(variants, args, dev, gen)
     med = {k: statistics.median(v) for k, v in times.items()}
     rows = [{"variant": k, "median_ms": round(v * 1e3, 2), "img_per_s": round(args.batch / v, 1),
              "samples_ms": [round(t * 1e3, 2) for t in times[k]]} for k, v in med.items()]

@@ -1,11 +1,12 @@
 """Speed and memory of ``dscl_loss + 1.5 * pbsd_loss`` (forward + backward) on the CPU.
 
-Compares ``dscl.losses`` ("ours") with a straightforward implementation written here from
-METHOD.md's description of the official code ("straightforward"): ``features = cat(q, k, queue)``
-(so autograd also computes the gradient w.r.t. the whole feature matrix), a dense float label mask
-of B x (2B+K), masked logits, log-softmax and a dense weights matrix for DSCL; a Python loop over the
-L patches with separate matmuls, softmax / log_softmax per patch for PBSD. Both compute the same
-number (checked: the script prints the relative difference of the two loss values).
+Compares ``dscl.losses`` ("ours") with a straightforward implementation written from METHOD.md's
+description of the official code ("straightforward": ``dscl.losses.dscl_loss_dense`` and
+``pbsd_loss_dense``, the plain references the tests check against loops): ``features = cat(q, k,
+queue)`` (so autograd also computes the gradient w.r.t. the whole feature matrix), a dense float
+label mask of B x (2B+K), masked logits, log-softmax and a dense weights matrix for DSCL; a Python
+loop over the L patches with separate matmuls, softmax / log_softmax per patch for PBSD. Both compute
+the same number (checked: the script prints the relative difference of the two loss values).
 
 The baseline's PBSD loops over the L patches like the official code, so the memory comparison is
 against what users of that code run today. What is measured, per size:
@@ -55,6 +56,8 @@ from pathlib import Path
 
 import torch
 
+from dscl.runtime import cpu_model
+
 PBSD_WEIGHT = 1.5  # METHOD.md A.8
 ALPHA = 1 / 9  # beta = 8, the official main.py default
 TAU = 0.07
@@ -68,44 +71,17 @@ QUICK_SIZES = [{"B": 16, "D": 32, "K": 256, "L": 2}]
 
 
 # --------------------------------------------------------------------------------------------------
-# The straightforward implementation (from METHOD.md A.6 "Official implementation" and A.7)
+# The straightforward implementation: dscl.losses' dense references (METHOD.md A.6 "Official
+# implementation" and A.7, written equation for equation)
 # --------------------------------------------------------------------------------------------------
 
 
-def straightforward_dscl(query, key, labels, queue, queue_labels, beta, tau):
-    b = query.shape[0]
-    features = torch.cat([query, key.detach(), queue.detach()])  # (2B+K, D); q keeps its grad
-    all_labels = torch.cat([labels, labels, queue_labels])
-    mask = torch.eq(labels.view(-1, 1), all_labels.view(1, -1)).float()  # (B, 2B+K)
-    logits = query @ features.T / tau  # (B, 2B+K)
-    logits = logits - logits.max(dim=1, keepdim=True).values.detach()
-    rows = torch.arange(b).view(-1, 1)
-    logits_mask = torch.scatter(torch.ones_like(mask), 1, rows, 0)  # self column removed
-    mask = mask * logits_mask
-    own_key = torch.scatter(torch.zeros_like(mask), 1, rows + b, 1)
-    n_others = mask.sum(1, keepdim=True) - 1
-    weights = own_key + (mask - own_key) * beta / (n_others + 1e-12)
-    exp_logits = torch.exp(logits) * logits_mask
-    log_prob = logits - torch.log(exp_logits.sum(1, keepdim=True))
-    mean_log_prob = (weights * log_prob).sum(1) / weights.sum(1)
-    return -mean_log_prob.mean()
-
-
-def straightforward_pbsd(teacher, student, key, queue, tau):
-    key, queue = key.detach(), queue.detach()
-    total = 0.0
-    for j in range(student.shape[0]):
-        t_logits = torch.cat([(teacher[j] * key).sum(1, keepdim=True), teacher[j] @ queue.T], 1) / tau
-        target = torch.softmax(t_logits, dim=1).detach()
-        s_logits = torch.cat([(student[j] * key).sum(1, keepdim=True), student[j] @ queue.T], 1) / tau
-        total = total + (-(target * torch.log_softmax(s_logits, dim=1)).sum(1)).mean()
-    return total / student.shape[0]
-
-
 def step_straightforward(inp):
+    from dscl.losses import dscl_loss_dense, pbsd_loss_dense
+
     beta = (1 - ALPHA) / ALPHA
-    loss = straightforward_dscl(inp["q"], inp["k"], inp["y"], inp["queue"], inp["queue_y"], beta, TAU)
-    return loss + PBSD_WEIGHT * straightforward_pbsd(inp["c"], inp["s"], inp["k"], inp["queue"], TAU)
+    loss = dscl_loss_dense(inp["q"], inp["k"], inp["y"], inp["queue"], inp["queue_y"], beta=beta, temperature=TAU)
+    return loss + PBSD_WEIGHT * pbsd_loss_dense(inp["c"], inp["s"], inp["k"], inp["queue"], temperature=TAU)
 
 
 def step_ours(inp):
@@ -253,17 +229,6 @@ def memory_budget_mib(size):
     return 4 * (n * b * (k + 1) + b * (2 * b + k)) / 2**20
 
 
-def _cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
-
 def run_worker(worker_name, size, repeats, threads):
     """``worker_name`` = a variant (its memory, fresh process) or ``timing`` (both variants' times)."""
     cmd = [sys.executable, __file__, "--_worker", worker_name, "--_size", json.dumps(size), "--repeats", str(repeats)]
@@ -347,7 +312,7 @@ def main(argv=None):
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "machine": {
-            "cpu": _cpu_model(),
+            "cpu": cpu_model(),
             "cpu_count": os.cpu_count(),
             "platform": platform.platform(),
             "python": platform.python_version(),

@@ -28,7 +28,7 @@ import torch
 
 from dscl.classify import classify
 from dscl.evaluation import evaluate
-from dscl.rundir import load_run_config
+from dscl.run import load_run_config
 
 RESULTS = Path(__file__).parent / "results" / "stage2_protocols.json"
 

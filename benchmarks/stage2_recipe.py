@@ -30,7 +30,7 @@ from _results import write_results
 from dscl.classify import classify
 from dscl.config import apply_mapping, dump_config, parse_overrides, validate
 from dscl.evaluation import evaluate
-from dscl.rundir import load_run_config
+from dscl.run import load_run_config
 from dscl.sweep import split_values
 
 RESULTS = Path(__file__).parent / "results" / "stage2_recipe.json"

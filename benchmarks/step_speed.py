@@ -8,7 +8,8 @@ and with ``joint`` (one set of statistics over all L*B patches); ``per_slot_cost
 step's extra time over the joint one. The straightforward step is written below from METHOD.md A.9's description of
 the official code: a forward hook on layer4, a separate forward of the online encoder per patch, a
 per-patch ``roi_align`` with a per-image box list, the DSCL loss with dense float masks over
-``cat(q, k, queue)``, PBSD as a per-patch loop, a Python-loop EMA update and a pointer enqueue.
+``cat(q, k, queue)`` and PBSD as a per-patch loop (``dscl.losses.dscl_loss_dense`` /
+``pbsd_loss_dense``, the plain references), a Python-loop EMA update and a pointer enqueue.
 
 All variants run on the same random inputs, in an order that rotates step by step so machine noise
 hits them alike; the median of the timed steps is reported. Example (the issue's command):
@@ -33,6 +34,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +45,7 @@ from torchvision.ops import roi_align
 from _results import median_ms
 from dscl.backbones import build_backbone
 from dscl.config import LossConfig
+from dscl.losses import dscl_loss_dense, pbsd_loss_dense
 from dscl.model import DSCLModel, Encoder
 from dscl.pretrain import Batch, patches_channels_last, pretrain_step
 
@@ -72,27 +75,6 @@ class NaiveDSCL(nn.Module):
         self.fmap = output
 
 
-def naive_dscl_loss(features, labels, batch, beta, temperature):
-    """Dense-mask SupCon-style DSCL over cat(q, k, queue) with anchors = the B queries."""
-    n = features.shape[0]
-    mask = torch.eq(labels[:batch, None], labels[None, :]).float()  # (B, 2B+K)
-    logits = features[:batch] @ features.T / temperature  # (B, 2B+K)
-    logits = logits - logits.max(dim=1, keepdim=True).values.detach()
-    logits_mask = torch.ones_like(mask)
-    logits_mask[torch.arange(batch), torch.arange(batch)] = 0
-    mask = mask * logits_mask
-    exp_logits = torch.exp(logits) * logits_mask
-    log_prob = logits - torch.log(exp_logits.sum(1, keepdim=True))
-    weights = torch.ones_like(mask)
-    n_pos = mask.sum(1, keepdim=True) - 1
-    weights = weights * beta / (n_pos + 1e-12)
-    weights[torch.arange(batch), torch.arange(batch) + batch] = 1.0
-    weighted = mask * weights
-    mean_log_prob = (weighted * log_prob).sum(1) / weighted.sum(1)
-    del n
-    return -mean_log_prob.mean()
-
-
 def naive_step(model: NaiveDSCL, opt, q_img, k_img, patches, boxes, labels, *, m, beta, tau, lam):
     with torch.no_grad():
         for pq, pk in zip(model.encoder_q.parameters(), model.encoder_k.parameters(), strict=True):
@@ -109,16 +91,10 @@ def naive_step(model: NaiveDSCL, opt, q_img, k_img, patches, boxes, labels, *, m
         students.append(F.normalize(model.encoder_q(patches[:, j]), dim=1))
     with torch.no_grad():
         k = F.normalize(model.encoder_k(k_img), dim=1)
-    feats = torch.cat([q, k, model.queue.T.clone()])
-    lab = torch.cat([labels, labels, model.queue_labels[0].clone()])
-    loss_dscl = naive_dscl_loss(feats, lab, q.shape[0], beta, tau)
-    loss_pbsd = 0.0
-    for c, s in zip(teachers, students, strict=True):
-        t_logits = torch.cat([(c * k).sum(1, keepdim=True), c @ model.queue], dim=1) / tau
-        s_logits = torch.cat([(s * k).sum(1, keepdim=True), s @ model.queue], dim=1) / tau
-        target = F.softmax(t_logits, dim=1).detach()
-        loss_pbsd = loss_pbsd + (-(target * F.log_softmax(s_logits, dim=1)).sum(1)).mean()
-    loss = loss_dscl + lam * loss_pbsd / len(teachers)
+    queue, queue_labels = model.queue.T, model.queue_labels[0]
+    loss_dscl = dscl_loss_dense(q, k, labels, queue, queue_labels, beta=beta, temperature=tau)
+    loss_pbsd = pbsd_loss_dense(torch.stack(teachers), torch.stack(students), k, queue, temperature=tau)
+    loss = loss_dscl + lam * loss_pbsd
     opt.zero_grad()
     loss.backward()
     opt.step()
@@ -165,7 +141,7 @@ def encoder_breakdown(model: DSCLModel, args, gen, repeats: int = 5) -> dict[str
     return {name: median_ms(fn, repeats, warmup=1) / 1e3 for name, fn in parts.items()}
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--backbone", default="resnet18")
     ap.add_argument("--image-size", type=int, default=224)
@@ -185,14 +161,19 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--json", action="store_true", help="print the result as JSON on the last line")
     ap.add_argument("--out", default=str(RESULTS), help="results file ('' to skip writing)")
     args = ap.parse_args(argv)
-    straight = not args.no_straightforward
-    if straight and not hasattr(torchvision.models, args.backbone):
+    args.straight = not args.no_straightforward
+    if args.straight and not hasattr(torchvision.models, args.backbone):
         ap.error(f"the straightforward step builds torchvision ResNets only; use --no-straightforward with "
                  f"--backbone {args.backbone}")
-    if straight and args.queue % args.batch:
+    if args.straight and args.queue % args.batch:
         ap.error("the straightforward step (like the official code) needs --queue divisible by --batch")
-    torch.manual_seed(0)
-    gen = torch.Generator().manual_seed(0)
+    return args
+
+
+def build_variants(args: argparse.Namespace, gen: torch.Generator) -> tuple[list[tuple[str, Any]], DSCLModel]:
+    """``[(name, run)]``: our step with per-slot and with joint patch BatchNorm, and the straightforward
+    step unless ``--no-straightforward``; ``run(inputs)`` takes one step and returns its seconds. Also
+    returns our model (for ``--breakdown``)."""
     alpha = 1 / 9
     beta = (1 - alpha) / alpha
     loss_cfg = LossConfig(loss="dscl", alpha=alpha, temperature=0.07, pbsd_weight=1.5)
@@ -205,7 +186,7 @@ def main(argv: list[str] | None = None) -> dict:
     joint = copy.deepcopy(ours)
     joint.patch_bn = "joint"
     opt_joint = torch.optim.SGD(joint.online.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-    if straight:
+    if args.straight:
         naive = NaiveDSCL(args.backbone, 128, args.queue, args.classes)
         opt_naive = torch.optim.SGD([p for p in naive.encoder_q.parameters()], lr=0.01, momentum=0.9,
                                     weight_decay=5e-4)
@@ -232,8 +213,15 @@ def main(argv: list[str] | None = None) -> dict:
         return time.perf_counter() - t
 
     variants = [("dscl", stepper(ours, opt_ours)), ("dscl-joint", stepper(joint, opt_joint))]
-    if straight:
+    if args.straight:
         variants.append(("straightforward", run_naive))
+    return variants, ours
+
+
+def time_variants(variants: list[tuple[str, Any]], args: argparse.Namespace,
+                  gen: torch.Generator) -> dict[str, list[float]]:
+    """Seconds of every timed step per variant: 2 warm-up steps, then ``--steps``; the same random inputs
+    for all variants of a step, in an order that rotates step by step."""
     times: dict[str, list[float]] = {name: [] for name, _ in variants}
     for i in range(args.steps + 2):
         inputs = random_inputs(args, args.classes, gen)
@@ -245,9 +233,15 @@ def main(argv: list[str] | None = None) -> dict:
                 times[name].append(dt)
         print(f"step {i + 1}/{args.steps + 2}: " + ", ".join(f"{n} {t[-1] * 1e3:.0f} ms" for n, t in times.items()
                                                           if t), file=sys.stderr)
+    return times
+
+
+def summarize(args: argparse.Namespace, argv: list[str] | None, times: dict[str, list[float]],
+              breakdown: dict[str, float] | None) -> dict:
+    """The results record: medians, speed-ups, per-slot cost, samples, encoder breakdown, machine."""
+    straight = args.straight
     med = {k: statistics.median(v) for k, v in times.items()}
-    breakdown = encoder_breakdown(ours, args, gen) if args.breakdown else None
-    result = {
+    return {
         "benchmark": "step_speed",
         "command": "python benchmarks/step_speed.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "settings": {k: getattr(args, k) for k in ("backbone", "image_size", "patch_size", "patches", "batch",
@@ -275,6 +269,9 @@ def main(argv: list[str] | None = None) -> dict:
                     "torch": torch.__version__, "device": "cpu"},
         "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
+
+
+def print_summary(result: dict, straight: bool, breakdown: dict[str, float] | None) -> None:
     print(f"{'variant':<16} {'median ms':>10} {'img/s':>8}")
     print(f"{'dscl':<16} {result['median_ms']['dscl']:>10} {result['img_per_s']:>8}")
     print(f"{'dscl-joint':<16} {result['median_ms']['dscl-joint']:>10} {result['joint_img_per_s']:>8}")
@@ -290,6 +287,17 @@ def main(argv: list[str] | None = None) -> dict:
               + f" = {sum(breakdown.values()) * 1e3:.0f} ms, {result['encoder_share_of_dscl_step']:.0%} of our step"
               + (f"; a step with nothing but these would be {result['speedup_ceiling']}x the straightforward step"
                  if straight else ""))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    variants, ours = build_variants(args, gen)
+    times = time_variants(variants, args, gen)
+    breakdown = encoder_breakdown(ours, args, gen) if args.breakdown else None
+    result = summarize(args, argv, times, breakdown)
+    print_summary(result, args.straight, breakdown)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

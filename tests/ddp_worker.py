@@ -6,8 +6,8 @@ Scenarios (each one's result, or its traceback, goes under its name in the torch
 ``queue`` (gathered keys and labels, identical weights), ``gather`` (the equal-size gather), ``fp16``
 (an inf gradient on rank 0 only under a GradScaler), ``bn`` (pooling BatchNorm statistics),
 ``official_bn`` (stage 2's official protocol keeps BatchNorm statistics identical; needs
-Fashion-MNIST), ``pretrain_1_epoch=DIR`` (the first epoch of a 2-epoch smoke stage 1 into DIR, for
-the resume tests).
+Fashion-MNIST), ``shuffle`` (MoCo's shuffle-BN forward: what each rank computed and got back),
+``pretrain_1_epoch=DIR`` (the first epoch of a 2-epoch smoke stage 1 into DIR, for the resume tests).
 """
 
 import sys
@@ -111,6 +111,55 @@ def bn_scenario() -> dict:
     return {"before": before, "after": {k: _all(v) for k, v in module.state_dict().items()}}
 
 
+def shuffle_scenario() -> dict:
+    """dist.shuffled_forward with a per-sample forward whose output identifies its input image.
+
+    Each rank holds 4 images; image ``g`` (global index, rank-major) is filled with ``g`` plus a fixed
+    pattern, so any image, and the key computed from it, says which image it is. Three trials: two
+    permutations drawn by rank 0 (seeded), and a fixed cyclic shift by one (``torch.randperm``
+    replaced) that is not its own inverse and sends images across ranks. Per trial the result holds
+    this rank's images, the images the forward saw on this rank (they reveal the permutation), the
+    keys the forward computed from them, the keys returned, and the keys of this rank's own images
+    computed without any shuffle (what the returned keys must equal)."""
+    rank, b = dist.rank(), 4
+    pattern = torch.arange(12, dtype=torch.float32).view(1, 3, 2, 2) / 100
+    images = (torch.arange(b, dtype=torch.float32) + rank * b).view(b, 1, 1, 1) + pattern
+
+    trials = []
+    for trial in ("seed0", "seed1", "shift"):
+        seen: list[torch.Tensor] = []
+        computed: list[torch.Tensor] = []
+        forward = _recording(seen, computed)
+        saved = torch.randperm
+        if trial == "shift":
+            torch.randperm = lambda n, **kw: torch.roll(torch.arange(n, device=kw.get("device")), 1)
+        else:
+            torch.manual_seed(int(trial[-1]) + 10 * rank)  # only rank 0's permutation is used
+        try:
+            keys = dist.shuffled_forward(forward, images)
+        finally:
+            torch.randperm = saved
+        trials.append({"name": trial, "images": images, "seen": torch.cat(seen), "computed": torch.cat(computed),
+                       "keys": keys, "expected": key_of(images)})
+    return {"trials": dist.gather_objects(trials)}
+
+
+def _recording(seen: list[torch.Tensor], computed: list[torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """:func:`key_of` as the forward, recording its inputs in ``seen`` and its outputs in ``computed``."""
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        seen.append(x.clone())
+        computed.append(key_of(x))
+        return computed[-1]
+
+    return forward
+
+
+def key_of(x: torch.Tensor) -> torch.Tensor:
+    """A fixed per-sample function (no mixing across the batch): the image's number and a checksum."""
+    return torch.stack([x[:, 0, 0, 0].round(), (x.flatten(1) * torch.arange(1.0, 13.0)).sum(1)], 1)
+
+
 def official_bn_scenario() -> dict:
     """Issue #11 item 5: stage 2's official protocol (update_bn) on two ranks with different shards."""
     from dscl.classify import train_linear_official
@@ -137,7 +186,7 @@ def pretrain_1_epoch(out: str) -> dict:
 
 SCENARIOS: dict[str, Callable[[], dict]] = {
     "queue": queue_scenario, "gather": gather_scenario, "fp16": fp16_scenario, "bn": bn_scenario,
-    "official_bn": official_bn_scenario,
+    "official_bn": official_bn_scenario, "shuffle": shuffle_scenario,
 }
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch.distributed as tdist
 
 from dscl import dist
-from dscl.rundir import prepare_run_dir
+from dscl.run import prepare_run_dir
 
 
 def main(out: str, marker: str) -> None:

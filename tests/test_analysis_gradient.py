@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import needs_fmnist, run_cli
+from conftest import needs_fmnist
 from dscl.analysis.gradient import (
     anchor_terms,
     autograd_anchor_gradient,
@@ -240,15 +240,15 @@ def test_batches_must_be_positive(tmp_path, capsys):
     assert "--batches must be an integer >= 1" in err
 
 
-def test_cli_run_without_checkpoint_exits_2(tmp_path: Path):
-    """A real subprocess: a run directory with a config but no stage-1 checkpoint -> exit 2, no traceback."""
+def test_cli_run_without_checkpoint_exits_2(tmp_path: Path, capsys):
+    """A run directory with a config but no stage-1 checkpoint -> exit 2 and one line saying how to fix it."""
     run = tmp_path / "run"
     run.mkdir()
     dump_config(load_config("smoke"), run / "config.yaml")
-    proc = run_cli("analyze", "gradient-ratio", "--run", str(run), "--no-progress", "--device", "cpu")
-    assert proc.returncode == 2, proc.stderr
-    assert "dscl analyze: error:" in proc.stderr
-    assert str(run / "checkpoints" / "last.pt") in proc.stderr and "does not exist" in proc.stderr
-    assert "dscl pretrain" in proc.stderr  # says how to fix it
-    assert "Traceback" not in proc.stderr
+    assert main(["analyze", "gradient-ratio", "--run", str(run), "--no-progress", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "dscl analyze: error:" in err
+    assert str(run / "checkpoints" / "last.pt") in err and "does not exist" in err
+    assert "dscl pretrain" in err  # says how to fix it
+    assert "Traceback" not in err
     assert not (run / "analysis").exists()

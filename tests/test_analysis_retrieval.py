@@ -119,6 +119,7 @@ def test_parse_box() -> None:
 # end to end on the smoke run
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_retrieval_cli_numbers_are_consistent(smoke_run: Path, tmp_path: Path, capsys) -> None:
     rc = main(["analyze", "retrieval", "--run", str(smoke_run), "--k", "3", "--classes", "all",
@@ -241,6 +242,7 @@ def test_bad_arguments_exit_2(smoke_run: Path, tmp_path: Path, capsys, args: lis
     assert not (tmp_path / "retrieval.json").exists() and not (tmp_path / "patch_retrieval.json").exists()
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_default_classes_fit_a_run_without_many_classes(smoke_run: Path, tmp_path: Path, capsys) -> None:
     # issue #13: the default head,tail failed on the smoke run ("no classes in that shot group"); the
@@ -270,3 +272,25 @@ def test_run_without_checkpoint_fails_clearly(smoke_run: Path, tmp_path: Path, c
         assert "checkpoints/last.pt does not exist" in err and "dscl pretrain" in err
     assert main(["analyze", "retrieval", "--run", str(tmp_path / "nowhere"), "--no-progress"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # features of the 10,000 test images
+def test_retrieval_figure_title_is_not_clipped(smoke_run, tmp_path, monkeypatch):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    import dscl.analysis.retrieval as retrieval_mod
+
+    figures = []
+    real_save = retrieval_mod.save_figure
+
+    def keep(fig, path, **kwargs):
+        figures.append(fig)
+        return real_save(fig, path)  # left open: the test draws it
+
+    monkeypatch.setattr(retrieval_mod, "save_figure", keep)
+    retrieval_mod.retrieval(smoke_run, classes="medium,few", out=tmp_path, device="cpu", progress=False)
+    (fig,) = figures
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    box = fig._suptitle.get_window_extent(canvas.get_renderer())
+    assert box.x0 >= 0 and box.x1 <= fig.bbox.width, (box, fig.bbox.width)

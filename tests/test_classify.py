@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from conftest import needs_fmnist
-from dscl.checkpoint import load_checkpoint
 from dscl.config import load_config
+from dscl.run import load_checkpoint
 
 
 def test_class_balanced_linear_classifier_on_separable_long_tailed_features():

@@ -15,10 +15,10 @@ import torch
 from PIL import Image
 
 from conftest import needs_fmnist, run_cli
-from dscl.checkpoint import load_checkpoint, save_checkpoint
 from dscl.cli import main
 from dscl.data.core import decode_image
 from dscl.data.readers import FMNIST_CLASSES
+from dscl.run import load_checkpoint, save_checkpoint
 from test_interop import official_from_dscl
 
 CLASSES = ("ants", "bees", "cats")
@@ -142,9 +142,9 @@ def test_predict_files_are_whole_or_absent(folder_run: Path, tmp_path: Path, cap
     assert main(["predict", "--run", str(folder_run), images, "--out", str(bad), "--no-progress"]) == 2
     assert "CSV (.csv) or JSON lines (.jsonl)" in capsys.readouterr().err and not bad.exists()
 
-    import dscl.inference as inference
+    import dscl.data.inputs as inputs  # where `dscl predict` looks it up at call time
 
-    real = inference.iter_files
+    real = inputs.iter_files
 
     def interrupted(*args, **kwargs):
         for n, batch in enumerate(real(*args, **kwargs)):
@@ -152,12 +152,12 @@ def test_predict_files_are_whole_or_absent(folder_run: Path, tmp_path: Path, cap
                 raise KeyboardInterrupt
             yield batch
 
-    monkeypatch.setattr(inference, "iter_files", interrupted)
+    monkeypatch.setattr(inputs, "iter_files", interrupted)
     out = tmp_path / "interrupted.csv"
     assert main(["predict", "--run", str(folder_run), images, "--out", str(out), "--batch-size", "2",
                  "--no-progress"]) == 130
     assert not out.exists() and not list(tmp_path.glob(".interrupted.csv.*"))  # no partial file, no temp left
-    monkeypatch.setattr(inference, "iter_files", real)
+    monkeypatch.setattr(inputs, "iter_files", real)
     assert main(["predict", "--run", str(folder_run), images, "--out", str(out), "--no-progress"]) == 0
     assert len(list(csv.DictReader(out.open()))) == 9
 
@@ -208,6 +208,7 @@ def test_torchscript_export_gives_the_logits_of_predict(smoke_run: Path, tmp_pat
             assert float(row[f"logit_{i}"]) == pytest.approx(float(logits[names.index(row[f"class_{i}"])]), abs=1e-5)
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_import_official_layout_then_classify_and_evaluate(smoke_run: Path, tmp_path: Path) -> None:
     ckpt = tmp_path / "checkpoint.pth.tar"
@@ -227,6 +228,7 @@ def test_import_official_layout_then_classify_and_evaluate(smoke_run: Path, tmp_
     assert not (tmp_path / "r18").exists()
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_ensemble_of_two_runs_writes_a_report(smoke_run: Path, folder_run: Path, tmp_path: Path, capsys) -> None:
     twin = tmp_path / "twin"
@@ -246,13 +248,14 @@ def test_ensemble_of_two_runs_writes_a_report(smoke_run: Path, folder_run: Path,
     assert "different datasets" in capsys.readouterr().err and not (tmp_path / "mixed").exists()
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_an_ensemble_predicts_like_its_averaged_members(smoke_run: Path, tmp_path: Path, capsys) -> None:
     """Issue #21: `dscl predict --run ENSEMBLE` gives the members' averaged softmax; embed / export say why
     an ensemble cannot."""
     from dscl.classify import classify
     from dscl.inference import load_model, load_run
-    from dscl.rundir import load_run_config
+    from dscl.run import load_run_config
 
     other = tmp_path / "other"
     shutil.copytree(smoke_run, other)
@@ -290,13 +293,14 @@ def test_export_errors_exit_2(smoke_run: Path, tmp_path: Path, capsys, monkeypat
     assert "pip install 'dscl[export]'" in capsys.readouterr().err and not (tmp_path / "m.onnx").exists()
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_state_dict_export_imports_back(smoke_run: Path, tmp_path: Path) -> None:
     """Issue #21: `dscl export --format state-dict` -> `dscl import` is a run with the same predictions and
     the same report rows (tau-norm of a standardised classifier included); its report names the source
     and claims no method, epochs or precision it does not know."""
     from dscl.classify import classify
-    from dscl.rundir import load_run_config
+    from dscl.run import load_run_config
 
     run = tmp_path / "standardised"
     shutil.copytree(smoke_run, run)
@@ -336,30 +340,6 @@ def test_state_dict_export_imports_back(smoke_run: Path, tmp_path: Path) -> None
     assert "conventions" not in imported and imported["expected"] is None
     text = (back / "report.md").read_text()
     assert f"Imported from {sd.resolve()}" in text and "epochs: unknown" in text
-
-
-def test_labelled_lists_by_name_index_tab_or_quotes(tmp_path: Path) -> None:
-    """Issue #21: a list may label by class name (plain, tab-separated with spaces, quoted) or by index;
-    indices on a run with class names get a note naming the mapping; a label that is neither is refused."""
-    from dscl.data import DataError
-    from dscl.inference import read_labelled_list
-
-    names = ["sea urchin", "ant", "bee"]
-    listing = tmp_path / "l.txt"
-    listing.write_text("# comment\n\na.png ant\nb c.png\tsea urchin\n\"d e.png\" \"bee\"\nf.png 2\n"
-                       "g h.png\n'/abs/i.png'\n")
-    got = read_labelled_list(listing, tmp_path, names)
-    assert got.paths == [str(tmp_path / n) for n in ("a.png", "b c.png", "d e.png", "f.png", "g h.png")] + [
-        "/abs/i.png"]
-    assert got.labels == [1, 0, 2, 2, None, None]
-    assert len(got.notes) == 1 and "0 = sea urchin, 1 = ant, 2 = bee" in got.notes[0]
-    assert read_labelled_list(listing, tmp_path, ["0", "1", "2", "ant", "bee", "sea urchin"]).notes == []
-    listing.write_text("a.png 7\n")
-    with pytest.raises(DataError, match=r"line 1: label '7' is neither a class of the run \(sea urchin, ant, bee\)"):
-        read_labelled_list(listing, tmp_path, names)
-    listing.write_text('"a.png ant\n')
-    with pytest.raises(DataError, match="line 1"):
-        read_labelled_list(listing, tmp_path, names)
 
 
 def test_evaluate_new_labelled_data(folder_run: Path, tmp_path: Path, capsys) -> None:

@@ -47,3 +47,46 @@ def test_compare_aggregates_the_test_agnostic_columns():
     md = format_markdown({"dataset": "d", "preset": "p", "seeds": [0, 1], "methods": aggregate(reports, FIELDS),
                           "test_agnostic": ta, "command": "dscl compare", "wall_seconds": 60})
     assert "| method | forward-50 |" in md and "backward-50 |" in md and "60.0 ± 0.0" in md
+
+
+def test_markdown_names_the_configs_shot_thresholds():
+    """The Many / Medium / Few sentence follows eval.many_threshold / eval.few_threshold (the rule of
+    dscl.metrics.shot_groups); a compare.json written before the thresholds were recorded reads as the defaults."""
+    from dscl.compare import shot_thresholds
+
+    base = {"dataset": "d", "preset": "p", "seeds": [0], "methods": {}, "command": "dscl compare", "wall_seconds": 60}
+    assert "classes with > 100 / 20–100 / < 20 training images" in format_markdown(base)
+    cfg = load_config("smoke", overrides=["eval.many_threshold=50", "eval.few_threshold=5"])
+    md = format_markdown({**base, "shot_thresholds": shot_thresholds(cfg)})
+    assert "classes with > 50 / 5–50 / < 5 training images" in md
+
+
+@pytest.mark.slow
+def test_run_one_continues_an_unfinished_stage1_instead_of_restarting(tmp_path):
+    """A compare interrupted inside stage 1 resumes that stage (epochs done are kept), then classifies."""
+    import json
+
+    import torch
+
+    from conftest import HAS_FMNIST
+
+    if not HAS_FMNIST:
+        pytest.skip("Fashion-MNIST missing: apt-get install dataset-fashion-mnist or set DSCL_DATA")
+    from dscl.compare import run_one
+    from dscl.pretrain import pretrain
+    from dscl.run import MetricsLog, load_stage1, stage1_summary
+
+    cfg = load_config("smoke", overrides=["optim.epochs=2", "classifier.epochs=1"])
+    run = tmp_path / "dscl-seed0"
+    pretrain(cfg, run, device="cpu", progress=False, max_epochs=1)  # what an interrupted compare leaves
+    assert not stage1_summary(run).finished
+    first_epoch = load_stage1(run).model
+    report = run_one(cfg, run, device="cpu", progress=False)
+    log = MetricsLog(run / "metrics.jsonl")
+    assert [r["epoch"] for r in log.read("pretrain_epoch")] == [1, 2]  # epoch 1 not trained again
+    assert [r["epoch"] for r in log.read("resume")] == [1]
+    assert stage1_summary(run).finished and stage1_summary(run).epoch == 2
+    assert not all(torch.equal(v, first_epoch[k])  # epoch 2 trained on top of epoch 1
+                   for k, v in load_stage1(run).model.items() if k.startswith("online.backbone."))
+    assert report == json.loads((run / "report.json").read_text())
+    assert run_one(cfg, run, device="cpu", progress=False) == report  # a finished run is read, not re-run

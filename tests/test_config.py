@@ -52,6 +52,11 @@ def test_overrides_are_typed():
         ("data.imbalance_factor=0.5", "data.imbalance_factor must be a number >= 1"),
         ("model.channels_last=maybe", "true or false"),
         ("optim.epochs", "section.key=value"),
+        ("data.dataset=mnist", "data.dataset must be fmnist-lt, cifar10-lt, cifar100-lt, split or folder, got 'mnist'"),
+        ("views.augment_on=gpu", "views.augment_on must be auto, loader (per sample, DataLoader workers) or device "
+                                 "(batched on the training device), got 'gpu'"),
+        ("optim.amp=fp8", "optim.amp must be none, bf16 or fp16, got 'fp8'"),
+        ("loss.loss=supcon", "loss.loss must be dscl, scl or ce, got 'supcon'"),
     ],
 )
 def test_bad_overrides_name_the_key(override, needle):
@@ -123,23 +128,37 @@ def test_numeric_keys_are_range_checked(override, needle):
     assert needle in str(info.value)
 
 
-def test_every_numeric_key_has_a_range():
+def test_every_numeric_key_declares_its_range():
+    """Every int / float key (optional ones too) declares its range with the field (config.in_range), and
+    every declared choice list holds the field's default."""
     import dataclasses
 
-    from dscl.config import RANGES, Config
+    from dscl.config import SECTIONS, Config, field_types
 
     cfg = Config()
-    numeric = set()
-    for section in dataclasses.fields(cfg):
-        sub = getattr(cfg, section.name)
-        if not dataclasses.is_dataclass(sub):
-            continue
+    for section in SECTIONS:
+        sub = getattr(cfg, section)
+        types = field_types(type(sub))
         for f in dataclasses.fields(sub):
-            kind = str(f.type)
-            if ("int" in kind or "float" in kind) and "tuple" not in kind and "bool" not in kind:
-                numeric.add(f"{section.name}.{f.name}")
-    assert numeric - set(RANGES) == set(), "add these keys to config.RANGES"
-    assert set(RANGES) - numeric == set(), "RANGES names keys that do not exist"
+            numeric = types[f.name] in (int, float, int | None, float | None)
+            assert numeric == ("range" in f.metadata), f"{section}.{f.name}: declare its range with in_range()"
+            if "choices" in f.metadata:
+                assert f.default in f.metadata["choices"], f"{section}.{f.name}"
+
+
+def test_optional_keys_are_cleared_and_typed_by_their_declared_type():
+    """Coercion follows the resolved field type: none/null clear an optional key whatever it holds, an
+    optional int reads a string as an integer, an optional path stays a string."""
+    cfg = load_config("smoke", overrides=["data.n_max=50", "data.val_per_class=3", "model.pretrained=/w.pt"])
+    assert cfg.data.n_max == 50 and cfg.data.val_per_class == 3 and cfg.model.pretrained == "/w.pt"
+    cleared = load_config("smoke", overrides=["data.n_max=none", "model.pretrained=null", "data.data_root="])
+    assert cleared.data.n_max is None and cleared.model.pretrained is None and cleared.data.data_root is None
+    with pytest.raises(ConfigError, match="data.n_max must be an integer"):
+        load_config("smoke", overrides=["data.n_max=many"])
+    with pytest.raises(ConfigError, match="data.n_max must be an integer >= 1"):
+        load_config("smoke", overrides=["data.n_max=0"])
+    assert load_config("smoke", overrides=["classifier.milestones=[5, 9]"]).classifier.milestones == (5, 9)
+    assert load_config("smoke", overrides=["views.global_scale=[1, 1]"]).views.global_scale == (1.0, 1.0)
 
 
 def test_preset_descriptions():
@@ -178,3 +197,10 @@ def test_paper_scale_presets_use_per_slot_patch_bn():
         load_config("smoke", overrides=["model.patch_bn=slot"])
     with pytest.raises(ConfigError, match="model.queue_init must be empty or random"):
         load_config("smoke", overrides=["model.queue_init=zeros"])
+
+
+def test_val_per_class_must_not_be_negative():
+    from dscl.config import ConfigError
+
+    with pytest.raises(ConfigError, match="val_per_class"):
+        load_config("smoke", overrides=["data.val_per_class=-1"])

@@ -1,4 +1,6 @@
-"""Datasets: long-tail profiles, the IMBALANCECIFAR selection rule, split lists, folders, checks, errors."""
+"""dscl.data.datasets (build_datasets): the IMBALANCECIFAR selection, Fashion-MNIST-LT, split lists, folders,
+validation carving, where the data was read from, label errors. Readers: tests/test_data_readers.py;
+LTDataset and the profiles: tests/test_data_core.py."""
 
 from __future__ import annotations
 
@@ -11,7 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
-from dscl.config import DataConfig
+from conftest import needs_fmnist as needs_any_fmnist
+from conftest import write_tiny_fmnist
+from dscl.config import DataConfig, load_config
 from dscl.data import (
     DataError,
     LTDataset,
@@ -20,55 +24,8 @@ from dscl.data import (
     long_tailed_counts,
     summarize_dataset,
 )
+from dscl.data.datasets import held_out_indices
 from dscl.data.readers import FMNIST_FILES, FMNIST_SYSTEM_DIR
-
-# ------------------------------------------------------------------------------------------- profiles
-
-
-@pytest.mark.parametrize(
-    ("classes", "n_max", "imb", "expected_total", "expected_min"),
-    [
-        (100, 500, 100, 10847, 5),  # CIFAR-100-LT IF100 (FIELD.md 1.1)
-        (100, 500, 50, 12608, 10),
-        (100, 500, 10, 19573, 50),
-        (10, 5000, 100, 12406, 50),  # CIFAR-10-LT IF100
-    ],
-)
-def test_exp_profile_matches_published_totals(classes, n_max, imb, expected_total, expected_min):
-    counts = long_tailed_counts(classes, n_max, imb, "exp")
-    assert sum(counts) == expected_total
-    assert counts[0] == n_max and counts[-1] == expected_min
-    assert all(a >= b for a, b in zip(counts, counts[1:], strict=False))
-
-
-def test_exp_profile_formula_and_fmnist_default():
-    assert long_tailed_counts(10, 1000, 100, "exp") == [1000, 599, 359, 215, 129, 77, 46, 27, 16, 10]
-    for imb in (10.0, 50.0, 200.0, 3.5):
-        got = long_tailed_counts(7, 300, imb, "exp")
-        assert got == [int(300 * (1 / imb) ** (i / 6)) for i in range(7)]
-        assert got == long_tailed_counts(7, 300, imb, "exp")  # deterministic
-
-
-@pytest.mark.parametrize("imb", [1, 10, 100, 200])
-def test_step_profile(imb):
-    counts = long_tailed_counts(10, 5000, imb, "step")
-    assert counts == [5000] * 5 + [int(5000 / imb)] * 5
-    assert long_tailed_counts(5, 100, 10, "step") == [100, 100, 10, 10, 10]
-
-
-@pytest.mark.parametrize(
-    ("args", "needle"),
-    [
-        ((10, 100, 0.5, "exp"), "imbalance_factor"),
-        ((10, 0, 10, "exp"), "n_max"),
-        ((10, 100, 10, "cosine"), "profile"),
-        ((10, 10, 100, "exp"), "no image"),
-    ],
-)
-def test_profile_errors(args, needle):
-    with pytest.raises(DataError, match=needle):
-        long_tailed_counts(*args)
-
 
 # ------------------------------------------------------------------------------------------------ CIFAR
 
@@ -122,11 +79,6 @@ def test_cifar_selection_matches_imbalancecifar_rule(tmp_path):
     assert [other.train.load(i)[0, 0, 0].item() for i in range(12)] != got[:12]
 
 
-def test_cifar_missing_says_how_to_get_it(tmp_path):
-    with pytest.raises(DataError, match=r"cifar-100-python.*tar xzf"):
-        build_datasets(DataConfig(dataset="cifar100-lt", data_root=str(tmp_path)))
-
-
 # ---------------------------------------------------------------------------------------- Fashion-MNIST
 
 needs_fmnist = pytest.mark.skipif(
@@ -171,34 +123,6 @@ def test_fmnist_val_carving(monkeypatch):
     assert not train_ids & {splits.val._index[i] for i in range(len(splits.val))}
     again = build_datasets(DataConfig(val_fraction=0.1, val_per_class=0), seed=1)
     assert np.array_equal(again.val._index, splits.val._index)
-
-
-def test_fmnist_missing_names_places_and_commands(tmp_path, monkeypatch):
-    monkeypatch.delenv("DSCL_DATA", raising=False)
-    with pytest.raises(DataError) as err:
-        build_datasets(DataConfig(data_root=str(tmp_path / "nowhere")))
-    msg = str(err.value)
-    assert str(tmp_path / "nowhere") in msg and "apt-get install dataset-fashion-mnist" in msg
-    assert "DSCL_DATA" in msg and "--data-root" in msg
-
-
-def test_fmnist_from_data_root_with_tiny_idx_files(tmp_path):
-    import gzip
-
-    def idx(path, array):
-        header = bytes([0, 0, 8, array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
-        with gzip.open(path, "wb") as fh:
-            fh.write(header + array.astype(np.uint8).tobytes())
-
-    labels = np.repeat(np.arange(10), 5)
-    images = np.arange(50 * 28 * 28).reshape(50, 28, 28) % 251
-    for prefix in ("train", "t10k"):
-        idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", images)
-        idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", labels)
-    splits = build_datasets(DataConfig(data_root=str(tmp_path), n_max=5, imbalance_factor=5))
-    assert splits.train_counts == long_tailed_counts(10, 5, 5, "exp") == [5, 4, 3, 2, 2, 2, 1, 1, 1, 1]
-    with pytest.raises(DataError, match="class 0 has 5 images"):
-        build_datasets(DataConfig(data_root=str(tmp_path), n_max=6, imbalance_factor=5))
 
 
 # ------------------------------------------------------------------------------------------ split lists
@@ -318,72 +242,11 @@ def test_folder_dataset(tmp_path):
         build_datasets(DataConfig(dataset="folder", data_root=str(tmp_path / "none")))
 
 
-# -------------------------------------------------------------------------------------- dataset object
-
-
-def test_ltdataset_subset_transform_and_summary():
-    images = np.arange(6 * 4 * 4, dtype=np.uint8).reshape(6, 4, 4)
-    ds = LTDataset([0, 0, 0, 1, 1, 2], 3, ["a", "b", "c"], images=images)
-    sub = ds.subset([5, 3])
-    assert sub.targets == [2, 1] and torch.equal(sub.load(0)[0], torch.from_numpy(images[5]))
-    assert sub._images is ds._images and sub.path(0) is None
-    shifted = sub.with_transform(lambda x: x.float() + 1)
-    assert shifted[0][0].dtype == torch.float32 and sub.transform is None
-    assert check_images(ds) == []
-    from dscl.data import DatasetSplits
-
-    splits = DatasetSplits("toy", ds, None, ds, 3, ["a", "b", "c"], [150, 100, 20], (0.5,) * 3, (0.5,) * 3)
-    assert summarize_dataset(splits)["shot_classes"] == {"many": 1, "medium": 2, "few": 0}
-    assert summarize_dataset(splits, 99, 21)["shot_classes"] == {"many": 2, "medium": 0, "few": 1}
-
-
 # ----------------------------------------------------------------- the data folder actually used (item 3)
 
 
-def _tiny_fmnist(folder: Path) -> None:
-    import gzip
-
-    folder.mkdir(parents=True, exist_ok=True)
-    labels = np.repeat(np.arange(10), 5)
-    images = np.arange(50 * 28 * 28).reshape(50, 28, 28) % 251
-    for prefix in ("train", "t10k"):
-        for kind, array in (("images-idx3", images), ("labels-idx1", labels)):
-            header = bytes([0, 0, 8, array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
-            with gzip.open(folder / f"{prefix}-{kind}-ubyte.gz", "wb") as fh:
-                fh.write(header + array.astype(np.uint8).tobytes())
-
-
-@pytest.mark.parametrize("dataset", ["fmnist-lt", "cifar10-lt", "split", "folder"])
-def test_dscl_data_pointing_nowhere_fails_for_every_dataset(tmp_path, monkeypatch, dataset):
-    # issue #12: DSCL_DATA pointing at a missing folder was ignored and the system Fashion-MNIST used
-    monkeypatch.setenv("DSCL_DATA", str(tmp_path / "typo"))
-    (tmp_path / "train.txt").write_text("a.png 0\n")
-    cfg = DataConfig(dataset=dataset, list_dir=str(tmp_path), train_list="train.txt", test_list="train.txt")
-    with pytest.raises(DataError) as err:
-        build_datasets(cfg)
-    msg = str(err.value)
-    assert f"data folder {tmp_path / 'typo'}, given by the environment variable DSCL_DATA, does not exist" in msg
-    assert "unset DSCL_DATA" in msg
-
-
-def test_named_folder_without_fmnist_is_not_replaced_by_the_system_copy(tmp_path, monkeypatch):
-    (tmp_path / "other").mkdir()
-    monkeypatch.setenv("DSCL_DATA", str(tmp_path / "other"))
-    with pytest.raises(DataError) as err:
-        build_datasets(DataConfig())
-    msg = str(err.value)
-    assert "Fashion-MNIST not found" in msg and str(tmp_path / "other") in msg
-    assert FMNIST_SYSTEM_DIR not in msg.split("\n")[1:-1]  # only the named folder was searched
-    assert "unset DSCL_DATA" in msg
-    # an empty variable counts as unset; --data-root (data.data_root) wins over DSCL_DATA
-    _tiny_fmnist(tmp_path / "mine" / "fashion-mnist")
-    splits = build_datasets(DataConfig(data_root=str(tmp_path / "mine"), n_max=5, imbalance_factor=5,
-                                       val_per_class=0))
-    assert splits.data_root == str(tmp_path / "mine" / "fashion-mnist")
-
-
 def test_data_root_records_the_folder_actually_read(tmp_path, monkeypatch):
-    _tiny_fmnist(tmp_path / "fm")
+    write_tiny_fmnist(tmp_path / "fm")
     monkeypatch.setenv("DSCL_DATA", str(tmp_path / "fm"))
     splits = build_datasets(DataConfig(n_max=5, imbalance_factor=5, val_per_class=0))
     assert splits.data_root == str(tmp_path / "fm")
@@ -461,16 +324,60 @@ def test_list_locations_follow_samples_through_subsets(tmp_path):
         LTDataset([0], 1, ["a"], paths=["x"], where=["l1", "l2"])
 
 
-# ------------------------------------------------------------------------------- hidden folders (item 8)
+# ---------------------------------------------- validation splits: held out from unused training images, carved
 
 
-def test_folder_dataset_skips_hidden_folders_and_files(tmp_path):
-    _images(tmp_path, ["train/cat/1.png", "train/dog/2.png", "test/cat/3.png", "test/dog/4.png",
-                       "train/.ipynb_checkpoints/5.png", "train/.git/6.png", "train/cat/.hidden.png",
-                       "train/cat/._1.png", "train/dog/.ipynb_checkpoints/2-checkpoint.png",
-                       "test/.ipynb_checkpoints/7.png", "train/dog/sub/8.png"])
-    splits = build_datasets(DataConfig(dataset="folder", data_root=str(tmp_path)))
-    assert splits.class_names == ["cat", "dog"] and splits.num_classes == 2
-    train = sorted(Path(splits.train.path(i)).relative_to(tmp_path).as_posix() for i in range(len(splits.train)))
-    assert train == ["train/cat/1.png", "train/dog/2.png", "train/dog/sub/8.png"]
-    assert len(splits.test) == 2
+def test_held_out_indices_are_balanced_disjoint_and_seeded():
+    targets = np.repeat(np.arange(4), 50)  # 50 images per class
+    used = np.concatenate([np.flatnonzero(targets == c)[: n] for c, n in enumerate([50, 30, 10, 5])])
+    idx = held_out_indices(targets, used, per_class=15, seed=0)
+    assert not set(idx) & set(used)
+    counts = np.bincount(targets[idx], minlength=4)
+    assert counts.tolist() == [0, 15, 15, 15]  # class 0 has no unused image left
+    assert np.array_equal(idx, np.sort(idx))
+    assert np.array_equal(idx, held_out_indices(targets, used, 15, seed=0))
+    assert not np.array_equal(idx, held_out_indices(targets, used, 15, seed=1))
+    # fewer unused images than asked: all of them
+    assert np.bincount(targets[held_out_indices(targets, used, 45, 0)], minlength=4).tolist() == [0, 20, 40, 45]
+
+
+@needs_any_fmnist
+def test_fmnist_lt_has_a_balanced_held_out_split_that_costs_no_training_data():
+    cfg = load_config("fmnist-lt")
+    splits = build_datasets(cfg.data)
+    assert splits.val_source == "held-out" and not splits.val_is_carved
+    assert splits.val.class_counts() == [200] * 10
+    assert splits.train_counts == [1000, 599, 359, 215, 129, 77, 46, 27, 16, 10]  # the LT subset is unchanged
+    assert not set(splits.train.identities()) & set(splits.val.identities())
+    assert "held out" in splits.val_description()
+    # the subset seed fixes it; the training seed does not move it
+    again = build_datasets(cfg.data, seed=7)
+    assert again.val.identities() == splits.val.identities()
+    cfg.data.subset_seed = 1
+    assert build_datasets(cfg.data).val.identities() != splits.val.identities()
+    # val_per_class=0 turns it off; then val_fraction carves from train as before
+    cfg = load_config("fmnist-lt", overrides=["data.val_per_class=0"])
+    assert build_datasets(cfg.data).val is None
+    cfg = load_config("fmnist-lt", overrides=["data.val_per_class=0", "data.val_fraction=0.1"])
+    carved = build_datasets(cfg.data)
+    assert carved.val_source == "carved" and sum(carved.train_counts) + len(carved.val) == 2478
+
+
+def test_split_lists_take_class_names_from_a_file(tmp_path: Path) -> None:
+    for k in range(4):
+        Image.fromarray(np.full((8, 8, 3), 40 * k, np.uint8)).save(tmp_path / f"{k}.png")
+    (tmp_path / "train.txt").write_text("0.png 0\n1.png 1\n2.png 1\n")
+    (tmp_path / "test.txt").write_text("3.png 0\n")
+    (tmp_path / "names.txt").write_text("cat\ndog\n\n")
+    data = {"dataset": "split", "list_dir": str(tmp_path), "train_list": "train.txt", "test_list": "test.txt"}
+    overrides = [f"data.{k}={v}" for k, v in data.items()] + ["data.class_names_file=names.txt"]
+    cfg = load_config("smoke", overrides=overrides)
+    assert build_datasets(cfg.data).class_names == ["cat", "dog"]
+    (tmp_path / "names.txt").write_text("cat\n")
+    with pytest.raises(DataError, match="1 class names for the 2 classes"):
+        build_datasets(cfg.data)
+    (tmp_path / "names.txt").write_text("cat\ncat\n")
+    with pytest.raises(DataError, match="unique"):
+        build_datasets(cfg.data)
+    cfg.data.class_names_file = None
+    assert build_datasets(cfg.data).class_names == ["0", "1"]

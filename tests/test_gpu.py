@@ -32,11 +32,11 @@ def restore_torch_flags():
 @needs_fmnist
 @pytest.mark.parametrize("amp", ["none", "fp16", "bf16"])
 def test_smoke_pipeline_on_one_gpu(tmp_path, amp, restore_torch_flags):
-    from dscl.checkpoint import load_checkpoint
     from dscl.classify import classify
     from dscl.config import load_config
     from dscl.evaluation import evaluate
     from dscl.pretrain import pretrain
+    from dscl.run import load_checkpoint
     from dscl.runtime import bf16_support
 
     if amp == "bf16" and not bf16_support(torch.device("cuda"))[0]:
@@ -78,9 +78,9 @@ def test_losses_on_gpu_equal_cpu():
 def test_deterministic_run_is_reproducible_on_gpu(tmp_path, restore_torch_flags):
     """optim.deterministic is strict (use_deterministic_algorithms without warn_only): every op of the
     step must have a deterministic CUDA kernel, and two runs give the same weights."""
-    from dscl.checkpoint import load_checkpoint
     from dscl.config import load_config
     from dscl.pretrain import pretrain
+    from dscl.run import load_checkpoint
 
     cfg = load_config("smoke", overrides=["optim.epochs=1", "optim.deterministic=true"])
     for name in ("a", "b"):

@@ -4,10 +4,12 @@ ready whenever a GPU machine is lent."""
 import subprocess
 from pathlib import Path
 
+import pytest
+
 ROOT_DIR = Path(__file__).resolve().parent.parent
 
 
-
+@pytest.mark.slow  # the script's CPU dry run trains stage 1 three times (per-slot, joint, a resume)
 def test_device_check_dry_run(tmp_path: Path) -> None:
     out = tmp_path / "gpu_check"
     res = subprocess.run(["bash", str(ROOT_DIR / "scripts" / "gpu_check.sh"), "--dry-run", str(out)],

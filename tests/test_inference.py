@@ -1,9 +1,8 @@
-"""dscl.inference: load_run -> Predictor, the input conversion, inputs of `dscl predict`, ensembles."""
+"""dscl.inference: load_run -> Predictor (its input conversion: test_data_preprocess.py), ensembles."""
 
 from __future__ import annotations
 
 import csv
-import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -16,97 +15,12 @@ from PIL import Image
 
 from conftest import needs_fmnist
 from dscl import Predictor, load_run
-from dscl.checkpoint import load_checkpoint, save_checkpoint
-from dscl.config import load_config
 from dscl.data import DataError, EvalTransform, build_datasets
 from dscl.data.readers import FMNIST_CLASSES
-from dscl.evaluation import chance_warning
-from dscl.inference import Preprocess, collect_inputs
-from dscl.rundir import RunDirError
+from dscl.run import RunDirError, load_checkpoint, save_checkpoint
 
 # ----------------------------------------------------------------------------------------------
-# the input conversion (no dataset needed)
-
-
-@pytest.mark.parametrize("size", [28, 32, 160])
-def test_preprocess_equals_the_evaluation_transform_bit_for_bit(size: int) -> None:
-    # The one conversion shared by evaluate / predict / export must be EvalTransform exactly (uint8 resize
-    # kernel with its rounding, centre crop for >= 128 px, normalisation), or runs would change numbers.
-    gen = torch.Generator().manual_seed(size)
-    mean, std = (0.2, 0.4, 0.6), (0.3, 0.2, 0.25)
-    pre = Preprocess(size, mean, std, grey=False)
-    for h, w in ((size, size), (28, 28), (41, 33), (300, 199), (17, 250)):
-        img = torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=gen)
-        expected = EvalTransform(size, mean, std)(img)
-        got = pre(img.permute(1, 2, 0).unsqueeze(0))[0]
-        assert got.shape == (3, size, size)
-        assert torch.equal(got, expected), (h, w, (got - expected).abs().max())
-
-
-def test_grey_runs_convert_colour_like_pil_and_grey_is_replicated() -> None:
-    rgb = np.random.default_rng(0).integers(0, 256, (9, 11, 3), dtype=np.uint8)
-    grey = np.array(Image.fromarray(rgb).convert("L"))
-    out = Preprocess(11, (0.0,) * 3, (1.0,) * 3, grey=True)(torch.from_numpy(rgb)[None])  # no resize at 9x11 -> 11x11
-    pre = Preprocess(11, (0.0,) * 3, (1.0,) * 3, grey=True)
-    chans = pre._channels(torch.from_numpy(rgb).permute(2, 0, 1)[None])
-    assert torch.equal(chans[0, 0], torch.from_numpy(grey)) and torch.equal(chans[0, 0], chans[0, 2])
-    assert out.shape == (1, 3, 11, 11) and torch.equal(out[0, 0], out[0, 1])
-    # float input: the same weights, no rounding
-    f = torch.from_numpy(rgb).permute(2, 0, 1)[None].float() / 255
-    assert torch.allclose(pre._channels(f)[0, 0] * 255, torch.from_numpy(grey).float(), atol=0.51)
-    # colour runs keep colour; a grey image is replicated (PIL's convert("RGB"))
-    colour = Preprocess(11, (0.0,) * 3, (1.0,) * 3, grey=False)
-    assert torch.equal(colour._channels(torch.from_numpy(rgb).permute(2, 0, 1)[None])[0],
-                       torch.from_numpy(rgb).permute(2, 0, 1))
-    one = torch.from_numpy(grey)[None, :, :, None]
-    assert torch.equal(colour(one), colour(one.expand(-1, -1, -1, 3)))
-    with pytest.raises(ValueError, match="1 \\(grey\\) or 3"):
-        colour(torch.zeros(1, 5, 5, 4, dtype=torch.uint8))
-
-
-def test_chance_warning() -> None:
-    assert chance_warning(14.9, 10) is not None and "WARNING" in chance_warning(14.9, 10)  # type: ignore[operator]
-    assert chance_warning(15.1, 10) is None
-    assert chance_warning(0.14, 1000) is not None and chance_warning(0.16, 1000) is None
-    assert chance_warning(None, 10) is None
-
-
-def test_collect_inputs(tmp_path: Path) -> None:
-    (tmp_path / "imgs" / "deep" / ".hidden").mkdir(parents=True)
-    for rel in ("imgs/b.png", "imgs/a.JPG", "imgs/deep/c.webp", "imgs/deep/.hidden/x.png", "imgs/notes.txt"):
-        (tmp_path / rel).write_bytes(b"")
-    (tmp_path / "list.txt").write_text("imgs/b.png 1\n# comment\nimgs/deep/c.webp 0\n")
-    got = collect_inputs([str(tmp_path / "imgs"), str(tmp_path / "list.txt"), str(tmp_path / "missing.png")],
-                         num_classes=2)
-    assert got.paths == [str(tmp_path / p) for p in ("imgs/a.JPG", "imgs/b.png", "imgs/deep/c.webp",
-                                                      "imgs/b.png", "imgs/deep/c.webp", "missing.png")]
-    assert got.labels == [None, None, None, 1, 0, None] and got.labelled
-    with pytest.raises(DataError, match=r"list.txt, line 1: label '1' is neither a class of the run .0. nor a "
-                                        r"class index in \[0, 1\)"):
-        collect_inputs([str(tmp_path / "list.txt")], num_classes=1)
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(DataError, match="holds no image files"):
-        collect_inputs([str(tmp_path / "empty")], num_classes=2)
-
-
-def test_split_lists_take_class_names_from_a_file(tmp_path: Path) -> None:
-    for k in range(4):
-        Image.fromarray(np.full((8, 8, 3), 40 * k, np.uint8)).save(tmp_path / f"{k}.png")
-    (tmp_path / "train.txt").write_text("0.png 0\n1.png 1\n2.png 1\n")
-    (tmp_path / "test.txt").write_text("3.png 0\n")
-    (tmp_path / "names.txt").write_text("cat\ndog\n\n")
-    data = {"dataset": "split", "list_dir": str(tmp_path), "train_list": "train.txt", "test_list": "test.txt"}
-    overrides = [f"data.{k}={v}" for k, v in data.items()] + ["data.class_names_file=names.txt"]
-    cfg = load_config("smoke", overrides=overrides)
-    assert build_datasets(cfg.data).class_names == ["cat", "dog"]
-    (tmp_path / "names.txt").write_text("cat\n")
-    with pytest.raises(DataError, match="1 class names for the 2 classes"):
-        build_datasets(cfg.data)
-    (tmp_path / "names.txt").write_text("cat\ncat\n")
-    with pytest.raises(DataError, match="unique"):
-        build_datasets(cfg.data)
-    cfg.data.class_names_file = None
-    assert build_datasets(cfg.data).class_names == ["0", "1"]
+# no dataset needed
 
 
 # ----------------------------------------------------------------------------------------------
@@ -153,6 +67,11 @@ def test_predictor_api_on_the_smoke_run(smoke_run: Path, tmp_path: Path) -> None
     assert torch.allclose(p.logits([im.numpy() for im in batch]), p.logits(batch), atol=1e-6)
     grey = batch[..., :1]  # (uint8 colour is rounded to integer grey, float colour is not)
     assert torch.allclose(p.logits(grey.permute(0, 3, 1, 2).float() / 255), p.logits(grey), atol=1e-4)
+    # ONE name for the input conversion: p.transform (one image, picklable) and p.transform.batch (many)
+    assert torch.equal(p.transform(files[1]), p.transform.batch(files[1:2])[0])
+    assert torch.equal(p.transform.batch(batch), p.transform.batch(list(batch.permute(0, 3, 1, 2))))
+    assert p.transform.image_size == p.image_size == 28 and p.transform.preprocess.grey
+    assert not any(hasattr(p, old) for old in ("prepare", "image_transform", "preprocess"))
     emb = p.embed(files)
     assert emb.shape == (len(files), p.num_features) and torch.allclose(emb.norm(dim=1), torch.ones(len(files)))
     for variant in ("plain", "logit-adjust", "tau-norm", "ncm"):
@@ -198,8 +117,7 @@ def test_a_copied_run_predicts_without_the_dataset(smoke_run: Path, tmp_path: Pa
 
     # a run written before the names were stored needs the dataset once, and says so
     state = load_checkpoint(run / "checkpoints" / "classifier.pt")
-    for key in ("class_names", "train_counts", "mean", "std"):
-        state.pop(key)
+    state["data"] = None
     save_checkpoint(run / "checkpoints" / "classifier.pt", state)
     with pytest.raises(RunDirError, match="(?s)predates stored class names.*dscl classify"):
         load_run(run)
@@ -229,50 +147,11 @@ def test_runs_without_a_classifier(smoke_run: Path, tmp_path: Path) -> None:
 
 
 @needs_fmnist
-def test_ensemble_refuses_bad_arguments_before_any_work(smoke_run: Path, tmp_path: Path) -> None:
-    from dscl.ensemble import EnsembleError, ensemble
-
-    with pytest.raises(EnsembleError, match="at least two"):
-        ensemble([smoke_run], tmp_path / "one", device="cpu", progress=False)
-    with pytest.raises(EnsembleError, match="same run twice"):
-        ensemble([smoke_run, smoke_run], tmp_path / "two", device="cpu", progress=False)
-    (tmp_path / "used").mkdir()
-    (tmp_path / "used" / "notes.txt").write_text("mine")
-    with pytest.raises(RunDirError, match="not empty") as err:
-        ensemble([smoke_run, tmp_path], tmp_path / "used", device="cpu", progress=False)
-    assert "--resume" not in str(err.value) and "--overwrite" in str(err.value)  # ensemble has no --resume
-
-
-@needs_fmnist
-def test_ensemble_refuses_other_datasets_and_class_lists() -> None:
-    from dscl.ensemble import EnsembleError, check_same_data
-
-    cfg = load_config("smoke")
-    a = build_datasets(cfg.data)
-    cfg.data.imbalance_factor = 5
-    b = build_datasets(cfg.data)
-    runs = [Path("a"), Path("b")]
-    with pytest.raises(EnsembleError, match="different training sets"):
-        check_same_data(runs, [a, b], "test")
-    renamed = dataclasses.replace(a, class_names=[*a.class_names[:-1], "Boot"])
-    with pytest.raises(EnsembleError, match="different class lists: only in the first: Boot; only in the second: "
-                                            "Ankle boot"):
-        check_same_data(runs, [a, renamed], "test")
-    swapped = dataclasses.replace(a, class_names=[a.class_names[1], a.class_names[0], *a.class_names[2:]])
-    with pytest.raises(EnsembleError, match="same 10 classes in another order .class 0 is 'Trouser'"):
-        check_same_data(runs, [a, swapped], "test")
-    fewer = dataclasses.replace(a, test=a.test.subset(range(100)))
-    with pytest.raises(EnsembleError, match="different test sets"):
-        check_same_data(runs, [a, fewer], "test")
-    check_same_data(runs, [a, build_datasets(load_config("smoke").data)], "test")
-
-
-@needs_fmnist
 def test_tau_norm_of_a_standardised_classifier(smoke_run: Path, tmp_path: Path) -> None:
     """Issue #21: classifier.standardize stores its statistics; tau-norm at tau = 0 then gives exactly the
     plain classifier's logits, and tau = 1 stays far from chance (it read ~chance before the fix)."""
     from dscl.classify import classify
-    from dscl.rundir import load_run_config
+    from dscl.run import load_run_config
 
     run = tmp_path / "run"
     shutil.copytree(smoke_run, run)

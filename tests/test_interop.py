@@ -14,11 +14,10 @@ from torch import nn
 
 from conftest import needs_fmnist
 from dscl import load_run
-from dscl.checkpoint import CheckpointError, load_checkpoint
 from dscl.config import load_config
 from dscl.evaluation import evaluate
 from dscl.interop import export_run, import_checkpoint, read_external, state_dict_export
-from dscl.rundir import RunDirError
+from dscl.run import CheckpointError, RunDirError, load_checkpoint, load_classifier, load_stage1
 
 # ----------------------------------------------------------------------------------------------
 # checkpoints in the exact layouts other code writes
@@ -72,16 +71,16 @@ def test_official_resnet18_stage1_layout_lands_in_the_right_places(tmp_path: Pat
     res = import_checkpoint(path, _r18_cfg(), tmp_path / "run")
     assert res.format == "official" and not res.classifier and res.unexpected == []
     assert any("queue (128, 256) not imported" in n for n in res.notes)
-    state = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
-    assert state["finished"] and state["imported"]["head"] and state["imported"]["file_epoch"] == 200
-    model = state["model"]
+    state = load_stage1(tmp_path / "run")
+    assert state.finished and state.facts.imported["head"] and state.facts.imported["file_epoch"] == 200
+    model = state.model
     for name, v in q.state_dict().items():
         ours = ("online.head." + name[3:]) if name.startswith("fc.") else "online.backbone." + name
         assert torch.equal(model[ours], v), name
     for name, v in k.state_dict().items():
         ours = ("momentum.head." + name[3:]) if name.startswith("fc.") else "momentum.backbone." + name
         assert torch.equal(model[ours], v), name
-    assert int(model["queue.filled"]) == 0 and state["class_names"][0] == "T-shirt/top"
+    assert int(model["queue.filled"]) == 0 and state.data.class_names[0] == "T-shirt/top"
     # the imported backbone computes exactly what encoder_q's trunk computes
     p = load_run(tmp_path / "run", stage1_ok=True)
     trunk = _moco_resnet18(0).eval()
@@ -109,7 +108,7 @@ def test_official_stage2_file_becomes_the_classifier_and_exports_to_torchvision(
     batch = torch.randint(0, 256, (4, 32, 32, 3), dtype=torch.uint8)
     tv.eval()
     with torch.no_grad():
-        assert torch.allclose(p.logits(batch), tv(p.prepare(batch)), atol=1e-4)
+        assert torch.allclose(p.logits(batch), tv(p.transform.batch(batch)), atol=1e-4)
     # export: torchvision keys, so torchvision's own resnet18 loads it (only fc missing without num_classes)
     sd = state_dict_export(p)
     assert sd["key_layout"] == "torchvision" and sd["class_names"] == p.class_names
@@ -118,7 +117,7 @@ def test_official_stage2_file_becomes_the_classifier_and_exports_to_torchvision(
     whole = torchvision.models.resnet18(num_classes=10)
     whole.load_state_dict({**sd["backbone"], **{f"fc.{n}": v for n, v in sd["fc"].items()}})
     with torch.no_grad():
-        assert torch.allclose(whole.eval()(p.prepare(batch)), p.logits(batch), atol=1e-4)
+        assert torch.allclose(whole.eval()(p.transform.batch(batch)), p.logits(batch), atol=1e-4)
     # --backbone-only ignores the fc
     res = import_checkpoint(path, _r18_cfg(), tmp_path / "bare", backbone_only=True)
     assert not res.classifier and not (tmp_path / "bare" / "checkpoints" / "classifier.pt").exists()
@@ -174,10 +173,10 @@ def test_imports_that_do_not_fit_are_refused_and_write_nothing(smoke_run: Path, 
 @needs_fmnist
 def test_a_wrongly_loaded_classifier_is_flagged_after_evaluation(smoke_run: Path, tmp_path: Path, capsys) -> None:
     # a classifier for these classes but random: the symptom users of the peers report (top-1 near chance)
-    state = load_checkpoint(smoke_run / "checkpoints" / "classifier.pt")
+    state = load_classifier(smoke_run)
     weight = torch.randn(10, 256, generator=torch.Generator().manual_seed(0)) * 1e-3
     bias = torch.tensor([0.0] * 9 + [1e3])
-    torch.save({**state["backbone"], "fc.weight": weight, "fc.bias": bias}, tmp_path / "plain.pth")
+    torch.save({**state.backbone, "fc.weight": weight, "fc.bias": bias}, tmp_path / "plain.pth")
     import_checkpoint(tmp_path / "plain.pth", load_config("smoke"), tmp_path / "run")
     report = evaluate(tmp_path / "run", split="val", device="cpu", progress=False)  # 200 images: fast
     assert report["top1"] == pytest.approx(10.0, abs=0.01)  # always the last class on a balanced split

@@ -8,7 +8,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dscl.losses import DSCLLoss, PBSDLoss, SupConLoss, dscl_loss, pbsd_loss, supcon_loss
+from dscl.losses import (
+    DSCLLoss,
+    PBSDLoss,
+    SupConLoss,
+    dscl_loss,
+    dscl_loss_dense,
+    pbsd_loss,
+    pbsd_loss_dense,
+    supcon_loss,
+)
 
 F64 = torch.float64
 
@@ -59,27 +68,6 @@ def ref_dscl(query, key, labels, queue, queue_labels, alpha, tau):
 
 def ref_supcon(query, key, labels, queue, queue_labels, tau):
     return ref_contrastive(query, key, labels, queue, queue_labels, lambda n: 1.0 / (n + 1), tau)
-
-
-def official_beta_loss(query, key, labels, queue, queue_labels, beta, tau):
-    """The official SupCon-style beta-weighted form (METHOD.md A.6 "Official implementation")."""
-    b = query.shape[0]
-    features = torch.cat([query, key, queue])
-    all_labels = torch.cat([labels, labels, queue_labels])
-    mask = (labels[:, None] == all_labels[None, :]).to(query.dtype)  # (B, 2B+K)
-    logits_mask = torch.ones_like(mask)
-    logits_mask[torch.arange(b), torch.arange(b)] = 0
-    mask = mask * logits_mask
-    logits = query @ features.T / tau
-    logits = logits - logits.max(dim=1, keepdim=True).values.detach()
-    exp_logits = torch.exp(logits) * logits_mask
-    log_prob = logits - torch.log(exp_logits.sum(1, keepdim=True))
-    own_key = torch.zeros_like(mask)
-    own_key[torch.arange(b), b + torch.arange(b)] = 1
-    n_others = mask.sum(1, keepdim=True) - 1
-    weights = own_key + (mask - own_key) * beta / (n_others + 1e-12)
-    mean_log_prob = (weights * log_prob).sum(1) / weights.sum(1)
-    return -mean_log_prob.mean()
 
 
 def ref_pbsd(teacher, student, key, queue, tau):
@@ -225,6 +213,34 @@ def test_pbsd_matches_reference(seed):
     )
 
 
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_dense_references_match_the_loops(case):
+    """The shipped dense references (official form, used by benchmarks and the gradient analysis) equal
+    the loops: DSCL with beta = (1 - alpha)/alpha, SupCon for beta=None, PBSD; values and gradients."""
+    b, k, d, c, distinct = case
+    query, key, labels, queue, queue_labels = make_inputs(b, k, d, c, seed=31 + b * k, distinct=distinct)
+    tau, alpha = 0.2, 0.3
+    for beta, ref_fn in (((1 - alpha) / alpha, lambda q: ref_dscl(q, key, labels, queue, queue_labels, alpha, tau)),
+                         (None, lambda q: ref_supcon(q, key, labels, queue, queue_labels, tau))):
+        q_dense, q_ref = query.clone().requires_grad_(), query.clone().requires_grad_()
+        dense = dscl_loss_dense(q_dense, key, labels, queue, queue_labels, beta=beta, temperature=tau)
+        ref = ref_fn(q_ref)
+        torch.testing.assert_close(dense, ref, rtol=1e-9, atol=1e-12)
+        dense.backward()
+        ref.backward()
+        torch.testing.assert_close(q_dense.grad, q_ref.grad, rtol=1e-9, atol=1e-12)
+    gen = torch.Generator().manual_seed(b + k)
+    teacher, student = unit(3, b, d, gen=gen), unit(3, b, d, gen=gen)
+    s_dense, s_ref = student.clone().requires_grad_(), student.clone().requires_grad_()
+    dense = pbsd_loss_dense(teacher, s_dense, key, queue, temperature=tau)
+    ref = ref_pbsd(teacher, s_ref, key, queue, tau)
+    torch.testing.assert_close(dense, torch.as_tensor(ref, dtype=F64), rtol=1e-9, atol=1e-12)
+    if k:
+        dense.backward()
+        ref.backward()
+        torch.testing.assert_close(s_dense.grad, s_ref.grad, rtol=1e-9, atol=1e-12)
+
+
 # --------------------------------------------------------------------------------------------------
 # METHOD.md G 1-9 (DSCL / SCL)
 # --------------------------------------------------------------------------------------------------
@@ -235,7 +251,7 @@ def test_pbsd_matches_reference(seed):
 def test_alpha_beta_mapping_official_form(beta, seed):
     """G 1, G 9: the official beta-weighted form equals DSCL with alpha = 1/(1+beta)."""
     query, key, labels, queue, queue_labels = make_inputs(8, 24, 6, [2, 4, 50][seed], seed=seed)
-    official = official_beta_loss(query, key, labels, queue, queue_labels, beta, 0.07)
+    official = dscl_loss_dense(query, key, labels, queue, queue_labels, beta=beta, temperature=0.07)
     ours = dscl_loss(query, key, labels, queue, queue_labels, alpha=1 / (1 + beta))
     torch.testing.assert_close(ours, official, rtol=1e-9, atol=1e-12)
 

@@ -14,6 +14,7 @@ from dscl.metrics import (
     logit_adjust,
     ncm_logits,
     per_class_accuracy,
+    shot_group_bounds,
     shot_groups,
     summarize,
     tau_normalize,
@@ -49,6 +50,15 @@ def test_shot_group_custom_thresholds_and_validation():
         shot_groups([1, 2], many_threshold=10, few_threshold=50)
     with pytest.raises(ValueError, match="non-negative"):
         shot_groups([3, -1])
+
+
+def test_shot_group_bounds_describe_the_rule():
+    """The words of shot_group_bounds match what shot_groups does at the boundaries (both bounds Medium)."""
+    assert shot_group_bounds() == {"many": "> 100", "medium": "20–100", "few": "< 20"}
+    assert shot_group_bounds(50, 5) == {"many": "> 50", "medium": "5–50", "few": "< 5"}
+    assert shot_groups([51, 50, 5, 4], many_threshold=50, few_threshold=5) == {
+        "many": [0], "medium": [1, 2], "few": [3],
+    }
 
 
 # ---------------------------------------------------------------------------------- metrics

@@ -418,6 +418,7 @@ def test_other_conventions_are_detected(single, patch_bn, roi_aligned):
 # Two processes
 # ------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_two_processes_match_the_reference(tmp_path):
     """2 gloo processes under torchrun == the reference playing both ranks, within TOL.
 

@@ -30,33 +30,3 @@ def test_preset_changes_ignore_where_the_data_lives_but_not_the_recipe():
     assert preset_changes(cfg) == ["loss.alpha", "optim.epochs"]
     cfg.preset = "gone"
     assert preset_changes(cfg) == ["preset"]
-
-
-def test_report_prints_the_published_numbers_only_for_the_unchanged_preset(tmp_path):
-    from types import SimpleNamespace
-
-    from dscl.evaluation import run_facts
-    from dscl.report import build_report, format_table, report_rows, write_report
-
-    splits = SimpleNamespace(train=SimpleNamespace(fingerprint=lambda: "abc123"), data_root="/data")
-    unchanged = run_facts({}, splits, load_config("imagenet-lt", overrides=["data.data_root=/data"]))
-    assert unchanged["expected"]["top1"] == 57.7
-    assert run_facts({}, splits, load_config("imagenet-lt", overrides=["optim.epochs=90"]))["expected"] is None
-    assert run_facts({}, splits, load_config("fmnist-lt"))["expected"] is None
-
-    summary = {"top1": 55.0, "top5": 80.0, "top1_macro": 55.0, "many": 66.0, "medium": 52.0, "few": 36.0,
-               "shot_classes": {"many": 1, "medium": 1, "few": 1},
-               "per_class": [{"class": c, "train_count": n, "test_count": 50, "accuracy": 55.0}
-                             for c, n in (("a", 500), ("b", 50), ("c", 5))]}
-    report = build_report(summary, dataset="imagenet-lt", method="dscl+pbsd", seed=0, epochs=1, wall_seconds=1.0,
-                          split="test", selection="last epoch", run_info=unchanged)
-    rows = report_rows(report)
-    assert rows[-1]["top1"] == 57.7 and rows[-1]["few"] is None and "paper" in rows[-1]["method"]
-    assert "57.7" in format_table(rows)
-    write_report(tmp_path, report)
-    md = (tmp_path / "report.md").read_text()
-    assert "| paper (published, see source) | 57.7 |" in md and "supplementary Table 2" in md
-    report_changed = build_report(summary, dataset="imagenet-lt", method="dscl+pbsd", seed=0, epochs=1,
-                                  wall_seconds=1.0, split="test", selection="last epoch",
-                                  run_info={"expected": None})
-    assert all("paper" not in r["method"] for r in report_rows(report_changed))

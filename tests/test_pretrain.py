@@ -8,10 +8,10 @@ import torch
 
 from conftest import needs_fmnist
 from dscl.backbones import build_backbone
-from dscl.checkpoint import load_checkpoint
 from dscl.config import load_config
 from dscl.model import DSCLModel, Encoder
-from dscl.pretrain import Batch, pretrain, pretrain_step
+from dscl.pretrain import Batch, ce_step, pretrain, pretrain_step
+from dscl.run import load_checkpoint
 
 
 def _batch(b=8, size=28, patches=2, psize=14, classes=3, seed=0):
@@ -116,10 +116,15 @@ def test_ce_baseline_step_trains_only_backbone_and_head():
     head = torch.nn.Linear(model.online.backbone.num_features, 3)
     opt = torch.optim.SGD(list(model.online.parameters()) + list(head.parameters()), lr=0.1)
     cfg = dataclasses.replace(load_config("smoke").loss, loss="ce")
-    parts = pretrain_step(model, _batch(), opt, lr=0.1, m=0.99, loss_cfg=cfg, ce_head=head)
-    assert parts["loss_pbsd"] == 0 and torch.isfinite(parts["loss"])
+    momentum_before = {k: v.clone() for k, v in model.momentum.state_dict().items()}
+    parts = ce_step(model, head, _batch(), opt, lr=0.1)
+    assert parts["loss_pbsd"] == 0 and torch.isfinite(parts["loss"]) and torch.equal(parts["loss"], parts["loss_con"])
     assert head.weight.grad is not None and all(p.grad is not None for p in model.online.backbone.parameters())
+    assert all(p.grad is None for p in model.online.head.parameters())  # the projection head is not used
     assert len(model.queue) == 0
+    assert all(torch.equal(v, momentum_before[k]) for k, v in model.momentum.state_dict().items())
+    with pytest.raises(ValueError, match="ce_step"):  # the contrastive step refuses the CE baseline
+        pretrain_step(model, _batch(), opt, lr=0.1, m=0.99, loss_cfg=cfg)
 
 
 @needs_fmnist
@@ -141,7 +146,7 @@ def test_interrupt_keeps_last_checkpoint_and_resume_finishes(tmp_path, monkeypat
         pretrain(cfg, tmp_path / "run", progress=False)
     state = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
     assert state["epoch"] == 1 and not state["finished"]
-    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["last.pt"]
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["last.json", "last.pt"]
     monkeypatch.setattr(train_mod, "pretrain_step", real_step)
     pretrain(cfg, tmp_path / "run", resume=True, progress=False)
     assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["finished"]

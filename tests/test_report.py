@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import re
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from dscl import io as dscl_io
 from dscl import report as ev
 from dscl.metrics import confusion_matrix, logit_adjust, summarize
 from dscl.report import build_report, format_table, report_rows, variant_row, write_report
@@ -27,8 +27,6 @@ def one_hot_logits(preds: list[int], num_classes: int) -> np.ndarray:
     out = np.zeros((len(preds), num_classes))
     out[np.arange(len(preds)), preds] = 1.0
     return out
-
-
 
 
 def _toy_report(num_classes: int = 10, seed: int = 0) -> tuple[dict, np.ndarray]:
@@ -152,7 +150,7 @@ def test_write_report_is_atomic(tmp_path, monkeypatch):
     def crash(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr(ev.os, "replace", crash)
+    monkeypatch.setattr(dscl_io.os, "replace", crash)
     new_report = dict(report, top1=1.0)
     with pytest.raises(OSError, match="disk full"):
         write_report(tmp_path, new_report)
@@ -257,58 +255,9 @@ def test_write_predictions(tmp_path):
     assert not (tmp_path / "p.csv").exists()
 
 
-def test_format_duration():
-    assert ev.format_duration(0) == "00:00"
-    assert ev.format_duration(75.4) == "01:15"
-    assert ev.format_duration(3600 + 62) == "1:01:02"
-    assert ev.format_duration(-3) == "00:00"
-
-
 # ----------------------------------------------------------------------------------------------
 # issue #14 section 4: the training set's fingerprint
 
 
-def test_fingerprint_identifies_samples_order_and_labels(tmp_path):
-    from dscl.data import LTDataset
-
-    images = np.zeros((6, 4, 4), dtype=np.uint8)
-    ds = LTDataset([0, 1, 1], 2, ["a", "b"], images=images, index=np.array([0, 3, 5]))
-    same = LTDataset([0, 1, 1], 2, ["a", "b"], images=images.copy(), index=np.array([0, 3, 5]))
-    fp = ds.fingerprint()
-    assert re.fullmatch(r"[0-9a-f]{12}", fp) and same.fingerprint() == fp
-    assert ds.subset([1, 0, 2]).fingerprint() != fp  # order
-    assert LTDataset([0, 1, 1], 2, ["a", "b"], images=images, index=np.array([0, 3, 4])).fingerprint() != fp
-    assert LTDataset([0, 1, 0], 2, ["a", "b"], images=images, index=np.array([0, 3, 5])).fingerprint() != fp
-    # file datasets: the same relative paths under different roots are the same subset
-    rel = ["train/a/1.png", "train/b/2.png"]
-    here = LTDataset([0, 1], 2, ["a", "b"], paths=[str(tmp_path / "x" / r) for r in rel])
-    there = LTDataset([0, 1], 2, ["a", "b"], paths=[f"/mnt/data/ILSVRC/{r}" for r in rel])
-    assert here.fingerprint() == there.fingerprint()
-    other = LTDataset([0, 1], 2, ["a", "b"], paths=["/mnt/data/ILSVRC/train/a/1.png", "/mnt/data/ILSVRC/train/b/3.png"])
-    assert other.fingerprint() != here.fingerprint()
-
-
 # ----------------------------------------------------------------------------------------------
 # issue #12 item 8: retrieval.png's title fits the figure
-
-
-@pytest.mark.slow  # features of the 10,000 test images
-def test_retrieval_figure_title_is_not_clipped(smoke_run, tmp_path, monkeypatch):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    import dscl.analysis.retrieval as retrieval_mod
-
-    figures = []
-    real_save = retrieval_mod.save_figure
-
-    def keep(fig, path):
-        figures.append(fig)
-        return real_save(fig, path)
-
-    monkeypatch.setattr(retrieval_mod, "save_figure", keep)
-    retrieval_mod.retrieval(smoke_run, classes="medium,few", out=tmp_path, device="cpu", progress=False)
-    (fig,) = figures
-    canvas = FigureCanvasAgg(fig)
-    canvas.draw()
-    box = fig._suptitle.get_window_extent(canvas.get_renderer())
-    assert box.x0 >= 0 and box.x1 <= fig.bbox.width, (box, fig.bbox.width)

@@ -1,8 +1,6 @@
 """Runtime choices: bf16 refusal, deterministic mode, DataLoader workers per node, thread sizing."""
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -205,127 +203,8 @@ def test_threads_respect_the_users_choice(restore_torch_flags, monkeypatch):
         runtime.configure_threads(workers=0)
 
 
-def test_openmp_defaults_only_where_unset():
-    from dscl.threads import set_openmp_defaults
-
-    env = {"KMP_BLOCKTIME": "5"}
-    assert set_openmp_defaults(env) == {"GOMP_SPINCOUNT": "10000"}
-    assert env == {"KMP_BLOCKTIME": "5", "GOMP_SPINCOUNT": "10000"}
-    # a wait policy the user chose is theirs: no spin budget is added on top of it
-    assert set_openmp_defaults({"OMP_WAIT_POLICY": "ACTIVE"}) == {"KMP_BLOCKTIME": "0"}
-    assert set_openmp_defaults({"DSCL_OPENMP_DEFAULTS": "0"}) == {}
-    assert set_openmp_defaults() == {}  # torch is imported in this process: too late, leave os.environ
-
-
-def test_cli_sets_openmp_defaults_before_torch_loads(tmp_path):
-    """What OpenMP sees is the environment at the moment torch is first imported: record it there."""
-    code = (
-        "import os, sys\n"
-        "seen = []\n"
-        "class Spy:\n"
-        "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name == 'torch':\n"
-        "            print('AT_TORCH_IMPORT', os.environ.get('GOMP_SPINCOUNT'), os.environ.get('KMP_BLOCKTIME'))\n"
-        "            sys.stdout.flush()\n"
-        "            os._exit(0)\n"  # the check is done; spare loading torch
-        "sys.meta_path.insert(0, Spy())\n"
-        "from dscl.cli import main\n"
-        "main(['run', '--preset', 'smoke', '--out', 'never-created'])\n"
-        "print('TORCH NEVER IMPORTED')\n"
-    )
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME",
-                                                          "DSCL_OPENMP_DEFAULTS")}
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120,
-                         cwd=tmp_path)
-    assert res.returncode == 0, res.stderr
-    assert res.stdout.strip().splitlines()[-1] == "AT_TORCH_IMPORT 10000 0"
-
-
 # ---------------------------------------------------------------------------------------------
 # issue #15: fewer compute threads while other processes use the cores
-
-
-class _Clock:
-    def __init__(self):
-        self.t = 0.0
-
-    def __call__(self):
-        return self.t
-
-
-def _adapter(readings, max_threads=2):
-    from dscl.threads import ThreadAdapter
-
-    clock, applied, told = _Clock(), [], []
-    feed = iter([None] + readings)  # the constructor takes the baseline sample
-
-    ad = ThreadAdapter(max_threads, apply=applied.append, measure=lambda: next(feed),
-                       notify=lambda old, new, others: told.append((old, new, round(others, 1))),
-                       interval=4.0, clock=clock)
-    return ad, clock, applied, told
-
-
-def test_thread_adapter_follows_other_processes_with_hysteresis():
-    ad, clock, applied, told = _adapter([0.1, 1.2, 1.4, 0.5, 0.05, 0.5])
-    assert ad.tick() == 2 and applied == []            # before the first interval: no measurement
-    clock.t = 4.0
-    assert ad.tick() == 2 and applied == []            # quiet (0.1 core used by others): keep 2
-    clock.t = 5.0
-    assert ad.tick() == 2                              # inside the interval: nothing is read
-    clock.t = 8.0
-    assert ad.tick() == 1 and applied == [1]           # a competitor takes 1.2 cores: 1 thread
-    assert told == [(2, 1, 1.2)]
-    clock.t = 12.0
-    assert ad.tick() == 1 and applied == [1]           # it takes more while we use 1: stay
-    clock.t = 16.0
-    assert ad.tick() == 1                              # 0.5 core: within the slack, no flip-flop
-    clock.t = 20.0
-    assert ad.tick() == 2 and applied == [1, 2]        # it left: back to 2
-    clock.t = 24.0
-    assert ad.tick() == 2 and ad.changes == 2          # 0.5 core at 2 threads: within the slack too
-
-
-def test_thread_adapter_stays_within_bounds_and_survives_unreadable_proc():
-    ad, clock, applied, _ = _adapter([7.5, None, 0.0], max_threads=8)
-    clock.t = 4.0
-    assert ad.tick() == 1 and applied == [1]           # never below one thread
-    clock.t = 8.0
-    assert ad.tick() == 1                              # a failed reading changes nothing
-    clock.t = 12.0
-    assert ad.tick() == 8 and applied == [1, 8]        # never above the configured count
-
-
-def test_read_cpu_busy_counts_only_our_cpus_and_busy_fields():
-    from dscl.threads import read_cpu_busy
-
-    tick = os.sysconf("SC_CLK_TCK")
-    stat = ("cpu  900 900 900 900 900 900 900 900 0 0\n"
-            "cpu0 10 1 2 1000 50 3 4 5 0 0\n"       # busy = 10+1+2+3+4+5 = 25 (idle, iowait not)
-            "cpu1 100 0 0 0 0 0 0 0 0 0\n"
-            "cpu2 1 0 0 0 0 0 0 0 0 0\n"
-            "intr 1 2 3\n")
-    assert read_cpu_busy({0}, stat) == pytest.approx(25 / tick)
-    assert read_cpu_busy({0, 2}, stat) == pytest.approx(26 / tick)
-    assert read_cpu_busy({0, 5}, stat) is None          # a CPU /proc/stat does not list: no guess
-
-
-@pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="needs Linux /proc")
-def test_children_cpu_finds_a_busy_child_process():
-    """DataLoader workers are child processes: their CPU time is ours, not a competitor's."""
-    import subprocess
-    import sys
-
-    from dscl.threads import _children_cpu
-
-    code = ("import time\nwhile time.process_time() < 0.5: pass\nprint('done', flush=True)\ntime.sleep(60)")
-    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
-    try:
-        assert child.stdout.readline().strip() == "done"
-        cpu = _children_cpu(os.getpid())
-        assert child.pid in cpu and 0.45 <= cpu[child.pid] < 30
-    finally:
-        child.kill()
-        child.wait()
 
 
 def test_thread_adapter_only_where_the_count_is_ours(restore_torch_flags, monkeypatch):
@@ -356,7 +235,3 @@ def test_thread_adapter_only_where_the_count_is_ours(restore_torch_flags, monkey
     assert runtime.thread_adapter(cpu, deterministic=False) is None
 
 
-def test_adapt_switch():
-    from dscl.threads import adapt_enabled
-
-    assert adapt_enabled({"DSCL_ADAPT_THREADS": "0"}) is False

@@ -5,9 +5,20 @@ import json
 import pytest
 
 from conftest import needs_fmnist, run_cli
+from dscl.cli import main
 from dscl.config import load_config
 from dscl.data.core import long_tailed_counts
-from dscl.sweep import SweepError, format_markdown, parse_param, point_config, split_values
+from dscl.sweep import (
+    SweepError,
+    _validation_plan,
+    format_markdown,
+    parse_param,
+    point_config,
+    share_stage1,
+    split_values,
+    stage1_identity,
+    sweep,
+)
 
 
 def test_split_values_respects_brackets():
@@ -51,6 +62,20 @@ def test_markdown_marks_the_chosen_value():
 
 
 @needs_fmnist
+def test_sweep_uses_the_held_out_split_unless_asked_to_carve():
+    base = load_config("smoke")
+    fraction, words = _validation_plan(base, None)
+    assert fraction == 0.0 and "held out" in words and "(200 images)" in words
+    fraction, words = _validation_plan(base, 0.2)
+    assert fraction == 0.2 and "carved" in words
+    fraction, words = _validation_plan(load_config("smoke", overrides=["data.val_per_class=0"]), None)
+    assert fraction == 0.1 and "no validation split" in words
+    with pytest.raises(SweepError, match="val-fraction"):
+        _validation_plan(base, 0.0)
+
+
+@needs_fmnist
+@pytest.mark.slow
 def test_sweep_end_to_end_selects_on_validation_and_resumes(tmp_path):
     out = tmp_path / "sw"
     args = ("sweep", "--preset", "smoke", "--method", "dscl", "--param", "alpha=0.1,0.5", "--seeds", "0",
@@ -95,20 +120,20 @@ def test_sweep_end_to_end_selects_on_validation_and_resumes(tmp_path):
     ("alpha=0.1,2", "alpha"),
     ("patches=3", "at least two"),
 ])
-def test_sweep_bad_param_fails_before_training(tmp_path, param, message):
-    res = run_cli("sweep", "--preset", "smoke", "--param", param, "--out", str(tmp_path / "s"))
-    assert res.returncode == 2, res.stderr
-    assert message in res.stderr and "Traceback" not in res.stderr
+def test_sweep_bad_param_fails_before_training(tmp_path, capsys, param, message):
+    assert main(["sweep", "--preset", "smoke", "--param", param, "--out", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
     assert not (tmp_path / "s" / "runs").exists()
 
 
-def test_sweep_needs_one_method_and_a_validation_split(tmp_path):
-    res = run_cli("sweep", "--preset", "smoke", "--param", "alpha=0.1,0.2", "--method", "scl,dscl",
-                  "--out", str(tmp_path / "s"))
-    assert res.returncode == 2 and "one method" in res.stderr
-    res = run_cli("sweep", "--preset", "smoke", "--param", "alpha=0.1,0.2", "--val-fraction", "0",
-                  "--out", str(tmp_path / "s"))
-    assert res.returncode == 2 and "validation split" in res.stderr
+def test_sweep_needs_one_method_and_a_validation_split(tmp_path, capsys):
+    assert main(["sweep", "--preset", "smoke", "--param", "alpha=0.1,0.2", "--method", "scl,dscl",
+                 "--out", str(tmp_path / "s")]) == 2
+    assert "one method" in capsys.readouterr().err
+    assert main(["sweep", "--preset", "smoke", "--param", "alpha=0.1,0.2", "--val-fraction", "0",
+                 "--out", str(tmp_path / "s")]) == 2
+    assert "validation split" in capsys.readouterr().err
 
 
 def test_plan_check_tolerates_new_config_keys_but_not_changed_values(tmp_path):
@@ -129,3 +154,124 @@ def test_plan_check_tolerates_new_config_keys_but_not_changed_values(tmp_path):
     changed["config"]["loss"]["alpha"] = 0.5
     with pytest.raises(CompareError, match="different configuration"):
         check_plan(tmp_path, "plan.yaml", changed, "comparison")
+
+
+# ----------------------------------------------------------------------------------------------
+# points that differ only in stage 2 share one stage 1 (share_stage1)
+
+
+def _saved_config(run):
+    import yaml
+
+    from dscl.config import config_from_dict
+
+    return config_from_dict(yaml.safe_load((run / "config.yaml").read_text()))
+
+
+def _stage1(run, text: str = "stage 1") -> None:
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.pt").write_bytes(text.encode())
+
+
+def test_share_stage1_links_the_checkpoint_and_writes_the_points_config(tmp_path):
+    src, run = tmp_path / "runs" / "a", tmp_path / "runs" / "b"
+    _stage1(src, "the finished stage 1 of a")
+    cfg = point_config(load_config("smoke"), "classifier.epochs", "7", "dscl", seed=0)
+    share_stage1(src, run, cfg)
+    source, target = src / "checkpoints" / "last.pt", run / "checkpoints" / "last.pt"
+    assert target.read_bytes() == b"the finished stage 1 of a"
+    assert source.stat().st_ino == target.stat().st_ino and source.stat().st_nlink == 2  # a hard link, no copy
+    saved = _saved_config(run)  # the point's own configuration, not the source's
+    assert saved.classifier.epochs == 7 and saved.to_dict() == cfg.to_dict()
+    assert not (src / "config.yaml").exists()  # the source run is not touched
+
+
+def test_share_stage1_copies_across_file_systems(tmp_path, monkeypatch):
+    import os
+
+    def no_link(src, dst):
+        raise OSError(18, "Invalid cross-device link")
+
+    src, run = tmp_path / "a", tmp_path / "b"
+    _stage1(src, "bytes of a")
+    monkeypatch.setattr(os, "link", no_link)
+    share_stage1(src, run, load_config("smoke"))
+    target = run / "checkpoints" / "last.pt"
+    assert target.read_bytes() == b"bytes of a"
+    assert target.stat().st_ino != (src / "checkpoints" / "last.pt").stat().st_ino  # a copy
+    assert (run / "config.yaml").is_file()
+
+
+def test_share_stage1_leaves_a_run_with_a_checkpoint_alone(tmp_path):
+    src, run = tmp_path / "a", tmp_path / "b"
+    _stage1(src, "a")
+    _stage1(run, "b, resumed or finished on its own")
+    share_stage1(src, run, load_config("smoke"))
+    assert (run / "checkpoints" / "last.pt").read_bytes() == b"b, resumed or finished on its own"
+    assert not (run / "config.yaml").exists()
+
+
+def test_share_stage1_needs_a_finished_source(tmp_path):
+    with pytest.raises(SweepError, match=r"cannot share stage 1: .*a/checkpoints/last\.pt does not exist"):
+        share_stage1(tmp_path / "a", tmp_path / "b", load_config("smoke"))
+    assert not (tmp_path / "b").exists()
+
+
+def test_stage1_identity_ignores_only_the_stage2_sections():
+    base = load_config("smoke")
+    same = [point_config(base, "classifier.epochs", v, "dscl", seed=0) for v in ("1", "2")]
+    same.append(point_config(base, "eval.few_threshold", "5", "dscl", seed=0))
+    assert len({stage1_identity(c) for c in same}) == 1
+    assert stage1_identity(point_config(base, "loss.alpha", "0.3", "dscl", seed=0)) != stage1_identity(same[0])
+    assert stage1_identity(point_config(base, "classifier.epochs", "1", "dscl", seed=1)) != stage1_identity(same[0])
+
+
+def _fake_run_one(calls: list):
+    """``compare.run_one`` without training: records whether the point already had a stage 1 (and which
+    one) when it started, trains a "stage 1" only where none was there, and reports fixed numbers."""
+
+    def run_one(cfg, run, *, device, progress):
+        last = run / "checkpoints" / "last.pt"
+        calls.append({"run": run.name, "had": last.read_bytes().decode() if last.exists() else None,
+                      "inode": last.stat().st_ino if last.exists() else None,
+                      "epochs": cfg.classifier.epochs, "alpha": cfg.loss.alpha})
+        if not last.exists():
+            _stage1(run, f"stage 1 trained in {run.name}")
+        report = {"dataset": "fake", "top1": 50.0, "many": None, "medium": 40.0, "few": 30.0,
+                  "top1_macro": 45.0 + cfg.classifier.epochs, "wall_seconds": 1.0}
+        (run / "val").mkdir(exist_ok=True)
+        (run / "val" / "report.json").write_text(json.dumps(report))
+        return report
+
+    return run_one
+
+
+def test_sweep_over_a_stage2_key_trains_stage1_once_per_seed(tmp_path, monkeypatch):
+    import dscl.sweep
+
+    calls: list = []
+    monkeypatch.setattr(dscl.sweep, "run_one", _fake_run_one(calls))
+    result = sweep(load_config("smoke"), "classifier.epochs", ["1", "2", "3"], method="dscl", seeds=[0, 1],
+                   out=tmp_path / "sw", val_fraction=0.2, command="test", device="cpu", progress=False)
+    assert result["stage1_shared"] is True and result["chosen"] == "3"
+    assert [c["run"] for c in calls] == [f"classifier.epochs={v}-seed{s}" for s in (0, 1) for v in (1, 2, 3)]
+    assert [c["epochs"] for c in calls] == [1, 2, 3, 1, 2, 3]
+    for s in (0, 1):
+        first, *others = calls[3 * s: 3 * s + 3]
+        assert first["had"] is None  # the first value of each seed trains stage 1
+        owner = tmp_path / "sw" / "runs" / f"classifier.epochs=1-seed{s}" / "checkpoints" / "last.pt"
+        for c in others:  # the others start from the first value's stage 1 of the same seed
+            assert c["had"] == f"stage 1 trained in classifier.epochs=1-seed{s}"
+            assert c["inode"] == owner.stat().st_ino
+            assert _saved_config(tmp_path / "sw" / "runs" / c["run"]).classifier.epochs == c["epochs"]
+
+
+def test_sweep_over_a_stage1_key_trains_every_point(tmp_path, monkeypatch):
+    import dscl.sweep
+
+    calls: list = []
+    monkeypatch.setattr(dscl.sweep, "run_one", _fake_run_one(calls))
+    result = sweep(load_config("smoke"), "loss.alpha", ["0.1", "0.5"], method="dscl", seeds=[0],
+                   out=tmp_path / "sw", val_fraction=0.2, command="test", device="cpu", progress=False)
+    assert result["stage1_shared"] is False
+    assert [(c["alpha"], c["had"]) for c in calls] == [(0.1, None), (0.5, None)]

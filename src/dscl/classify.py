@@ -17,12 +17,22 @@ from torch import nn
 from tqdm import tqdm
 
 from dscl import dist
-from dscl.checkpoint import save_checkpoint, seed_everything
 from dscl.config import Config
 from dscl.data import ClassBalancedSampler, ClassifierTransform, DatasetSplits, EvalTransform, LTDataset, build_datasets
-from dscl.features import extract_features, recompute_bn
+from dscl.features import extract_features, frozen_backbone, recompute_bn
 from dscl.metrics import class_means
-from dscl.rundir import MetricsLog, load_run_config, load_stage1_backbone
+from dscl.rng import seed_everything
+from dscl.run import (
+    CLASSIFIER_FILE,
+    STAGE1_FILE,
+    ClassifierState,
+    DataMeta,
+    MetricsLog,
+    check_compatible,
+    load_finished_stage1,
+    load_run_config,
+    save_classifier,
+)
 from dscl.runtime import autocast, frozen_dtype, make_loader, num_workers, say, to_device
 from dscl.schedules import step_decay
 
@@ -205,15 +215,19 @@ def selection_sentence(splits: DatasetSplits, epoch: int, epochs: int, select: s
 
 
 def classify(run_dir: str | Path, *, cfg: Config | None = None, device: str = "auto",
-             progress: bool = True) -> Path:
-    """Stage 2 for a finished stage-1 run; writes ``checkpoints/classifier.pt`` and returns its path."""
+             progress: bool = True, splits: DatasetSplits | None = None) -> Path:
+    """Stage 2 for a finished stage-1 run; writes ``checkpoints/classifier.pt`` and returns its path.
+    ``splits``: the datasets of ``cfg.data`` if already built."""
     dev = dist.init(device)
     run_dir = Path(run_dir)
     cfg = cfg or load_run_config(run_dir)
     t0 = time.perf_counter()
     seed_everything(cfg.optim.seed)
-    splits = build_datasets(cfg.data, seed=cfg.optim.seed)
-    backbone = load_stage1_backbone(run_dir, cfg, splits.num_classes).to(dev)
+    splits = splits or build_datasets(cfg.data, seed=cfg.optim.seed)
+    stage1 = load_finished_stage1(run_dir)
+    check_compatible(stage1, cfg, splits.num_classes, run_dir / STAGE1_FILE)
+    backbone = frozen_backbone(cfg, stage1.backbone_weights(), run_dir / STAGE1_FILE).to(dev)
+    del stage1
     backbone.to(memory_format=torch.channels_last)
     cc = cfg.classifier
     workers = num_workers(cfg.data.num_workers)
@@ -259,20 +273,18 @@ def classify(run_dir: str | Path, *, cfg: Config | None = None, device: str = "a
                                                     val=splits.val if cc.select == "val" else None, log=log)
         train_feats, train_labels = extract_features(backbone, clean_train, batch_size=fbatch, device=dev,
                                                      workers=workers, progress=progress, desc="features")
-    path = run_dir / "checkpoints" / "classifier.pt"
+    path = run_dir / CLASSIFIER_FILE
     if dist.is_main():
-        save_checkpoint(path, {
-            "stage": "classify", "protocol": cc.protocol, "backbone_name": cfg.model.backbone,
-            "num_classes": splits.num_classes, "backbone": {k: v.cpu() for k, v in backbone.state_dict().items()},
-            "fc": fc.state_dict(), "class_means": class_means(train_feats, train_labels, splits.num_classes),
-            # the z-scoring folded into fc (classifier.standardize): tau-norm works in that space
-            "feature_stats": {"mean": stats[0].cpu(), "std": stats[1].cpu()} if stats is not None else None,
-            "selected_epoch": chosen, "selection": selection_sentence(splits, chosen, cc.epochs, cc.select),
-            "history": history, "wall_seconds": time.perf_counter() - t0,
+        save_classifier(run_dir, ClassifierState(
+            protocol=cc.protocol, backbone_name=cfg.model.backbone, num_classes=splits.num_classes,
+            selected_epoch=chosen, selection=selection_sentence(splits, chosen, cc.epochs, cc.select),
+            history=history, wall_seconds=time.perf_counter() - t0,
             # what dscl.inference.load_run needs without the dataset (a run copied elsewhere)
-            "class_names": list(splits.class_names), "train_counts": list(splits.train_counts),
-            "mean": list(splits.mean), "std": list(splits.std),
-        })
+            data=DataMeta.of(splits.class_names, splits.train_counts, splits.mean, splits.std),
+            backbone={k: v.cpu() for k, v in backbone.state_dict().items()}, fc=fc.state_dict(),
+            class_means=class_means(train_feats, train_labels, splits.num_classes),
+            # the z-scoring folded into fc (classifier.standardize): tau-norm works in that space
+            feature_stats=(stats[0].cpu(), stats[1].cpu()) if stats is not None else None))
     dist.barrier()
     return path
 

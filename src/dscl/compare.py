@@ -26,7 +26,8 @@ from typing import Any
 import yaml
 
 from dscl.config import Config, apply_mapping, config_from_dict, flat_config, validate
-from dscl.metrics import TEST_AGNOSTIC_FACTORS
+from dscl.io import write_json, write_text
+from dscl.metrics import TEST_AGNOSTIC_FACTORS, shot_group_bounds
 
 METHODS = ("ce", "scl", "dscl", "scl+pbsd", "dscl+pbsd")
 METRICS = ("all", "many", "medium", "few")
@@ -111,7 +112,7 @@ def check_plan(out: Path, name: str, plan: dict[str, Any], what: str) -> None:
                 f"use another --out, or delete {out} to start over"
             )
     else:
-        plan_path.write_text(yaml.safe_dump(plan, sort_keys=False))
+        write_text(plan_path, yaml.safe_dump(plan, sort_keys=False))
 
 
 def _finished(run: Path) -> bool:
@@ -120,16 +121,15 @@ def _finished(run: Path) -> bool:
 
 def run_one(cfg: Config, run: Path, *, device: str, progress: bool) -> dict[str, Any]:
     """Run (or continue) one method/seed and return its report."""
-    from dscl.checkpoint import load_checkpoint
     from dscl.classify import classify
     from dscl.evaluation import evaluate
     from dscl.pretrain import pretrain
+    from dscl.run import STAGE1_FILE, stage1_summary
 
     if _finished(run):
         return json.loads((run / "report.json").read_text())
-    last = run / "checkpoints" / "last.pt"
-    if last.is_file():
-        if not load_checkpoint(last).get("finished"):
+    if (run / STAGE1_FILE).is_file():
+        if not stage1_summary(run).finished:
             pretrain(cfg, run, resume=True, device=device, progress=progress)
     else:
         pretrain(cfg, run, overwrite=True, device=device, progress=progress)
@@ -171,12 +171,23 @@ def aggregate(reports: dict[str, list[dict[str, Any]]],
     return out
 
 
+def shot_thresholds(cfg: Config) -> dict[str, int]:
+    """The shot-group boundaries the runs' reports use (``eval.many_threshold`` / ``eval.few_threshold``)."""
+    return {"many_threshold": int(cfg.eval.many_threshold), "few_threshold": int(cfg.eval.few_threshold)}
+
+
+def _shot_text(result: dict[str, Any]) -> str:
+    """``"> 100 / 20–100 / < 20"`` from the result's thresholds (the config defaults for a result without them)."""
+    thresholds = result.get("shot_thresholds") or shot_thresholds(Config())
+    return " / ".join(shot_group_bounds(thresholds["many_threshold"], thresholds["few_threshold"]).values())
+
+
 def format_markdown(result: dict[str, Any]) -> str:
     lines = [
         f"# {result['dataset']}: methods compared over seeds {', '.join(map(str, result['seeds']))}",
         "",
         f"Preset `{result['preset']}`; top-1 % on the test set, mean ± std over seeds; Many / Medium / Few = "
-        "mean per-class top-1 over classes with > 100 / 20–100 / < 20 training images. Every method gets "
+        f"mean per-class top-1 over classes with {_shot_text(result)} training images. Every method gets "
         "the same stage-2 class-balanced classifier.",
         "",
         "| method | All | Many | Medium | Few |",
@@ -224,6 +235,7 @@ def compare(base: Config, methods: Sequence[str], seeds: Sequence[int], out: str
         "dataset": dataset,
         "preset": base.preset,
         "seeds": list(seeds),
+        "shot_thresholds": shot_thresholds(base),
         "methods": aggregate(reports),
         "test_agnostic": aggregate(reports, TEST_AGNOSTIC_FIELDS),
         "differences": differences,
@@ -231,6 +243,6 @@ def compare(base: Config, methods: Sequence[str], seeds: Sequence[int], out: str
         # compute time of all runs (reused runs count with their original time)
         "wall_seconds": round(sum(r["wall_seconds"] for runs in reports.values() for r in runs), 1),
     }
-    (out / "compare.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "compare.md").write_text(format_markdown(result))
+    write_json(out / "compare.json", result)
+    write_text(out / "compare.md", format_markdown(result))
     return result

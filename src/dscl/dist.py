@@ -37,18 +37,32 @@ def launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """The ``--device`` rule of every command: ``auto`` = ``cuda`` when torch sees a GPU, else ``cpu``;
+    any other name (``cpu``, ``cuda``, ``cuda:1``, ...) or a ``torch.device`` as given.
+
+    Raises:
+        RuntimeError: a CUDA device was asked for but torch sees no CUDA GPU.
+    """
+    if isinstance(device, torch.device):
+        dev = device
+    elif device == "auto":
+        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"--device {device} was asked for but torch sees no CUDA GPU; use --device cpu")
+    return dev
+
+
 def init(device: str = "auto") -> torch.device:
-    """Pick the device and, under torchrun (WORLD_SIZE > 1), join the process group.
+    """Pick the device (:func:`resolve_device`) and, under torchrun (WORLD_SIZE > 1), join the process group.
 
     Backend: nccl when each process drives a GPU, gloo on the CPU. ``LOCAL_RANK`` chooses the GPU.
     Multi-node runs use torchrun's own rendezvous flags (``--nnodes``, ``--node_rank``,
     ``--rdzv_endpoint``); nothing here needs to know about them.
     """
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was asked for but torch sees no CUDA GPU; use --device cpu")
-    dev = torch.device(device)
+    dev = resolve_device(device)
     if launched_by_torchrun() and not tdist.is_initialized():
         if dev.type == "cuda":
             local = int(os.environ.get("LOCAL_RANK", "0"))

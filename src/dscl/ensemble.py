@@ -23,9 +23,10 @@ from dscl.data import DatasetSplits, LTDataset, build_datasets
 from dscl.evaluation import chance_warning, check_run_matches_data
 from dscl.features import extract_features
 from dscl.inference import ENSEMBLE_FILE, Predictor, load_run
+from dscl.io import atomic_write
 from dscl.metrics import confusion_matrix, summarize
-from dscl.report import atomic_write, build_report, variant_row, write_report
-from dscl.rundir import RunDirError, prepare_run_dir
+from dscl.report import build_report, variant_row, write_report
+from dscl.run import RunDirError, prepare_run_dir
 from dscl.runtime import num_workers, say
 
 
@@ -80,7 +81,7 @@ def class_list_difference(a: Sequence[str], b: Sequence[str]) -> str:
 def _probabilities(p: Predictor, dataset: LTDataset, dev: torch.device, progress: bool,
                    desc: str) -> tuple[torch.Tensor, torch.Tensor]:
     p.backbone.to(memory_format=torch.channels_last)
-    feats, labels = extract_features(p.backbone, dataset.with_transform(p.image_transform), batch_size=256,
+    feats, labels = extract_features(p.backbone, dataset.with_transform(p.transform), batch_size=256,
                                      device=dev, workers=num_workers(p.cfg.data.num_workers), progress=progress,
                                      desc=desc)  # float32, as predict and evaluate
     return torch.softmax(p.logits_from_features(feats), dim=1), labels

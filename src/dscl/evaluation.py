@@ -10,22 +10,23 @@ from typing import Any
 import torch
 
 from dscl import dist
-from dscl.checkpoint import CheckpointError, load_checkpoint
 from dscl.config import Config, method_name, preset_changes, preset_expected
 from dscl.data import DataError, DatasetSplits, build_datasets
+from dscl.data.inputs import LIST_SUFFIXES, Inputs, collect_inputs
 from dscl.features import extract_features
-from dscl.inference import LIST_SUFFIXES, Inputs, Predictor, collect_inputs, load_run
+from dscl.inference import Predictor, load_run
 from dscl.metrics import confusion_matrix, summarize
 from dscl.report import build_report, write_predictions, write_report
-from dscl.rundir import RunDirError, load_run_config
+from dscl.run import CheckpointError, ClassifierRecord, RunDirError, Stage1Summary, load_run_config, stage1_summary
 from dscl.runtime import num_workers, say
 
 
 def evaluate(run_dir: str | Path, *, split: str = "test", cfg: Config | None = None, device: str = "auto",
-             progress: bool = True) -> dict[str, Any]:
+             progress: bool = True, splits: DatasetSplits | None = None) -> dict[str, Any]:
     """Evaluate the stage-2 classifier (plus its post-hoc variants) and write the report files.
 
-    ``split="test"`` writes into the run directory; ``split="val"`` into ``run_dir/val/``.
+    ``split="test"`` writes into the run directory; ``split="val"`` into ``run_dir/val/``. ``splits``:
+    the datasets of the run's ``data`` config if already built.
     Returns the report dictionary (on every rank).
     """
     dev = dist.init(device)
@@ -33,8 +34,8 @@ def evaluate(run_dir: str | Path, *, split: str = "test", cfg: Config | None = N
     cfg = cfg or load_run_config(run_dir)
     t0 = time.perf_counter()
     predictor = load_run(run_dir, cfg=cfg, device=dev)
-    state = predictor.info
-    splits = build_datasets(cfg.data, seed=cfg.optim.seed)
+    record = predictor.record
+    splits = splits or build_datasets(cfg.data, seed=cfg.optim.seed)
     check_run_matches_data(predictor, splits)
     if split == "val":
         if splits.val is None:
@@ -48,16 +49,16 @@ def evaluate(run_dir: str | Path, *, split: str = "test", cfg: Config | None = N
     else:
         raise ValueError(f"--split must be test or val, got {split!r}")
     predictor.backbone.to(memory_format=torch.channels_last)
-    feats, labels = extract_features(predictor.backbone, dataset.with_transform(predictor.image_transform),
+    feats, labels = extract_features(predictor.backbone, dataset.with_transform(predictor.transform),
                                      batch_size=256, device=dev, workers=num_workers(cfg.data.num_workers),
                                      progress=progress, desc=f"{split} features")  # float32, as predict
     logits, summary, variants = score(predictor, feats, labels)
-    stage1 = load_checkpoint(run_dir / "checkpoints" / "last.pt")
-    wall = stage1.get("wall_seconds", 0.0) + state.get("wall_seconds", 0.0) + (time.perf_counter() - t0)
-    method, epochs = imported_method(stage1, state) or (method_name(cfg), cfg.optim.epochs)
+    stage1 = stage1_summary(run_dir)
+    wall = stage1.wall_seconds + (record.wall_seconds if record else 0.0) + (time.perf_counter() - t0)
+    method, epochs = imported_method(stage1, record) or (method_name(cfg), cfg.optim.epochs)
     report = build_report(summary, dataset=splits.name, method=method, seed=cfg.optim.seed,
                           epochs=epochs, wall_seconds=round(wall, 1), split=split,
-                          selection=state.get("selection", ""), variants=variants,
+                          selection=record.selection if record else "", variants=variants,
                           many_threshold=cfg.eval.many_threshold, few_threshold=cfg.eval.few_threshold,
                           run_info=run_facts(stage1, splits, cfg))
     if dist.is_main():
@@ -98,7 +99,7 @@ def score(predictor: Predictor, feats: torch.Tensor, labels: torch.Tensor,
 def labelled_data(data: str | Path, predictor: Predictor, data_root: str | Path | None = None) -> Inputs:
     """The labelled images of ``data`` for :func:`evaluate_data`: a folder with one sub-folder per class
     (named like the run's classes; images found recursively) or a labelled list (class names or indices,
-    :func:`dscl.inference.read_labelled_list`; BBN json). Every image must have a label.
+    :func:`dscl.data.inputs.read_labelled_list`; BBN json). Every image must have a label.
 
     Raises:
         DataError: a folder of an unknown class (named), a folder without class folders, an unlabelled
@@ -146,7 +147,7 @@ def evaluate_data(run_dir: str | Path, data: str | Path, out: str | Path, *, dat
     ``data`` is reported as missing. An unreadable image stops the evaluation before anything is written.
     Returns the report.
     """
-    from dscl.inference import iter_files
+    from dscl.data.inputs import iter_files
 
     run_dir, out = Path(run_dir), Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
@@ -158,7 +159,7 @@ def evaluate_data(run_dir: str | Path, data: str | Path, out: str | Path, *, dat
     for note in inputs.notes:
         say(f"note: {note}")
     feats, failed = [], []
-    for batch in iter_files(predictor, inputs.paths, batch_size=batch_size, workers=workers):
+    for batch in iter_files(predictor.transform, inputs.paths, batch_size=batch_size, workers=workers):
         failed += [(p, e) for p, e in zip(batch.paths, batch.errors, strict=True) if e is not None]
         if len(batch.images):
             feats.append(predictor.features_of(batch.images).cpu())
@@ -169,13 +170,13 @@ def evaluate_data(run_dir: str | Path, data: str | Path, out: str | Path, *, dat
     labels = torch.tensor([int(y) for y in inputs.labels if y is not None])
     logits, summary, variants = score(predictor, torch.cat(feats), labels)
     cfg = predictor.cfg
-    stage1 = load_checkpoint(run_dir / "checkpoints" / "last.pt")
-    method, epochs = imported_method(stage1, predictor.info) or (method_name(cfg), cfg.optim.epochs)
+    stage1 = stage1_summary(run_dir)
+    method, epochs = imported_method(stage1, predictor.record) or (method_name(cfg), cfg.optim.epochs)
     facts = run_facts(stage1, None, cfg)
     facts.update(data_source=str(Path(data).resolve()), data_notes=inputs.notes, run=str(run_dir.resolve()))
     report = build_report(summary, dataset=f"{Path(data).name} (new data)", method=method, seed=cfg.optim.seed,
                           epochs=epochs, wall_seconds=round(time.perf_counter() - t0, 1), split="data",
-                          selection=predictor.info.get("selection", ""), variants=variants,
+                          selection=predictor.record.selection if predictor.record else "", variants=variants,
                           many_threshold=cfg.eval.many_threshold, few_threshold=cfg.eval.few_threshold,
                           run_info=facts)
     write_evaluation_files(out, report, logits, labels, predictor.class_names, inputs.paths, cfg)
@@ -185,14 +186,14 @@ def evaluate_data(run_dir: str | Path, data: str | Path, out: str | Path, *, dat
     return report
 
 
-def imported_method(stage1: dict[str, Any], classifier: dict[str, Any]) -> tuple[str, None] | None:
+def imported_method(stage1: Stage1Summary, classifier: ClassifierRecord | None) -> tuple[str, None] | None:
     """``(method, epochs)`` for a run whose weights came from ``dscl import``: the method names the
     source format (the config's method and epochs describe nothing that was trained), epochs unknown.
     None for a run dscl trained."""
-    imported = stage1.get("imported")
+    imported = stage1.facts.imported
     if not imported:
         return None
-    if classifier.get("imported"):
+    if classifier is not None and classifier.imported:
         return f"imported {imported.get('format')} checkpoint", None
     return f"imported {imported.get('format')} backbone + dscl classifier", None
 
@@ -227,11 +228,11 @@ def chance_warning(top1: float | None, num_classes: int) -> str | None:
             f"list of missing / unexpected keys and the run's config.\n{bar}")
 
 
-def run_facts(stage1: dict[str, Any], splits: DatasetSplits | None, cfg: Config) -> dict[str, Any]:
+def run_facts(stage1: Stage1Summary, splits: DatasetSplits | None, cfg: Config) -> dict[str, Any]:
     """How the run was made, for ``report.json``.
 
-    From stage 1's ``last.pt``: ``precision`` (fp32 / bf16 / fp16), ``device``, ``torch_version``,
-    ``global_batch``, ``world_size`` and ``lr`` (the effective learning rate, base_lr x batch / 256);
+    From stage 1's facts (:class:`~dscl.run.RunFacts`): ``precision`` (fp32 / bf16 / fp16), ``device``,
+    ``torch_version``, ``global_batch``, ``world_size`` and ``lr`` (the effective learning rate, base_lr x batch / 256);
     None where a checkpoint written before these were recorded lacks them (the precision then comes
     from the config). From the data: ``train_fingerprint`` (:meth:`LTDataset.fingerprint` of the
     training split the classifier saw), ``data_root`` (the data folder used, when the dataset knows
@@ -243,16 +244,12 @@ def run_facts(stage1: dict[str, Any], splits: DatasetSplits | None, cfg: Config)
     (README "Deliberate differences").
     """
     fingerprint = splits.train.fingerprint() if splits is not None else None
-    imported = stage1.get("imported")
-    facts: dict[str, Any] = {
-        # an imported checkpoint's precision is unknown (the config's optim.amp did not train it)
-        "precision": stage1.get("precision", None if imported else {"none": "fp32"}.get(cfg.optim.amp, cfg.optim.amp)),
-        "device": stage1.get("device"),
-        "torch_version": stage1.get("torch_version"),
-        "global_batch": stage1.get("global_batch"),
-        "world_size": stage1.get("world_size"),
-        "lr": stage1.get("lr"),
-    }
+    s1 = stage1.facts
+    imported = s1.imported
+    # an imported checkpoint's precision is unknown (the config's optim.amp did not train it)
+    precision = s1.precision or (None if imported else {"none": "fp32"}.get(cfg.optim.amp, cfg.optim.amp))
+    facts: dict[str, Any] = {"precision": precision, "device": s1.device, "torch_version": s1.torch_version,
+                             "global_batch": s1.global_batch, "world_size": s1.world_size, "lr": s1.lr}
     if splits is not None:
         facts.update(train_fingerprint=fingerprint,
                      data_root=getattr(splits, "data_root", None) or cfg.data.data_root)
@@ -261,8 +258,8 @@ def run_facts(stage1: dict[str, Any], splits: DatasetSplits | None, cfg: Config)
         facts["conventions"] = {"patch_bn": cfg.model.patch_bn, "roi_aligned": cfg.model.roi_aligned,
                                 "queue_init": cfg.model.queue_init, "classifier_protocol": cfg.classifier.protocol,
                                 "classifier_standardize": cfg.classifier.standardize}
-    if splits is not None and stage1.get("train_fingerprint") not in (None, fingerprint):
-        facts["stage1_train_fingerprint"] = stage1["train_fingerprint"]
+    if splits is not None and s1.train_fingerprint not in (None, fingerprint):
+        facts["stage1_train_fingerprint"] = s1.train_fingerprint
     if imported:  # the source checkpoint, named (report.md says how it was trained is unknown)
         facts["imported"] = dict(imported)
     # the paper's numbers for this configuration, only when the run is the preset unchanged

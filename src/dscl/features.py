@@ -2,13 +2,29 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from pathlib import Path
+
 import torch
 from torch import nn
 from tqdm import tqdm
 
 from dscl import dist
+from dscl.backbones import build_backbone
+from dscl.config import Config
 from dscl.data import LTDataset
+from dscl.run import CheckpointError
 from dscl.runtime import autocast, make_loader, to_device
+
+
+def frozen_backbone(cfg: Config, weights: Mapping[str, torch.Tensor], where: Path) -> nn.Module:
+    """The run's backbone (``model.backbone``) with ``weights`` from checkpoint ``where``."""
+    backbone = build_backbone(cfg.model.backbone, zero_init_residual=cfg.model.zero_init_residual)
+    try:
+        backbone.load_state_dict(weights)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{where} does not fit backbone {cfg.model.backbone}: {exc}") from exc
+    return backbone
 
 
 @torch.no_grad()

@@ -41,12 +41,25 @@ from torch import Tensor, nn
 
 from dscl import dist
 from dscl.backbones import BACKBONES, build_backbone
-from dscl.checkpoint import CheckpointError, rng_state, save_checkpoint, seed_everything
 from dscl.config import Config, dump_config, method_name
-from dscl.inference import ImageClassifier, Predictor, meta_dict
+from dscl.inference import ImageClassifier, Predictor
+from dscl.io import atomic_write
 from dscl.model import DSCLModel, Encoder
-from dscl.report import atomic_write
-from dscl.rundir import MetricsLog, RunDirError, prepare_run_dir
+from dscl.rng import rng_state, seed_everything
+from dscl.run import (
+    CheckpointError,
+    ClassifierState,
+    DataMeta,
+    MetricsLog,
+    RunFacts,
+    Stage1State,
+    check_output_file,
+    checkpoint_stage,
+    prepare_run_dir,
+    save_classifier,
+    save_stage1,
+    state_from_dict,
+)
 
 IMPORT_FORMATS: tuple[str, ...] = ("auto", "official", "torchvision", "dscl")
 EXPORT_FORMATS: tuple[str, ...] = ("torchscript", "onnx", "state-dict")
@@ -117,7 +130,7 @@ def _strip_module(state: dict[str, Tensor]) -> dict[str, Tensor]:
 
 def detect_format(obj: Any) -> str:
     """``official``, ``torchvision`` or ``dscl`` for a loaded checkpoint (see the module docstring)."""
-    if isinstance(obj, Mapping) and obj.get("stage") in ("pretrain", "classify") and "version" in obj:
+    if isinstance(obj, Mapping) and checkpoint_stage(obj) is not None:
         return "dscl"
     if isinstance(obj, Mapping) and obj.get("format") == "dscl-state-dict":  # `dscl export --format state-dict`
         return "dscl"
@@ -164,7 +177,7 @@ class _Mapped:
     momentum: dict[str, Tensor] | None = None
     queue: dict[str, Tensor] | None = None
     fc: dict[str, Tensor] | None = None
-    feature_stats: dict[str, Tensor] | None = None  # standardisation folded into fc (dscl classifiers)
+    feature_stats: tuple[Tensor, Tensor] | None = None  # standardisation folded into fc (dscl classifiers)
     unexpected: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -215,16 +228,19 @@ def _strip_backbone(key: str) -> str:
 def _map_dscl(obj: Mapping[str, Any]) -> _Mapped:
     if obj.get("format") == "dscl-state-dict":
         # both key layouts are this package's backbone keys: the torchvision ResNets keep torchvision's names
-        m = _Mapped(backbone=dict(obj["backbone"]), fc=dict(obj["fc"]), feature_stats=obj.get("feature_stats"))
+        stats = obj.get("feature_stats")
+        m = _Mapped(backbone=dict(obj["backbone"]), fc=dict(obj["fc"]),
+                    feature_stats=(stats["mean"], stats["std"]) if stats else None)
         m.notes.append(f"a dscl state-dict export ({obj.get('architecture')}, {len(obj.get('class_names') or [])} "
                        f"classes): backbone and classifier imported, no projection head (freshly initialised)")
         return m
-    if obj.get("stage") == "classify":
-        m = _Mapped(backbone=dict(obj["backbone"]), fc=dict(obj["fc"]), feature_stats=obj.get("feature_stats"))
+    state = state_from_dict(obj)
+    if isinstance(state, ClassifierState):
+        m = _Mapped(backbone=dict(state.backbone), fc=dict(state.fc), feature_stats=state.feature_stats)
         m.notes.append("a dscl classifier.pt: backbone and classifier imported, no projection head "
                        "(freshly initialised)")
         return m
-    model = dict(obj["model"])
+    model = dict(state.model)
     m = _Mapped(backbone=_split_prefix(model, "online.backbone."), head=_split_prefix(model, "online.head.") or None,
                 momentum=_split_prefix(model, "momentum.") or None, queue=_split_prefix(model, "queue.") or None)
     m.unexpected = [k for k in model if not k.startswith(("online.backbone.", "online.head.", "momentum.", "queue."))]
@@ -316,27 +332,65 @@ def import_checkpoint(path: str | Path, cfg: Config, out: str | Path, *, fmt: st
     path = Path(path)
     out = prepare_run_dir(out, resume=False, overwrite=overwrite, check_only=True)
     obj = read_external(path)
+    fmt, mapped = _read_mapped(obj, fmt, path)
+
+    from dscl.data import build_datasets
+
+    splits = build_datasets(cfg.data, seed=cfg.optim.seed)
+    model = _plain_model(cfg, cfg.model.queue_size if cfg.loss.loss != "ce" else 0)
+    weights, unexpected, notes = _fill_model(model, mapped, path, cfg)
+    missing_parts = [] if mapped.momentum is not None else ["momentum.* (copied from the online encoder)"]
+    if mapped.head is None:
+        missing_parts.append("online.head.* (freshly initialised)")
+    fc_state = _classifier_of(mapped, splits.num_classes, model.online.backbone.num_features, backbone_only, out, notes)
+    model.load_state_dict(weights)  # the final consistency check: every tensor in place, shapes right
+
+    imported = {"from": str(path.resolve()), "format": fmt, "head": mapped.head is not None,
+                "momentum": mapped.momentum is not None,
+                "file_epoch": obj.get("epoch") if isinstance(obj, Mapping) and isinstance(obj.get("epoch"), int)
+                else None}
+    prepare_run_dir(out, resume=False, overwrite=overwrite)
+    if dist.is_main():
+        data = DataMeta.of(splits.class_names, splits.train_counts, splits.mean, splits.std)
+        dump_config(cfg, out / "config.yaml")
+        facts = RunFacts(method=method_name(cfg), backbone=cfg.model.backbone, num_classes=splits.num_classes,
+                         dim=cfg.model.dim, imported=imported)
+        save_stage1(out, Stage1State(epoch=cfg.optim.epochs, epochs=cfg.optim.epochs, finished=True,
+                                     wall_seconds=0.0, facts=facts, data=data, model=model.state_dict(),
+                                     rng=[rng_state()]))
+        if fc_state is not None:
+            save_classifier(out, ClassifierState(
+                protocol="imported", backbone_name=cfg.model.backbone, num_classes=splits.num_classes,
+                selection=f"classifier imported from {path.name} ({fmt} format); dscl selected no epoch",
+                imported=imported, data=data, backbone=model.online.backbone.state_dict(), fc=fc_state,
+                feature_stats=mapped.feature_stats))
+        MetricsLog(out / "metrics.jsonl").write(stage="import", **imported, classifier=fc_state is not None)
+    dist.barrier()
+    loaded = len(mapped.backbone) + len(mapped.head or {}) + len(mapped.momentum or {}) + (2 if fc_state else 0)
+    return ImportResult(fmt, out, loaded, missing_parts, unexpected, notes, fc_state is not None)
+
+
+def _read_mapped(obj: Any, fmt: str, path: Path) -> tuple[str, _Mapped]:
+    """The file's format (``fmt`` or detected for ``auto``) and its tensors mapped onto our names."""
     detected = detect_format(obj)
     fmt = detected if fmt == "auto" else fmt
     if fmt == "dscl":
         if detected != "dscl":
             raise CheckpointError(f"{path} is not a dscl checkpoint or state-dict export (no 'stage' and 'version' "
                                   "keys, no format 'dscl-state-dict'); use --format official or torchvision")
-        mapped = _map_dscl(obj)
-    else:
-        state = _state_dict_of(obj)
-        if fmt == "official" and not any(k.startswith("encoder_q.") for k in state):
-            raise CheckpointError(f"{path} has no encoder_q.* keys, so it is not an official DSCL / MoCo stage-1 "
-                                  f"checkpoint (first keys: {_first(sorted(state), 5)}); try --format torchvision")
-        mapped = _map_official(state) if fmt == "official" else _map_torchvision(state)
+        return fmt, _map_dscl(obj)
+    state = _state_dict_of(obj)
+    if fmt == "official" and not any(k.startswith("encoder_q.") for k in state):
+        raise CheckpointError(f"{path} has no encoder_q.* keys, so it is not an official DSCL / MoCo stage-1 "
+                              f"checkpoint (first keys: {_first(sorted(state), 5)}); try --format torchvision")
+    return fmt, _map_official(state) if fmt == "official" else _map_torchvision(state)
 
-    from dscl.data import build_datasets
 
-    splits = build_datasets(cfg.data, seed=cfg.optim.seed)
-    queue_size = cfg.model.queue_size if cfg.loss.loss != "ce" else 0
-    model = _plain_model(cfg, queue_size)
+def _fill_model(model: DSCLModel, mapped: _Mapped, path: Path, cfg: Config,
+                ) -> tuple[dict[str, Tensor], list[str], list[str]]:
+    """The model's state dict with every mapped part in place (each checked against the model), the
+    unexpected keys, and notes for the user."""
     target = model.state_dict()
-    width = model.online.backbone.num_features
     parts = [("backbone", "online.backbone.", mapped.backbone)]
     if mapped.head is not None:
         parts.append(("projection head", "online.head.", mapped.head))
@@ -360,62 +414,27 @@ def import_checkpoint(path: str | Path, cfg: Config, out: str | Path, *, fmt: st
             notes.append(f"queue imported ({int(mapped.queue['filled'])} filled entries)")
         else:
             notes.append("queue not imported (its size differs from model.queue_size); the run's queue starts empty")
-    missing_parts = [] if mapped.momentum is not None else ["momentum.* (copied from the online encoder)"]
-    if mapped.head is None:
-        missing_parts.append("online.head.* (freshly initialised)")
+    return new, unexpected, notes
 
-    fc_state = None
-    if mapped.fc is not None and not backbone_only:
-        shape = tuple(mapped.fc["weight"].shape)
-        if shape == (splits.num_classes, width) and tuple(mapped.fc["bias"].shape) == (splits.num_classes,):
-            fc_state = {k: v.float() for k, v in mapped.fc.items()}
-        else:
-            notes.append(f"fc {shape} ignored: the dataset has {splits.num_classes} classes and the backbone "
-                         f"{width} features; run `dscl classify --run {out}` for a classifier")
-    elif mapped.fc is not None:
+
+def _classifier_of(mapped: _Mapped, num_classes: int, width: int, backbone_only: bool, out: Path,
+                   notes: list[str]) -> dict[str, Tensor] | None:
+    """The file's linear classifier when it fits the dataset and backbone (else a note says why not)."""
+    if mapped.fc is None:
+        return None
+    if backbone_only:
         notes.append("fc ignored (--backbone-only); run `dscl classify` for a classifier")
-    model.load_state_dict(new)  # the final consistency check: every tensor in place, shapes right
-
-    meta = meta_dict(splits.class_names, splits.train_counts, splits.mean, splits.std)
-    imported = {"from": str(path.resolve()), "format": fmt, "head": mapped.head is not None,
-                "momentum": mapped.momentum is not None,
-                "file_epoch": obj.get("epoch") if isinstance(obj, Mapping) and isinstance(obj.get("epoch"), int)
-                else None}
-    prepare_run_dir(out, resume=False, overwrite=overwrite)
-    if dist.is_main():
-        dump_config(cfg, out / "config.yaml")
-        save_checkpoint(out / "checkpoints" / "last.pt", {
-            "stage": "pretrain", "epoch": cfg.optim.epochs, "epochs": cfg.optim.epochs, "finished": True,
-            "backbone": cfg.model.backbone, "num_classes": splits.num_classes, "dim": cfg.model.dim,
-            "model": model.state_dict(), "ce_head": None, "optimizer": None, "scaler": None, "rng": [rng_state()],
-            "wall_seconds": 0.0, "method": method_name(cfg), "imported": imported, **meta,
-        })
-        if fc_state is not None:
-            save_checkpoint(out / "checkpoints" / "classifier.pt", {
-                "stage": "classify", "protocol": "imported", "backbone_name": cfg.model.backbone,
-                "num_classes": splits.num_classes, "backbone": model.online.backbone.state_dict(),
-                "fc": fc_state, "class_means": None, "selected_epoch": None,
-                "feature_stats": mapped.feature_stats if fc_state is not None else None,
-                "selection": f"classifier imported from {path.name} ({fmt} format); dscl selected no epoch",
-                "history": [], "wall_seconds": 0.0, "imported": imported, **meta,
-            })
-        MetricsLog(out / "metrics.jsonl").write(stage="import", **imported, classifier=fc_state is not None)
-    dist.barrier()
-    loaded = len(mapped.backbone) + len(mapped.head or {}) + len(mapped.momentum or {}) + (2 if fc_state else 0)
-    return ImportResult(fmt, out, loaded, missing_parts, unexpected, notes, fc_state is not None)
+        return None
+    shape = tuple(mapped.fc["weight"].shape)
+    if shape == (num_classes, width) and tuple(mapped.fc["bias"].shape) == (num_classes,):
+        return {k: v.float() for k, v in mapped.fc.items()}
+    notes.append(f"fc {shape} ignored: the dataset has {num_classes} classes and the backbone "
+                 f"{width} features; run `dscl classify --run {out}` for a classifier")
+    return None
 
 
 # ------------------------------------------------------------------------------------------------
 # export
-
-
-def refuse_existing(out: Path, overwrite: bool) -> None:
-    """Refuse to replace an existing output file (unless ``overwrite``) or a directory; create its folder."""
-    if out.is_dir():
-        raise RunDirError(f"--out {out} is a directory; give a file name")
-    if out.exists() and not overwrite:
-        raise RunDirError(f"--out {out} exists; pass --overwrite to replace it, or choose another file")
-    out.parent.mkdir(parents=True, exist_ok=True)
 
 
 def export_meta(predictor: Predictor) -> dict[str, Any]:
@@ -553,7 +572,7 @@ def export_run(predictor: Predictor, fmt: str, out: str | Path, *, overwrite: bo
     predictor._require_fc()
     if fmt == "onnx":  # check the extra before anything is created
         _need_onnx()
-    refuse_existing(out, overwrite)
+    check_output_file(out, overwrite=overwrite)
     if fmt == "torchscript":
         return export_torchscript(predictor, out)
     if fmt == "onnx":

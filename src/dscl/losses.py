@@ -33,17 +33,34 @@ Implementation notes (why it looks the way it does):
 * Losses are computed in float32 even under ``torch.autocast`` (the fp16 guards of the official code
   overflow, METHOD.md C.2 item 5); float64 inputs stay float64.
 * Keys, queue and the PBSD teacher are detached: no gradient ever reaches them.
+
+:func:`dscl_loss_dense` and :func:`pbsd_loss_dense` are the plain references: the official code's
+computation written equation for equation (dense label masks over ``cat(q, k, queue)``, a loop over
+the patches). Tests, the benchmarks and the gradient analysis (:mod:`dscl.analysis.gradient`) use
+them; training never does.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["DSCLLoss", "PBSDLoss", "SupConLoss", "dscl_loss", "pbsd_loss", "supcon_loss"]
+__all__ = [
+    "DSCLLoss",
+    "DenseContrast",
+    "PBSDLoss",
+    "SupConLoss",
+    "dense_contrast",
+    "dscl_loss",
+    "dscl_loss_dense",
+    "pbsd_loss",
+    "pbsd_loss_dense",
+    "supcon_loss",
+]
 
 _INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 # PBSD row blocks. A block's teacher and student (rows, K) logits hold at most _BLOCK_ELEMENTS
@@ -544,6 +561,114 @@ def pbsd_loss(
             float(temperature),
             torch.is_grad_enabled() and patch_student.requires_grad,
         )
+
+
+# --------------------------------------------------------------------------------------------------
+# Dense references (the plain equations; used by tests, benchmarks and the gradient analysis)
+# --------------------------------------------------------------------------------------------------
+
+
+class DenseContrast(NamedTuple):
+    """The official ``DSCLLoss`` computation (METHOD.md A.6 "Official implementation"), every term dense.
+
+    Columns are ``features = cat(query, key, queue)``: ``[queries (B) | keys (B) | queue (K)]``, N = 2B + K.
+    Float masks have the features' dtype.
+
+    Attributes:
+        features: ``(N, D)``; the queries keep their gradient, keys and queue are detached.
+        logits_mask: ``(B, N)`` 0 in the self column (out of numerator and denominator), 1 elsewhere.
+        mask: ``(B, N)`` 1 where the column has the anchor's label, self column excluded (own key included).
+        own_key: ``(B, N)`` 1 in the own-key column ``k_i``.
+        log_prob: ``(B, N)`` ``log p(t|i)`` over the contrast set (the self column holds no probability).
+        weights: ``(B, N)`` 1 on ``k_i``, ``beta/|P_i|`` on each t in ``P_i`` (1 each for SupCon), 0 elsewhere.
+    """
+
+    features: Tensor
+    logits_mask: Tensor
+    mask: Tensor
+    own_key: Tensor
+    log_prob: Tensor
+    weights: Tensor
+
+
+def dense_contrast(
+    query: Tensor,
+    key: Tensor,
+    labels: Tensor,
+    queue: Tensor,
+    queue_labels: Tensor,
+    *,
+    beta: float | None,
+    temperature: float,
+) -> DenseContrast:
+    """Logits, masks and weights of the official ``DSCLLoss``, dense over ``cat(q, k, queue)`` (METHOD.md A.6).
+
+    The reference form: no validation, no dtype handling, B x (2B+K) buffers throughout.
+
+    Args:
+        query, key, labels, queue, queue_labels: as for :func:`dscl_loss` (labels of one integer dtype).
+        beta: the official ``weighted_beta`` (``alpha = 1/(1+beta)``); None gives SupCon's uniform
+            weights (the official form with ``beta_i = |P_i|``, METHOD.md G 4).
+        temperature: tau.
+    """
+    b = query.shape[0]
+    features = torch.cat([query, key.detach(), queue.detach()])  # (N, D), N = 2B + K
+    all_labels = torch.cat([labels, labels, queue_labels])
+    rows = torch.arange(b, device=query.device)
+    logits_mask = torch.ones(b, features.shape[0], dtype=query.dtype, device=query.device)
+    logits_mask[rows, rows] = 0  # the self column
+    mask = (labels[:, None] == all_labels[None, :]).to(query.dtype) * logits_mask  # (B, N)
+    own_key = torch.zeros_like(mask)
+    own_key[rows, b + rows] = 1
+    logits = query @ features.T / temperature  # (B, N)
+    logits = logits - logits.max(dim=1, keepdim=True).values.detach()
+    log_prob = logits - torch.log((torch.exp(logits) * logits_mask).sum(1, keepdim=True))
+    if beta is None:
+        weights = mask
+    else:
+        n_others = mask.sum(1, keepdim=True) - 1  # |P_i|
+        weights = own_key + (mask - own_key) * beta / (n_others + 1e-12)
+    return DenseContrast(features, logits_mask, mask, own_key, log_prob, weights)
+
+
+def dscl_loss_dense(
+    query: Tensor,
+    key: Tensor,
+    labels: Tensor,
+    queue: Tensor,
+    queue_labels: Tensor,
+    *,
+    beta: float | None = 8.0,
+    temperature: float = 0.07,
+) -> Tensor:
+    """Reference DSCL: the official ``DSCLLoss`` written out densely (METHOD.md A.6); not used in training.
+
+    ``loss = mean_i -(sum_t w_it log p(t|i)) / sum_t w_it`` with :func:`dense_contrast`'s weights: equals
+    :func:`dscl_loss` with ``alpha = 1/(1+beta)`` (METHOD.md G 1), and :func:`supcon_loss` for
+    ``beta=None``. Keys and queue are detached; autograd differentiates everything else.
+    """
+    dense = dense_contrast(query, key, labels, queue, queue_labels, beta=beta, temperature=temperature)
+    mean_log_prob = (dense.weights * dense.log_prob).sum(1) / dense.weights.sum(1)
+    return -mean_log_prob.mean()
+
+
+def pbsd_loss_dense(
+    patch_teacher: Tensor, patch_student: Tensor, key: Tensor, queue: Tensor, *, temperature: float = 0.07
+) -> Tensor:
+    """Reference PBSD as the official code computes it (METHOD.md A.7); not used in training.
+
+    One patch slot at a time: (B, K+1) teacher and student logits over ``[own key, queue]``, target =
+    ``softmax(teacher).detach()``, cross-entropy with ``log_softmax(student)``, mean over the batch; then
+    the mean over the L slots. Equals :func:`pbsd_loss`.
+    """
+    key, queue = key.detach(), queue.detach()
+    total = patch_student.new_zeros(())
+    for teacher, student in zip(patch_teacher, patch_student, strict=True):
+        t_logits = torch.cat([(teacher * key).sum(1, keepdim=True), teacher @ queue.T], 1) / temperature
+        target = torch.softmax(t_logits, dim=1).detach()
+        s_logits = torch.cat([(student * key).sum(1, keepdim=True), student @ queue.T], 1) / temperature
+        total = total + (-(target * torch.log_softmax(s_logits, dim=1)).sum(1)).mean()
+    return total / patch_student.shape[0]
 
 
 # --------------------------------------------------------------------------------------------------

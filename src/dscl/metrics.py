@@ -26,6 +26,7 @@ import torch.nn.functional as F
 __all__ = [
     "GROUPS",
     "shot_groups",
+    "shot_group_bounds",
     "per_class_accuracy",
     "topk_correct",
     "confusion_matrix",
@@ -150,6 +151,15 @@ def shot_groups(
         "medium": np.flatnonzero(medium).tolist(),
         "few": np.flatnonzero(few).tolist(),
     }
+
+
+def shot_group_bounds(many_threshold: int = 100, few_threshold: int = 20) -> dict[str, str]:
+    """The rule of :func:`shot_groups` in words, per group: the training counts each group holds.
+
+    ``{"many": "> 100", "medium": "20–100", "few": "< 20"}`` for the default thresholds (both bounds of
+    Medium included); for texts such as "classes with > 100 / 20–100 / < 20 training images".
+    """
+    return {"many": f"> {many_threshold}", "medium": f"{few_threshold}–{many_threshold}", "few": f"< {few_threshold}"}
 
 
 def per_class_accuracy(preds: ArrayLike, targets: ArrayLike, num_classes: int) -> np.ndarray:

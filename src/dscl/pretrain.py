@@ -9,10 +9,12 @@ weighted sum, backward, optimiser step, enqueue of the gathered keys and labels.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -21,22 +23,26 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from dscl import dist
-from dscl.checkpoint import (
-    CheckpointError,
-    derived_seed,
-    load_checkpoint,
-    rng_state,
-    save_checkpoint,
-    seed_everything,
-    set_rng_state,
-)
 from dscl.config import Config, LossConfig, ViewConfig, dump_config, method_name, uses_pbsd
 from dscl.data import DatasetSplits, DSCLTransform, LTDataset, build_datasets, check_files_before_training
 from dscl.data.batched_views import BatchedDSCLTransform, CanvasTransform, augment_on_device, working_size
+from dscl.io import format_duration
 from dscl.losses import dscl_loss, pbsd_loss, supcon_loss
 from dscl.model import DSCLModel, build_model, momentum_update
-from dscl.report import format_duration
-from dscl.rundir import MetricsLog, check_compatible, prepare_run_dir, record_resume
+from dscl.rng import derived_seed, rng_state, seed_everything, set_rng_state
+from dscl.run import (
+    STAGE1_FILE,
+    CheckpointError,
+    DataMeta,
+    MetricsLog,
+    RunFacts,
+    Stage1State,
+    check_compatible,
+    load_stage1,
+    prepare_run_dir,
+    record_resume,
+    save_stage1,
+)
 from dscl.runtime import (
     amp_dtype,
     autocast,
@@ -48,6 +54,7 @@ from dscl.runtime import (
     to_device,
 )
 from dscl.schedules import warmup_cosine
+from dscl.threads import ThreadAdapter
 
 
 @dataclass
@@ -71,14 +78,13 @@ def pretrain_step(
     loss_cfg: LossConfig,
     scaler: torch.amp.GradScaler | None = None,
     dtype: torch.dtype | None = None,
-    ce_head: nn.Module | None = None,
     num_classes: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """One stage-1 iteration (METHOD.md A.9 with our deliberate differences). Returns detached losses.
 
-    ``loss_cfg.loss`` picks the contrastive term: ``dscl`` (Eq. 9 of the paper), ``scl`` (the paper's
-    SupCon baseline over the same queue), or ``ce`` (cross-entropy through ``ce_head``; no momentum
-    encoder or queue). PBSD is added with weight ``loss_cfg.pbsd_weight`` when patches are given.
+    ``loss_cfg.loss`` picks the contrastive term: ``dscl`` (Eq. 9 of the paper) or ``scl`` (the
+    paper's SupCon baseline over the same queue); the CE baseline has its own step (:func:`ce_step`).
+    PBSD is added with weight ``loss_cfg.pbsd_weight`` when patches are given.
 
     The step never reads a value back from the device, so a GPU is never stalled by the host
     (fp16's ``GradScaler.step`` keeps its own one read of the overflow flag). Hence it does not check
@@ -88,62 +94,85 @@ def pretrain_step(
     keeps the same scale. ``num_classes`` (the dataset's class count) lets the contrastive losses
     skip ``torch.unique`` over the labels, which would wait for the GPU once per step.
     """
+    if loss_cfg.loss == "ce":
+        raise ValueError("loss ce has its own step (dscl.pretrain.ce_step): no momentum encoder, queue or patches")
     device = batch.query.device
+    image_size = (batch.query.shape[-2], batch.query.shape[-1])
+    use_pbsd = loss_cfg.pbsd_weight > 0 and batch.patches.shape[1] > 0
+    momentum_update(model.online, model.momentum, m)
+    with autocast(device, dtype):
+        z, fmap = model.online(batch.query)
+        keys = dist.shuffled_forward(lambda x: model.momentum(x)[0], batch.key)
+        if use_pbsd:
+            teacher = model.patch_teacher(fmap, batch.boxes, image_size)
+            student = model.patch_student(batch.patches)
+    queue, queue_labels = model.queue.snapshot()
+    if loss_cfg.loss == "scl":
+        loss_con = supcon_loss(z, keys, batch.labels, queue, queue_labels,
+                               temperature=loss_cfg.temperature, num_classes=num_classes)
+    else:
+        loss_con = dscl_loss(z, keys, batch.labels, queue, queue_labels,
+                             alpha=loss_cfg.alpha, temperature=loss_cfg.temperature, num_classes=num_classes)
+    loss_pbsd = (pbsd_loss(teacher, student, keys, queue, temperature=loss_cfg.temperature)
+                 if use_pbsd else torch.zeros((), device=device))
+    loss = loss_con + loss_cfg.pbsd_weight * loss_pbsd
+    skipped = _optimise(loss, optimizer, lr, scaler)
+    # every rank holds the same per-rank batch in stage 1, so the gathers need no size exchange
+    model.queue.enqueue(dist.all_gather_cat(keys.float(), equal_sizes=True),
+                        dist.all_gather_cat(batch.labels, equal_sizes=True))
+    return _parts(loss, loss_con, loss_pbsd, skipped)
+
+
+def ce_step(
+    model: DSCLModel,
+    head: nn.Module,
+    batch: Batch,
+    optimizer: torch.optim.Optimizer,
+    *,
+    lr: float,
+    scaler: torch.amp.GradScaler | None = None,
+    dtype: torch.dtype | None = None,
+) -> dict[str, torch.Tensor]:
+    """One step of the cross-entropy baseline (``loss.loss=ce``): ``head`` (a linear classifier) on
+    the online backbone's features of the query view. No momentum encoder, queue or patches."""
+    with autocast(batch.query.device, dtype):
+        logits = head(model.online.features(batch.query))
+    loss = F.cross_entropy(logits.float(), batch.labels)
+    skipped = _optimise(loss, optimizer, lr, scaler)
+    return _parts(loss, loss, torch.zeros((), device=loss.device), skipped)
+
+
+def _optimise(loss: torch.Tensor, optimizer: torch.optim.Optimizer, lr: float,
+              scaler: torch.amp.GradScaler | None) -> torch.Tensor | None:
+    """Backward, gradients averaged over ranks, optimiser step at ``lr``. With ``scaler`` (fp16) returns
+    a 0-dim bool device tensor, True when the scaler skipped the step; else None."""
     for group in optimizer.param_groups:
         group["lr"] = lr
-    image_size = (batch.query.shape[-2], batch.query.shape[-1])
-    use_pbsd = loss_cfg.loss != "ce" and loss_cfg.pbsd_weight > 0 and batch.patches.shape[1] > 0
-    zero = torch.zeros((), device=device)
-    if loss_cfg.loss == "ce":
-        if ce_head is None:
-            raise ValueError("loss ce needs a ce_head (a linear classifier on the backbone features)")
-        with autocast(device, dtype):
-            logits = ce_head(model.online.features(batch.query))
-        loss_con = F.cross_entropy(logits.float(), batch.labels)
-        loss_pbsd, keys = zero, None
-    else:
-        momentum_update(model.online, model.momentum, m)
-        with autocast(device, dtype):
-            z, fmap = model.online(batch.query)
-            keys = dist.shuffled_forward(lambda x: model.momentum(x)[0], batch.key)
-            if use_pbsd:
-                teacher = model.patch_teacher(fmap, batch.boxes, image_size)
-                student = model.patch_student(batch.patches)
-        queue, queue_labels = model.queue.snapshot()
-        if loss_cfg.loss == "scl":
-            loss_con = supcon_loss(z, keys, batch.labels, queue, queue_labels,
-                                   temperature=loss_cfg.temperature, num_classes=num_classes)
-        else:
-            loss_con = dscl_loss(z, keys, batch.labels, queue, queue_labels,
-                                 alpha=loss_cfg.alpha, temperature=loss_cfg.temperature, num_classes=num_classes)
-        loss_pbsd = (pbsd_loss(teacher, student, keys, queue, temperature=loss_cfg.temperature)
-                     if use_pbsd else zero)
-    loss = loss_con + loss_cfg.pbsd_weight * loss_pbsd
     optimizer.zero_grad(set_to_none=True)
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    skipped = None
-    if scaler is not None:
-        scaler.scale(loss).backward()
-        # Average BEFORE unscaling: unscale_ is where a scaler decides "found inf". Deciding on each
-        # rank's own gradients and averaging after let one rank's inf reach ranks that had decided
-        # to step (non-finite weights there, scales diverging). An inf anywhere now skips everywhere.
-        dist.average_gradients(params)
-        # the scale as a device tensor (GradScaler keeps it in _scale; get_scale() would read it to the
-        # host): update() lowers it exactly when step() skipped, so a lower scale marks a skipped step
-        # (a finite loss with inf gradients included), with no host-device sync
-        scale_before = scaler._scale.clone() if scaler._scale is not None else None
-        scaler.step(optimizer)  # unscale_, skip if non-finite, else step
-        scaler.update()
-        if scale_before is not None and scaler._scale is not None:
-            skipped = scaler._scale < scale_before
-    else:
+    if scaler is None:
         loss.backward()
         dist.average_gradients(params)
         optimizer.step()
-    if keys is not None:
-        # every rank holds the same per-rank batch in stage 1, so the gathers need no size exchange
-        model.queue.enqueue(dist.all_gather_cat(keys.float(), equal_sizes=True),
-                            dist.all_gather_cat(batch.labels, equal_sizes=True))
+        return None
+    scaler.scale(loss).backward()
+    # Average BEFORE unscaling: unscale_ is where a scaler decides "found inf". Deciding on each
+    # rank's own gradients and averaging after let one rank's inf reach ranks that had decided
+    # to step (non-finite weights there, scales diverging). An inf anywhere now skips everywhere.
+    dist.average_gradients(params)
+    # the scale as a device tensor (GradScaler keeps it in _scale; get_scale() would read it to the
+    # host): update() lowers it exactly when step() skipped, so a lower scale marks a skipped step
+    # (a finite loss with inf gradients included), with no host-device sync
+    scale_before = scaler._scale.clone() if scaler._scale is not None else None
+    scaler.step(optimizer)  # unscale_, skip if non-finite, else step
+    scaler.update()
+    if scale_before is None or scaler._scale is None:
+        return None
+    return scaler._scale < scale_before
+
+
+def _parts(loss: torch.Tensor, loss_con: torch.Tensor, loss_pbsd: torch.Tensor,
+           skipped: torch.Tensor | None) -> dict[str, torch.Tensor]:
     parts = {"loss": loss.detach(), "loss_con": loss_con.detach(), "loss_pbsd": loss_pbsd.detach()}
     if skipped is not None:
         parts["scaler_skipped"] = skipped  # 0-dim bool on the device (fp16 only); not a loss
@@ -210,12 +239,12 @@ class NonFiniteGuard:
         return n
 
 
-def _restore_rng(state: dict, seed: int, epoch: int, steps_per_epoch: int) -> None:
+def _restore_rng(state: Stage1State, seed: int, epoch: int, steps_per_epoch: int) -> None:
     """Continue every rank's random streams from a stage-1 checkpoint, whatever world size saved it.
 
     Same world size: each rank restores its own state, and the resume is bit-exact (on a GPU only
     with ``optim.deterministic``). Another world size: ranks that existed restore theirs, new ranks
-    get :func:`~dscl.checkpoint.derived_seed`. The model, optimiser, scaler, queue and schedule
+    get :func:`~dscl.rng.derived_seed`. The model, optimiser, scaler, queue and schedule
     position are exact, and each global step still trains on the same images (the sampler shuffles
     the same global order; the global batch and steps per epoch do not depend on the world size), but
     the split of a global batch over ranks (so shuffle-BN groups and BatchNorm batch statistics), the
@@ -223,9 +252,9 @@ def _restore_rng(state: dict, seed: int, epoch: int, steps_per_epoch: int) -> No
     to an uninterrupted one. Refuses a checkpoint whose steps per epoch differ (the schedule would jump).
     """
     world, rank = dist.world_size(), dist.rank()
-    rngs = state["rng"]
-    saved_world = state.get("world_size", len(rngs))
-    saved_steps = state.get("steps_per_epoch")
+    rngs = state.rng
+    saved_world = state.facts.world_size or len(rngs)
+    saved_steps = state.facts.steps_per_epoch
     if saved_steps is not None and saved_steps != steps_per_epoch:
         raise CheckpointError(
             f"the checkpoint was saved at {saved_steps} steps per epoch but this run has {steps_per_epoch} "
@@ -294,34 +323,63 @@ def _batches(loader: DataLoader, device: torch.device, channels_last: bool,
         )
 
 
-def pretrain(
-    cfg: Config,
-    out: str | Path,
-    *,
-    resume: bool = False,
-    overwrite: bool = False,
-    device: str = "auto",
-    progress: bool = True,
-    max_epochs: int | None = None,
-) -> Path:
-    """Stage 1 into run directory ``out``; returns the path of ``checkpoints/last.pt``.
+@dataclass
+class Stage1:
+    """Everything a stage-1 run works with, set up once (:func:`setup_stage1`)."""
 
-    ``max_epochs`` stops after that many epochs of *this call* (used to test exact resume); the
-    schedule still spans ``cfg.optim.epochs``.
-    """
-    dev = dist.init(device)
-    dtype = amp_dtype(cfg.optim.amp, dev)  # refuses a precision this device cannot run, before any work
-    configure_backends(dev, deterministic=cfg.optim.deterministic)  # before the first CUDA kernel
-    # Refuse a bad --out at once, but create nothing until the data and the model are known to be
-    # usable, so a failed start never leaves a directory that blocks the corrected retry.
-    out = prepare_run_dir(out, resume=resume, overwrite=overwrite, check_only=True)
-    seed_everything(cfg.optim.seed)  # same on every rank: identical initial weights
-    splits = build_datasets(cfg.data, seed=cfg.optim.seed)
+    cfg: Config
+    out: Path
+    device: torch.device
+    dtype: torch.dtype | None  # autocast dtype (None: fp32)
+    splits: DatasetSplits
+    train: LTDataset  # the training set with its loader-side transform
+    augment: BatchedDSCLTransform | None  # the batched on-device views, or None (views made in the loader)
+    sampler: DistributedSampler
+    loader: DataLoader
+    model: DSCLModel
+    ce_head: nn.Module | None  # the CE baseline's classifier (loss.loss=ce), else None
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler | None  # fp16 only
+    base_lr: float  # optim.base_lr x global batch / 256
+
+    @functools.cached_property
+    def train_fingerprint(self) -> str:
+        return self.splits.train.fingerprint()
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.loader)
+
+    @property
+    def total_steps(self) -> int:
+        return self.cfg.optim.epochs * self.steps_per_epoch
+
+    @property
+    def warmup_steps(self) -> int:
+        # a run shorter than the preset's warm-up (e.g. optim.epochs=2) warms up over the whole run
+        return min(round(self.cfg.optim.warmup_epochs * self.steps_per_epoch), self.total_steps)
+
+    def lr(self, step: int) -> float:
+        return warmup_cosine(step, self.total_steps, self.warmup_steps, self.base_lr)
+
+    def step(self, batch: Batch, lr: float) -> dict[str, torch.Tensor]:
+        cfg = self.cfg
+        if self.ce_head is not None:
+            return ce_step(self.model, self.ce_head, batch, self.optimizer, lr=lr, scaler=self.scaler,
+                           dtype=self.dtype)
+        return pretrain_step(self.model, batch, self.optimizer, lr=lr, m=cfg.model.momentum, loss_cfg=cfg.loss,
+                             scaler=self.scaler, dtype=self.dtype, num_classes=self.splits.num_classes)
+
+
+def _training_data(cfg: Config, dev: torch.device, progress: bool, splits: DatasetSplits | None,
+                   ) -> tuple[DatasetSplits, LTDataset, BatchedDSCLTransform | None, DistributedSampler, DataLoader]:
+    """The datasets (files checked), the training set with its views, its sampler and loader."""
+    if splits is None:
+        splits = build_datasets(cfg.data, seed=cfg.optim.seed)
     check_files_before_training(splits, enabled=cfg.data.check_files, progress=progress)  # issue #12: fail in seconds
     world, rank = dist.world_size(), dist.rank()
     if cfg.optim.batch_size % world:
         raise ValueError(f"optim.batch_size {cfg.optim.batch_size} must be divisible by the {world} processes")
-    per_rank = cfg.optim.batch_size // world
     # without PBSD no patch is cut, augmented or transferred (the data side of "no patch work")
     views = cfg.views if uses_pbsd(cfg) else dataclasses.replace(cfg.views, num_patches=0)
     train, augment = _training_views(cfg, splits, views, dev)
@@ -331,17 +389,21 @@ def pretrain(
             f"{cfg.optim.batch_size}; lower the batch size"
         )
     sampler: DistributedSampler = DistributedSampler(train, num_replicas=world, rank=rank, shuffle=True,
-                                 seed=cfg.optim.seed, drop_last=True)
+                                                     seed=cfg.optim.seed, drop_last=True)
     workers = num_workers(cfg.data.num_workers)
     if augment is not None and train.in_memory and cfg.data.num_workers < 0:
         workers = 0  # the loader only copies uint8 arrays out of memory: a worker process costs more than that
-    loader = make_loader(train, per_rank, sampler=sampler, workers=workers, device=dev, drop_last=True)
-    steps_per_epoch = len(loader)
-    total_steps = cfg.optim.epochs * steps_per_epoch
-    # a run shorter than the preset's warm-up (e.g. optim.epochs=2) warms up over the whole run
-    warmup_steps = min(round(cfg.optim.warmup_epochs * steps_per_epoch), total_steps)
-    base_lr = cfg.optim.base_lr * cfg.optim.batch_size / 256  # linear scaling by the global batch
+    loader = make_loader(train, cfg.optim.batch_size // world, sampler=sampler, workers=workers, device=dev,
+                         drop_last=True)
+    return splits, train, augment, sampler, loader
 
+
+def setup_stage1(cfg: Config, out: Path, dev: torch.device, dtype: torch.dtype | None, *, progress: bool,
+                 splits: DatasetSplits | None = None) -> Stage1:
+    """Data, model (identical on every rank), optimiser and scaler of a stage-1 run; writes nothing.
+    ``dtype``: the autocast dtype (:func:`dscl.runtime.amp_dtype`); ``splits``: built here if None."""
+    seed_everything(cfg.optim.seed)  # same on every rank: identical initial weights
+    splits, train, augment, sampler, loader = _training_data(cfg, dev, progress, splits)
     model = build_model(cfg, splits.num_classes)  # model.queue_init=random draws from the seeded RNG
     ce_head = nn.Linear(model.online.backbone.num_features, splits.num_classes) if cfg.loss.loss == "ce" else None
     model.to(dev)
@@ -353,116 +415,188 @@ def pretrain(
     params = list(model.online.parameters()) + (list(ce_head.parameters()) if ce_head is not None else [])
     optimizer = torch.optim.SGD(params, lr=0.0, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay)
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+    return Stage1(cfg, out, dev, dtype, splits, train, augment, sampler, loader, model, ce_head, optimizer, scaler,
+                  base_lr=cfg.optim.base_lr * cfg.optim.batch_size / 256)  # linear scaling by the global batch
 
+
+def restore_stage1(run: Stage1, state: Stage1State) -> None:
+    """Continue ``run`` from a checkpoint: weights, optimiser, scaler, queue and every random stream."""
+    cfg, rank = run.cfg, dist.rank()
+    check_compatible(state, cfg, run.splits.num_classes, run.out / STAGE1_FILE)
+    run.model.load_state_dict(state.model)
+    if run.ce_head is not None and state.ce_head is not None:
+        run.ce_head.load_state_dict(state.ce_head)
+    if state.optimizer is not None:
+        run.optimizer.load_state_dict(state.optimizer)
+    if run.scaler is not None and state.scaler:
+        run.scaler.load_state_dict(state.scaler)
+    _restore_rng(state, cfg.optim.seed, state.epoch, run.steps_per_epoch)
+    generator = run.augment.generator if run.augment is not None else None
+    if generator is not None:  # the batched views' own stream
+        saved = state.view_rng or []
+        # a state of another generator kind (a CPU run resumed on a GPU) cannot be restored
+        if rank < len(saved) and saved[rank].numel() == generator.get_state().numel():
+            generator.set_state(saved[rank])
+        else:
+            generator.manual_seed(_view_seed(cfg.optim.seed, rank, state.epoch))
+
+
+def stage1_state(run: Stage1, epoch: int, wall: float) -> Stage1State:
+    """The checkpoint after ``epoch`` epochs (call on every rank: the RNG states are gathered)."""
+    cfg, splits, augment = run.cfg, run.splits, run.augment
+    rngs = cast(list[dict[str, Any]], dist.gather_objects(rng_state()))
+    view_rngs = (cast(list[torch.Tensor], dist.gather_objects(augment.generator.get_state()))
+                 if augment is not None and augment.generator is not None else None)
+    facts = RunFacts(
+        method=method_name(cfg), backbone=cfg.model.backbone, num_classes=splits.num_classes, dim=cfg.model.dim,
+        precision={"none": "fp32"}.get(cfg.optim.amp, cfg.optim.amp), device=str(run.device),
+        torch_version=str(torch.__version__), global_batch=cfg.optim.batch_size, world_size=dist.world_size(),
+        lr=run.base_lr, steps_per_epoch=run.steps_per_epoch,  # with world_size: checked when resuming elsewhere
+        train_fingerprint=run.train_fingerprint)
+    return Stage1State(
+        epoch=epoch, epochs=cfg.optim.epochs, finished=epoch == cfg.optim.epochs, wall_seconds=wall, facts=facts,
+        # what dscl.inference.load_run needs without the dataset (a run copied elsewhere)
+        data=DataMeta.of(splits.class_names, splits.train_counts, splits.mean, splits.std),
+        model=run.model.state_dict(), ce_head=run.ce_head.state_dict() if run.ce_head is not None else None,
+        optimizer=run.optimizer.state_dict(), scaler=run.scaler.state_dict() if run.scaler else None,
+        rng=rngs, view_rng=view_rngs)
+
+
+class _EpochLog:
+    """Stage-1 logging of one epoch: a metrics line and the progress bar every ``optim.log_every``
+    steps (and at the epoch's last), the epoch's mean losses at its end."""
+
+    def __init__(self, run: Stage1, epoch: int, progress: bool) -> None:
+        self.run, self.epoch = run, epoch
+        self.log = MetricsLog(run.out / "metrics.jsonl")
+        self.bar = tqdm(total=run.steps_per_epoch, desc=f"pretrain {epoch + 1}/{run.cfg.optim.epochs}", unit="step",
+                        disable=not (progress and dist.is_main()), leave=False, dynamic_ncols=True)
+        self.t_log, self.seen = time.perf_counter(), 0
+        self.sums, self.n = {"loss": 0.0, "loss_con": 0.0, "loss_pbsd": 0.0}, 0
+
+    def step(self, images: int) -> None:
+        self.seen += images
+        self.bar.update(1)
+
+    def write(self, step: int, lr: float, parts: dict[str, torch.Tensor], skipped: int) -> None:
+        run = self.run
+        values = {k: float(v) for k, v in parts.items() if k != "scaler_skipped"}
+        now = time.perf_counter()
+        ips = self.seen / max(now - self.t_log, 1e-9)
+        self.log.write(stage="pretrain", epoch=self.epoch + 1, step=step + 1, lr=lr, momentum=run.cfg.model.momentum,
+                       img_per_s=round(ips, 1), queue_fill=len(run.model.queue), threads=torch.get_num_threads(),
+                       queue_rejected=int(run.model.queue.rejected),  # non-finite keys kept out, since the start
+                       **values, **({"skipped_steps": skipped} if run.scaler is not None else {}))
+        self.bar.set_postfix(loss=f"{values['loss']:.3f}", img_s=f"{ips:.0f}")
+        self.t_log, self.seen = now, 0
+        for k in self.sums:
+            self.sums[k] += values[k]
+        self.n += 1
+
+    def close(self) -> dict[str, float]:
+        self.bar.close()
+        return {k: v / max(self.n, 1) for k, v in self.sums.items()}
+
+
+def train_epoch(run: Stage1, epoch: int, guard: NonFiniteGuard, adapter: ThreadAdapter | None, *,
+                progress: bool) -> dict[str, float]:
+    """One epoch of stage 1 (``adapter``: the thread adapter, ticked every step); returns its mean
+    logged losses."""
+    cfg, world = run.cfg, dist.world_size()
+    run.sampler.set_epoch(epoch)
+    run.model.train()
+    log = _EpochLog(run, epoch, progress)
+    for it, batch in enumerate(_batches(run.loader, run.device, cfg.model.channels_last, run.augment)):
+        step = epoch * run.steps_per_epoch + it
+        lr = run.lr(step)
+        parts = run.step(batch, lr)
+        guard.update(parts["loss"], parts.get("scaler_skipped"))
+        if adapter is not None:
+            adapter.tick()
+        log.step(batch.query.shape[0] * world)
+        if (it + 1) % cfg.optim.log_every == 0 or it + 1 == run.steps_per_epoch:
+            skipped = guard.check(step + 1)  # raises (on every rank) before a bad epoch is saved
+            log.write(step, lr, parts, skipped)
+    return log.close()
+
+
+def pretrain(
+    cfg: Config,
+    out: str | Path,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    device: str = "auto",
+    progress: bool = True,
+    max_epochs: int | None = None,
+    splits: DatasetSplits | None = None,
+) -> Path:
+    """Stage 1 into run directory ``out``; returns the path of ``checkpoints/last.pt``.
+
+    ``max_epochs`` stops after that many epochs of *this call* (used to test exact resume); the
+    schedule still spans ``cfg.optim.epochs``. ``splits``: the datasets of ``cfg.data`` if already
+    built (``dscl run`` builds them once for all stages).
+    """
+    dev = dist.init(device)
+    dtype = amp_dtype(cfg.optim.amp, dev)  # refuses a precision this device cannot run, before any work
+    configure_backends(dev, deterministic=cfg.optim.deterministic)  # before the first CUDA kernel
+    # Refuse a bad --out at once, but create nothing until the data and the model are known to be
+    # usable, so a failed start never leaves a directory that blocks the corrected retry.
+    out = prepare_run_dir(out, resume=resume, overwrite=overwrite, check_only=True)
+    run = setup_stage1(cfg, out, dev, dtype, progress=progress, splits=splits)
     prepare_run_dir(out, resume=resume, overwrite=overwrite)
-    ckpt_path = out / "checkpoints" / "last.pt"
-    state = load_checkpoint(ckpt_path) if resume else None
-    if state is None and dist.is_main():
-        dump_config(cfg, out / "config.yaml")
-    log = MetricsLog(out / "metrics.jsonl")
     start_epoch, wall_before = 0, 0.0
-    if state is not None:
-        check_compatible(state, cfg, splits.num_classes, ckpt_path)
-        model.load_state_dict(state["model"])
-        if ce_head is not None:
-            ce_head.load_state_dict(state["ce_head"])
-        optimizer.load_state_dict(state["optimizer"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        start_epoch, wall_before = state["epoch"], state.get("wall_seconds", 0.0)
+    if resume:
+        state = load_stage1(out)
+        restore_stage1(run, state)
+        start_epoch, wall_before = state.epoch, state.wall_seconds
         record_resume(out, cfg, epochs_done=start_epoch)  # refuses changes that alter stage 1; logs the rest
-        _restore_rng(state, cfg.optim.seed, start_epoch, steps_per_epoch)
-        if augment is not None and augment.generator is not None:  # the batched views' own stream
-            saved = state.get("view_rng") or []
-            # a state of another generator kind (a CPU run resumed on a GPU) cannot be restored
-            if rank < len(saved) and saved[rank].numel() == augment.generator.get_state().numel():
-                augment.generator.set_state(saved[rank])
-            else:
-                augment.generator.manual_seed(_view_seed(cfg.optim.seed, rank, start_epoch))
         if start_epoch >= cfg.optim.epochs:
-            if not state.get("finished") and dist.is_main():  # optim.epochs lowered to the epochs done
-                save_checkpoint(ckpt_path, {**state, "epochs": cfg.optim.epochs, "finished": True})
-            dist.barrier()
-            say(f"stage 1 of {out} is already finished ({start_epoch}/{cfg.optim.epochs} epochs)")
-            return ckpt_path
+            return _already_finished(run, state)
         say(f"resuming {out} at epoch {start_epoch + 1}/{cfg.optim.epochs}")
     else:
-        torch.manual_seed(cfg.optim.seed + 1000 * rank)  # different augmentation stream per rank
-
-    if dist.is_main():
-        say(
-            f"stage 1: {method_name(cfg)} on {splits.name} ({len(train)} train images, "
-            f"{splits.num_classes} classes), backbone {cfg.model.backbone}, {cfg.optim.epochs} epochs x "
-            f"{steps_per_epoch} steps, global batch {cfg.optim.batch_size} on {world} process(es), "
-            f"lr {base_lr:g}, device {dev}"
-        )
+        if dist.is_main():
+            dump_config(cfg, out / "config.yaml")
+        torch.manual_seed(cfg.optim.seed + 1000 * dist.rank())  # different augmentation stream per rank
+    _announce(run)
     end_epoch = cfg.optim.epochs if max_epochs is None else min(cfg.optim.epochs, start_epoch + max_epochs)
-    train_fingerprint = splits.train.fingerprint()
     t_start = time.perf_counter()
-    guard = NonFiniteGuard(dev, tolerate=scaler is not None)
+    guard = NonFiniteGuard(dev, tolerate=run.scaler is not None)
     # fewer compute threads while other jobs use these CPUs (dscl.threads; off for GPUs / deterministic)
     adapter = thread_adapter(dev, deterministic=cfg.optim.deterministic)
     for epoch in range(start_epoch, end_epoch):
-        sampler.set_epoch(epoch)
-        model.train()
-        bar = tqdm(total=steps_per_epoch, desc=f"pretrain {epoch + 1}/{cfg.optim.epochs}", unit="step",
-                   disable=not (progress and dist.is_main()), leave=False, dynamic_ncols=True)
-        t_log, seen, sums = time.perf_counter(), 0, {"loss": 0.0, "loss_con": 0.0, "loss_pbsd": 0.0}
-        epoch_sums, epoch_n = dict.fromkeys(sums, 0.0), 0
-        for it, batch in enumerate(_batches(loader, dev, cfg.model.channels_last, augment)):
-            step = epoch * steps_per_epoch + it
-            lr = warmup_cosine(step, total_steps, warmup_steps, base_lr)
-            parts = pretrain_step(model, batch, optimizer, lr=lr, m=cfg.model.momentum, loss_cfg=cfg.loss,
-                                  scaler=scaler, dtype=dtype, ce_head=ce_head, num_classes=splits.num_classes)
-            guard.update(parts["loss"], parts.get("scaler_skipped"))
-            if adapter is not None:
-                adapter.tick()
-            seen += batch.query.shape[0] * world
-            bar.update(1)
-            if (it + 1) % cfg.optim.log_every == 0 or it + 1 == steps_per_epoch:
-                skipped = guard.check(step + 1)  # raises (on every rank) before a bad epoch is saved
-                values = {k: float(v) for k, v in parts.items() if k != "scaler_skipped"}
-                now = time.perf_counter()
-                ips = seen / max(now - t_log, 1e-9)
-                log.write(stage="pretrain", epoch=epoch + 1, step=step + 1, lr=lr, momentum=cfg.model.momentum,
-                          img_per_s=round(ips, 1), queue_fill=len(model.queue), threads=torch.get_num_threads(),
-                          queue_rejected=int(model.queue.rejected),  # non-finite keys kept out, since the start
-                          **values,
-                          **({"skipped_steps": skipped} if scaler is not None else {}))
-                bar.set_postfix(loss=f"{values['loss']:.3f}", img_s=f"{ips:.0f}")
-                t_log, seen = now, 0
-                for k in sums:
-                    epoch_sums[k] += values[k]
-                epoch_n += 1
-        bar.close()
+        means = train_epoch(run, epoch, guard, adapter, progress=progress)
         wall = wall_before + time.perf_counter() - t_start
-        finished = epoch + 1 == cfg.optim.epochs
-        rngs = dist.gather_objects(rng_state())
-        view_rngs = (dist.gather_objects(augment.generator.get_state())
-                     if augment is not None and augment.generator is not None else None)
+        state = stage1_state(run, epoch + 1, wall)
         if dist.is_main():
-            save_checkpoint(ckpt_path, {
-                "stage": "pretrain", "epoch": epoch + 1, "epochs": cfg.optim.epochs, "finished": finished,
-                "backbone": cfg.model.backbone, "num_classes": splits.num_classes, "dim": cfg.model.dim,
-                "model": model.state_dict(), "ce_head": ce_head.state_dict() if ce_head is not None else None,
-                "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler else None,
-                "rng": rngs, "view_rng": view_rngs, "wall_seconds": wall, "method": method_name(cfg),
-                "steps_per_epoch": steps_per_epoch,  # with world_size: checked when resuming elsewhere
-                # what reports need to make runs comparable (report.json "stage1")
-                "global_batch": cfg.optim.batch_size, "world_size": world, "lr": base_lr,
-                "precision": {"none": "fp32"}.get(cfg.optim.amp, cfg.optim.amp), "device": str(dev),
-                "torch_version": str(torch.__version__), "train_fingerprint": train_fingerprint,
-                # what dscl.inference.load_run needs without the dataset (a run copied elsewhere)
-                "class_names": list(splits.class_names), "train_counts": list(splits.train_counts),
-                "mean": list(splits.mean), "std": list(splits.std),
-            })
-            means = {k: v / max(epoch_n, 1) for k, v in epoch_sums.items()}
-            log.write(stage="pretrain_epoch", epoch=epoch + 1, wall_seconds=round(wall, 2), **means)
+            save_stage1(out, state)
+            MetricsLog(out / "metrics.jsonl").write(stage="pretrain_epoch", epoch=epoch + 1,
+                                                    wall_seconds=round(wall, 2), **means)
             # mean epoch time of this call (so far) x epochs left; 0:00 at the last epoch
             eta = (time.perf_counter() - t_start) / (epoch + 1 - start_epoch) * (cfg.optim.epochs - epoch - 1)
             tqdm.write(f"epoch {epoch + 1}/{cfg.optim.epochs}  loss {means['loss']:.4f}  "
                        f"(con {means['loss_con']:.4f}, pbsd {means['loss_pbsd']:.4f})  {wall:.0f}s  "
                        f"ETA stage 1 {format_duration(eta)}")
         dist.barrier()
-    return ckpt_path
+    return out / STAGE1_FILE
 
+
+def _already_finished(run: Stage1, state: Stage1State) -> Path:
+    """A resume of a stage 1 that has trained ``optim.epochs`` epochs: mark it finished, train nothing."""
+    epochs = run.cfg.optim.epochs
+    if not state.finished and dist.is_main():  # optim.epochs lowered to the epochs done
+        save_stage1(run.out, dataclasses.replace(state, epochs=epochs, finished=True))
+    dist.barrier()
+    say(f"stage 1 of {run.out} is already finished ({state.epoch}/{epochs} epochs)")
+    return run.out / STAGE1_FILE
+
+
+def _announce(run: Stage1) -> None:
+    cfg, splits = run.cfg, run.splits
+    if dist.is_main():
+        say(
+            f"stage 1: {method_name(cfg)} on {splits.name} ({len(run.train)} train images, "
+            f"{splits.num_classes} classes), backbone {cfg.model.backbone}, {cfg.optim.epochs} epochs x "
+            f"{run.steps_per_epoch} steps, global batch {cfg.optim.batch_size} on {dist.world_size()} process(es), "
+            f"lr {run.base_lr:g}, device {run.device}"
+        )

@@ -7,22 +7,18 @@ leaves a half-written report, CSV or plot behind. The numbers come from :mod:`ds
 
 from __future__ import annotations
 
-import contextlib
-import csv
-import io
-import json
 import math
 import numbers
 import os
-import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 import torch
 
-from dscl.metrics import GROUPS, accuracy_under_distributions, as_numpy, shot_groups
+from dscl.io import save_figure, write_csv, write_json, write_text
+from dscl.metrics import GROUPS, accuracy_under_distributions, as_numpy, shot_group_bounds, shot_groups
 
 #: Above this many classes ``confusion.csv`` lists the non-zero cells (true, predicted, count) instead
 #: of the C x C matrix (iNaturalist 2018's 8,142 classes would make a 66-million-cell file).
@@ -38,14 +34,6 @@ _GROUP_TITLES: dict[str, str] = {"many": "Many", "medium": "Medium", "few": "Few
 
 def _round(x: float | None, ndigits: int = 4) -> float | None:
     return None if x is None else round(float(x), ndigits)
-
-
-def format_duration(seconds: float) -> str:
-    """``mm:ss`` (``h:mm:ss`` from one hour) for progress lines and estimates."""
-    total = max(0, round(seconds))
-    h, rest = divmod(total, 3600)
-    m, s = divmod(rest, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
 
 
 def class_groups(train_counts: Sequence[int], many_threshold: int, few_threshold: int) -> list[str]:
@@ -139,11 +127,8 @@ def build_report(
                if k not in summary]
     if missing:
         raise ValueError(f"summary is missing {missing}; pass the dict returned by summarize()")
-    epochs_out: int | dict[str, int] | None
-    if isinstance(epochs, Mapping):
-        epochs_out = {str(k): int(v) for k, v in epochs.items()}
-    else:
-        epochs_out = None if epochs is None else int(epochs)
+    epochs_out = ({str(k): int(v) for k, v in epochs.items()} if isinstance(epochs, Mapping)
+                  else None if epochs is None else int(epochs))
     main = variant_row(method, summary)
     report: dict[str, Any] = {
         "dataset": str(dataset),
@@ -154,15 +139,9 @@ def build_report(
         "medium": main["medium"],
         "few": main["few"],
         "shot_classes": {g: int(summary["shot_classes"][g]) for g in GROUPS},
-        "per_class": [
-            {
-                "class": str(row["class"]),
-                "train_count": int(row["train_count"]),
-                "test_count": int(row["test_count"]),
-                "accuracy": _round(row["accuracy"]),
-            }
-            for row in summary["per_class"]
-        ],
+        "per_class": [{"class": str(row["class"]), "train_count": int(row["train_count"]),
+                       "test_count": int(row["test_count"]), "accuracy": _round(row["accuracy"])}
+                      for row in summary["per_class"]],
         "seed": int(seed),
         "epochs": epochs_out,
         "wall_seconds": round(float(wall_seconds), 2),
@@ -262,8 +241,8 @@ def _markdown(
     sc = report["shot_classes"]
     lines += [
         "",
-        "Many / Medium / Few = mean per-class top-1 over classes with > "
-        f"{many_threshold}, {few_threshold}–{many_threshold}, < {few_threshold} training images; "
+        "Many / Medium / Few = mean per-class top-1 over classes with "
+        f"{', '.join(shot_group_bounds(many_threshold, few_threshold).values())} training images; "
         "macro = mean per-class top-1 over all classes; — = no class in that group.",
         "",
         *([f"**{warning}**", ""] if (warning := missing_classes_warning(report)) else []),
@@ -282,12 +261,10 @@ def _markdown(
         "| Class | Group | Train images | Test images | Top-1 (%) |",
         "|---|---|---:|---:|---:|",
     ]
-    for row in report["per_class"]:
-        n = row["train_count"]
-        group = "Many" if n > many_threshold else "Few" if n < few_threshold else "Medium"
-        lines.append(
-            f"| {row['class']} | {group} | {n} | {row['test_count']} | {_fmt(row['accuracy'])} |"
-        )
+    groups = class_groups([r["train_count"] for r in report["per_class"]], many_threshold, few_threshold)
+    for row, group in zip(report["per_class"], groups, strict=True):
+        lines.append(f"| {row['class']} | {_GROUP_TITLES[group]} | {row['train_count']} | {row['test_count']} | "
+                     f"{_fmt(row['accuracy'])} |")
     return "\n".join(lines) + "\n"
 
 
@@ -358,40 +335,6 @@ def _facts_lines(report: Mapping[str, Any]) -> list[str]:
                      f"stage-2 protocol {conv.get('classifier_protocol')}"
                      + (" on standardised features" if conv.get("classifier_standardize") else ""))
     return lines
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write(path: Path, write: Callable[[IO[bytes]], object]) -> Path:
-    """Write ``path`` through a temp file in the same folder, then ``os.replace`` it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual mode
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return path
-
-
-def write_csv(path: Path, header: Sequence[str], rows: Any) -> Path:
-    """``rows`` (an iterable of sequences) under ``header`` as a UTF-8 CSV file, written atomically."""
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(header)
-    writer.writerows(rows)
-    data = buf.getvalue().encode("utf-8")
-    return atomic_write(path, lambda f: f.write(data))
 
 
 def write_per_class_csv(path: Path, report: Mapping[str, Any], many_threshold: int = 100,
@@ -466,10 +409,6 @@ def write_predictions(
                             "confidence", "top5"], rows())
 
 
-def save_figure(fig: Any, path: Path) -> Path:
-    return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
-
-
 def _plot_per_class(
     report: Mapping[str, Any], path: Path, many_threshold: int, few_threshold: int
 ) -> Path:
@@ -479,7 +418,7 @@ def _plot_per_class(
     counts = np.array([max(r["train_count"], 1) for r in rows], dtype=float)  # log axis: 0 -> 1
     acc = np.array([np.nan if r["accuracy"] is None else r["accuracy"] for r in rows], dtype=float)
     raw = np.array([r["train_count"] for r in rows])
-    group_of = np.where(raw > many_threshold, "many", np.where(raw < few_threshold, "few", "medium"))
+    group_of = np.array(class_groups(raw.tolist(), many_threshold, few_threshold))
     x_lo = min(counts.min(), few_threshold) / 1.6
     x_hi = max(counts.max(), many_threshold) * 1.6
 
@@ -515,8 +454,8 @@ def _plot_per_class(
     ax.set_ylabel(f"Top-1 accuracy on {report.get('split', 'test')} split (%)", fontsize=12)
     ax.set_title(
         f"Per-class accuracy vs training-set size — {report['method']} on {report['dataset']}\n"
-        f"Many > {many_threshold}, Medium {few_threshold}–{many_threshold}, Few < {few_threshold} "
-        "training images (dotted: group mean)",
+        ", ".join(f"{_GROUP_TITLES[g]} {b}" for g, b in shot_group_bounds(many_threshold, few_threshold).items())
+        + " training images (dotted: group mean)",
         fontsize=12,
     )
     ax.tick_params(labelsize=11)
@@ -586,8 +525,7 @@ def write_report(
     out = Path(out_dir)
     plots_dir = out / "plots"
     written: list[Path] = []
-    data = json.dumps(report, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
-    written.append(atomic_write(out / "report.json", lambda f: f.write(data.encode("utf-8"))))
+    written.append(write_json(out / "report.json", report, ensure_ascii=False, allow_nan=False))
 
     names = list(class_names) if class_names is not None else [str(r["class"]) for r in report["per_class"]]
     written.append(write_per_class_csv(out / "per_class.csv", report, many_threshold, few_threshold))
@@ -612,5 +550,5 @@ def write_report(
         plot_rel.append("plots/test_agnostic.png")
 
     md = _markdown(report, plot_rel, many_threshold, few_threshold)
-    written.append(atomic_write(out / "report.md", lambda f: f.write(md.encode("utf-8"))))
+    written.append(write_text(out / "report.md", md))
     return written

@@ -26,6 +26,7 @@ from typing import Any
 
 from dscl.compare import FIELDS, CompareError, aggregate, check_plan, method_config, run_one
 from dscl.config import Config, ConfigError, apply_mapping, dump_config, parse_overrides, validate
+from dscl.io import save_figure, write_json, write_text
 
 # short names for the paper's swept hyperparameters
 ALIASES = {
@@ -241,8 +242,8 @@ def sweep(base: Config, key: str, values: Sequence[str], *, method: str, seeds: 
         "command": command,
         "wall_seconds": round(sum(r["wall_seconds"] for runs in test_reports.values() for r in runs), 1),
     }
-    (out / "sweep.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "sweep.md").write_text(format_markdown(result))
+    write_json(out / "sweep.json", result)
+    write_text(out / "sweep.md", format_markdown(result))
     plot_sweep(result, out / "sweep.png")
     return result
 
@@ -281,8 +282,6 @@ def plot_sweep(result: dict[str, Any], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from dscl.analysis.common import save_figure
-
     values = result["values"]
     nums = _numeric(values)
     xs = nums if nums is not None else list(range(len(values)))
@@ -315,4 +314,4 @@ def plot_sweep(result: dict[str, Any], path: Path) -> Path:
     axes[0].set_ylabel("top-1 accuracy (%)")
     fig.suptitle(f"{result['dataset']}: {result['method']} vs {result['param']} (seeds {result['seeds']})")
     fig.tight_layout()
-    return save_figure(fig, path)
+    return save_figure(fig, path, close=True)

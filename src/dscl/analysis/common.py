@@ -2,23 +2,17 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
 
 from dscl.backbones import Backbone
-from dscl.checkpoint import seed_everything
 from dscl.config import Config
 from dscl.data import DatasetSplits, build_datasets
 from dscl.inference import Predictor, load_run
 from dscl.metrics import shot_groups
 from dscl.model import DSCLModel, build_encoder
-from dscl.report import atomic_write
-from dscl.report import save_figure as _save_png
-from dscl.rundir import RunDirError, load_finished_stage1, load_run_config
+from dscl.rng import seed_everything
+from dscl.run import RunDirError, Stage1State, load_finished_stage1, load_run_config
 
 
 class AnalysisError(ValueError):
@@ -33,7 +27,7 @@ class RunArtifacts:
     run_dir: Path
     cfg: Config
     splits: DatasetSplits
-    stage1: dict[str, Any]
+    stage1: Stage1State
     predictor: Predictor
 
     @property
@@ -73,13 +67,13 @@ def stage1_model(art: RunArtifacts, *, initial: bool = False) -> DSCLModel:
                 f"{art.run_dir} was trained with cross-entropy (no projection head or queue to analyse); "
                 "use a contrastive run (scl, dscl, ...)"
             )
-        imported = art.stage1.get("imported") or {}
+        imported = art.stage1.facts.imported or {}
         if imported and not imported.get("head"):
             raise AnalysisError(
                 f"{art.run_dir} was imported from {imported.get('from')} ({imported.get('format')} format), which has "
                 "no projection head; this analysis needs the stage-1 head (import an official stage-1 checkpoint)"
             )
-        model.load_state_dict(art.stage1["model"])
+        model.load_state_dict(art.stage1.model)
     return model.eval()
 
 
@@ -146,26 +140,3 @@ def analysis_dir(art: RunArtifacts, out: str | Path | None) -> Path:
     path = Path(out) if out is not None else art.run_dir / "analysis"
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-def save_json(path: Path, obj: Any) -> Path:
-    """Write ``obj`` as indented JSON atomically (a crash never leaves half a file)."""
-    data = (json.dumps(obj, indent=2) + "\n").encode()
-    return atomic_write(path, lambda f: f.write(data))
-
-
-def save_figure(fig: Any, path: Path) -> Path:
-    """Save a matplotlib figure as PNG atomically and close it."""
-    import matplotlib.pyplot as plt
-
-    try:
-        return _save_png(fig, path)
-    finally:
-        plt.close(fig)
-
-
-def pick_device(device: str) -> torch.device:
-    """``auto`` -> cuda if available else cpu; anything else as given."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)

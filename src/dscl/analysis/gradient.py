@@ -9,7 +9,9 @@ loss w.r.t. ``q_i`` (other queries held constant; METHOD.md A.5, A.6, G 5) is
 
 with ``w = 1/(|P_i|+1)`` on ``k_i`` and on each t in ``P_i`` for SCL, ``w = alpha`` on ``k_i`` and
 ``(1-alpha)/|P_i|`` on each t in ``P_i`` for DSCL, and ``w = 0`` on negatives. ``P_i`` = contrast
-entries with the anchor's label other than ``k_i``. Two pull ratios per anchor (``1/tau`` cancels):
+entries with the anchor's label other than ``k_i``. ``p`` and ``w`` are read off the dense reference
+:func:`dscl.losses.dense_contrast` (the official loss's masks and weights, ``beta = (1-alpha)/alpha``;
+SupCon's uniform weights for SCL), normalised. Two pull ratios per anchor (``1/tau`` cancels):
 
 * **vector ratio** ``||(p_k - w_k) k_i|| / ||sum_{t in P_i} (p_t - w_t) f_t||`` — L2 norm of the term
   pulling toward the own view over the L2 norm of the term pulling toward the other positives;
@@ -40,13 +42,19 @@ from dscl.analysis.common import (
     AnalysisError,
     analysis_dir,
     open_run,
-    pick_device,
-    save_figure,
-    save_json,
     stage1_model,
 )
 from dscl.data.views import DSCLTransform
-from dscl.losses import _check_alpha, _check_temperature, dscl_loss, positive_weights, supcon_loss
+from dscl.dist import resolve_device
+from dscl.io import save_figure, write_json
+from dscl.losses import (
+    _check_alpha,
+    _check_temperature,
+    dense_contrast,
+    dscl_loss,
+    positive_weights,
+    supcon_loss,
+)
 from dscl.metrics import mean_or_none
 from dscl.model import DSCLModel
 
@@ -181,38 +189,26 @@ def anchor_terms(
     dtype = torch.float64
     b = query.shape[0]
     q, k = query.detach().to(dtype), key.detach().to(dtype)
-    feats = torch.cat([q, k, queue.detach().to(dtype)])  # (N, D), N = 2B + K
-    labels = labels.long()
-    all_labels = torch.cat([labels, labels, queue_labels.long().to(labels.device)])
+    beta = None if loss == "scl" else (1 - alpha) / alpha  # SupCon: every positive weight 1
+    dense = dense_contrast(q, k, labels.long(), queue.detach().to(dtype), queue_labels.long().to(labels.device),
+                           beta=beta, temperature=temperature)
     rows = torch.arange(b, device=q.device)
-
-    logits = q @ feats.t() / temperature  # (B, N)
-    logits[rows, rows] = -math.inf  # self column: out of numerator and denominator
-    p = torch.softmax(logits, dim=1)
-    del logits
-    pos = all_labels[None, :] == labels[:, None]  # (B, N) same label
-    pos[rows, rows] = False
-    pos[rows, b + rows] = False  # own key is not in P_i
-    n_pos = pos.sum(dim=1)
-    w_own, w_pos = positive_weights(loss, n_pos.to(dtype), float(alpha))
-
-    delta = p - pos.to(dtype) * w_pos[:, None]
-    delta[rows, b + rows] -= w_own
+    p = dense.log_prob.exp() * dense.logits_mask  # (B, N) p(t|i); 0 in the self column
+    delta = p - dense.weights / dense.weights.sum(dim=1, keepdim=True)  # p - w, w summing to 1 per anchor
+    pos = (dense.mask - dense.own_key).bool()  # P_i: same label, neither self nor own key
+    neg = (dense.logits_mask - dense.mask).bool()  # N_i: other labels
     d_own = delta[rows, b + rows]
     pos_delta = delta * pos
-    neg = ~pos
-    neg[rows, b + rows] = False
-    neg[rows, rows] = False
     return AnchorTerms(
         own=d_own[:, None] * k,
-        positives=pos_delta @ feats,
-        negatives=(p * neg) @ feats,
+        positives=pos_delta @ dense.features,
+        negatives=(p * neg) @ dense.features,
         own_coef=d_own.abs(),
         pos_coef=pos_delta.abs().sum(dim=1),
-        n_pos=n_pos,
+        n_pos=pos.sum(dim=1),
         p_own=p[rows, b + rows],
         delta=delta,
-        n_contrast=feats.shape[0] - 1,
+        n_contrast=dense.features.shape[0] - 1,
         temperature=float(temperature),
     )
 
@@ -442,6 +438,125 @@ def _autograd_check(
 # --------------------------------------------------------------------------------------------------
 
 
+@dataclass
+class _Stream:
+    """The training batches of one measurement: those that fill the init model's queue, then the measured ones.
+
+    Each entry is ``(position in the stream, training indices)``; the position seeds the batch's augmentations.
+    """
+
+    batch: int
+    queue_size: int
+    fill: list[tuple[int, np.ndarray]]
+    measured: list[tuple[int, np.ndarray]]
+
+
+def _batch_stream(art: Any, batches: int) -> _Stream:
+    """``ceil(K/B)`` queue-filling batches, then ``batches`` measured ones, from the run's seeded stream."""
+    cfg = art.cfg
+    batch = min(int(cfg.optim.batch_size), len(art.splits.train))
+    queue_size = int(cfg.model.queue_size)
+    n_fill = math.ceil(queue_size / batch) if queue_size else 0
+    stream = list(enumerate(_index_batches(len(art.splits.train), batch, n_fill + batches, cfg.optim.seed)))
+    return _Stream(batch, queue_size, stream[:n_fill], stream[n_fill:])
+
+
+def _fill_queue(model: DSCLModel, maker: _BatchMaker, fill: list[tuple[int, np.ndarray]], device: torch.device,
+                bar: Any) -> None:
+    """Enqueue the momentum encoder's keys of the ``fill`` batches (FIFO, true labels), as training would."""
+    for position, indices in fill:
+        _, key, labels = maker(position, indices)
+        with torch.no_grad():
+            k, _ = model.momentum(key.to(device))
+        model.queue.enqueue(k.float(), labels.to(k.device))
+        bar.update(1)
+
+
+def _measure_models(
+    art: Any, stream: _Stream, device: torch.device, bn: str, progress: bool
+) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, int], dict[str, Any]]:
+    """Per-anchor ratios of the final model (its saved queue) and the initial one (queue filled first).
+
+    Returns ``(anchors by model, filled queue entries by model, the autograd check)``.
+    """
+    cfg = art.cfg
+    alpha, tau = float(cfg.loss.alpha), float(cfg.loss.temperature)
+    maker = _BatchMaker(art, cfg.optim.seed)
+    final = stage1_model(art).to(device)
+    initial = stage1_model(art, initial=True).to(device)
+    final.train(bn == "train")
+    initial.train(bn == "train")
+
+    bar = tqdm(total=2 * len(stream.measured) + len(stream.fill), desc="gradient ratio", unit="batch",
+               disable=not progress, leave=False, dynamic_ncols=True)
+    check: dict[str, Any] = {}
+    anchors = {"final": _measure(final, maker, stream.measured, device, alpha, tau, bar, check)}
+    filled = {"final": len(final.queue)}
+    del final
+    _fill_queue(initial, maker, stream.fill, device, bar)
+    anchors["init"] = _measure(initial, maker, stream.measured, device, alpha, tau, bar, None)
+    filled["init"] = len(initial.queue)
+    bar.close()
+    return anchors, filled, check
+
+
+def _summaries(art: Any, anchors: Mapping[str, Mapping[str, np.ndarray]], alpha: float) -> dict[str, Any]:
+    """``{model: {loss: {"per_class", "per_group"}}}`` from the per-anchor ratios."""
+    groups = art.groups()
+    group_of = {c: g for g in _GROUPS for c in groups.get(g, [])}
+    models: dict[str, Any] = {}
+    for m in MODELS:
+        models[m] = {}
+        for loss in LOSSES:
+            rows = _per_class_rows(anchors[m], loss, alpha, art.splits.class_names, art.train_counts, group_of)
+            models[m][loss] = {"per_class": rows, "per_group": _per_group(rows, groups)}
+    return models
+
+
+def _settings(art: Any, stream: _Stream, filled: Mapping[str, int], bn: str, device: torch.device) -> dict[str, Any]:
+    """The ``settings`` block of ``gradient_ratio.json``: what was measured, how, and the definitions."""
+    cfg = art.cfg
+    batch, n_fill, batches = stream.batch, len(stream.fill), len(stream.measured)
+    return {
+        "run": str(art.run_dir),
+        "dataset": art.splits.name,
+        "trained_loss": cfg.loss.loss,
+        "alpha": float(cfg.loss.alpha),
+        "temperature": float(cfg.loss.temperature),
+        "batches": batches,
+        "batch_size": batch,
+        "anchors_measured": batches * batch,
+        "queue_size": stream.queue_size,
+        "queue_filled": dict(filled),
+        "contrast_set_size": 2 * batch - 1 + filled["final"],
+        "bn_mode": _BN_MODES[bn],
+        "final_queue": (
+            "the stage-1 checkpoint's saved queue (filled entries only; it may hold other views of "
+            "measured images, as at an epoch boundary in training)"
+        ),
+        "init_queue_fill": (
+            f"FIFO-filled with the initial momentum encoder's keys of the {n_fill} batches "
+            f"({n_fill * batch} key views) preceding the measured batches in the same shuffled "
+            "stream, with their true labels"
+        ),
+        "train_counts": [int(c) for c in art.train_counts],
+        "many_threshold": int(cfg.eval.many_threshold),
+        "few_threshold": int(cfg.eval.few_threshold),
+        "seed": int(cfg.optim.seed),
+        "device": str(device),
+        "definitions": {
+            "vector_ratio": "||(p_k - w_k) k_i|| / ||sum_{t in P_i} (p_t - w_t) f_t|| (mean over anchors)",
+            "coef_ratio": "|p_k - w_k| / sum_{t in P_i} |p_t - w_t| (supp. Eq. 3; mean over anchors)",
+            "weights": "SCL w = 1/(|P_i|+1) on k_i and each t in P_i; DSCL w = alpha on k_i, "
+                       "(1-alpha)/|P_i| on each t in P_i; 0 on negatives",
+            "theory": "SCL 1/mean|P_i| of the class; DSCL alpha/(1-alpha) (uniform p, 1/|M| -> 0)",
+            "uniform_p_ratio": "exact ratio at p = 1/|M| for each anchor's |P_i|, averaged",
+            "skipped": "anchors with |P_i| = 0 (no other positive) are not counted",
+            "groups": "per-group values are means of the class means",
+        },
+    }
+
+
 def gradient_ratio(
     run: str | Path,
     *,
@@ -482,97 +597,24 @@ def gradient_ratio(
     if bn not in _BN_MODES:
         raise AnalysisError(f"bn must be one of {', '.join(_BN_MODES)}, got {bn!r}")
     art = open_run(run)
-    cfg = art.cfg
-    dev = pick_device(device)
-    alpha, tau = float(cfg.loss.alpha), float(cfg.loss.temperature)
-    n_train = len(art.splits.train)
-    batch = min(int(cfg.optim.batch_size), n_train)
-    queue_size = int(cfg.model.queue_size)
-    n_fill = math.ceil(queue_size / batch) if queue_size else 0
-    stream = _index_batches(n_train, batch, n_fill + batches, cfg.optim.seed)
-    measured = list(enumerate(stream))[n_fill:]
-    maker = _BatchMaker(art, cfg.optim.seed)
-
-    final = stage1_model(art).to(dev)
-    initial = stage1_model(art, initial=True).to(dev)
-    final.train(bn == "train")
-    initial.train(bn == "train")
-
-    bar = tqdm(total=2 * batches + n_fill, desc="gradient ratio", unit="batch", disable=not progress,
-               leave=False, dynamic_ncols=True)
-    check: dict[str, Any] = {}
-    anchors = {"final": _measure(final, maker, measured, dev, alpha, tau, bar, check)}
-    final_fill = len(final.queue)
-    del final
-    for position, indices in list(enumerate(stream))[:n_fill]:
-        _, key, labels = maker(position, indices)
-        with torch.no_grad():
-            k, _ = initial.momentum(key.to(dev))
-        initial.queue.enqueue(k.float(), labels.to(k.device))
-        bar.update(1)
-    anchors["init"] = _measure(initial, maker, measured, dev, alpha, tau, bar, None)
-    init_fill = len(initial.queue)
-    bar.close()
-
-    names, counts = art.splits.class_names, art.train_counts
+    dev = resolve_device(device)
+    stream = _batch_stream(art, batches)
+    anchors, filled, check = _measure_models(art, stream, dev, bn, progress)
+    alpha = float(art.cfg.loss.alpha)
     groups = art.groups()
-    group_of = {c: g for g in _GROUPS for c in groups.get(g, [])}
-    models: dict[str, Any] = {}
-    for m in MODELS:
-        models[m] = {}
-        for loss in LOSSES:
-            rows = _per_class_rows(anchors[m], loss, alpha, names, counts, group_of)
-            models[m][loss] = {"per_class": rows, "per_group": _per_group(rows, groups)}
     dest = analysis_dir(art, out)
     json_path, png_path = dest / "gradient_ratio.json", dest / "gradient_ratio.png"
     result: dict[str, Any] = {
         "analysis": "gradient_ratio",
-        "settings": {
-            "run": str(art.run_dir),
-            "dataset": art.splits.name,
-            "trained_loss": cfg.loss.loss,
-            "alpha": alpha,
-            "temperature": tau,
-            "batches": batches,
-            "batch_size": batch,
-            "anchors_measured": batches * batch,
-            "queue_size": queue_size,
-            "queue_filled": {"final": final_fill, "init": init_fill},
-            "contrast_set_size": 2 * batch - 1 + final_fill,
-            "bn_mode": _BN_MODES[bn],
-            "final_queue": (
-                "the stage-1 checkpoint's saved queue (filled entries only; it may hold other views of "
-                "measured images, as at an epoch boundary in training)"
-            ),
-            "init_queue_fill": (
-                f"FIFO-filled with the initial momentum encoder's keys of the {n_fill} batches "
-                f"({n_fill * batch} key views) preceding the measured batches in the same shuffled "
-                "stream, with their true labels"
-            ),
-            "train_counts": [int(c) for c in art.train_counts],
-            "many_threshold": int(cfg.eval.many_threshold),
-            "few_threshold": int(cfg.eval.few_threshold),
-            "seed": int(cfg.optim.seed),
-            "device": str(dev),
-            "definitions": {
-                "vector_ratio": "||(p_k - w_k) k_i|| / ||sum_{t in P_i} (p_t - w_t) f_t|| (mean over anchors)",
-                "coef_ratio": "|p_k - w_k| / sum_{t in P_i} |p_t - w_t| (supp. Eq. 3; mean over anchors)",
-                "weights": "SCL w = 1/(|P_i|+1) on k_i and each t in P_i; DSCL w = alpha on k_i, "
-                           "(1-alpha)/|P_i| on each t in P_i; 0 on negatives",
-                "theory": "SCL 1/mean|P_i| of the class; DSCL alpha/(1-alpha) (uniform p, 1/|M| -> 0)",
-                "uniform_p_ratio": "exact ratio at p = 1/|M| for each anchor's |P_i|, averaged",
-                "skipped": "anchors with |P_i| = 0 (no other positive) are not counted",
-                "groups": "per-group values are means of the class means",
-            },
-        },
+        "settings": _settings(art, stream, filled, bn, dev),
         "autograd_check": check,
         "theory": {"dscl": alpha / (1 - alpha) if alpha < 1 else None, "scl": "1 / mean |P_i| per class"},
         "groups": {g: list(groups.get(g, [])) for g in _GROUPS},
-        "models": models,
+        "models": _summaries(art, anchors, alpha),
         "outputs": {"json": str(json_path), "png": str(png_path)},
     }
     plot_gradient_ratio(result, png_path)
-    save_json(json_path, result)
+    write_json(json_path, result)
     return result
 
 
@@ -649,7 +691,7 @@ def plot_gradient_ratio(result: Mapping[str, Any], path: Path) -> Path:
         f"{settings['queue_filled']['init']} (init); filled = final, hollow = init",
         fontsize=12,
     )
-    return save_figure(fig, path)
+    return save_figure(fig, path, close=True)
 
 
 def _plain_log_ticks(ax: Any, x_lo: float, x_hi: float) -> None:

@@ -36,19 +36,17 @@ from dscl.analysis.common import (
     default_classes,
     eval_backbone,
     open_run,
-    pick_device,
     resolve_classes,
-    save_figure,
-    save_json,
 )
 from dscl.backbones import Backbone
 from dscl.config import method_name
 from dscl.data.core import LTDataset
+from dscl.data.preprocess import ImageTransform
+from dscl.dist import resolve_device
 from dscl.features import extract_features
-from dscl.inference import ImageTransform
-from dscl.metrics import mean_or_none
+from dscl.io import atomic_write, save_figure, write_json
+from dscl.metrics import mean_or_none, shot_group_bounds
 from dscl.patches import ALIGNED_DEFAULT, pool_boxes
-from dscl.report import atomic_write
 
 GROUPS: tuple[str, ...] = ("many", "medium", "few")
 MAX_ROWS = 40  # query rows drawn in retrieval.png at most (the numbers always cover every test image)
@@ -251,7 +249,7 @@ def _check_k(k: int, art: RunArtifacts, what: str = "--k") -> None:
 
 
 def _run_method(art: RunArtifacts) -> str:
-    return art.stage1.get("method") or method_name(art.cfg)
+    return art.stage1.facts.method or method_name(art.cfg)
 
 
 def _backbone_source(art: RunArtifacts) -> str:
@@ -262,7 +260,7 @@ def _backbone_source(art: RunArtifacts) -> str:
 
 def _eval_transform(art: RunArtifacts) -> ImageTransform:
     """The run's own input conversion (:func:`dscl.inference.load_run`), as evaluation uses it."""
-    return art.predictor.image_transform
+    return art.predictor.transform
 
 
 def _workers(ds: LTDataset, art: RunArtifacts) -> int:
@@ -337,6 +335,95 @@ def _pick_queries(test: LTDataset, class_ids: list[int], per_class: int) -> tupl
     return [i for c in drawn for i in by_class[c]], drawn
 
 
+def _open_runs(run: str | Path, compare_run: str | Path | None, k: int) -> list[RunArtifacts]:
+    """The run, and the comparison run (same dataset) if given; ``k`` must fit both training sets."""
+    arts = [open_run(run)]
+    if compare_run is not None:
+        arts.append(open_run(compare_run))
+        _check_same_dataset(arts[0], arts[1])
+    for a in arts:
+        _check_k(k, a)
+    return arts
+
+
+def _drawn_queries(art: RunArtifacts, classes: str, queries_per_class: int) -> tuple[list[int], list[int], list[int],
+                                                                                     str | None]:
+    """The test queries drawn in the picture: ``(class indices selected, queries, classes drawn, note)``.
+
+    At most :data:`MAX_ROWS` rows: beyond that, classes evenly spaced in the selection are kept and ``note``
+    says so (None otherwise).
+    """
+    class_ids = resolve_classes(classes, art)
+    queries, drawn = _pick_queries(art.splits.test, class_ids, queries_per_class)
+    if not queries:
+        names = ", ".join(art.splits.class_names[c] for c in class_ids)
+        raise AnalysisError(f"--classes {classes!r} ({names}) has no test images in {art.run_dir}; "
+                            "pick other classes")
+    note = None
+    if len(queries) > MAX_ROWS:
+        keep_classes = max(1, MAX_ROWS // queries_per_class)
+        picks = np.unique(np.linspace(0, len(drawn) - 1, keep_classes).round().astype(int))
+        note = (f"picture limited to {MAX_ROWS} rows: {len(picks)} of the {len(drawn)} selected classes drawn "
+                "(evenly spaced in the selection)")
+        queries, drawn = _pick_queries(art.splits.test, [drawn[p] for p in picks], queries_per_class)
+        queries = queries[:MAX_ROWS]
+    return class_ids, queries, drawn, note
+
+
+def _retrieve(a: RunArtifacts, label: str, k: int, dev: torch.device, progress: bool) -> dict[str, Any]:
+    """Every test image of one run against its training set: its entry of ``runs`` in retrieval.json, plus
+    ``_sims`` / ``_idx`` / ``_nb_labels`` (N_test, k) for the picture and the neighbours file."""
+    backbone = eval_backbone(a).to(dev)
+    f_train, y_train = _features(backbone, a.splits.train, a, dev, progress, f"{label}: train features")
+    f_test, y_test = _features(backbone, a.splits.test, a, dev, progress, f"{label}: test features")
+    sims, idx = nearest_neighbours(f_test.to(dev), f_train.to(dev), k)
+    sims, idx = sims.cpu(), idx.cpu()
+    nb_labels = y_train[idx]
+    metrics = retrieval_metrics(nb_labels, y_test, a.splits.num_classes, a.groups())
+    counts = a.train_counts
+    for row in metrics["per_class"]:
+        row["name"] = a.splits.class_names[row["class"]]
+        row["train_count"] = counts[row["class"]]
+    return {
+        "label": label, "run_dir": str(a.run_dir), "method": _run_method(a),
+        "backbone": _backbone_source(a), "train_images": len(a.splits.train), "test_images": len(a.splits.test),
+        "feature_dim": int(f_train.shape[1]),
+        "group_classes": {g: list(v) for g, v in a.groups().items()},
+        **metrics,
+        "_sims": sims, "_idx": idx, "_nb_labels": nb_labels,
+    }
+
+
+def _neighbour_arrays(arts: Sequence[RunArtifacts], runs_out: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+    """The arrays of ``retrieval_neighbours.npz`` (see ``neighbours_npz_keys`` in retrieval.json)."""
+    arrays: dict[str, np.ndarray] = {"test_labels": np.asarray(arts[0].splits.test.targets, dtype=np.int64)}
+    for r, (a, ro) in enumerate(zip(arts, runs_out, strict=True)):
+        arrays[f"run{r}_indices"] = ro["_idx"].numpy()
+        arrays[f"run{r}_similarities"] = ro["_sims"].numpy()
+        arrays[f"run{r}_train_labels"] = np.asarray(a.splits.train.targets, dtype=np.int64)
+    return arrays
+
+
+def _query_rows(art: RunArtifacts, queries: list[int], runs_out: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One entry per drawn query: its class and, per run, its neighbours (index, label, similarity)."""
+    class_names = art.splits.class_names
+    counts = art.train_counts
+    drawn_rows = []
+    for qi in queries:
+        y = art.splits.test.targets[qi]
+        per_run = []
+        for ro in runs_out:
+            per_run.append({"label": ro["label"], "neighbours": [
+                {"index": int(j), "label": int(lab), "class_name": class_names[int(lab)], "similarity": float(s),
+                 "same_class": int(lab) == y}
+                for j, lab, s in zip(ro["_idx"][qi].tolist(), ro["_nb_labels"][qi].tolist(),
+                                     ro["_sims"][qi].tolist(), strict=True)
+            ]})
+        drawn_rows.append({"test_index": qi, "label": y, "class_name": class_names[y], "train_count": counts[y],
+                           "runs": per_run})
+    return drawn_rows
+
+
 def retrieval(run: str | Path, *, compare_run: str | Path | None = None, classes: str | None = None, k: int = 5,
               queries_per_class: int = 1, out: str | Path | None = None, device: str = "auto",
               progress: bool = True) -> dict[str, Any]:
@@ -364,80 +451,23 @@ def retrieval(run: str | Path, *, compare_run: str | Path | None = None, classes
         raise AnalysisError(f"--queries-per-class {queries_per_class}: must be at least 1")
     if k < 1:
         raise AnalysisError(f"--k {k}: must be at least 1")
-    arts = [open_run(run)]
-    if compare_run is not None:
-        arts.append(open_run(compare_run))
-        _check_same_dataset(arts[0], arts[1])
-    for a in arts:
-        _check_k(k, a)
+    arts = _open_runs(run, compare_run, k)
     art = arts[0]
     if classes is None:
         classes = default_classes(art)
-    class_ids = resolve_classes(classes, art)
-    queries, drawn = _pick_queries(art.splits.test, class_ids, queries_per_class)
-    if not queries:
-        names = ", ".join(art.splits.class_names[c] for c in class_ids)
-        raise AnalysisError(f"--classes {classes!r} ({names}) has no test images in {art.run_dir}; "
-                            "pick other classes")
-    note = None
-    if len(queries) > MAX_ROWS:
-        keep_classes = max(1, MAX_ROWS // queries_per_class)
-        picks = np.unique(np.linspace(0, len(drawn) - 1, keep_classes).round().astype(int))
-        note = (f"picture limited to {MAX_ROWS} rows: {len(picks)} of the {len(drawn)} selected classes drawn "
-                "(evenly spaced in the selection)")
-        queries, drawn = _pick_queries(art.splits.test, [drawn[p] for p in picks], queries_per_class)
-        queries = queries[:MAX_ROWS]
-    dev = pick_device(device)
+    class_ids, queries, drawn, note = _drawn_queries(art, classes, queries_per_class)
+    dev = resolve_device(device)
     out_dir = analysis_dir(art, out)
-    labels = _unique_labels(arts)
-
-    runs_out: list[dict[str, Any]] = []
-    arrays: dict[str, np.ndarray] = {"test_labels": np.asarray(art.splits.test.targets, dtype=np.int64)}
-    for r, (a, label) in enumerate(zip(arts, labels, strict=True)):
-        backbone = eval_backbone(a).to(dev)
-        f_train, y_train = _features(backbone, a.splits.train, a, dev, progress, f"{label}: train features")
-        f_test, y_test = _features(backbone, a.splits.test, a, dev, progress, f"{label}: test features")
-        sims, idx = nearest_neighbours(f_test.to(dev), f_train.to(dev), k)
-        sims, idx = sims.cpu(), idx.cpu()
-        nb_labels = y_train[idx]
-        metrics = retrieval_metrics(nb_labels, y_test, a.splits.num_classes, a.groups())
-        counts = a.train_counts
-        for row in metrics["per_class"]:
-            row["name"] = a.splits.class_names[row["class"]]
-            row["train_count"] = counts[row["class"]]
-        runs_out.append({
-            "label": label, "run_dir": str(a.run_dir), "method": _run_method(a),
-            "backbone": _backbone_source(a), "train_images": len(a.splits.train), "test_images": len(a.splits.test),
-            "feature_dim": int(f_train.shape[1]),
-            "group_classes": {g: list(v) for g, v in a.groups().items()},
-            **metrics,
-            "_sims": sims, "_idx": idx, "_nb_labels": nb_labels,
-        })
-        arrays[f"run{r}_indices"] = idx.numpy()
-        arrays[f"run{r}_similarities"] = sims.numpy()
-        arrays[f"run{r}_train_labels"] = np.asarray(a.splits.train.targets, dtype=np.int64)
-
-    class_names = art.splits.class_names
-    counts = art.train_counts
-    drawn_rows = []
-    for qi in queries:
-        y = art.splits.test.targets[qi]
-        per_run = []
-        for ro in runs_out:
-            per_run.append({"label": ro["label"], "neighbours": [
-                {"index": int(j), "label": int(lab), "class_name": class_names[int(lab)], "similarity": float(s),
-                 "same_class": int(lab) == y}
-                for j, lab, s in zip(ro["_idx"][qi].tolist(), ro["_nb_labels"][qi].tolist(),
-                                     ro["_sims"][qi].tolist(), strict=True)
-            ]})
-        drawn_rows.append({"test_index": qi, "label": y, "class_name": class_names[y], "train_count": counts[y],
-                           "runs": per_run})
+    runs_out = [_retrieve(a, label, k, dev, progress) for a, label in zip(arts, _unique_labels(arts), strict=True)]
+    drawn_rows = _query_rows(art, queries, runs_out)
 
     fig_path = out_dir / "retrieval.png"
     npz_path = out_dir / "retrieval_neighbours.npz"
     json_path = out_dir / "retrieval.json"
     _plot_retrieval(arts, runs_out, drawn_rows, k, fig_path)
+    arrays = _neighbour_arrays(arts, runs_out)
     atomic_write(npz_path, lambda f: np.savez_compressed(f, **arrays))  # type: ignore[arg-type]
+    bounds = shot_group_bounds(art.cfg.eval.many_threshold, art.cfg.eval.few_threshold)
     result = {
         "analysis": "retrieval",
         "settings": {
@@ -446,8 +476,7 @@ def retrieval(run: str | Path, *, compare_run: str | Path | None = None, classes
             "query_choice": "the first test images of each drawn class, in test-set order",
             "features": FEATURES_NOTE, "precision": PRECISION_NOTE,
             "queries": f"every test image ({len(art.splits.test)})", "gallery": "the training set of each run",
-            "group_thresholds": {"many": f"> {art.cfg.eval.many_threshold} training images",
-                                 "few": f"< {art.cfg.eval.few_threshold} training images"},
+            "group_thresholds": {g: f"{bounds[g]} training images" for g in ("many", "few")},
             "device": str(dev), "picture_note": note,
         },
         "runs": [{k_: v for k_, v in ro.items() if not k_.startswith("_")} for ro in runs_out],
@@ -456,7 +485,7 @@ def retrieval(run: str | Path, *, compare_run: str | Path | None = None, classes
         "neighbours_npz_keys": ("test_labels; run<r>_indices / run<r>_similarities (N_test, k), nearest first; "
                                 "run<r>_train_labels (N_train,); r = position in runs"),
     }
-    save_json(json_path, result)
+    write_json(json_path, result)
     return result
 
 
@@ -514,7 +543,7 @@ def _plot_retrieval(arts: Sequence[RunArtifacts], runs_out: list[dict[str, Any]]
                         Patch(facecolor="none", edgecolor="#d7191c", linewidth=3, label="other class"),
                         Patch(facecolor="none", edgecolor="#1f4e9c", linewidth=3, label="query (test image)")],
                loc="outside lower center", ncol=3, fontsize=9, frameon=False)
-    return save_figure(fig, path)
+    return save_figure(fig, path, close=True)
 
 
 def _frame(ax: Any, color: str, width: float) -> None:
@@ -628,7 +657,7 @@ def patch_retrieval(run: str | Path, *, query: int | None = None, box: str | Non
         query_choice = "given with --query"
     size = art.cfg.data.image_size
     x1y1x2y2 = parse_box(box, size)
-    dev = pick_device(device)
+    dev = resolve_device(device)
     out_dir = analysis_dir(art, out)
 
     backbone = eval_backbone(art).to(dev)
@@ -674,7 +703,7 @@ def patch_retrieval(run: str | Path, *, query: int | None = None, box: str | Non
         "files": {"figure": str(fig_path), "json": str(json_path)},
     }
     _plot_patch_retrieval(art, result, maps[top_idx], fig_path)
-    save_json(json_path, result)
+    write_json(json_path, result)
     return result
 
 
@@ -737,7 +766,7 @@ def _plot_patch_retrieval(art: RunArtifacts, result: dict[str, Any], maps: Tenso
         "bilinearly; + = best position; border green = same class, red = other",
         fontsize=10,
     )
-    return save_figure(fig, path)
+    return save_figure(fig, path, close=True)
 
 
 def _fmt_box(box: Sequence[float]) -> str:

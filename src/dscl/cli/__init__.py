@@ -103,8 +103,8 @@ def main(argv: list[str] | None = None) -> int:
         print("\ndscl: name a command; `dscl run` trains and evaluates on the default dataset", file=sys.stderr)
         return EXIT_ERROR
     from dscl import dist
-    from dscl.checkpoint import CheckpointError
     from dscl.config import ConfigError
+    from dscl.run import CheckpointError
 
     try:
         return args.handler(args)

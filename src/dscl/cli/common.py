@@ -88,10 +88,10 @@ def load_cfg(args: argparse.Namespace, extra: list[str] | None = None):
 
 def resume_cfg(args: argparse.Namespace):
     """On --resume the run's own config.yaml is the base. ``--config`` and overrides apply over it,
-    but only keys that may change on resume (:data:`dscl.rundir.RESUMABLE_KEYS`) may differ from the
+    but only keys that may change on resume (:data:`dscl.run.RESUMABLE_KEYS`) may differ from the
     run's; a different ``--preset`` is refused. Checked before anything is loaded or written."""
     from dscl.config import apply_mapping, parse_overrides, read_config_file, validate
-    from dscl.rundir import RunDirError, check_resume_config, load_run_config
+    from dscl.run import RunDirError, check_resume_config, load_run_config
 
     out = Path(args.out)
     old = load_run_config(out)
@@ -142,7 +142,7 @@ def run_cfg_with_overrides(run: str, args: argparse.Namespace, allowed: tuple[st
     (``section.*`` = the whole section) is refused, because it would describe a training that did not
     happen."""
     from dscl.config import apply_mapping, parse_overrides, validate
-    from dscl.rundir import RunDirError, config_changes, key_allowed, load_run_config
+    from dscl.run import RunDirError, config_changes, key_allowed, load_run_config
 
     saved = load_run_config(Path(run))
     cfg = copy.deepcopy(saved)

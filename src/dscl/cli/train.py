@@ -24,6 +24,7 @@ from dscl.cli.common import (
 
 if TYPE_CHECKING:  # the CLI imports torch-heavy modules only inside the commands
     from dscl.config import Config
+    from dscl.data import DatasetSplits
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
@@ -38,7 +39,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 def cmd_classify(args: argparse.Namespace) -> int:
     from dscl.classify import classify
-    from dscl.rundir import STAGE2_KEYS, record_stage2_config
+    from dscl.run import STAGE2_KEYS, record_stage2_config
 
     cfg = run_cfg_with_overrides(args.run, args, STAGE2_KEYS, "classify",
                                  [f"classifier.protocol={args.protocol}"] if args.protocol else [])
@@ -51,7 +52,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from dscl.cli.common import OVERRIDE
     from dscl.evaluation import evaluate, evaluate_data
-    from dscl.rundir import record_stage2_config
+    from dscl.run import record_stage2_config
 
     if args.data is not None and OVERRIDE.match(args.data):  # argparse put an override into DATA
         args.overrides, args.data = [args.data, *(args.overrides or [])], None
@@ -110,23 +111,19 @@ def stage2_forward_images(cfg: Config, n_train: int, n_val: int, n_test: int) ->
     return (n_train + val) * cc.epochs + n_train + n_test
 
 
-def stage2_estimate(cfg: Config, out: Path) -> float | None:
+def stage2_estimate(cfg: Config, out: Path, splits: DatasetSplits) -> float | None:
     """Seconds stage 2 + evaluation will take, from stage 1's measured speed (None if unknown).
 
     Rough on purpose: one stage-1 image costs a forward and backward pass of the online encoder
     (~3 forwards) plus the momentum encoder's forward, so the backbone's forward rate is taken as
     4 x stage 1's images/s (patches ignored). Data loading and the linear classifier are not counted.
     """
-    from dscl.data import build_datasets
+    from dscl.run import MetricsLog
 
-    rates = []
-    for line in (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").is_file() else []:
-        record = json.loads(line)
-        if record.get("stage") == "pretrain" and record.get("img_per_s"):
-            rates.append(float(record["img_per_s"]))
+    log = MetricsLog(out / "metrics.jsonl")
+    rates = [float(r["img_per_s"]) for r in log.read("pretrain") if r.get("img_per_s")]
     if not rates:
         return None
-    splits = build_datasets(cfg.data, seed=cfg.optim.seed)
     n_val = len(splits.val) if splits.val is not None else 0
     images = stage2_forward_images(cfg, len(splits.train), n_val, len(splits.test))
     return images / (4 * statistics.median(rates[-20:]))
@@ -135,9 +132,10 @@ def stage2_estimate(cfg: Config, out: Path) -> float | None:
 def cmd_run(args: argparse.Namespace) -> int:
     from dscl import dist
     from dscl.classify import classify
+    from dscl.data import build_datasets
     from dscl.evaluation import evaluate
+    from dscl.io import format_duration
     from dscl.pretrain import pretrain
-    from dscl.report import format_duration
     from dscl.runtime import say
 
     if args.resume and not args.out:
@@ -147,13 +145,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     args.out = out  # so an interrupt can name the directory to resume
     t0 = time.perf_counter()
     progress = not args.no_progress
-    pretrain(cfg, out, resume=args.resume, overwrite=args.overwrite, device=args.device, progress=progress)
+    splits = build_datasets(cfg.data, seed=cfg.optim.seed)  # once for the three stages
+    pretrain(cfg, out, resume=args.resume, overwrite=args.overwrite, device=args.device, progress=progress,
+             splits=splits)
     t1 = time.perf_counter()
-    estimate = stage2_estimate(cfg, Path(out)) if dist.is_main() else None
+    estimate = stage2_estimate(cfg, Path(out), splits) if dist.is_main() else None
     if estimate is not None:
         say(f"stage 2 + evaluation: roughly {format_duration(estimate)} (estimated from stage 1's speed)")
-    classify(out, cfg=cfg, device=args.device, progress=progress)
-    report = evaluate(out, cfg=cfg, device=args.device, progress=progress)
+    classify(out, cfg=cfg, device=args.device, progress=progress, splits=splits)
+    report = evaluate(out, cfg=cfg, device=args.device, progress=progress, splits=splits)
     say(f"stage 2 + evaluation took {format_duration(time.perf_counter() - t1)}")
     minutes = (time.perf_counter() - t0) / 60
     print_main(

@@ -9,10 +9,17 @@ import argparse
 import csv
 import json
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from dscl.cli.common import EXIT_ERROR, EXIT_OK, config_args, load_cfg, print_main, runtime_args, table
+
+if TYPE_CHECKING:
+    import torch
+
+    from dscl.data.inputs import Inputs
+    from dscl.inference import EnsemblePredictor, Predictor
 
 VARIANT_HELP = ("plain: the linear classifier (default); logit-adjust: minus tau*log(prior) of the training counts; "
                 "tau-norm: tau-normalised weights; ncm: nearest class mean")
@@ -86,84 +93,70 @@ def _prediction_format(out: str | None) -> bool:
     return suffix == ".jsonl"
 
 
-def cmd_predict(args: argparse.Namespace) -> int:
-    import io
+@dataclass
+class _Seen:
+    """What ``dscl predict`` saw while writing rows: the logits and labels of the labelled images that
+    could be read (for the Many / Medium / Few table) and the files that could not be read."""
 
+    logits: list[torch.Tensor] = field(default_factory=list)
+    labels: list[int] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)
+
+
+def _predict_rows(fh: IO[str], p: Predictor | EnsemblePredictor, inputs: Inputs, args: argparse.Namespace,
+                  jsonl: bool, k: int, seen: _Seen) -> None:
+    """Stream one row per input file into ``fh`` (an error row for a file that cannot be read)."""
     import torch
     from tqdm import tqdm
 
-    from dscl.inference import VARIANTS, collect_inputs, iter_files, load_model
-    from dscl.interop import refuse_existing
+    from dscl.data.inputs import iter_files
+
+    writer = RowWriter(fh, jsonl, k, inputs.labelled, args.logits, p.class_names if args.all_probs else None)
+    bar = tqdm(total=len(inputs.paths), desc="predict", unit="img", disable=args.no_progress, file=sys.stderr,
+               dynamic_ncols=True)
+    try:
+        for batch in iter_files(p.transform, inputs.paths, batch_size=args.batch_size, workers=args.workers):
+            logits = (p.batch_logits(batch.images, args.variant) if len(batch.images)
+                      else torch.zeros(0, p.num_classes))
+            probs = torch.softmax(logits, dim=1)
+            top_p, top_i = probs.topk(k, dim=1)
+            j = 0
+            for i, path, error in zip(batch.indices, batch.paths, batch.errors, strict=True):
+                label = inputs.labels[i]
+                name = p.class_names[label] if label is not None else None
+                if error is not None:
+                    writer.row(path, name, [], error)
+                    seen.failed.append((path, error))
+                    continue
+                top = [(p.class_names[c], c, float(pr), float(logits[j, c]))
+                       for pr, c in zip(top_p[j].tolist(), top_i[j].tolist(), strict=True)]
+                writer.row(path, name, top, None, probs[j].tolist() if args.all_probs else None)
+                if label is not None:
+                    seen.logits.append(logits[j])
+                    seen.labels.append(label)
+                j += 1
+            writer.flush()
+            bar.update(len(batch.indices))
+    finally:
+        bar.close()
+
+
+def _predict_summary(p: Predictor | EnsemblePredictor, inputs: Inputs, args: argparse.Namespace,
+                     seen: _Seen) -> list[str]:
+    """The lines printed after the rows: counts, the labelled images' table, unreadable files."""
+    import torch
+
     from dscl.metrics import summarize
-    from dscl.report import atomic_write, format_table
+    from dscl.report import format_table
 
-    if args.top_k < 1:
-        raise ValueError(f"--top-k {args.top_k}: must be at least 1")
-    if args.variant not in VARIANTS:
-        raise ValueError(f"--variant {args.variant!r}: use one of {', '.join(VARIANTS)}")
-    jsonl = _prediction_format(args.out)
-    if args.out is not None:
-        refuse_existing(Path(args.out), args.overwrite)  # before any work
-    p = load_model(args.run, device=args.device)  # a run, or an ensemble folder of `dscl ensemble`
-    p.require_classifier()
-    inputs = collect_inputs(args.inputs, num_classes=p.num_classes, data_root=args.data_root,
-                            class_names=p.class_names)
-    for note in inputs.notes:
-        print(f"note: {note}", file=sys.stderr)
-    k = min(args.top_k, p.num_classes)
-    info = sys.stderr if args.out is None else sys.stdout  # a CSV on stdout stays clean
-    known_logits, known_labels, failed = [], [], []
-
-    def write_rows(fh: IO[str]) -> None:
-        writer = RowWriter(fh, jsonl, k, inputs.labelled, args.logits, p.class_names if args.all_probs else None)
-        bar = tqdm(total=len(inputs.paths), desc="predict", unit="img", disable=args.no_progress, file=sys.stderr,
-                   dynamic_ncols=True)
-        try:
-            for batch in iter_files(p, inputs.paths, batch_size=args.batch_size, workers=args.workers):
-                logits = (p.batch_logits(batch.images, args.variant) if len(batch.images)
-                          else torch.zeros(0, p.num_classes))
-                probs = torch.softmax(logits, dim=1)
-                top_p, top_i = probs.topk(k, dim=1)
-                j = 0
-                for i, path, error in zip(batch.indices, batch.paths, batch.errors, strict=True):
-                    label = inputs.labels[i]
-                    name = p.class_names[label] if label is not None else None
-                    if error is not None:
-                        writer.row(path, name, [], error)
-                        failed.append((path, error))
-                        continue
-                    top = [(p.class_names[c], c, float(pr), float(logits[j, c]))
-                           for pr, c in zip(top_p[j].tolist(), top_i[j].tolist(), strict=True)]
-                    writer.row(path, name, top, None, probs[j].tolist() if args.all_probs else None)
-                    if label is not None:
-                        known_logits.append(logits[j])
-                        known_labels.append(label)
-                    j += 1
-                writer.flush()
-                bar.update(len(batch.indices))
-        finally:
-            bar.close()
-
-    if args.out is None:
-        write_rows(sys.stdout)
-    else:
-        # through a temp file renamed at the end: an interrupted or failed predict leaves no file under
-        # the final name (nothing half-written, nothing that blocks the rerun)
-        def write(f: IO[bytes]) -> None:
-            text = io.TextIOWrapper(f, encoding="utf-8", newline="")
-            write_rows(text)
-            text.flush()
-            text.detach()
-
-        atomic_write(Path(args.out), write)
-    n_ok = len(inputs.paths) - len(failed)
+    n_ok = len(inputs.paths) - len(seen.failed)
     lines = [f"predicted {n_ok} of {len(inputs.paths)} images ({args.variant} classifier of {p.run_dir})"
              + (f"; rows in {args.out}" if args.out else "")]
-    if known_labels:
+    if seen.labels:
         cfg = p.cfg
-        s = summarize(torch.stack(known_logits), torch.tensor(known_labels), p.train_counts,
+        s = summarize(torch.stack(seen.logits), torch.tensor(seen.labels), p.train_counts,
                       many_threshold=cfg.eval.many_threshold, few_threshold=cfg.eval.few_threshold)
-        row = {"method": f"{args.variant} ({len(known_labels)} labelled images)",
+        row = {"method": f"{args.variant} ({len(seen.labels)} labelled images)",
                **{key: s[key] for key in ("top1", "many", "medium", "few")}}
         lines += ["", "top-1 % on the labelled list (Many/Medium/Few = mean per-class accuracy, groups from the "
                   "run's training counts)", format_table([row]), f"top-5: {s['top5']:.1f}%"]
@@ -173,12 +166,51 @@ def cmd_predict(args: argparse.Namespace) -> int:
         if warning:
             lines += ["", warning] + ([f"The list's labels were read as indices: {n}" for n in inputs.notes]
                                       or ["Check that the list's labels name the run's classes."])
-    if failed:
-        lines += ["", f"{len(failed)} file(s) could not be read (error rows written):"]
-        lines += [f"  {path}: {err}" for path, err in failed[:10]]
-        lines += [f"  ... and {len(failed) - 10} more"] if len(failed) > 10 else []
-    print("\n".join(lines), file=info, flush=True)
-    return EXIT_ERROR if failed else EXIT_OK
+    if seen.failed:
+        lines += ["", f"{len(seen.failed)} file(s) could not be read (error rows written):"]
+        lines += [f"  {path}: {err}" for path, err in seen.failed[:10]]
+        lines += [f"  ... and {len(seen.failed) - 10} more"] if len(seen.failed) > 10 else []
+    return lines
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    import io
+
+    from dscl.data.inputs import collect_inputs
+    from dscl.inference import VARIANTS, load_model
+    from dscl.io import atomic_write
+    from dscl.run import check_output_file
+
+    if args.top_k < 1:
+        raise ValueError(f"--top-k {args.top_k}: must be at least 1")
+    if args.variant not in VARIANTS:
+        raise ValueError(f"--variant {args.variant!r}: use one of {', '.join(VARIANTS)}")
+    jsonl = _prediction_format(args.out)
+    if args.out is not None:
+        check_output_file(Path(args.out), overwrite=args.overwrite)  # before any work
+    p = load_model(args.run, device=args.device)  # a run, or an ensemble folder of `dscl ensemble`
+    p.require_classifier()
+    inputs = collect_inputs(args.inputs, num_classes=p.num_classes, data_root=args.data_root,
+                            class_names=p.class_names)
+    for note in inputs.notes:
+        print(f"note: {note}", file=sys.stderr)
+    k = min(args.top_k, p.num_classes)
+    info = sys.stderr if args.out is None else sys.stdout  # a CSV on stdout stays clean
+    seen = _Seen()
+    if args.out is None:
+        _predict_rows(sys.stdout, p, inputs, args, jsonl, k, seen)
+    else:
+        # through a temp file renamed at the end: an interrupted or failed predict leaves no file under
+        # the final name (nothing half-written, nothing that blocks the rerun)
+        def write(f: IO[bytes]) -> None:
+            text = io.TextIOWrapper(f, encoding="utf-8", newline="")
+            _predict_rows(text, p, inputs, args, jsonl, k, seen)
+            text.flush()
+            text.detach()
+
+        atomic_write(Path(args.out), write)
+    print("\n".join(_predict_summary(p, inputs, args, seen)), file=info, flush=True)
+    return EXIT_ERROR if seen.failed else EXIT_OK
 
 
 # ------------------------------------------------------------------------------------------------
@@ -191,14 +223,15 @@ def cmd_embed(args: argparse.Namespace) -> int:
     import torch.nn.functional as F
     from tqdm import tqdm
 
-    from dscl.inference import collect_inputs, iter_files, load_run
-    from dscl.interop import refuse_existing
-    from dscl.report import atomic_write
+    from dscl.data.inputs import collect_inputs, iter_files
+    from dscl.inference import load_run
+    from dscl.io import atomic_write
+    from dscl.run import check_output_file
 
     out = Path(args.out)
     if out.suffix.lower() != ".npz":
         raise ValueError(f"--out {out}: embeddings are written as a numpy .npz file; give a name ending in .npz")
-    refuse_existing(out, args.overwrite)
+    check_output_file(out, overwrite=args.overwrite)
     p = load_run(args.run, device=args.device, stage1_ok=True)
     inputs = collect_inputs(args.inputs, num_classes=p.num_classes, data_root=args.data_root,
                             class_names=p.class_names)
@@ -209,7 +242,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
     failed: list[tuple[str, str]] = []
     bar = tqdm(total=len(inputs.paths), desc="embed", unit="img", disable=args.no_progress, file=sys.stderr,
                dynamic_ncols=True)
-    for batch in iter_files(p, inputs.paths, batch_size=args.batch_size, workers=args.workers):
+    for batch in iter_files(p.transform, inputs.paths, batch_size=args.batch_size, workers=args.workers):
         if len(batch.images):
             feats.append(F.normalize(p.features_of(batch.images), dim=1).cpu())
         for i, path, error in zip(batch.indices, batch.paths, batch.errors, strict=True):
@@ -256,8 +289,8 @@ def cmd_export(args: argparse.Namespace) -> int:
                "inside); class names in the file's extra file meta.json")
     elif args.format == "onnx":
         how = (f"input 'images' float32 (N, 3, {size}, {size}) in [0, 1], already resized / cropped to the run's "
-               f"evaluation view (Predictor.prepare does it); output 'logits' (N, {p.num_classes}); dynamic batch; "
-               "class names in the model's metadata_props")
+               f"evaluation view (Predictor.transform.batch does it); output 'logits' (N, {p.num_classes}); "
+               "dynamic batch; class names in the model's metadata_props")
     else:
         layout = ("torchvision / timm keys: torchvision.models."
                   f"{p.cfg.model.backbone}().load_state_dict(sd['backbone'], strict=False) misses only fc"

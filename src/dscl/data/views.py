@@ -39,6 +39,7 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
 from dscl.config import ViewConfig
+from dscl.data.preprocess import Preprocess
 
 _MATRIX_MAX = 96  # largest side (px) resized with weight matrices; above it interpolate() is faster
 _TRIES = 10  # RandomResizedCrop attempts before the fallback
@@ -561,23 +562,20 @@ class DSCLTransform:
 class EvalTransform:
     """Deterministic test-time view: for ``image_size >= 128`` resize the shorter side to
     ``round(image_size * 256 / 224)`` and centre-crop ``image_size``; for small images resize to
-    (image_size, image_size) if needed. Returns a normalised float (3, S, S)."""
+    (image_size, image_size) if needed. Returns a normalised float (3, S, S).
+
+    The evaluation view has one implementation, :class:`dscl.data.preprocess.Preprocess` (colour, as
+    ``LTDataset.load`` gives images), which a run's predictor and its exported files use as well."""
 
     def __init__(self, image_size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
         self.image_size = int(image_size)
-        self.mean = torch.tensor(mean, dtype=torch.float32)
-        self.std = torch.tensor(std, dtype=torch.float32)
+        self.preprocess = Preprocess(self.image_size, mean, std, grey=False)
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
-        img = _as_uint8_chw(image)
-        size = self.image_size
-        if size >= 128:
-            img = TF.resize(img, round(size * 256 / 224), antialias=True)
-            img = TF.center_crop(img, [size, size])
-        elif tuple(img.shape[1:]) != (size, size):
-            img = TF.resize(img, [size, size], antialias=True)
-        x = img.to(torch.float32).div_(255.0)
-        return x.sub_(self.mean[:, None, None]).div_(self.std[:, None, None])
+        return self.preprocess.one(_as_uint8_chw(image).permute(1, 2, 0))
+
+    def __repr__(self) -> str:
+        return f"EvalTransform(image_size={self.image_size})"
 
 
 class ClassifierTransform:

@@ -318,8 +318,8 @@ def test_batched_views_on_cuda_match_the_cpu_and_do_not_synchronise():
 def test_per_sample_path_still_resumes_exactly(tmp_path):
     """tests/test_pretrain.py::test_resume_is_exact now runs the batched path (the smoke preset's
     default on a CPU, its generator saved as ``view_rng``); this keeps the per-sample path covered."""
-    from dscl.checkpoint import load_checkpoint
     from dscl.pretrain import pretrain
+    from dscl.run import load_checkpoint
 
     cfg = load_config("smoke", overrides=["optim.epochs=2", "optim.deterministic=true", "views.augment_on=loader"])
     pretrain(cfg, tmp_path / "straight", progress=False)
@@ -334,8 +334,8 @@ def test_per_sample_path_still_resumes_exactly(tmp_path):
 
 @needs_fmnist
 def test_batched_path_saves_its_generator_per_rank(tmp_path):
-    from dscl.checkpoint import load_checkpoint
     from dscl.pretrain import _view_seed, pretrain
+    from dscl.run import load_checkpoint
 
     cfg = load_config("smoke", overrides=["optim.epochs=1", "views.augment_on=device"])
     pretrain(cfg, tmp_path / "run", progress=False)

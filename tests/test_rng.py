@@ -1,49 +1,11 @@
+"""Random streams: saved and restored exactly, one GPU's state per rank, derived seeds."""
+
 import random
 
 import numpy as np
-import pytest
 import torch
 
-from dscl import checkpoint
-from dscl.checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-
-
-def test_roundtrip_and_version(tmp_path):
-    path = tmp_path / "c" / "last.pt"
-    save_checkpoint(path, {"epoch": 3, "w": torch.arange(4)})
-    state = load_checkpoint(path)
-    assert state["epoch"] == 3 and torch.equal(state["w"], torch.arange(4))
-    assert state["version"] == checkpoint.CHECKPOINT_VERSION
-
-
-def test_interrupted_save_keeps_previous_file(tmp_path, monkeypatch):
-    path = tmp_path / "last.pt"
-    save_checkpoint(path, {"epoch": 1})
-
-    def broken_save(obj, fh):
-        fh.write(b"half")
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(checkpoint.torch, "save", broken_save)
-    with pytest.raises(KeyboardInterrupt):
-        save_checkpoint(path, {"epoch": 2})
-    monkeypatch.undo()
-    assert load_checkpoint(path)["epoch"] == 1
-    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temp file left behind
-
-
-def test_bad_files(tmp_path):
-    with pytest.raises(CheckpointError, match="does not exist"):
-        load_checkpoint(tmp_path / "nope.pt")
-    (tmp_path / "trunc.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match="cannot be read"):
-        load_checkpoint(tmp_path / "trunc.pt")
-    torch.save({"a": 1}, tmp_path / "foreign.pt")
-    with pytest.raises(CheckpointError, match="not a dscl checkpoint"):
-        load_checkpoint(tmp_path / "foreign.pt")
-    torch.save({"version": 999}, tmp_path / "future.pt")
-    with pytest.raises(CheckpointError, match="newer"):
-        load_checkpoint(tmp_path / "future.pt")
+from dscl.rng import rng_state, set_rng_state
 
 
 def test_rng_state_roundtrip():
@@ -108,7 +70,7 @@ def test_rng_state_from_8_gpus_restores_on_1(monkeypatch):
 
 
 def test_derived_seeds_differ_per_rank_and_epoch():
-    from dscl.checkpoint import derived_seed
+    from dscl.rng import derived_seed
 
     seeds = {derived_seed(0, r, e) for r in range(8) for e in range(3)}
     assert len(seeds) == 24 and derived_seed(0, 1, 2) == derived_seed(0, 1, 2)

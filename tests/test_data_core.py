@@ -1,12 +1,14 @@
-"""Image decoding: every PIL mode becomes the right uint8 RGB pixels (issue #12, item 1).
+"""dscl.data.core: the long-tailed count profiles, the IMBALANCECIFAR selection, LTDataset, and image
+decoding (issue #12, item 1): every PIL mode becomes the right uint8 RGB pixels.
 
-Each test writes a file with known raw values (PIL / numpy / a hand-made PNG) and checks the exact
-uint8 values ``decode_image`` returns, so a wrong rule (e.g. ``convert("RGB")`` clipping 16-bit
+Each decoding test writes a file with known raw values (PIL / numpy / a hand-made PNG) and checks the
+exact uint8 values ``decode_image`` returns, so a wrong rule (e.g. ``convert("RGB")`` clipping 16-bit
 values to white) fails here.
 """
 
 from __future__ import annotations
 
+import re
 import struct
 import zlib
 from pathlib import Path
@@ -16,7 +18,158 @@ import pytest
 import torch
 from PIL import Image
 
-from dscl.data.core import DECODABLE_MODES, DataError, LTDataset, decode_image, read_image_file
+from dscl.data import check_images, summarize_dataset
+from dscl.data.core import (
+    DECODABLE_MODES,
+    DataError,
+    LTDataset,
+    decode_image,
+    long_tailed_counts,
+    read_image_file,
+    select_long_tailed,
+)
+
+# ------------------------------------------------------------------------------------------- profiles
+
+
+@pytest.mark.parametrize(
+    ("classes", "n_max", "imb", "expected_total", "expected_min"),
+    [
+        (100, 500, 100, 10847, 5),  # CIFAR-100-LT IF100 (FIELD.md 1.1)
+        (100, 500, 50, 12608, 10),
+        (100, 500, 10, 19573, 50),
+        (10, 5000, 100, 12406, 50),  # CIFAR-10-LT IF100
+    ],
+)
+def test_exp_profile_matches_published_totals(classes, n_max, imb, expected_total, expected_min):
+    counts = long_tailed_counts(classes, n_max, imb, "exp")
+    assert sum(counts) == expected_total
+    assert counts[0] == n_max and counts[-1] == expected_min
+    assert all(a >= b for a, b in zip(counts, counts[1:], strict=False))
+
+
+def test_exp_profile_formula_and_fmnist_default():
+    assert long_tailed_counts(10, 1000, 100, "exp") == [1000, 599, 359, 215, 129, 77, 46, 27, 16, 10]
+    for imb in (10.0, 50.0, 200.0, 3.5):
+        got = long_tailed_counts(7, 300, imb, "exp")
+        assert got == [int(300 * (1 / imb) ** (i / 6)) for i in range(7)]
+        assert got == long_tailed_counts(7, 300, imb, "exp")  # deterministic
+
+
+@pytest.mark.parametrize("imb", [1, 10, 100, 200])
+def test_step_profile(imb):
+    counts = long_tailed_counts(10, 5000, imb, "step")
+    assert counts == [5000] * 5 + [int(5000 / imb)] * 5
+    assert long_tailed_counts(5, 100, 10, "step") == [100, 100, 10, 10, 10]
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        ((10, 100, 0.5, "exp"), "imbalance_factor"),
+        ((10, 0, 10, "exp"), "n_max"),
+        ((10, 100, 10, "cosine"), "profile"),
+        ((10, 10, 100, "exp"), "no image"),
+    ],
+)
+def test_profile_errors(args, needle):
+    with pytest.raises(DataError, match=needle):
+        long_tailed_counts(*args)
+
+
+def test_select_long_tailed_is_the_imbalancecifar_rule_without_global_state():
+    targets = np.random.default_rng(3).permutation(np.repeat(np.arange(4), 7))
+    counts = [7, 5, 2, 1]
+    state = np.random.get_state()[1].copy()
+    got = select_long_tailed(targets, counts, seed=11, source="toy")
+    assert np.array_equal(np.random.get_state()[1], state)  # numpy's global RNG is left alone
+    np.random.seed(11)  # LDAM-DRW's IMBALANCECIFAR: seed once, shuffle per class in label order
+    expected = []
+    for c, n_c in enumerate(counts):
+        idx = np.where(targets == c)[0]
+        np.random.shuffle(idx)
+        expected += idx[:n_c].tolist()
+    assert got.tolist() == expected
+    assert np.bincount(targets[got], minlength=4).tolist() == counts
+    assert select_long_tailed(targets, counts, seed=12, source="toy").tolist() != expected
+    assert select_long_tailed(targets, [], seed=0, source="toy").tolist() == []
+    with pytest.raises(DataError, match="toy: class 1 has 7 images but the long-tailed profile asks for 8"):
+        select_long_tailed(targets, [7, 8, 1, 1], seed=0, source="toy")
+
+
+def test_single_class_and_step_profile_of_an_odd_class_count():
+    assert long_tailed_counts(1, 40, 10) == [40]
+    assert long_tailed_counts(5, 100, 4, "step") == [100, 100, 25, 25, 25]  # the odd class is a tail class
+    with pytest.raises(DataError, match="num_classes"):
+        long_tailed_counts(0, 40, 10)
+
+
+# ------------------------------------------------------------------------------------------- LTDataset
+
+
+def test_ltdataset_subset_transform_and_summary():
+    images = np.arange(6 * 4 * 4, dtype=np.uint8).reshape(6, 4, 4)
+    ds = LTDataset([0, 0, 0, 1, 1, 2], 3, ["a", "b", "c"], images=images)
+    sub = ds.subset([5, 3])
+    assert sub.targets == [2, 1] and torch.equal(sub.load(0)[0], torch.from_numpy(images[5]))
+    assert sub._images is ds._images and sub.path(0) is None
+    shifted = sub.with_transform(lambda x: x.float() + 1)
+    assert shifted[0][0].dtype == torch.float32 and sub.transform is None
+    assert check_images(ds) == []
+    from dscl.data import DatasetSplits
+
+    splits = DatasetSplits("toy", ds, None, ds, 3, ["a", "b", "c"], [150, 100, 20], (0.5,) * 3, (0.5,) * 3)
+    assert summarize_dataset(splits)["shot_classes"] == {"many": 1, "medium": 2, "few": 0}
+    assert summarize_dataset(splits, 99, 21)["shot_classes"] == {"many": 2, "medium": 0, "few": 1}
+
+
+def test_ltdataset_needs_one_storage_and_a_label_per_image():
+    images = np.zeros((3, 4, 4), np.uint8)
+    with pytest.raises(ValueError, match="exactly one of images="):
+        LTDataset([0, 0, 0], 1, ["a"])
+    with pytest.raises(ValueError, match="exactly one of images="):
+        LTDataset([0, 0, 0], 1, ["a"], images=images, paths=["x", "y", "z"])
+    with pytest.raises(ValueError, match="2 targets for 3 images"):
+        LTDataset([0, 0], 1, ["a"], images=images)
+    with pytest.raises(ValueError, match="2 targets for 1 images"):
+        LTDataset([0, 0], 1, ["a"], images=images, index=np.array([2]))
+    ds = LTDataset([0, 1, 0], 2, ["a", "b"], images=images)
+    with pytest.raises(IndexError, match=r"subset indices must be in \[0, 3\)"):
+        ds.subset([0, 3])
+    with pytest.raises(IndexError):
+        ds.subset([-1])
+    assert len(ds.subset([])) == 0 and ds.subset([]).class_counts() == [0, 0]
+
+
+def test_ltdataset_load_gives_uint8_rgb_and_copies():
+    grey = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    ds = LTDataset([0, 1], 2, ["a", "b"], images=grey)
+    image = ds.load(1)
+    assert image.dtype == torch.uint8 and image.shape == (3, 3, 4)
+    assert all(torch.equal(image[c], torch.from_numpy(grey[1])) for c in range(3))  # grey replicated
+    image[0, 0, 0] = 255
+    assert grey[1, 0, 0] != 255  # a copy: a transform may write into it
+    colour = np.arange(2 * 3 * 2 * 2, dtype=np.uint8).reshape(2, 3, 2, 2)
+    assert torch.equal(LTDataset([0, 0], 1, ["a"], images=colour).load(1), torch.from_numpy(colour[1]))
+    assert ds.in_memory and ds.location(0) is None and repr(ds) == "LTDataset(2 images, 2 classes, in-memory)"
+
+
+def test_ltdataset_of_files_reads_through_the_decoder(tmp_path):
+    paths = []
+    for k in range(3):
+        Image.fromarray(np.full((5, 4, 3), 40 * k, np.uint8)).save(tmp_path / f"{k}.png")
+        paths.append(str(tmp_path / f"{k}.png"))
+    ds = LTDataset([0, 1, 1], 2, ["a", "b"], paths=paths, where=[f"l.txt, line {k + 1}" for k in range(3)])
+    sub = ds.subset([2, 0])
+    assert not sub.in_memory and sub.path(0) == paths[2] and sub.location(0) == "l.txt, line 3"
+    assert sub.identities() == [paths[2], paths[0]] and ds.subset([1]).identities() == [paths[1]]
+    assert torch.equal(sub.load(0), read_image_file(paths[2])) and int(sub.load(0)[0, 0, 0]) == 80
+    assert sub.class_counts() == [1, 1] and repr(sub) == "LTDataset(2 images, 2 classes, files)"
+    memory = LTDataset([0, 1], 2, ["a", "b"], images=np.zeros((5, 2, 2), np.uint8), index=np.array([4, 1]))
+    assert memory.identities() == [4, 1] and memory.subset([1]).identities() == [1]
+
+
+# ------------------------------------------------------------------------------------------ decoding
 
 
 def _grey(t: torch.Tensor) -> np.ndarray:
@@ -240,3 +393,23 @@ def test_every_mode_pil_can_create_decodes(tmp_path):
         img = Image.new(mode, (5, 4))
         out = decode_image(img)
         assert out.shape == (3, 4, 5) and out.dtype == torch.uint8, mode
+
+
+def test_fingerprint_identifies_samples_order_and_labels(tmp_path):
+    from dscl.data import LTDataset
+
+    images = np.zeros((6, 4, 4), dtype=np.uint8)
+    ds = LTDataset([0, 1, 1], 2, ["a", "b"], images=images, index=np.array([0, 3, 5]))
+    same = LTDataset([0, 1, 1], 2, ["a", "b"], images=images.copy(), index=np.array([0, 3, 5]))
+    fp = ds.fingerprint()
+    assert re.fullmatch(r"[0-9a-f]{12}", fp) and same.fingerprint() == fp
+    assert ds.subset([1, 0, 2]).fingerprint() != fp  # order
+    assert LTDataset([0, 1, 1], 2, ["a", "b"], images=images, index=np.array([0, 3, 4])).fingerprint() != fp
+    assert LTDataset([0, 1, 0], 2, ["a", "b"], images=images, index=np.array([0, 3, 5])).fingerprint() != fp
+    # file datasets: the same relative paths under different roots are the same subset
+    rel = ["train/a/1.png", "train/b/2.png"]
+    here = LTDataset([0, 1], 2, ["a", "b"], paths=[str(tmp_path / "x" / r) for r in rel])
+    there = LTDataset([0, 1], 2, ["a", "b"], paths=[f"/mnt/data/ILSVRC/{r}" for r in rel])
+    assert here.fingerprint() == there.fingerprint()
+    other = LTDataset([0, 1], 2, ["a", "b"], paths=["/mnt/data/ILSVRC/train/a/1.png", "/mnt/data/ILSVRC/train/b/3.png"])
+    assert other.fingerprint() != here.fingerprint()

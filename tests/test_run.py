@@ -1,0 +1,411 @@
+"""The run on disk: directories (refuse, overwrite only dscl's files, failed starts, resume, torchrun),
+checkpoint files (atomic, versioned) and the typed states (round trips, version-1 checkpoints)."""
+
+import copy
+import dataclasses
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import needs_fmnist, run_cli
+from dscl import run
+from dscl.config import dump_config, load_config
+from dscl.run import (
+    RUN_FILES,
+    CheckpointError,
+    RunDirError,
+    load_checkpoint,
+    load_run_config,
+    prepare_run_dir,
+    save_checkpoint,
+)
+
+# Names added with the failed-start and resume rules are imported inside the tests that use them, so
+# this file also runs (and fails where it should) against the code before them.
+
+
+def test_run_dir_rules(tmp_path):
+    out = tmp_path / "run"
+    assert prepare_run_dir(out, resume=False, overwrite=False) == out
+    (out / "config.yaml").write_text("x")
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(RunDirError, match="--overwrite"):
+        prepare_run_dir(out, resume=False, overwrite=False)
+    with pytest.raises(RunDirError, match="cannot resume"):
+        prepare_run_dir(out, resume=True, overwrite=False)
+    prepare_run_dir(out, resume=False, overwrite=True)
+    assert not (out / "config.yaml").exists()
+    assert (out / "notes.txt").read_text() == "mine"  # not a dscl file: never deleted
+    with pytest.raises(RunDirError, match="contradict"):
+        prepare_run_dir(out, resume=True, overwrite=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# issue #12 item 4: a start that failed before its first checkpoint blocks nothing
+
+
+def test_failed_start_is_replaced_without_overwrite(tmp_path):
+    from dscl.run import failed_start
+
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "config.yaml").write_text("x")
+    (out / "metrics.jsonl").write_text("{}\n")
+    (out / "checkpoints" / ".last.pt.abc.tmp").write_bytes(b"half")  # an interrupted first save
+    assert failed_start(out)
+    with pytest.raises(RunDirError, match="without --resume"):
+        prepare_run_dir(out, resume=True, overwrite=False)
+    assert prepare_run_dir(out, resume=False, overwrite=False, check_only=True) == out
+    assert (out / "config.yaml").exists()  # check_only deletes nothing
+    prepare_run_dir(out, resume=False, overwrite=False)
+    assert out.is_dir() and list(out.iterdir()) == []
+
+
+@pytest.mark.parametrize("extra", ["report.json", "notes.txt", "checkpoints/last.pt"])
+def test_a_directory_with_more_than_a_failed_start_is_still_refused(tmp_path, extra):
+    from dscl.run import failed_start
+
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "config.yaml").write_text("x")
+    (out / extra).write_text("keep me")
+    assert not failed_start(out)
+    with pytest.raises(RunDirError, match="--overwrite"):
+        prepare_run_dir(out, resume=False, overwrite=False)
+    assert (out / extra).read_text() == "keep me"
+
+
+@needs_fmnist
+def test_failure_in_the_first_epoch_does_not_block_the_same_call(tmp_path, monkeypatch):
+    """A missing image found while training the first epoch: the corrected retry needs no --overwrite."""
+    from dscl.data import DataError, LTDataset
+    from dscl.pretrain import pretrain
+
+    cfg = load_config("smoke", overrides=["optim.epochs=1"])
+    out = tmp_path / "run"
+
+    def missing(self, i):
+        raise DataError("image file /data/x.png does not exist")
+
+    monkeypatch.setattr(LTDataset, "load", missing)
+    with pytest.raises(DataError, match="x.png"):
+        pretrain(cfg, out, device="cpu", progress=False)
+    assert (out / "config.yaml").is_file() and not (out / "checkpoints" / "last.pt").exists()
+    monkeypatch.undo()
+    path = pretrain(cfg, out, device="cpu", progress=False)  # the same call, no overwrite
+    assert path.is_file()
+
+
+@pytest.mark.slow
+@needs_fmnist
+def test_config_only_directory_hint_is_a_command_that_works(tmp_path):
+    """issue #12 item 8: classify on a run with config.yaml but no last.pt suggests a command that is accepted."""
+    out = tmp_path / "run"
+    out.mkdir()
+    dump_config(load_config("smoke", overrides=["optim.epochs=1"]), out / "config.yaml")
+    before = yaml.safe_load((out / "config.yaml").read_text())
+    res = run_cli("classify", "--run", str(out))
+    assert res.returncode == 2 and "last.pt does not exist" in res.stderr
+    hint = res.stderr.split("run stage 1 first (", 1)[1].rsplit(")", 1)[0]
+    argv = shlex.split(hint)
+    assert argv[:2] == ["dscl", "pretrain"]
+    res = run_cli(*argv[1:], "--no-progress")
+    assert res.returncode == 0, res.stderr
+    assert (out / "checkpoints" / "last.pt").is_file()
+    assert yaml.safe_load((out / "config.yaml").read_text()) == before  # the saved configuration was trained
+
+
+# ----------------------------------------------------------------------------------------------
+# issue #12 item 6: --overwrite removes every file dscl wrote, and only those
+
+
+@needs_fmnist
+def test_overwrite_removes_every_dscl_file_and_keeps_the_users(smoke_run, tmp_path):
+    from dscl.analysis.gradient import gradient_ratio
+    from dscl.evaluation import evaluate
+
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run, run)
+    gradient_ratio(run, batches=1, device="cpu", progress=False)
+    evaluate(run, split="val", device="cpu", progress=False)
+    (run / "notes.txt").write_text("mine")
+    (run / "mine").mkdir()
+    (run / "mine" / "config.yaml").write_text("a user's file in a user's folder")
+    written = sorted(p.name for p in run.iterdir() if p.name not in ("notes.txt", "mine"))
+    # every file and folder a smoke run + analyze + evaluate --split val writes is a known dscl file
+    assert set(written) <= set(RUN_FILES), set(written) - set(RUN_FILES)
+    assert {"analysis", "val", "per_class.csv", "confusion.csv", "predictions.csv"} <= set(written)
+    prepare_run_dir(run, resume=False, overwrite=True)
+    assert sorted(p.name for p in run.iterdir()) == ["mine", "notes.txt"]
+    assert (run / "mine" / "config.yaml").read_text() == "a user's file in a user's folder"
+
+
+# ----------------------------------------------------------------------------------------------
+# issue #11 item 2: --overwrite under torchrun decides once
+
+
+@pytest.mark.slow
+def test_overwrite_under_torchrun_takes_one_decision(tmp_path):
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "checkpoints" / "last.pt").write_bytes(b"old")
+    (out / "report.json").write_text("{}")  # only dscl files: after rank 0's deletion the folder is empty
+    marker = tmp_path / "marker.txt"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(Path(__file__).parent / "rundir_worker.py"), str(out), str(marker)]
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=150, env=env)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the two ranks deadlocked in prepare_run_dir(overwrite=True)")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert marker.read_text() == ""  # the old run's files are gone, the folder exists
+
+
+# ----------------------------------------------------------------------------------------------
+# issue #12 item 5: what a resume may change
+
+
+def test_resume_config_rules(tmp_path):
+    from dscl.run import check_resume_config
+
+    old = load_config("smoke")
+    new = copy.deepcopy(old)
+    new.optim.epochs = 5
+    new.classifier.lr = 0.5
+    new.data.num_workers = 2
+    assert check_resume_config(old, new, tmp_path, epochs_done=2) == {
+        "optim.epochs": (2, 5), "classifier.lr": (1.0, 0.5), "data.num_workers": (0, 2)}
+    with pytest.raises(RunDirError, match="optim.epochs >= 3"):
+        check_resume_config(old, dataclasses.replace(old, optim=dataclasses.replace(old.optim, epochs=2)),
+                            tmp_path, epochs_done=3)
+    for section, key, value in (("loss", "alpha", 0.2), ("optim", "base_lr", 0.5), ("model", "dim", 64),
+                                ("data", "dataset", "folder"), ("optim", "seed", 1), ("views", "num_patches", 1)):
+        bad = copy.deepcopy(old)
+        setattr(getattr(bad, section), key, value)
+        with pytest.raises(RunDirError, match=rf"{section}\.{key} \("):
+            check_resume_config(old, bad, tmp_path)
+    with pytest.raises(RunDirError, match="preset"):
+        check_resume_config(old, dataclasses.replace(old, preset="fmnist-lt"), tmp_path)
+
+
+def test_record_resume_writes_config_and_a_metrics_line(tmp_path):
+    from dscl.run import record_resume
+
+    old = load_config("smoke")
+    dump_config(old, tmp_path / "config.yaml")
+    new = copy.deepcopy(old)
+    new.optim.epochs = 4
+    assert record_resume(tmp_path, new, epochs_done=2) == {"optim.epochs": (2, 4)}
+    assert load_run_config(tmp_path).optim.epochs == 4
+    (line,) = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert line == {"stage": "resume", "epoch": 2, "changes": {"optim.epochs": [2, 4]}}
+    bad = copy.deepcopy(new)
+    bad.loss.alpha = 0.3
+    with pytest.raises(RunDirError, match="loss.alpha"):
+        record_resume(tmp_path, bad, epochs_done=2)
+    assert load_run_config(tmp_path).loss.alpha == old.loss.alpha  # nothing written on refusal
+
+
+def test_stage2_config_changes_are_recorded_and_stage1_changes_refused(tmp_path):
+    import json
+
+    from dscl.config import dump_config, load_config
+    from dscl.run import load_run_config, record_stage2_config
+
+    run = tmp_path / "run"
+    run.mkdir()
+    dump_config(load_config("smoke"), run / "config.yaml")
+    cfg = load_config("smoke", overrides=["classifier.protocol=official"])
+    assert record_stage2_config(run, cfg) == {"classifier.protocol": ("cached", "official")}
+    assert load_run_config(run).classifier.protocol == "official"  # config.yaml now tells the truth
+    line = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert line == {"stage": "config", "changes": {"classifier.protocol": ["cached", "official"]}}
+    with pytest.raises(RunDirError, match="optim.epochs"):
+        record_stage2_config(run, load_config("smoke", overrides=["classifier.protocol=official", "optim.epochs=9"]))
+
+
+# ----------------------------------------------------------------------------------------------
+# checkpoint files
+
+
+def test_roundtrip_and_version(tmp_path):
+    path = tmp_path / "c" / "last.pt"
+    save_checkpoint(path, {"epoch": 3, "w": torch.arange(4)})
+    state = load_checkpoint(path)
+    assert state["epoch"] == 3 and torch.equal(state["w"], torch.arange(4))
+    assert state["version"] == run.CHECKPOINT_VERSION
+
+
+def test_interrupted_save_keeps_previous_file(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, {"epoch": 1})
+
+    def broken_save(obj, fh):
+        fh.write(b"half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(path, {"epoch": 2})
+    monkeypatch.undo()
+    assert load_checkpoint(path)["epoch"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temp file left behind
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "nope.pt")
+    (tmp_path / "trunc.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="cannot be read"):
+        load_checkpoint(tmp_path / "trunc.pt")
+    torch.save({"a": 1}, tmp_path / "foreign.pt")
+    with pytest.raises(CheckpointError, match="not a dscl checkpoint"):
+        load_checkpoint(tmp_path / "foreign.pt")
+    torch.save({"version": 999}, tmp_path / "future.pt")
+    with pytest.raises(CheckpointError, match="newer"):
+        load_checkpoint(tmp_path / "future.pt")
+
+
+# ----------------------------------------------------------------------------------------------
+# typed states
+
+
+def _stage1_state(finished: bool = True) -> run.Stage1State:
+    facts = run.RunFacts(method="dscl+pbsd", backbone="convnet", num_classes=3, dim=16, precision="fp32",
+                         device="cpu", torch_version="2.x", global_batch=32, world_size=2, lr=0.0125,
+                         steps_per_epoch=7, train_fingerprint="abc123", imported=None)
+    data = run.DataMeta.of(["a", "b", "c"], [50, 10, 2], (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    return run.Stage1State(epoch=2, epochs=2 if finished else 4, finished=finished, wall_seconds=12.5, facts=facts,
+                           data=data, model={"online.backbone.w": torch.arange(3.0), "online.head.b": torch.ones(2),
+                                             "momentum.backbone.w": torch.zeros(3)},
+                           ce_head=None, optimizer={"state": {}, "param_groups": []}, scaler=None,
+                           rng=[{"torch": torch.get_rng_state()}], view_rng=[torch.arange(4, dtype=torch.uint8)])
+
+
+def _same_state(a, b) -> None:
+    assert type(a) is type(b)
+    for f in dataclasses.fields(a):
+        x, y = getattr(a, f.name), getattr(b, f.name)
+        if isinstance(x, dict) and x and all(torch.is_tensor(v) for v in x.values()):
+            assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x), f.name
+        elif f.name in ("rng", "view_rng", "class_means", "feature_stats"):
+            assert repr(x) == repr(y), f.name  # tensors inside containers: compared by value
+        else:
+            assert x == y, f.name
+
+
+def test_stage1_state_round_trip_and_summary_without_the_checkpoint(tmp_path, monkeypatch):
+    state = _stage1_state()
+    path = run.save_stage1(tmp_path, state)
+    assert path == tmp_path / "checkpoints" / "last.pt"
+    raw = load_checkpoint(path)
+    assert raw["version"] == run.CHECKPOINT_VERSION == 2 and raw["stage"] == "pretrain"
+    assert raw["facts"]["backbone"] == "convnet"  # the name lives in the facts, never next to weights
+    _same_state(run.load_stage1(tmp_path), state)
+    assert run.load_stage1(tmp_path).backbone_weights().keys() == {"w"}
+
+    def no_checkpoint(*a, **k):
+        raise AssertionError("the summary must not load last.pt")
+
+    monkeypatch.setattr(run, "load_checkpoint", no_checkpoint)
+    summary = run.stage1_summary(tmp_path)
+    assert summary == state.summary() and summary.facts.lr == 0.0125 and summary.data.num_classes == 3
+
+
+def test_stage1_summary_of_a_run_without_the_summary_file_reads_the_checkpoint(tmp_path):
+    state = _stage1_state(finished=False)
+    run.save_stage1(tmp_path, state)
+    (tmp_path / "checkpoints" / "last.json").unlink()  # a run written before the summary existed
+    assert run.stage1_summary(tmp_path) == state.summary()
+    with pytest.raises(RunDirError, match="not finished"):
+        run.load_finished_stage1(tmp_path)
+
+
+def test_classifier_state_round_trip(tmp_path):
+    data = run.DataMeta.of(["a", "b"], [5, 1], (0.5,) * 3, (0.2,) * 3)
+    state = run.ClassifierState(protocol="cached", backbone_name="convnet", num_classes=2, selected_epoch=3,
+                                selection="epoch 3", history=[{"epoch": 1, "val": 0.5}], wall_seconds=3.0,
+                                data=data, backbone={"w": torch.ones(2)},
+                                fc={"weight": torch.ones(2, 4), "bias": torch.zeros(2)}, class_means=torch.eye(2),
+                                feature_stats=(torch.zeros(4), torch.ones(4)))
+    run.save_classifier(tmp_path, state)
+    raw = load_checkpoint(tmp_path / "checkpoints" / "classifier.pt")
+    assert "backbone_state" in raw and "backbone" not in raw
+    back = run.load_classifier(tmp_path)
+    _same_state(back, state)
+    assert back.record() == state.record() and back.stats_recorded
+
+
+# Version 1 (every checkpoint written before the typed states): flat keys, "backbone" the name in
+# last.pt and the weights in classifier.pt, no "data" entry, classifier.pt maybe without feature_stats.
+
+
+def v1_stage1_dict(s: run.Stage1State) -> dict:
+    f = s.facts
+    return {"version": 1, "stage": "pretrain", "epoch": s.epoch, "epochs": s.epochs, "finished": s.finished,
+            "backbone": f.backbone, "num_classes": f.num_classes, "dim": f.dim, "model": s.model,
+            "ce_head": s.ce_head, "optimizer": s.optimizer, "scaler": s.scaler, "rng": s.rng, "view_rng": s.view_rng,
+            "wall_seconds": s.wall_seconds, "method": f.method, "steps_per_epoch": f.steps_per_epoch,
+            "global_batch": f.global_batch, "world_size": f.world_size, "lr": f.lr, "precision": f.precision,
+            "device": f.device, "torch_version": f.torch_version, "train_fingerprint": f.train_fingerprint,
+            **(s.data.to_dict() if s.data is not None else {})}
+
+
+def v1_classifier_dict(c: run.ClassifierState) -> dict:
+    stats = c.feature_stats
+    return {"version": 1, "stage": "classify", "protocol": c.protocol, "backbone_name": c.backbone_name,
+            "num_classes": c.num_classes, "backbone": c.backbone, "fc": c.fc, "class_means": c.class_means,
+            "feature_stats": {"mean": stats[0], "std": stats[1]} if stats is not None else None,
+            "selected_epoch": c.selected_epoch, "selection": c.selection, "history": c.history,
+            "wall_seconds": c.wall_seconds, **(c.data.to_dict() if c.data is not None else {})}
+
+
+def test_version_1_dicts_load_as_the_same_states():
+    state = _stage1_state()
+    _same_state(run.Stage1State.from_dict(v1_stage1_dict(state)), state)
+    old = v1_stage1_dict(state)
+    for key in ("class_names", "precision", "lr", "train_fingerprint", "steps_per_epoch"):  # oldest files
+        old.pop(key)
+    oldest = run.Stage1State.from_dict(old)
+    assert oldest.data is None and oldest.facts.precision is None and oldest.facts.lr is None
+    cls = run.ClassifierState(protocol="cached", backbone_name="convnet", num_classes=2, backbone={"w": torch.ones(2)},
+                              fc={"weight": torch.ones(2, 4), "bias": torch.zeros(2)})
+    d = v1_classifier_dict(cls)
+    del d["feature_stats"]  # written before issue #21
+    back = run.ClassifierState.from_dict(d)
+    assert not back.stats_recorded and back.feature_stats is None and torch.equal(back.backbone["w"], torch.ones(2))
+    with pytest.raises(CheckpointError, match="not a dscl"):
+        run.state_from_dict({"model": {}})
+
+
+@needs_fmnist
+def test_a_run_written_with_version_1_checkpoints_evaluates_and_predicts_the_same(smoke_run, tmp_path):
+    """A run directory of the code before the typed states: same predictions, same report numbers."""
+    from dscl import load_run
+    from dscl.evaluation import evaluate
+
+    old = tmp_path / "v1"
+    shutil.copytree(smoke_run, old)
+    s1, cls = run.load_stage1(old), run.load_classifier(old)
+    torch.save(v1_stage1_dict(s1), old / "checkpoints" / "last.pt")
+    torch.save(v1_classifier_dict(cls), old / "checkpoints" / "classifier.pt")
+    (old / "checkpoints" / "last.json").unlink()
+    images = [torch.full((1, 28, 28), v, dtype=torch.uint8) for v in (0, 90, 200)]
+    new_p, old_p = load_run(smoke_run), load_run(old)
+    assert torch.equal(new_p.predict(images), old_p.predict(images))
+    assert old_p.record.selection == new_p.record.selection
+    report = evaluate(old, device="cpu", progress=False)
+    reference = json.loads((smoke_run / "report.json").read_text())
+    for key in ("top1", "top5", "many", "medium", "few", "variants", "precision", "device", "global_batch", "lr",
+                "train_fingerprint", "selection", "method", "epochs", "conventions", "expected"):
+        assert report.get(key) == reference.get(key), key
+    assert run.stage1_summary(old) == s1.summary()
