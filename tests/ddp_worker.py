@@ -7,24 +7,36 @@ Scenarios (each one's result, or its traceback, goes under its name in the torch
 (an inf gradient on rank 0 only under a GradScaler), ``bn`` (pooling BatchNorm statistics),
 ``official_bn`` (stage 2's official protocol keeps BatchNorm statistics identical; needs
 Fashion-MNIST), ``shuffle`` (MoCo's shuffle-BN forward: what each rank computed and got back),
-``pretrain_1_epoch=DIR`` (the first epoch of a 2-epoch smoke stage 1 into DIR, for the resume tests).
+``pretrain_1_epoch=DIR`` (the first epoch of a 2-epoch smoke stage 1 into DIR, for the resume tests),
+``slurm`` (started like ``srun python ...`` without torchrun: the torchrun variables dscl derived from
+SLURM's, backend, a sum and a gather over the two processes, the processes per node it counts).
 """
 
+from __future__ import annotations
+
+import os
 import sys
 import traceback
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as tdist
 
 from dscl import dist
-from dscl.backbones import build_backbone
-from dscl.config import LossConfig
-from dscl.model import DSCLModel, Encoder
-from dscl.pretrain import Batch, pretrain_step
+
+if TYPE_CHECKING:
+    from dscl.model import DSCLModel
+    from dscl.pretrain import Batch
+
+# The model and training modules are imported by the scenarios that use them: a launch that runs only
+# `slurm` starts in half the time.
 
 
 def _model(queue: int = 64) -> DSCLModel:
+    from dscl.backbones import build_backbone
+    from dscl.model import DSCLModel, Encoder
+
     torch.manual_seed(0)  # same initial weights on every rank
     model = DSCLModel(Encoder(build_backbone("convnet"), dim=16), queue_size=queue)
     dist.broadcast_module(model)
@@ -32,6 +44,8 @@ def _model(queue: int = 64) -> DSCLModel:
 
 
 def _batch(n: int = 6) -> Batch:
+    from dscl.pretrain import Batch
+
     labels = torch.randint(0, 4, (n,))
     boxes = torch.tensor([[0.0, 0.0, 20.0, 20.0]]).repeat(n, 2, 1)
     return Batch(torch.randn(n, 3, 28, 28), torch.randn(n, 3, 28, 28), torch.randn(n, 2, 3, 14, 14), boxes, labels)
@@ -48,6 +62,9 @@ def _all(x: torch.Tensor) -> list[torch.Tensor]:
 
 
 def queue_scenario() -> dict:
+    from dscl.config import LossConfig
+    from dscl.pretrain import pretrain_step
+
     rank = dist.rank()
     model = _model()
     opt = torch.optim.SGD(model.online.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
@@ -72,6 +89,9 @@ def gather_scenario() -> dict:
 
 def fp16_scenario() -> dict:
     """Issue #11 item 1: an inf gradient on rank 0 only, with a GradScaler on every rank."""
+    from dscl.config import LossConfig
+    from dscl.pretrain import pretrain_step
+
     rank = dist.rank()
     model = _model()
     opt = torch.optim.SGD(model.online.parameters(), lr=0.1, momentum=0.9)
@@ -162,6 +182,7 @@ def key_of(x: torch.Tensor) -> torch.Tensor:
 
 def official_bn_scenario() -> dict:
     """Issue #11 item 5: stage 2's official protocol (update_bn) on two ranks with different shards."""
+    from dscl.backbones import build_backbone
     from dscl.classify import train_linear_official
     from dscl.config import load_config
     from dscl.data import build_datasets
@@ -176,6 +197,19 @@ def official_bn_scenario() -> dict:
     return {"buffers": buffers, "fc": _all(_flat(fc.parameters()))}
 
 
+def slurm_scenario() -> dict:
+    """Launched like ``srun python ...`` (tests/test_dist.py fakes SLURM's variables): what dscl made of them."""
+    from dscl.runtime import processes_per_node
+
+    names = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    total = dist.all_reduce_sum(torch.tensor([float(dist.rank() + 1)]))
+    return {"env": dist.gather_objects({k: os.environ.get(k) for k in names}),
+            "rank_world": dist.gather_objects((dist.rank(), dist.world_size(), tdist.get_backend())),
+            "sum": dist.gather_objects(float(total.item())),
+            "gathered": dist.all_gather_cat(torch.arange(2) + 10 * dist.rank()),
+            "processes_per_node": dist.gather_objects(processes_per_node())}
+
+
 def pretrain_1_epoch(out: str) -> dict:
     from dscl.config import load_config
     from dscl.pretrain import pretrain
@@ -186,7 +220,7 @@ def pretrain_1_epoch(out: str) -> dict:
 
 SCENARIOS: dict[str, Callable[[], dict]] = {
     "queue": queue_scenario, "gather": gather_scenario, "fp16": fp16_scenario, "bn": bn_scenario,
-    "official_bn": official_bn_scenario, "shuffle": shuffle_scenario,
+    "official_bn": official_bn_scenario, "shuffle": shuffle_scenario, "slurm": slurm_scenario,
 }
 
 

@@ -190,3 +190,32 @@ def test_resume_refuses_stage1_changes_and_records_allowed_ones(smoke_run, tmp_p
     assert {"stage": "resume", "epoch": 2, "changes": {"classifier.epochs": [3, 2], "optim.epochs": [2, 3]}} in lines
     state = load_checkpoint(run / "checkpoints" / "last.pt")
     assert state["epoch"] == 3 and state["finished"]
+
+
+def test_resume_auto_is_one_option_and_the_continue_command_uses_it():
+    import argparse
+
+    from dscl.cli.common import RESUME_AUTO, continue_command, resume_auto_argv
+
+    assert resume_auto_argv(["run", "--resume", "auto", "x.y=1"]) == ["run", RESUME_AUTO, "x.y=1"]
+    assert resume_auto_argv(["run", "--resume=auto"]) == ["run", RESUME_AUTO]
+    assert resume_auto_argv(["run", "--resume", "optim.epochs=3"]) == ["run", "--resume", "optim.epochs=3"]
+    assert resume_auto_argv(["run", "--out", "auto"]) == ["run", "--out", "auto"]  # a folder named auto
+    args = argparse.Namespace(argv=["pretrain", "--out", "r", "--overwrite", "optim.epochs=3"], out="r", resume=False)
+    assert continue_command(args) == "dscl pretrain --out r optim.epochs=3 --resume auto"
+    args = argparse.Namespace(argv=["run", "--resume", "auto"], out="runs/x", resume="auto")
+    assert continue_command(args) == "dscl run --out runs/x --resume auto"  # the folder dscl run chose
+    args = argparse.Namespace(argv=["classify", "--run", "r"], run="r")
+    assert continue_command(args) == "dscl classify --run r"  # stage 2 simply runs again
+
+
+def test_resume_auto_parses_and_decides_by_the_checkpoint(tmp_path):
+    from dscl.cli import build_parser, parse
+    from dscl.cli.common import resuming
+
+    args = parse(build_parser(), ["pretrain", "--out", str(tmp_path), "--resume", "auto", "optim.epochs=2"])
+    assert args.resume == "auto" and args.overrides == ["optim.epochs=2"] and not resuming(args)
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.pt").write_bytes(b"")
+    assert resuming(args)
+    assert parse(build_parser(), ["pretrain", "--out", str(tmp_path), "--resume"]).resume is True

@@ -2,6 +2,10 @@
 
 import dataclasses
 import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +15,7 @@ from dscl.backbones import build_backbone
 from dscl.config import load_config
 from dscl.model import DSCLModel, Encoder
 from dscl.pretrain import Batch, ce_step, pretrain, pretrain_step
-from dscl.run import load_checkpoint
+from dscl.run import MetricsLog, load_checkpoint, load_stage1, stage1_summary
 
 
 def _batch(b=8, size=28, patches=2, psize=14, classes=3, seed=0):
@@ -313,3 +317,164 @@ def test_scaler_skips_with_a_finite_loss_are_counted():
     guard.update(parts["loss"], parts["scaler_skipped"])
     assert guard.check(2) == 1
     assert "scaler_skipped" not in pretrain_step(model, _batch(seed=2), opt, lr=0.1, m=0.99, loss_cfg=cfg)
+
+
+# ----------------------------------------------------------------------------------------------
+# preemption (issue #24): a real signal to a real `dscl` process, then --resume auto, bit-exact
+
+PREEMPT = Path(__file__).parent / "preempt_worker.py"
+#: one compute thread, no thread adapter: the CPU computes the same floats in every process
+EXACT_ENV = {"DSCL_NUM_THREADS": "1", "DSCL_ADAPT_THREADS": "0", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+#: 3 epochs x 7 steps of the smoke preset, a metrics line per step
+SMOKE = ["--preset", "smoke", "--no-progress", "--device", "cpu", "optim.log_every=1", "optim.epochs=3",
+         "classifier.epochs=2"]
+TIMING = ("img_per_s", "wall_seconds")
+
+
+def _dscl(*args: str, launcher: tuple[str, ...] = (), **env: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, *launcher, str(PREEMPT), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=900,
+                          env={**os.environ, **EXACT_ENV, "PREEMPT_AT_STEP": "0", **env})
+
+
+def _continue_line(stderr: str) -> list[str]:
+    """The continue command dscl printed, as arguments for preempt_worker.py (without `dscl`)."""
+    lines = stderr.splitlines()
+    i = next(k for k, line in enumerate(lines) if line.startswith("Continue"))
+    cmd = shlex.split(lines[i + 1])
+    assert cmd[0] == "dscl" and cmd[-2:] == ["--resume", "auto"] and "--overwrite" not in cmd
+    return cmd[1:]
+
+
+def _trace(run: Path) -> tuple[dict, list[dict]]:
+    """The final stage-1 tensors and every logged stage-1 value but timings."""
+    state = load_stage1(run)
+    log = MetricsLog(run / "metrics.jsonl")
+    records = [{k: v for k, v in r.items() if k not in TIMING} for r in log.read()
+               if r["stage"] in ("pretrain", "pretrain_epoch")]
+    tensors = {**{f"model.{k}": v for k, v in state.model.items()}, "view_rng": state.view_rng}
+    tensors.update({f"opt.{i}.{k}": v for i, s in state.optimizer["state"].items() for k, v in s.items()})
+    return tensors, records
+
+
+def _assert_same_run(got: Path, ref: Path) -> None:
+    (a, log_a), (b, log_b) = _trace(got), _trace(ref)
+    assert a.keys() == b.keys()
+    for k in a:
+        if a[k] is None or b[k] is None:
+            assert a[k] is b[k], k
+        elif isinstance(a[k], list):
+            assert all(torch.equal(x, y) for x, y in zip(a[k], b[k], strict=True)), k
+        else:
+            assert torch.equal(a[k], b[k]), k  # bit-identical weights, queue, momentum buffers
+    assert log_a == log_b  # the same losses, lr, queue fill at every step, the same epoch means
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("preempt") / "ref"
+    res = _dscl("run", "--out", str(out), *SMOKE)
+    assert res.returncode == 0, res.stderr
+    return out
+
+
+@needs_fmnist
+@pytest.mark.slow
+@pytest.mark.parametrize("sig, step", [("SIGTERM", 1), ("SIGUSR1", 4), ("SIGTERM", 7), ("SIGUSR1", 12)],
+                         ids=["first-step", "mid-epoch", "last-step-of-epoch-1", "mid-epoch-2"])
+def test_a_preempted_stage1_continues_bit_exactly(uninterrupted, tmp_path, sig, step):
+    run = tmp_path / "run"
+    res = _dscl("pretrain", "--out", str(run), *SMOKE, PREEMPT_SIGNAL=sig, PREEMPT_AT_STEP=str(step))
+    assert res.returncode == 3, res.stderr  # EXIT_PREEMPTED: checkpoint saved, requeue
+    assert f"{sig} received" in res.stderr and "Traceback" not in res.stderr
+    saved = stage1_summary(run)
+    assert (saved.epoch, saved.position) == divmod(step, 7) and not saved.finished
+    res = _dscl(*_continue_line(res.stderr))  # the printed command, as a requeued job would run it
+    assert res.returncode == 0, res.stderr
+    assert f"resuming {run} at " in res.stderr
+    _assert_same_run(run, uninterrupted)
+
+
+@needs_fmnist
+@pytest.mark.slow
+def test_a_run_preempted_in_stage2_reruns_stage2_to_the_same_report(uninterrupted, tmp_path):
+    import json
+
+    run = tmp_path / "run"
+    res = _dscl("run", "--out", str(run), *SMOKE, PREEMPT_SIGNAL="SIGTERM", PREEMPT_STAGE="2")
+    assert res.returncode == 3 and "stage 2" in res.stderr, res.stderr
+    assert stage1_summary(run).finished and not (run / "checkpoints" / "classifier.pt").exists()
+    res = _dscl(*_continue_line(res.stderr))
+    assert res.returncode == 0, res.stderr
+    _assert_same_run(run, uninterrupted)
+    a, b = (json.loads((r / "report.json").read_text()) for r in (run, uninterrupted))
+    for key in ("top1", "top5", "many", "medium", "few", "per_class", "variants", "selection"):
+        assert a[key] == b[key], key
+
+
+@needs_fmnist
+def test_resume_auto_starts_a_run_that_has_no_checkpoint(tmp_path):
+    from dscl.cli import main
+
+    run = tmp_path / "run"
+    args = ["pretrain", "--out", str(run), "--preset", "smoke", "--no-progress", "--device", "cpu", "optim.epochs=1"]
+    assert main([*args, "--resume", "auto"]) == 0  # nothing there: starts
+    assert stage1_summary(run).finished
+    assert main([*args, "optim.epochs=2", "--resume=auto"]) == 0  # a checkpoint there: continues it
+    assert [r["epoch"] for r in MetricsLog(run / "metrics.jsonl").read("pretrain_epoch")] == [1, 2]
+
+
+@needs_fmnist
+def test_checkpoint_every_minutes_saves_inside_the_epoch(tmp_path):
+    cfg = load_config("smoke", overrides=["optim.epochs=1", "optim.checkpoint_every_minutes=0.000001"])
+    saves = []
+    import dscl.pretrain as pre
+
+    real = pre.save_stage1
+
+    def record(out, state):
+        saves.append((state.epoch, state.position))
+        return real(out, state)
+
+    try:
+        pre.save_stage1 = record
+        pretrain(cfg, tmp_path / "run", device="cpu", progress=False)
+    finally:
+        pre.save_stage1 = real
+    assert saves == [(0, k) for k in range(1, 7)] + [(1, 0)]  # after every step, then the epoch's end
+    assert stage1_summary(tmp_path / "run").finished
+
+
+@needs_fmnist
+@pytest.mark.slow
+def test_a_preempted_2_process_run_stops_on_every_rank_and_continues_exactly(tmp_path):
+    """Only rank 1 receives the signal: both ranks save after the same step and stop; the resume under
+    torchrun ends bit-identical to an uninterrupted 2-process run."""
+    torchrun = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
+    args = ["pretrain", *SMOKE, "optim.epochs=2"]
+    ref = _dscl(*args, "--out", str(tmp_path / "ref"), launcher=torchrun)
+    assert ref.returncode == 0, ref.stderr
+    run = tmp_path / "run"
+    res = _dscl(*args, "--out", str(run), launcher=torchrun, PREEMPT_RANK="1", PREEMPT_AT_STEP="4")
+    assert res.returncode != 0 and res.stderr.count("SIGTERM received") == 1, res.stderr
+    assert "Continue" in res.stderr  # rank 0 says how, although only rank 1 got the signal
+    saved = stage1_summary(run)
+    assert (saved.epoch, saved.position) == (0, 4) and len(load_stage1(run).rng) == 2
+    res = _dscl(*args, "--out", str(run), "--resume", "auto", launcher=torchrun)
+    assert res.returncode == 0, res.stderr
+    _assert_same_run(run, tmp_path / "ref")
+
+
+@needs_fmnist
+@pytest.mark.slow
+def test_a_preempted_stage1_with_loader_side_views_continues_bit_exactly(tmp_path):
+    """Views made per sample from the global random streams (not the batched views' generator): the
+    streams are restored after the continued epoch's data iterator exists (making it draws a seed)."""
+    args = ["pretrain", *SMOKE, "optim.epochs=2", "views.augment_on=loader"]
+    ref = _dscl(*args, "--out", str(tmp_path / "ref"))
+    assert ref.returncode == 0, ref.stderr
+    res = _dscl(*args, "--out", str(tmp_path / "run"), PREEMPT_SIGNAL="SIGTERM", PREEMPT_AT_STEP="9")
+    assert res.returncode == 3, res.stderr
+    res = _dscl(*_continue_line(res.stderr))
+    assert res.returncode == 0, res.stderr
+    _assert_same_run(tmp_path / "run", tmp_path / "ref")

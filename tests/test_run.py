@@ -409,3 +409,15 @@ def test_a_run_written_with_version_1_checkpoints_evaluates_and_predicts_the_sam
                 "train_fingerprint", "selection", "method", "epochs", "conventions", "expected"):
         assert report.get(key) == reference.get(key), key
     assert run.stage1_summary(old) == s1.summary()
+
+
+def test_a_mid_epoch_stage1_state_keeps_its_position_and_epoch_state(tmp_path):
+    state = dataclasses.replace(_stage1_state(finished=False), position=3, threads=1,
+                                epoch_log={"sums": {"loss": 1.5}, "n": 2},
+                                guard={"count": torch.tensor(0), "streak": torch.tensor(0), "worst": torch.tensor(0),
+                                       "steps": 1})
+    run.save_stage1(tmp_path, state)
+    back = run.load_stage1(tmp_path)
+    assert (back.position, back.threads, back.epoch_log) == (3, 1, {"sums": {"loss": 1.5}, "n": 2})
+    assert back.guard["steps"] == 1 and run.stage1_summary(tmp_path).position == 3
+    assert run.Stage1State.from_dict(v1_stage1_dict(state)).position == 0  # version 1: epoch ends only

@@ -235,3 +235,30 @@ def test_thread_adapter_only_where_the_count_is_ours(restore_torch_flags, monkey
     assert runtime.thread_adapter(cpu, deterministic=False) is None
 
 
+
+
+# ----------------------------------------------------------------------------------------------
+# preemption signals
+
+
+def test_stop_signals_set_a_flag_and_restore_the_handlers():
+    import signal
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    with runtime.StopSignals() as stop:
+        assert stop.requested is None
+        os.kill(os.getpid(), signal.SIGUSR1)  # a real signal, handled between bytecodes
+        assert stop.requested == "SIGUSR1"
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.requested == "SIGUSR1"  # the first one is kept
+    assert {s: signal.getsignal(s) for s in before} == before
+
+
+def test_immediate_stop_signals_raise_preempted():
+    import signal
+
+    with pytest.raises(runtime.Preempted, match="SIGTERM received in stage 2"), \
+            runtime.StopSignals(immediate=True, what="in stage 2"):
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(1000):  # the handler runs at the next bytecode boundary
+            pass

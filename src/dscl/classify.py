@@ -33,8 +33,9 @@ from dscl.run import (
     load_run_config,
     save_classifier,
 )
-from dscl.runtime import autocast, frozen_dtype, make_loader, num_workers, say, to_device
+from dscl.runtime import StopSignals, autocast, frozen_dtype, make_loader, num_workers, say, to_device
 from dscl.schedules import step_decay
+from dscl.trackers import require_trackers
 
 
 def balanced_accuracy(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> float:
@@ -218,9 +219,16 @@ def classify(run_dir: str | Path, *, cfg: Config | None = None, device: str = "a
              progress: bool = True, splits: DatasetSplits | None = None) -> Path:
     """Stage 2 for a finished stage-1 run; writes ``checkpoints/classifier.pt`` and returns its path.
     ``splits``: the datasets of ``cfg.data`` if already built."""
+    with StopSignals(immediate=True, what="in stage 2 (it reruns from its start, with the same result)"):
+        return _classify(Path(run_dir), cfg, device, progress, splits)
+
+
+def _classify(run_dir: Path, cfg: Config | None, device: str, progress: bool,
+              splits: DatasetSplits | None) -> Path:
     dev = dist.init(device)
     run_dir = Path(run_dir)
     cfg = cfg or load_run_config(run_dir)
+    require_trackers(cfg)
     t0 = time.perf_counter()
     seed_everything(cfg.optim.seed)
     splits = splits or build_datasets(cfg.data, seed=cfg.optim.seed)

@@ -106,13 +106,18 @@ def check_plan(out: Path, name: str, plan: dict[str, Any], what: str) -> None:
         if isinstance(saved.get("config"), dict):
             # keys added to the config since the folder was written take their defaults
             saved["config"] = config_from_dict(saved["config"], str(plan_path)).to_dict()
-        if saved != plan:
+        if _without_log(saved) != _without_log(plan):  # log.* (trackers) may change when continuing
             raise CompareError(
                 f"{out} holds a {what} with a different configuration ({plan_path}); "
                 f"use another --out, or delete {out} to start over"
             )
     else:
         write_text(plan_path, yaml.safe_dump(plan, sort_keys=False))
+
+
+def _without_log(plan: dict[str, Any]) -> dict[str, Any]:
+    config = plan.get("config")
+    return {**plan, "config": {k: v for k, v in config.items() if k != "log"}} if isinstance(config, dict) else plan
 
 
 def _finished(run: Path) -> bool:

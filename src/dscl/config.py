@@ -69,6 +69,11 @@ def one_of(default: str, choices: tuple[str, ...], notes: Mapping[str, str] | No
     return field(default=default, metadata={"choices": choices, "notes": dict(notes or {})})
 
 
+def each_one_of(default: tuple[str, ...], choices: tuple[str, ...]) -> Any:
+    """A list field whose every item must be one of ``choices`` (checked by validate)."""
+    return field(default=default, metadata={"each_of": choices})
+
+
 @dataclass
 class DataConfig:
     """Which long-tailed dataset to read and how to make it long-tailed."""
@@ -188,6 +193,9 @@ class OptimConfig:
     seed: int = in_range(0, 0, 2**32 - 1)  # numpy's global seed range
     log_every: int = in_range(20, 1)  # steps between metrics.jsonl lines
     deterministic: bool = False
+    # also save stage 1 inside an epoch every this many minutes (0: only at epoch ends and on SIGTERM /
+    # SIGUSR1); under torchrun the save happens at the next log step
+    checkpoint_every_minutes: float = in_range(0.0, 0)
 
 
 @dataclass
@@ -229,6 +237,27 @@ class EvalConfig:
     few_threshold: int = in_range(20, 0)
 
 
+#: The trackers of ``log.trackers`` (dscl/trackers.py); every one but jsonl is an optional extra.
+TRACKERS = ("jsonl", "tensorboard", "wandb", "mlflow")
+
+
+@dataclass
+class LogConfig:
+    """Where the run's records go besides ``metrics.jsonl`` (README "Experiment trackers"). Changes
+    nothing the run computes: every key may change on --resume, in classify and in evaluate."""
+
+    # jsonl = metrics.jsonl, always written; tensorboard (RUN/tensorboard), wandb and mlflow are optional
+    # extras: pip install 'dscl[tensorboard]' (or [wandb], [mlflow], [trackers] for all three)
+    trackers: tuple[str, ...] = each_one_of(("jsonl",), TRACKERS)
+    project: str = "dscl"  # the W&B project and the MLflow experiment
+    # W&B group / MLflow tag "group"; None = the `dscl compare` / `dscl sweep` folder the run is in (none
+    # for a run of its own), so a comparison's methods sit side by side
+    group: str | None = None
+    # MLflow tracking URI, e.g. sqlite:///mlflow.db or http://host:5000; None = $MLFLOW_TRACKING_URI, else
+    # MLflow's default (sqlite:///mlflow.db in the working directory for MLflow 3)
+    mlflow_uri: str | None = None
+
+
 @dataclass
 class Config:
     """The whole resolved configuration of a run."""
@@ -244,12 +273,13 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(dataclasses.asdict(self))
 
 
-SECTIONS = ("data", "views", "model", "loss", "optim", "classifier", "eval")
+SECTIONS = ("data", "views", "model", "loss", "optim", "classifier", "eval", "log")
 
 #: Named sets of conventions applied over a preset (before a config file and overrides, which still
 #: win). ``official`` restores the official code's behaviour wherever ours deliberately differs
@@ -441,6 +471,7 @@ def load_config(
 NEUTRAL_KEYS = frozenset({
     "data.data_root", "data.list_dir", "data.num_workers", "data.check_files", "model.pretrained",
     "optim.seed", "optim.log_every", "optim.amp", "optim.deterministic", "views.augment_on",
+    *(f"log.{f.name}" for f in dataclasses.fields(LogConfig)),
 })
 
 
@@ -504,6 +535,11 @@ def _check_field(key: str, value: Any, f: dataclasses.Field, tp: Any) -> None:
     choices = f.metadata.get("choices")
     if choices is not None and value not in choices:
         raise ConfigError(f"{key} must be {_choice_text(choices, f.metadata['notes'])}, got {value!r}")
+    each = f.metadata.get("each_of")
+    if each is not None and not (isinstance(value, (list, tuple))
+                                 and all(isinstance(v, str) and v in each for v in value)):
+        shown = list(value) if isinstance(value, (list, tuple)) else value
+        raise ConfigError(f"{key} must list only {_choice_text(each, {})} (e.g. [{each[-1]}]), got {shown!r}")
 
 
 def _check_fields(cfg: Config) -> None:
@@ -542,6 +578,7 @@ def validate(cfg: Config) -> None:
          "classifier.standardize=true needs classifier.protocol=cached (the official protocol re-runs the "
          "backbone every epoch, so there are no fixed features to standardise)")
     need(cfg.eval.few_threshold <= cfg.eval.many_threshold, "eval.few_threshold must be <= eval.many_threshold")
+    need(bool(cfg.log.project.strip()), "log.project must not be empty (it names the W&B project / MLflow experiment)")
 
 
 def flat_config(cfg: Config) -> dict[str, Any]:

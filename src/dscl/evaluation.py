@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from dscl import dist
+from dscl import dist, trackers
 from dscl.config import Config, method_name, preset_changes, preset_expected
 from dscl.data import DataError, DatasetSplits, build_datasets
 from dscl.data.inputs import LIST_SUFFIXES, Inputs, collect_inputs
@@ -32,6 +32,7 @@ def evaluate(run_dir: str | Path, *, split: str = "test", cfg: Config | None = N
     dev = dist.init(device)
     run_dir = Path(run_dir)
     cfg = cfg or load_run_config(run_dir)
+    trackers.require_trackers(cfg)
     t0 = time.perf_counter()
     predictor = load_run(run_dir, cfg=cfg, device=dev)
     record = predictor.record
@@ -65,6 +66,7 @@ def evaluate(run_dir: str | Path, *, split: str = "test", cfg: Config | None = N
         target = run_dir if split == "test" else run_dir / "val"
         write_evaluation_files(target, report, logits, labels, splits.class_names,
                                [dataset.path(i) for i in range(len(dataset))], cfg)
+        trackers.log_report(run_dir, report, sorted((target / "plots").glob("*.png")), split=split)  # log.trackers
         warning = chance_warning(report["top1"], splits.num_classes)
         if warning:
             say(warning)

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -44,6 +45,8 @@ from dscl.run import (
     save_stage1,
 )
 from dscl.runtime import (
+    Preempted,
+    StopSignals,
     amp_dtype,
     autocast,
     configure_backends,
@@ -55,6 +58,7 @@ from dscl.runtime import (
 )
 from dscl.schedules import warmup_cosine
 from dscl.threads import ThreadAdapter
+from dscl.trackers import require_trackers
 
 
 @dataclass
@@ -203,6 +207,15 @@ class NonFiniteGuard:
         self.worst = torch.zeros((), dtype=torch.long, device=device)  # longest streak since the last check
         self.steps = 0
 
+    def state_dict(self) -> dict[str, Any]:
+        """The counters since the last check (a mid-epoch checkpoint carries them over)."""
+        return {"count": self.count.cpu(), "streak": self.streak.cpu(), "worst": self.worst.cpu(), "steps": self.steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for name in ("count", "streak", "worst"):
+            getattr(self, name).copy_(state[name])
+        self.steps = int(state["steps"])
+
     def update(self, loss: torch.Tensor, skipped: torch.Tensor | None = None) -> None:
         """Count a step whose loss is non-finite or (fp16) whose update the gradient scaler skipped."""
         bad = ~torch.isfinite(loss)
@@ -308,7 +321,20 @@ def _training_views(
     return splits.train.with_transform(canvas), augment
 
 
-def _batches(loader: DataLoader, device: torch.device, channels_last: bool,
+class EpochSampler(DistributedSampler):
+    """:class:`DistributedSampler` that can start an epoch part-way: :attr:`skip` of this rank's samples
+    of the epoch's order are left out (a mid-epoch resume), the rest come in the same order."""
+
+    skip = 0
+
+    def __iter__(self) -> Iterator[int]:
+        return itertools.islice(super().__iter__(), self.skip, None)
+
+    def __len__(self) -> int:
+        return super().__len__() - self.skip
+
+
+def _batches(loader: Iterable, device: torch.device, channels_last: bool,
              augment: BatchedDSCLTransform | None = None) -> Iterator[Batch]:
     for views, labels in loader:
         if augment is not None:
@@ -334,8 +360,9 @@ class Stage1:
     splits: DatasetSplits
     train: LTDataset  # the training set with its loader-side transform
     augment: BatchedDSCLTransform | None  # the batched on-device views, or None (views made in the loader)
-    sampler: DistributedSampler
+    sampler: EpochSampler
     loader: DataLoader
+    steps_per_epoch: int
     model: DSCLModel
     ce_head: nn.Module | None  # the CE baseline's classifier (loss.loss=ce), else None
     optimizer: torch.optim.Optimizer
@@ -345,10 +372,6 @@ class Stage1:
     @functools.cached_property
     def train_fingerprint(self) -> str:
         return self.splits.train.fingerprint()
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return len(self.loader)
 
     @property
     def total_steps(self) -> int:
@@ -372,7 +395,7 @@ class Stage1:
 
 
 def _training_data(cfg: Config, dev: torch.device, progress: bool, splits: DatasetSplits | None,
-                   ) -> tuple[DatasetSplits, LTDataset, BatchedDSCLTransform | None, DistributedSampler, DataLoader]:
+                   ) -> tuple[DatasetSplits, LTDataset, BatchedDSCLTransform | None, EpochSampler, DataLoader]:
     """The datasets (files checked), the training set with its views, its sampler and loader."""
     if splits is None:
         splits = build_datasets(cfg.data, seed=cfg.optim.seed)
@@ -388,8 +411,7 @@ def _training_data(cfg: Config, dev: torch.device, progress: bool, splits: Datas
             f"the training set has {len(train)} images, fewer than optim.batch_size "
             f"{cfg.optim.batch_size}; lower the batch size"
         )
-    sampler: DistributedSampler = DistributedSampler(train, num_replicas=world, rank=rank, shuffle=True,
-                                                     seed=cfg.optim.seed, drop_last=True)
+    sampler = EpochSampler(train, num_replicas=world, rank=rank, shuffle=True, seed=cfg.optim.seed, drop_last=True)
     workers = num_workers(cfg.data.num_workers)
     if augment is not None and train.in_memory and cfg.data.num_workers < 0:
         workers = 0  # the loader only copies uint8 arrays out of memory: a worker process costs more than that
@@ -415,14 +437,15 @@ def setup_stage1(cfg: Config, out: Path, dev: torch.device, dtype: torch.dtype |
     params = list(model.online.parameters()) + (list(ce_head.parameters()) if ce_head is not None else [])
     optimizer = torch.optim.SGD(params, lr=0.0, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay)
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
-    return Stage1(cfg, out, dev, dtype, splits, train, augment, sampler, loader, model, ce_head, optimizer, scaler,
-                  base_lr=cfg.optim.base_lr * cfg.optim.batch_size / 256)  # linear scaling by the global batch
+    base_lr = cfg.optim.base_lr * cfg.optim.batch_size / 256  # linear scaling by the global batch
+    return Stage1(cfg, out, dev, dtype, splits, train, augment, sampler, loader, len(loader), model, ce_head,
+                  optimizer, scaler, base_lr)
 
 
 def restore_stage1(run: Stage1, state: Stage1State) -> None:
-    """Continue ``run`` from a checkpoint: weights, optimiser, scaler, queue and every random stream."""
-    cfg, rank = run.cfg, dist.rank()
-    check_compatible(state, cfg, run.splits.num_classes, run.out / STAGE1_FILE)
+    """Continue ``run`` from a checkpoint: weights, optimiser, scaler and queue (the random streams:
+    :func:`restore_streams`)."""
+    check_compatible(state, run.cfg, run.splits.num_classes, run.out / STAGE1_FILE)
     run.model.load_state_dict(state.model)
     if run.ce_head is not None and state.ce_head is not None:
         run.ce_head.load_state_dict(state.ce_head)
@@ -430,6 +453,12 @@ def restore_stage1(run: Stage1, state: Stage1State) -> None:
         run.optimizer.load_state_dict(state.optimizer)
     if run.scaler is not None and state.scaler:
         run.scaler.load_state_dict(state.scaler)
+
+
+def restore_streams(run: Stage1, state: Stage1State) -> None:
+    """Every random stream of the checkpoint (global RNGs of each rank, the batched views' generator).
+    A mid-epoch resume calls it after the epoch's data iterator exists (making one draws a seed)."""
+    cfg, rank = run.cfg, dist.rank()
     _restore_rng(state, cfg.optim.seed, state.epoch, run.steps_per_epoch)
     generator = run.augment.generator if run.augment is not None else None
     if generator is not None:  # the batched views' own stream
@@ -441,8 +470,10 @@ def restore_stage1(run: Stage1, state: Stage1State) -> None:
             generator.manual_seed(_view_seed(cfg.optim.seed, rank, state.epoch))
 
 
-def stage1_state(run: Stage1, epoch: int, wall: float) -> Stage1State:
-    """The checkpoint after ``epoch`` epochs (call on every rank: the RNG states are gathered)."""
+def stage1_state(run: Stage1, epoch: int, wall: float, position: int = 0,
+                 extra: dict[str, Any] | None = None) -> Stage1State:
+    """The checkpoint after ``epoch`` epochs and ``position`` steps of the next one (call on every rank:
+    the RNG states are gathered). ``extra``: the mid-epoch entries (epoch_log, guard, threads)."""
     cfg, splits, augment = run.cfg, run.splits, run.augment
     rngs = cast(list[dict[str, Any]], dist.gather_objects(rng_state()))
     view_rngs = (cast(list[torch.Tensor], dist.gather_objects(augment.generator.get_state()))
@@ -454,25 +485,32 @@ def stage1_state(run: Stage1, epoch: int, wall: float) -> Stage1State:
         lr=run.base_lr, steps_per_epoch=run.steps_per_epoch,  # with world_size: checked when resuming elsewhere
         train_fingerprint=run.train_fingerprint)
     return Stage1State(
-        epoch=epoch, epochs=cfg.optim.epochs, finished=epoch == cfg.optim.epochs, wall_seconds=wall, facts=facts,
+        epoch=epoch, epochs=cfg.optim.epochs, finished=epoch == cfg.optim.epochs and position == 0,
+        wall_seconds=wall, facts=facts, position=position,
         # what dscl.inference.load_run needs without the dataset (a run copied elsewhere)
         data=DataMeta.of(splits.class_names, splits.train_counts, splits.mean, splits.std),
         model=run.model.state_dict(), ce_head=run.ce_head.state_dict() if run.ce_head is not None else None,
         optimizer=run.optimizer.state_dict(), scaler=run.scaler.state_dict() if run.scaler else None,
-        rng=rngs, view_rng=view_rngs)
+        rng=rngs, view_rng=view_rngs, **(extra or {}))
 
 
 class _EpochLog:
     """Stage-1 logging of one epoch: a metrics line and the progress bar every ``optim.log_every``
     steps (and at the epoch's last), the epoch's mean losses at its end."""
 
-    def __init__(self, run: Stage1, epoch: int, progress: bool) -> None:
+    def __init__(self, run: Stage1, epoch: int, progress: bool, start: int = 0,
+                 saved: dict[str, Any] | None = None) -> None:
         self.run, self.epoch = run, epoch
         self.log = MetricsLog(run.out / "metrics.jsonl")
-        self.bar = tqdm(total=run.steps_per_epoch, desc=f"pretrain {epoch + 1}/{run.cfg.optim.epochs}", unit="step",
-                        disable=not (progress and dist.is_main()), leave=False, dynamic_ncols=True)
+        self.bar = tqdm(total=run.steps_per_epoch, initial=start, desc=f"pretrain {epoch + 1}/{run.cfg.optim.epochs}",
+                        unit="step", disable=not (progress and dist.is_main()), leave=False, dynamic_ncols=True)
         self.t_log, self.seen = time.perf_counter(), 0
         self.sums, self.n = {"loss": 0.0, "loss_con": 0.0, "loss_pbsd": 0.0}, 0
+        if saved is not None:  # a mid-epoch resume continues the epoch's means
+            self.sums, self.n = dict(saved["sums"]), int(saved["n"])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"sums": dict(self.sums), "n": self.n}
 
     def step(self, images: int) -> None:
         self.seen += images
@@ -498,15 +536,62 @@ class _EpochLog:
         return {k: v / max(self.n, 1) for k, v in self.sums.items()}
 
 
+class Checkpointing:
+    """When stage 1 saves inside an epoch: on SIGTERM / SIGUSR1 (:class:`~dscl.runtime.StopSignals`, then
+    it stops) and every ``optim.checkpoint_every_minutes``. Single process: decided after every step.
+    Under torchrun: at log steps only, combined over ranks (one tiny all-reduce), so every rank saves
+    and stops after the same step whichever rank received the signal or saw the time pass."""
+
+    def __init__(self, device: torch.device, every_minutes: float, signals: StopSignals | None = None) -> None:
+        self.device, self.every, self.signals = device, every_minutes * 60.0, signals
+        self.last = time.monotonic()
+
+    def decide(self, log_step: bool) -> tuple[bool, bool]:
+        """``(save, stop)`` after the current step."""
+        if dist.is_dist() and not log_step:
+            return False, False
+        stop = self.signals is not None and self.signals.requested is not None
+        save = stop or (self.every > 0 and time.monotonic() - self.last >= self.every)
+        if dist.is_dist():
+            flags = dist.all_reduce_max(torch.tensor([int(save), int(stop)], device=self.device))
+            save, stop = (bool(v) for v in flags.tolist())
+        return save, stop
+
+    def saved(self) -> None:
+        self.last = time.monotonic()
+
+
+@dataclass
+class _Resume:
+    """A mid-epoch checkpoint's state, applied when its epoch starts again."""
+
+    state: Stage1State
+
+    def apply(self, run: Stage1, guard: NonFiniteGuard, adapter: ThreadAdapter | None) -> None:
+        restore_streams(run, self.state)
+        if self.state.guard is not None:
+            guard.load_state_dict(self.state.guard)
+        if adapter is not None and self.state.threads is not None:  # the adapter's choice continues
+            adapter.threads = self.state.threads
+            adapter.apply(self.state.threads)
+
+
 def train_epoch(run: Stage1, epoch: int, guard: NonFiniteGuard, adapter: ThreadAdapter | None, *,
-                progress: bool) -> dict[str, float]:
+                progress: bool, resume: _Resume | None = None, checkpointing: Checkpointing | None = None,
+                save: Callable[[int, dict[str, Any]], None] | None = None) -> dict[str, float] | None:
     """One epoch of stage 1 (``adapter``: the thread adapter, ticked every step); returns its mean
-    logged losses."""
+    logged losses, or None when it stopped part-way on a signal after ``save(position, extra)`` saved
+    a mid-epoch checkpoint. ``resume``: continue a mid-epoch checkpoint of this epoch."""
     cfg, world = run.cfg, dist.world_size()
+    start = resume.state.position if resume is not None else 0
     run.sampler.set_epoch(epoch)
+    run.sampler.skip = start * (cfg.optim.batch_size // world)
     run.model.train()
-    log = _EpochLog(run, epoch, progress)
-    for it, batch in enumerate(_batches(run.loader, run.device, cfg.model.channels_last, run.augment)):
+    log = _EpochLog(run, epoch, progress, start, resume.state.epoch_log if resume is not None else None)
+    data = iter(run.loader)  # before the streams are restored: making the iterator draws a seed
+    if resume is not None:
+        resume.apply(run, guard, adapter)
+    for it, batch in enumerate(_batches(data, run.device, cfg.model.channels_last, run.augment), start=start):
         step = epoch * run.steps_per_epoch + it
         lr = run.lr(step)
         parts = run.step(batch, lr)
@@ -514,9 +599,21 @@ def train_epoch(run: Stage1, epoch: int, guard: NonFiniteGuard, adapter: ThreadA
         if adapter is not None:
             adapter.tick()
         log.step(batch.query.shape[0] * world)
-        if (it + 1) % cfg.optim.log_every == 0 or it + 1 == run.steps_per_epoch:
+        log_step = (it + 1) % cfg.optim.log_every == 0 or it + 1 == run.steps_per_epoch
+        if log_step:
             skipped = guard.check(step + 1)  # raises (on every rank) before a bad epoch is saved
             log.write(step, lr, parts, skipped)
+        if checkpointing is None or save is None or it + 1 == run.steps_per_epoch:
+            continue  # the epoch's end saves anyway
+        save_now, stop = checkpointing.decide(log_step)
+        if save_now:
+            save(it + 1, {"epoch_log": log.state_dict(), "guard": guard.state_dict(),
+                          "threads": torch.get_num_threads() if adapter is not None else None})
+            checkpointing.saved()
+        if stop:
+            log.close()
+            return None
+    run.sampler.skip = 0
     return log.close()
 
 
@@ -524,7 +621,7 @@ def pretrain(
     cfg: Config,
     out: str | Path,
     *,
-    resume: bool = False,
+    resume: bool | str = False,
     overwrite: bool = False,
     device: str = "auto",
     progress: bool = True,
@@ -533,39 +630,69 @@ def pretrain(
 ) -> Path:
     """Stage 1 into run directory ``out``; returns the path of ``checkpoints/last.pt``.
 
-    ``max_epochs`` stops after that many epochs of *this call* (used to test exact resume); the
-    schedule still spans ``cfg.optim.epochs``. ``splits``: the datasets of ``cfg.data`` if already
-    built (``dscl run`` builds them once for all stages).
+    ``resume``: True continues ``out`` from its checkpoint; ``"auto"`` continues when ``out`` holds one
+    and starts otherwise (a requeued job runs the same command). ``max_epochs`` stops after that many
+    epochs of *this call* (used to test exact resume); the schedule still spans ``cfg.optim.epochs``.
+    ``splits``: the datasets of ``cfg.data`` if already built (``dscl run`` builds them once for all
+    stages). SIGTERM / SIGUSR1 finish the current step, save a mid-epoch checkpoint and raise
+    :class:`~dscl.runtime.Preempted`; ``--resume`` continues it exactly.
     """
     dev = dist.init(device)
+    require_trackers(cfg)  # a tracker asked for but not installed: stop now, not at the first log line
     dtype = amp_dtype(cfg.optim.amp, dev)  # refuses a precision this device cannot run, before any work
     configure_backends(dev, deterministic=cfg.optim.deterministic)  # before the first CUDA kernel
+    if resume == "auto":
+        resume = cast(bool, dist.broadcast_object((Path(out) / STAGE1_FILE).is_file() if dist.is_main() else None))
     # Refuse a bad --out at once, but create nothing until the data and the model are known to be
     # usable, so a failed start never leaves a directory that blocks the corrected retry.
-    out = prepare_run_dir(out, resume=resume, overwrite=overwrite, check_only=True)
+    out = prepare_run_dir(out, resume=bool(resume), overwrite=overwrite, check_only=True)
     run = setup_stage1(cfg, out, dev, dtype, progress=progress, splits=splits)
-    prepare_run_dir(out, resume=resume, overwrite=overwrite)
-    start_epoch, wall_before = 0, 0.0
+    prepare_run_dir(out, resume=bool(resume), overwrite=overwrite)
+    start_epoch, wall_before, mid = 0, 0.0, None
     if resume:
         state = load_stage1(out)
         restore_stage1(run, state)
+        restore_streams(run, state)
         start_epoch, wall_before = state.epoch, state.wall_seconds
+        mid = _Resume(state) if state.position else None
         record_resume(out, cfg, epochs_done=start_epoch)  # refuses changes that alter stage 1; logs the rest
         if start_epoch >= cfg.optim.epochs:
             return _already_finished(run, state)
-        say(f"resuming {out} at epoch {start_epoch + 1}/{cfg.optim.epochs}")
+        where = f"step {state.position + 1}/{run.steps_per_epoch} of " if state.position else ""
+        say(f"resuming {out} at {where}epoch {start_epoch + 1}/{cfg.optim.epochs}")
     else:
         if dist.is_main():
             dump_config(cfg, out / "config.yaml")
         torch.manual_seed(cfg.optim.seed + 1000 * dist.rank())  # different augmentation stream per rank
     _announce(run)
+    with StopSignals(what=f"in {out}") as signals:
+        return _train(run, start_epoch, wall_before, mid, max_epochs, signals, progress=progress)
+
+
+def _train(run: Stage1, start_epoch: int, wall_before: float, mid: _Resume | None, max_epochs: int | None,
+           signals: StopSignals, *, progress: bool) -> Path:
+    """The epochs of stage 1 from ``start_epoch`` (part-way into it for ``mid``), each saved at its end."""
+    cfg, out = run.cfg, run.out
     end_epoch = cfg.optim.epochs if max_epochs is None else min(cfg.optim.epochs, start_epoch + max_epochs)
     t_start = time.perf_counter()
-    guard = NonFiniteGuard(dev, tolerate=run.scaler is not None)
+    guard = NonFiniteGuard(run.device, tolerate=run.scaler is not None)
     # fewer compute threads while other jobs use these CPUs (dscl.threads; off for GPUs / deterministic)
-    adapter = thread_adapter(dev, deterministic=cfg.optim.deterministic)
+    adapter = thread_adapter(run.device, deterministic=cfg.optim.deterministic)
+    checkpointing = Checkpointing(run.device, cfg.optim.checkpoint_every_minutes, signals)
     for epoch in range(start_epoch, end_epoch):
-        means = train_epoch(run, epoch, guard, adapter, progress=progress)
+
+        def save_mid(position: int, extra: dict[str, Any], epoch: int = epoch) -> None:
+            state = stage1_state(run, epoch, wall_before + time.perf_counter() - t_start, position, extra)
+            if dist.is_main():
+                save_stage1(out, state)
+            dist.barrier()
+
+        means = train_epoch(run, epoch, guard, adapter, progress=progress, resume=mid,
+                            checkpointing=checkpointing, save=save_mid)
+        mid = None
+        if means is None:
+            raise Preempted(f"stage 1 of {out} stopped on {signals.requested} inside epoch {epoch + 1} after saving "
+                            f"{out / STAGE1_FILE}")
         wall = wall_before + time.perf_counter() - t_start
         state = stage1_state(run, epoch + 1, wall)
         if dist.is_main():
@@ -577,7 +704,12 @@ def pretrain(
             tqdm.write(f"epoch {epoch + 1}/{cfg.optim.epochs}  loss {means['loss']:.4f}  "
                        f"(con {means['loss_con']:.4f}, pbsd {means['loss_pbsd']:.4f})  {wall:.0f}s  "
                        f"ETA stage 1 {format_duration(eta)}")
+        checkpointing.saved()
         dist.barrier()
+        stop = checkpointing.decide(log_step=True)[1]  # a signal in the epoch's last step (any rank)
+        if stop and epoch + 1 < cfg.optim.epochs:
+            raise Preempted(f"stage 1 of {out} stopped on {signals.requested} after epoch {epoch + 1}, saved in "
+                            f"{out / STAGE1_FILE}")
     return out / STAGE1_FILE
 
 

@@ -35,6 +35,7 @@ from dscl import dist
 from dscl.config import Config, config_from_dict, dump_config, flat_config
 from dscl.io import atomic_write, write_json
 from dscl.runtime import say
+from dscl.trackers import TRACKER_FILES, close_run, forward
 
 CHECKPOINT_VERSION = 2
 STAGE1_FILE = Path("checkpoints") / "last.pt"
@@ -49,14 +50,14 @@ class CheckpointError(ValueError):
 #: Everything dscl writes into a run directory (files and folders). ``--overwrite`` removes exactly
 #: these (plus the temp files of an interrupted atomic write of one of them), never anything else.
 RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoints", "report.json", "report.md", "per_class.csv",
-             "confusion.csv", "predictions.csv", "plots", "val", "analysis")
+             "confusion.csv", "predictions.csv", "plots", "val", "analysis", *TRACKER_FILES)
 #: What a start that stopped before its first checkpoint can leave behind (see :func:`failed_start`).
 STARTUP_FILES = ("config.yaml", "metrics.jsonl", "checkpoints")
 #: Config keys a resumed run may change: none of them changes what stage 1 optimises (``section.*`` =
 #: every key of the section; stage 2 and evaluation have not run yet or are run again).
-RESUMABLE_KEYS = ("optim.epochs", "optim.log_every", "optim.deterministic", "data.num_workers", "data.data_root",
-                  "data.list_dir", "data.check_files", "model.channels_last", "views.augment_on", "classifier.*",
-                  "eval.*")
+RESUMABLE_KEYS = ("optim.epochs", "optim.log_every", "optim.deterministic", "optim.checkpoint_every_minutes",
+                  "data.num_workers", "data.data_root", "data.list_dir", "data.check_files", "model.channels_last",
+                  "views.augment_on", "classifier.*", "eval.*", "log.*")
 
 
 class RunDirError(ValueError):
@@ -85,6 +86,8 @@ def failed_start(out: Path) -> bool:
         if p.name == "checkpoints" and p.is_dir():
             if any(not _is_temp_of(q.name, ("last.pt", "last.json")) for q in p.iterdir()):
                 return False
+        elif p.name in TRACKER_FILES or _is_temp_of(p.name, TRACKER_FILES):  # what log.trackers wrote meanwhile
+            continue
         elif not (p.is_file() and (p.name in STARTUP_FILES or _is_temp_of(p.name, STARTUP_FILES))):
             return False
     return True
@@ -92,6 +95,7 @@ def failed_start(out: Path) -> bool:
 
 def remove_run_files(out: Path) -> None:
     """Delete every file and folder dscl writes (:data:`RUN_FILES`) from ``out``; keep everything else."""
+    close_run(out)  # log.trackers of this process that still write there: finished first
     for p in out.iterdir():
         if p.name in RUN_FILES or _is_temp_of(p.name, RUN_FILES):
             if p.is_dir() and not p.is_symlink():
@@ -189,7 +193,8 @@ def stage1_command(run_dir: Path) -> str:
 
 
 #: Keys stage 2 may change in a run's config (``dscl classify``): stage 2, the report, where the data is read.
-STAGE2_KEYS = ("classifier.*", "eval.*", "data.data_root", "data.list_dir", "data.num_workers", "data.check_files")
+STAGE2_KEYS = ("classifier.*", "eval.*", "data.data_root", "data.list_dir", "data.num_workers", "data.check_files",
+               "log.*")
 
 
 def key_allowed(key: str, patterns: tuple[str, ...]) -> bool:
@@ -270,6 +275,7 @@ class MetricsLog:
             return
         with self.path.open("a") as fh:
             fh.write(json.dumps(record) + "\n")
+        forward(self.path.parent, record)  # log.trackers (dscl/trackers.py): nothing to do for jsonl only
 
     def read(self, stage: str | None = None) -> list[dict[str, Any]]:
         """The records logged so far (only those of ``stage`` when given); none when there is no log."""
@@ -402,17 +408,20 @@ class Stage1Summary:
     """Where stage 1 stands and how it was made: everything of ``last.pt`` but the tensors.
     Saved next to it as ``checkpoints/last.json`` (:func:`stage1_summary` reads it)."""
 
-    epoch: int
+    epoch: int  # epochs completed
     epochs: int
     finished: bool
     wall_seconds: float
     facts: RunFacts
     data: DataMeta | None
+    #: steps of epoch ``epoch + 1`` already trained: 0 at an epoch's end, > 0 for a mid-epoch checkpoint
+    #: (a preempted run, or optim.checkpoint_every_minutes)
+    position: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {"stage": "pretrain", "epoch": self.epoch, "epochs": self.epochs, "finished": self.finished,
                 "wall_seconds": self.wall_seconds, "facts": self.facts.to_dict(),
-                "data": self.data.to_dict() if self.data is not None else None}
+                "data": self.data.to_dict() if self.data is not None else None, "position": self.position}
 
     @staticmethod
     def _common(d: Mapping[str, Any]) -> dict[str, Any]:
@@ -421,7 +430,8 @@ class Stage1Summary:
         else:  # version 1: flat keys, "backbone" the backbone's name
             facts, data = RunFacts.from_dict(d), DataMeta.from_dict(d)
         return {"epoch": int(d["epoch"]), "epochs": int(d["epochs"]), "finished": bool(d.get("finished")),
-                "wall_seconds": float(d.get("wall_seconds") or 0.0), "facts": facts, "data": data}
+                "wall_seconds": float(d.get("wall_seconds") or 0.0), "facts": facts, "data": data,
+                "position": int(d.get("position") or 0)}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Stage1Summary:
@@ -439,6 +449,12 @@ class Stage1State(Stage1Summary):
     scaler: dict[str, Any] | None = None
     rng: list[dict[str, Any]] = field(default_factory=list)  # one per rank
     view_rng: list[Tensor] | None = None  # the batched views' generators, one per rank
+    #: mid-epoch checkpoints only: the epoch's logged-loss sums so far, the non-finite guard's counters,
+    #: and the compute threads in use (the thread adapter's choice), so the continued epoch logs and
+    #: computes exactly what an uninterrupted one would
+    epoch_log: dict[str, Any] | None = None
+    guard: dict[str, Any] | None = None
+    threads: int | None = None
 
     def summary(self) -> Stage1Summary:
         return Stage1Summary(**{f.name: getattr(self, f.name) for f in dataclasses.fields(Stage1Summary)})
@@ -449,13 +465,15 @@ class Stage1State(Stage1Summary):
 
     def to_dict(self) -> dict[str, Any]:
         return {**super().to_dict(), "model": self.model, "ce_head": self.ce_head, "optimizer": self.optimizer,
-                "scaler": self.scaler, "rng": self.rng, "view_rng": self.view_rng}
+                "scaler": self.scaler, "rng": self.rng, "view_rng": self.view_rng, "epoch_log": self.epoch_log,
+                "guard": self.guard, "threads": self.threads}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Stage1State:
         return cls(**cls._common(d), model=dict(d["model"]), ce_head=d.get("ce_head"),
                    optimizer=d.get("optimizer"), scaler=d.get("scaler") or None, rng=list(d.get("rng") or []),
-                   view_rng=d.get("view_rng"))
+                   view_rng=d.get("view_rng"), epoch_log=d.get("epoch_log"), guard=d.get("guard"),
+                   threads=_optional(d, "threads", int))
 
 
 def _strip_prefix(state: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:

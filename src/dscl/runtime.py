@@ -9,7 +9,9 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -246,8 +248,17 @@ def make_loader(dataset: Any, batch: int, *, sampler: Any, workers: int, device:
     configure_threads(workers)
     return DataLoader(
         dataset, batch_size=batch, sampler=sampler, num_workers=workers, drop_last=drop_last,
-        pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+        pin_memory=device.type == "cuda", persistent_workers=workers > 0, worker_init_fn=ignore_stop_signals,
     )
+
+
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """A DataLoader worker ignores SIGTERM / SIGUSR1: a scheduler signals every process of a job, and
+    the main process, which handles them (:class:`StopSignals`), ends its workers itself."""
+    for name in PREEMPT_SIGNALS:
+        sig = getattr(signal, name, None)
+        if sig is not None:
+            signal.signal(sig, signal.SIG_IGN)
 
 
 def to_device(x: torch.Tensor, device: torch.device, channels_last: bool = False) -> torch.Tensor:
@@ -262,3 +273,53 @@ def say(msg: str) -> None:
     """A status line on stderr from rank 0 only (tqdm-safe: does not break a progress bar)."""
     if dist.is_main():
         tqdm.write(msg, file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------------------------
+# preemption: SIGTERM / SIGUSR1
+
+#: The signals that ask a stage to stop with a checkpoint: SIGTERM (a scheduler's preemption, `kill`,
+#: SLURM at the time limit) and SIGUSR1 (SLURM's ``--signal=USR1@120`` warning before the limit).
+PREEMPT_SIGNALS = ("SIGTERM", "SIGUSR1")
+
+
+class Preempted(Exception):
+    """A stage stopped on SIGTERM / SIGUSR1 after saving what continues it (``--resume auto``)."""
+
+
+class StopSignals:
+    """While active, SIGTERM and SIGUSR1 set :attr:`requested` (the signal's name) instead of killing
+    the process; the training loop polls it after each step, saves and raises :class:`Preempted`.
+    With ``immediate=True`` the handler raises :class:`Preempted` itself (a stage with nothing to save
+    mid-way: it reruns from its start). Installs nothing outside the main thread; restores the previous
+    handlers on exit.
+    """
+
+    def __init__(self, *, immediate: bool = False, what: str = "") -> None:
+        self.immediate, self.what = immediate, what
+        self.requested: str | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for name in PREEMPT_SIGNALS:
+                sig = getattr(signal, name, None)  # SIGUSR1 does not exist on Windows
+                if sig is not None:
+                    self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old.clear()
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        first = self.requested is None
+        self.requested = self.requested or name
+        if self.immediate:
+            raise Preempted(f"{name} received {self.what}".rstrip())
+        if first:
+            print(f"\n{name} received: finishing the current step, then saving a checkpoint {self.what}".rstrip(),
+                  file=sys.stderr, flush=True)
+

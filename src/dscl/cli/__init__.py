@@ -15,9 +15,17 @@ import shlex
 import sys
 from pathlib import Path
 
-from dscl.cli.common import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, OVERRIDE
+from dscl.cli.common import (
+    EXIT_ERROR,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_PREEMPTED,
+    OVERRIDE,
+    continue_command,
+    resume_auto_argv,
+)
 
-__all__ = ["EXIT_ERROR", "EXIT_INTERRUPTED", "EXIT_OK", "build_parser", "main"]
+__all__ = ["EXIT_ERROR", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_PREEMPTED", "build_parser", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,7 +74,7 @@ def parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespac
     leaves over (in command-line order, after that run) are appended, so they may stand anywhere and
     later ones win. Anything else left over is an error, as with ``parse_args``.
     """
-    args, extras = parser.parse_known_args(argv)
+    args, extras = parser.parse_known_args(resume_auto_argv(argv))
     if extras:
         command_parser = _command_parser(parser, args.command) if args.command else parser
         rest = [x for x in extras if not OVERRIDE.match(x)]
@@ -105,9 +113,18 @@ def main(argv: list[str] | None = None) -> int:
     from dscl import dist
     from dscl.config import ConfigError
     from dscl.run import CheckpointError
+    from dscl.runtime import Preempted, StopSignals
 
     try:
-        return args.handler(args)
+        # SIGTERM / SIGUSR1 end any command with exit code 3; stage 1 handles them itself (it saves first)
+        with StopSignals(immediate=True):
+            return args.handler(args)
+    except Preempted as exc:
+        if dist.is_main():
+            print(f"\ndscl {args.command}: {exc}.\nContinue (a requeued job: the same line) with:\n"
+                  f"  {continue_command(args)}\n(under torchrun / srun: the same launcher line with these "
+                  f"arguments; exit code {EXIT_PREEMPTED} = preempted, checkpoint saved)", file=sys.stderr)
+        return EXIT_PREEMPTED
     except KeyboardInterrupt:
         if dist.is_main():
             print(interrupt_message(args), file=sys.stderr)
@@ -118,6 +135,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dscl {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     finally:
+        from dscl.trackers import close_all
+
+        close_all()  # log.trackers: flush and finish (W&B run, MLflow run, TensorBoard files)
         dist.shutdown()
 
 

@@ -5,9 +5,12 @@ from __future__ import annotations
 import argparse
 import copy
 import re
+import shlex
 from pathlib import Path
 
 EXIT_OK, EXIT_ERROR, EXIT_INTERRUPTED = 0, 2, 130
+#: A stage stopped on SIGTERM / SIGUSR1 after saving: requeue the job and run the same command with --resume auto
+EXIT_PREEMPTED = 3
 
 #: A ``section.key=value`` config override (what ``main`` collects from anywhere on the command line).
 OVERRIDE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\.[A-Za-z_][A-Za-z0-9_]*=")
@@ -65,7 +68,10 @@ def runtime_args(p: argparse.ArgumentParser) -> None:
 def out_args(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--out", required=required, default=None, metavar="DIR",
                    help="run directory (refused if it exists and is not empty, unless --resume/--overwrite)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from checkpoints/last.pt")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from checkpoints/last.pt; `--resume auto`: continue if --out holds "
+                        "a checkpoint, start otherwise (the same command for a job that is requeued)")
+    p.add_argument(RESUME_AUTO, dest="resume", action="store_const", const="auto", help=argparse.SUPPRESS)
     p.add_argument("--overwrite", action="store_true", help="replace the dscl files of an existing run in --out")
 
 
@@ -84,6 +90,42 @@ def load_cfg(args: argparse.Namespace, extra: list[str] | None = None):
     from dscl.config import load_config
 
     return load_config(args.preset, args.config, config_overrides(args, extra), profile=getattr(args, "profile", None))
+
+
+RESUME_AUTO = "--resume-auto"  # what `--resume auto` / `--resume=auto` become before parsing
+
+
+def resume_auto_argv(argv: list[str]) -> list[str]:
+    """``--resume auto`` (two words, or ``--resume=auto``) as one option, so that a plain ``--resume``
+    followed by a ``section.key=value`` override keeps meaning what it did."""
+    out: list[str] = []
+    for tok in argv:
+        if tok == "auto" and out and out[-1] == "--resume":
+            out[-1] = RESUME_AUTO
+        else:
+            out.append(RESUME_AUTO if tok == "--resume=auto" else tok)
+    return out
+
+
+def resuming(args: argparse.Namespace) -> bool:
+    """Whether this command continues its run: ``--resume``, or ``--resume auto`` when ``--out`` holds a
+    stage-1 checkpoint (none: the run starts, as without --resume)."""
+    from dscl.run import STAGE1_FILE
+
+    if args.resume == "auto":
+        return args.out is not None and (Path(args.out) / STAGE1_FILE).is_file()
+    return bool(args.resume)
+
+
+def continue_command(args: argparse.Namespace) -> str:
+    """The command line that continues this one after a preemption: the same arguments, with
+    ``--resume auto`` instead of ``--resume`` / ``--overwrite``."""
+    argv = [t for t in resume_auto_argv(list(getattr(args, "argv", []) or [])) if t not in ("--overwrite", "--resume",
+                                                                                              RESUME_AUTO)]
+    if getattr(args, "out", None) and "--out" not in argv and not any(t.startswith("--out=") for t in argv):
+        argv += ["--out", str(args.out)]  # dscl run without --out chose one
+    resume = ["--resume", "auto"] if hasattr(args, "resume") else []  # stage 2 commands simply run again
+    return shlex.join(["dscl", *argv, *resume])
 
 
 def resume_cfg(args: argparse.Namespace):
@@ -132,7 +174,7 @@ def print_main(text: str) -> None:
 
 #: What ``dscl evaluate`` may change: the report's groups and post-hoc rows, where the data is read from.
 EVALUATE_KEYS = ("eval.*", "classifier.tau_norm", "classifier.logit_adjust_tau", "data.data_root", "data.list_dir",
-                 "data.num_workers", "data.check_files")
+                 "data.num_workers", "data.check_files", "log.*")
 
 
 def run_cfg_with_overrides(run: str, args: argparse.Namespace, allowed: tuple[str, ...], command: str,

@@ -17,6 +17,7 @@ from dscl.cli.common import (
     out_args,
     print_main,
     resume_cfg,
+    resuming,
     run_cfg_with_overrides,
     runtime_args,
     table,
@@ -30,8 +31,9 @@ if TYPE_CHECKING:  # the CLI imports torch-heavy modules only inside the command
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from dscl.pretrain import pretrain
 
-    cfg = resume_cfg(args) if args.resume else load_cfg(args)
-    path = pretrain(cfg, args.out, resume=args.resume, overwrite=args.overwrite, device=args.device,
+    resume = resuming(args)
+    cfg = resume_cfg(args) if resume else load_cfg(args)
+    path = pretrain(cfg, args.out, resume=resume, overwrite=args.overwrite, device=args.device,
                     progress=not args.no_progress)
     print_main(f"stage 1 checkpoint: {path}")
     return EXIT_OK
@@ -140,13 +142,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     if args.resume and not args.out:
         raise ValueError("--resume needs --out DIR (the run to continue)")
-    cfg = resume_cfg(args) if args.resume else load_cfg(args)
+    resume = resuming(args)
+    cfg = resume_cfg(args) if resume else load_cfg(args)
     out = args.out or f"runs/{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     args.out = out  # so an interrupt can name the directory to resume
     t0 = time.perf_counter()
     progress = not args.no_progress
     splits = build_datasets(cfg.data, seed=cfg.optim.seed)  # once for the three stages
-    pretrain(cfg, out, resume=args.resume, overwrite=args.overwrite, device=args.device, progress=progress,
+    pretrain(cfg, out, resume=resume, overwrite=args.overwrite, device=args.device, progress=progress,
              splits=splits)
     t1 = time.perf_counter()
     estimate = stage2_estimate(cfg, Path(out), splits) if dist.is_main() else None
