@@ -412,6 +412,7 @@ def test_a_run_preempted_in_stage2_reruns_stage2_to_the_same_report(uninterrupte
         assert a[key] == b[key], key
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_resume_auto_starts_a_run_that_has_no_checkpoint(tmp_path):
     from dscl.cli import main
@@ -424,6 +425,7 @@ def test_resume_auto_starts_a_run_that_has_no_checkpoint(tmp_path):
     assert [r["epoch"] for r in MetricsLog(run / "metrics.jsonl").read("pretrain_epoch")] == [1, 2]
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_checkpoint_every_minutes_saves_inside_the_epoch(tmp_path):
     cfg = load_config("smoke", overrides=["optim.epochs=1", "optim.checkpoint_every_minutes=0.000001"])
