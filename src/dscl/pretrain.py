@@ -252,7 +252,26 @@ class NonFiniteGuard:
         return n
 
 
-def _restore_rng(state: Stage1State, seed: int, epoch: int, steps_per_epoch: int) -> None:
+def _check_world(state: Stage1State, steps_per_epoch: int) -> None:
+    """Refuse a checkpoint whose steps per epoch differ (the schedule would jump); say what a resume with
+    another world size keeps exact and what not (:func:`_restore_rng`)."""
+    world = dist.world_size()
+    saved_world = state.facts.world_size or len(state.rng)
+    saved_steps = state.facts.steps_per_epoch
+    if saved_steps is not None and saved_steps != steps_per_epoch:
+        raise CheckpointError(
+            f"the checkpoint was saved at {saved_steps} steps per epoch but this run has {steps_per_epoch} "
+            f"(optim.batch_size or the training set changed), so the learning-rate schedule would jump; "
+            f"resume with the original global batch and data"
+        )
+    if saved_world != world:
+        say(f"resuming a {saved_world}-process run with {world} process(es): model, optimiser, queue and "
+            f"schedule continue exactly (same global batch, {steps_per_epoch} steps per epoch); the "
+            f"augmentations and the split of each global batch over processes differ, so the result is not "
+            f"bit-identical to an uninterrupted run")
+
+
+def _restore_rng(state: Stage1State, seed: int, epoch: int) -> None:
     """Continue every rank's random streams from a stage-1 checkpoint, whatever world size saved it.
 
     Same world size: each rank restores its own state, and the resume is bit-exact (on a GPU only
@@ -262,27 +281,13 @@ def _restore_rng(state: Stage1State, seed: int, epoch: int, steps_per_epoch: int
     the same global order; the global batch and steps per epoch do not depend on the world size), but
     the split of a global batch over ranks (so shuffle-BN groups and BatchNorm batch statistics), the
     augmentations and the order of the keys a step adds to the queue differ: the run is not bit-identical
-    to an uninterrupted one. Refuses a checkpoint whose steps per epoch differ (the schedule would jump).
+    to an uninterrupted one.
     """
-    world, rank = dist.world_size(), dist.rank()
-    rngs = state.rng
-    saved_world = state.facts.world_size or len(rngs)
-    saved_steps = state.facts.steps_per_epoch
-    if saved_steps is not None and saved_steps != steps_per_epoch:
-        raise CheckpointError(
-            f"the checkpoint was saved at {saved_steps} steps per epoch but this run has {steps_per_epoch} "
-            f"(optim.batch_size or the training set changed), so the learning-rate schedule would jump; "
-            f"resume with the original global batch and data"
-        )
-    if rank < len(rngs):
-        set_rng_state(rngs[rank])
+    rank = dist.rank()
+    if rank < len(state.rng):
+        set_rng_state(state.rng[rank])
     else:
         seed_everything(derived_seed(seed, rank, epoch))
-    if saved_world != world:
-        say(f"resuming a {saved_world}-process run with {world} process(es): model, optimiser, queue and "
-            f"schedule continue exactly (same global batch, {steps_per_epoch} steps per epoch); the "
-            f"augmentations and the split of each global batch over processes differ, so the result is not "
-            f"bit-identical to an uninterrupted run")
 
 
 def patches_channels_last(patches: torch.Tensor) -> torch.Tensor:
@@ -446,6 +451,7 @@ def restore_stage1(run: Stage1, state: Stage1State) -> None:
     """Continue ``run`` from a checkpoint: weights, optimiser, scaler and queue (the random streams:
     :func:`restore_streams`)."""
     check_compatible(state, run.cfg, run.splits.num_classes, run.out / STAGE1_FILE)
+    _check_world(state, run.steps_per_epoch)
     run.model.load_state_dict(state.model)
     if run.ce_head is not None and state.ce_head is not None:
         run.ce_head.load_state_dict(state.ce_head)
@@ -459,7 +465,7 @@ def restore_streams(run: Stage1, state: Stage1State) -> None:
     """Every random stream of the checkpoint (global RNGs of each rank, the batched views' generator).
     A mid-epoch resume calls it after the epoch's data iterator exists (making one draws a seed)."""
     cfg, rank = run.cfg, dist.rank()
-    _restore_rng(state, cfg.optim.seed, state.epoch, run.steps_per_epoch)
+    _restore_rng(state, cfg.optim.seed, state.epoch)
     generator = run.augment.generator if run.augment is not None else None
     if generator is not None:  # the batched views' own stream
         saved = state.view_rng or []
@@ -652,9 +658,10 @@ def pretrain(
     if resume:
         state = load_stage1(out)
         restore_stage1(run, state)
-        restore_streams(run, state)
         start_epoch, wall_before = state.epoch, state.wall_seconds
         mid = _Resume(state) if state.position else None
+        if mid is None:  # a mid-epoch state restores its streams once the epoch's iterator exists
+            restore_streams(run, state)
         record_resume(out, cfg, epochs_done=start_epoch)  # refuses changes that alter stage 1; logs the rest
         if start_epoch >= cfg.optim.epochs:
             return _already_finished(run, state)
