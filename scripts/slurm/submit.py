@@ -28,6 +28,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from dscl.cli.common import RESUME_AUTO, resume_auto_argv
+
 #: What the job asks SLURM for on top of submitit's defaults: dscl's warning signal (every task, not
 #: "B:" the batch shell only) and permission to requeue.
 SLURM_ADDITIONAL = {"signal": "USR1@120", "requeue": True}
@@ -43,13 +45,7 @@ def dscl_argv(command: str, dscl_args: Sequence[str]) -> list[str]:
         ValueError: no ``--out`` (a requeued job must find its run) or ``--overwrite`` (a requeued job
             would start the run again).
     """
-    args: list[str] = []
-    for a in dscl_args:
-        if a == "auto" and args and args[-1] == "--resume":
-            args.pop()
-        elif a != "--resume=auto":
-            args.append(a)
-    args = [a for a in args if a != "--resume"]
+    args = [a for a in resume_auto_argv(list(dscl_args)) if a not in ("--resume", RESUME_AUTO)]
     if "--overwrite" in args:
         raise ValueError("--overwrite: a requeued job would start the run again; leave it out (--resume auto "
                          "starts a run whose --out holds no checkpoint)")

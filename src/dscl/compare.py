@@ -129,11 +129,11 @@ def run_one(cfg: Config, run: Path, *, device: str, progress: bool) -> dict[str,
     from dscl.classify import classify
     from dscl.evaluation import evaluate
     from dscl.pretrain import pretrain
-    from dscl.run import STAGE1_FILE, stage1_summary
+    from dscl.run import has_stage1, stage1_summary
 
     if _finished(run):
         return json.loads((run / "report.json").read_text())
-    if (run / STAGE1_FILE).is_file():
+    if has_stage1(run):
         if not stage1_summary(run).finished:
             pretrain(cfg, run, resume=True, device=device, progress=progress)
     else:

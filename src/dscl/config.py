@@ -505,6 +505,11 @@ def preset_changes(cfg: Config) -> list[str]:
     return changed
 
 
+def config_from_file(path: str | Path) -> Config:
+    """The Config of a saved ``config.yaml`` (a run's fully resolved configuration)."""
+    return config_from_dict(yaml.safe_load(Path(path).read_text()) or {}, str(path))
+
+
 def config_from_dict(mapping: dict[str, Any], source: str = "config.yaml") -> Config:
     """Rebuild a Config from a saved ``config.yaml`` mapping."""
     cfg = Config()

@@ -64,9 +64,10 @@ def evaluate(run_dir: str | Path, *, split: str = "test", cfg: Config | None = N
                           run_info=run_facts(stage1, splits, cfg))
     if dist.is_main():
         target = run_dir if split == "test" else run_dir / "val"
-        write_evaluation_files(target, report, logits, labels, splits.class_names,
-                               [dataset.path(i) for i in range(len(dataset))], cfg)
-        trackers.log_report(run_dir, report, sorted((target / "plots").glob("*.png")), split=split)  # log.trackers
+        written = write_evaluation_files(target, report, logits, labels, splits.class_names,
+                                         [dataset.path(i) for i in range(len(dataset))], cfg)
+        plots = sorted(p for p in written if p.suffix == ".png")
+        trackers.log_report(run_dir, report, plots, split=split)  # log.trackers
         warning = chance_warning(report["top1"], splits.num_classes)
         if warning:
             say(warning)
@@ -271,11 +272,11 @@ def run_facts(stage1: Stage1Summary, splits: DatasetSplits | None, cfg: Config) 
 
 
 def write_evaluation_files(target: Path, report: dict[str, Any], logits: torch.Tensor, labels: torch.Tensor,
-                           class_names: Sequence[str], paths: Sequence[str | None], cfg: Config) -> None:
+                           class_names: Sequence[str], paths: Sequence[str | None], cfg: Config) -> list[Path]:
     """Every file of an evaluation into ``target``: report.json / .md, per_class.csv, confusion.csv,
-    predictions.csv and plots (rank 0 only; each file atomic)."""
+    predictions.csv and plots (rank 0 only; each file atomic). Returns the paths written."""
     target.mkdir(parents=True, exist_ok=True)
     conf = confusion_matrix(logits.argmax(1), labels, len(class_names))
-    write_report(target, report, confusion=conf, class_names=class_names,
-                 many_threshold=cfg.eval.many_threshold, few_threshold=cfg.eval.few_threshold)
-    write_predictions(target / "predictions.csv", logits, labels, class_names, paths=paths)
+    written = write_report(target, report, confusion=conf, class_names=class_names,
+                           many_threshold=cfg.eval.many_threshold, few_threshold=cfg.eval.few_threshold)
+    return [*written, write_predictions(target / "predictions.csv", logits, labels, class_names, paths=paths)]

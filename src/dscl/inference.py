@@ -283,7 +283,6 @@ class EnsemblePredictor:
         self.cfg = first.cfg
         self.class_names, self.train_counts = first.class_names, first.train_counts
         self.source = run_dir / ENSEMBLE_FILE
-        self.info = {"selection": f"equal-weight average of the softmax outputs of {len(members)} runs"}
         self.class_means = None
         self.transform = _EnsembleTransform([m.transform for m in members])
         self._sizes = [3 * m.image_size * m.image_size for m in members]

@@ -627,7 +627,7 @@ def pretrain(
     cfg: Config,
     out: str | Path,
     *,
-    resume: bool | str = False,
+    resume: bool = False,
     overwrite: bool = False,
     device: str = "auto",
     progress: bool = True,
@@ -636,8 +636,8 @@ def pretrain(
 ) -> Path:
     """Stage 1 into run directory ``out``; returns the path of ``checkpoints/last.pt``.
 
-    ``resume``: True continues ``out`` from its checkpoint; ``"auto"`` continues when ``out`` holds one
-    and starts otherwise (a requeued job runs the same command). ``max_epochs`` stops after that many
+    ``resume``: continue ``out`` from its checkpoint (the CLI's ``--resume auto`` passes whether ``out``
+    holds one, :func:`dscl.run.has_stage1`). ``max_epochs`` stops after that many
     epochs of *this call* (used to test exact resume); the schedule still spans ``cfg.optim.epochs``.
     ``splits``: the datasets of ``cfg.data`` if already built (``dscl run`` builds them once for all
     stages). SIGTERM / SIGUSR1 finish the current step, save a mid-epoch checkpoint and raise
@@ -647,13 +647,11 @@ def pretrain(
     require_trackers(cfg)  # a tracker asked for but not installed: stop now, not at the first log line
     dtype = amp_dtype(cfg.optim.amp, dev)  # refuses a precision this device cannot run, before any work
     configure_backends(dev, deterministic=cfg.optim.deterministic)  # before the first CUDA kernel
-    if resume == "auto":
-        resume = cast(bool, dist.broadcast_object((Path(out) / STAGE1_FILE).is_file() if dist.is_main() else None))
     # Refuse a bad --out at once, but create nothing until the data and the model are known to be
     # usable, so a failed start never leaves a directory that blocks the corrected retry.
-    out = prepare_run_dir(out, resume=bool(resume), overwrite=overwrite, check_only=True)
+    out = prepare_run_dir(out, resume=resume, overwrite=overwrite, check_only=True)
     run = setup_stage1(cfg, out, dev, dtype, progress=progress, splits=splits)
-    prepare_run_dir(out, resume=bool(resume), overwrite=overwrite)
+    prepare_run_dir(out, resume=resume, overwrite=overwrite)
     start_epoch, wall_before, mid = 0, 0.0, None
     if resume:
         state = load_stage1(out)

@@ -28,11 +28,10 @@ from pathlib import Path
 from typing import Any, cast
 
 import torch
-import yaml
 from torch import Tensor
 
 from dscl import dist
-from dscl.config import Config, config_from_dict, dump_config, flat_config
+from dscl.config import Config, config_from_file, dump_config, flat_config
 from dscl.io import atomic_write, write_json
 from dscl.runtime import say
 from dscl.trackers import TRACKER_FILES, close_run, forward
@@ -112,7 +111,7 @@ def _decide(out: Path, *, resume: bool, overwrite: bool, resumable: bool = True)
     if out.exists() and not out.is_dir():
         return "error", f"--out {out} exists and is a file, not a directory"
     if resume:
-        if (out / "checkpoints" / "last.pt").is_file():
+        if has_stage1(out):
             return "resume", ""
         if failed_start(out):
             return "error", (f"cannot resume: {out} holds no checkpoint (the earlier attempt stopped before its "
@@ -165,6 +164,11 @@ def prepare_run_dir(out: str | Path, *, resume: bool, overwrite: bool, check_onl
     return out
 
 
+def has_stage1(run_dir: str | Path) -> bool:
+    """Whether ``run_dir`` holds a stage-1 checkpoint (finished or not)."""
+    return (Path(run_dir) / STAGE1_FILE).is_file()
+
+
 def check_output_file(out: Path, *, overwrite: bool) -> Path:
     """Refuse to replace an existing output file (unless ``overwrite``) or a directory; create its folder."""
     if out.is_dir():
@@ -179,7 +183,7 @@ def load_run_config(run_dir: str | Path) -> Config:
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise RunDirError(f"{path} does not exist: {run_dir} is not a dscl run directory")
-    return config_from_dict(yaml.safe_load(path.read_text()) or {}, str(path))
+    return config_from_file(path)
 
 
 def stage1_command(run_dir: Path) -> str:
@@ -393,8 +397,8 @@ class RunFacts:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any], *, backbone_key: str = "backbone") -> RunFacts:
-        return cls(method=d.get("method"), backbone=str(d[backbone_key]), num_classes=int(d["num_classes"]),
+    def from_dict(cls, d: Mapping[str, Any]) -> RunFacts:
+        return cls(method=d.get("method"), backbone=str(d["backbone"]), num_classes=int(d["num_classes"]),
                    dim=_optional(d, "dim", int), precision=d.get("precision"), device=d.get("device"),
                    torch_version=d.get("torch_version"), global_batch=_optional(d, "global_batch", int),
                    world_size=_optional(d, "world_size", int), lr=_optional(d, "lr", float),

@@ -27,6 +27,7 @@ from typing import Any
 from dscl.compare import FIELDS, CompareError, aggregate, check_plan, method_config, run_one
 from dscl.config import Config, ConfigError, apply_mapping, dump_config, parse_overrides, validate
 from dscl.io import save_figure, write_json, write_text
+from dscl.run import STAGE1_FILE, SUMMARY_FILE
 
 # short names for the paper's swept hyperparameters
 ALIASES = {
@@ -108,18 +109,19 @@ def stage1_identity(cfg: Config) -> str:
 
 def share_stage1(src: Path, run: Path, cfg: Config) -> None:
     """Give ``run`` the finished stage 1 of ``src`` (hard link, or a copy across file systems) and its
-    own ``config.yaml``; a run that already has a checkpoint is left alone."""
-    target = run / "checkpoints" / "last.pt"
-    if target.exists():
+    own ``config.yaml``; a run that already has a checkpoint is left alone. The checkpoint's summary
+    (``last.json``) comes along, so reports do not read the checkpoint for it."""
+    if (run / STAGE1_FILE).exists():
         return
-    source = src / "checkpoints" / "last.pt"
-    if not source.is_file():
-        raise SweepError(f"cannot share stage 1: {source} does not exist")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.link(source, target)
-    except OSError:
-        shutil.copy2(source, target)
+    if not (src / STAGE1_FILE).is_file():
+        raise SweepError(f"cannot share stage 1: {src / STAGE1_FILE} does not exist")
+    (run / STAGE1_FILE).parent.mkdir(parents=True, exist_ok=True)
+    for name in (SUMMARY_FILE, STAGE1_FILE):  # the summary first: a checkpoint is never without it
+        if (src / name).is_file():
+            try:
+                os.link(src / name, run / name)
+            except OSError:
+                shutil.copy2(src / name, run / name)
     dump_config(cfg, run / "config.yaml")
 
 

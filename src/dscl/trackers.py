@@ -49,7 +49,7 @@ from typing import Any
 import yaml
 
 from dscl import dist
-from dscl.config import Config, ConfigError, config_from_dict, flat_config, method_name
+from dscl.config import Config, ConfigError, config_from_file, flat_config, method_name
 from dscl.io import write_json
 from dscl.runtime import say
 
@@ -364,8 +364,8 @@ OPENERS: dict[str, Callable[[Path, Config, RunInfo, dict[str, Any]], _Tracker]] 
 class _Session:
     """The trackers a run directory's config asks for, opened together (read and written: trackers.json)."""
 
-    def __init__(self, run_dir: Path, cfg: Config, stamp: tuple[int, int, int]) -> None:
-        self.run_dir, self.cfg, self.stamp = run_dir, cfg, stamp
+    def __init__(self, run_dir: Path, cfg: Config) -> None:
+        self.run_dir, self.cfg = run_dir, cfg
         self.info = run_info(run_dir, cfg)
         state = _read_state(run_dir)
         before = dict(state)
@@ -440,14 +440,14 @@ def _session(run_dir: str | Path) -> _Session | None:
     if stamp is None:
         return None
     try:
-        cfg = config_from_dict(yaml.safe_load((path / "config.yaml").read_text()) or {}, str(path / "config.yaml"))
+        cfg = config_from_file(path / "config.yaml")
     except (OSError, ValueError, yaml.YAMLError):  # not this dscl's config: no trackers (metrics.jsonl has all)
         _CACHE[key] = (stamp, None, None)
         return None
     if cached is not None and cached[1] == cfg.log:
         session = cached[2]
         if session is not None:
-            session.cfg, session.stamp = cfg, stamp
+            session.cfg = cfg
         _CACHE[key] = (stamp, cfg.log, session)
         return session
     if cached is not None and cached[2] is not None:
@@ -458,7 +458,7 @@ def _session(run_dir: str | Path) -> _Session | None:
             if other != key and open_session is not None:
                 open_session.close()
                 del _CACHE[other]
-        session = _Session(path, cfg, stamp)
+        session = _Session(path, cfg)
     _CACHE[key] = (stamp, cfg.log, session)
     return session
 

@@ -110,10 +110,10 @@ def resume_auto_argv(argv: list[str]) -> list[str]:
 def resuming(args: argparse.Namespace) -> bool:
     """Whether this command continues its run: ``--resume``, or ``--resume auto`` when ``--out`` holds a
     stage-1 checkpoint (none: the run starts, as without --resume)."""
-    from dscl.run import STAGE1_FILE
+    from dscl.run import has_stage1
 
     if args.resume == "auto":
-        return args.out is not None and (Path(args.out) / STAGE1_FILE).is_file()
+        return args.out is not None and has_stage1(args.out)
     return bool(args.resume)
 
 
