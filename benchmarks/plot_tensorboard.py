@@ -5,7 +5,7 @@ TensorBoard UI, which needs a browser):
 
     python benchmarks/plot_tensorboard.py RUN/tensorboard --out docs/tensorboard_default_run.png
 
-Needs the tensorboard extra (``pip install 'dscl[tensorboard]'``).
+Needs the tensorboard extra (``pip install 'dscl-lt[tensorboard]'``).
 """
 
 from __future__ import annotations

@@ -12,6 +12,9 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     exit 1
   fi
   .venv/bin/python -m pip install --upgrade --quiet pip
+  # the distribution was named `dscl` before (an unrelated PyPI package has that name): a .venv made then
+  # holds that install, which would stay next to dscl-lt with the same files and command
+  .venv/bin/python -m pip uninstall --quiet -y dscl 2>/dev/null || true
   .venv/bin/python -m pip install --quiet -e '.[dev]'
   touch "$stamp"
 fi

@@ -2,6 +2,8 @@
 moment: ``PREEMPT_SIGNAL`` (SIGTERM / SIGUSR1) right after stage-1 step ``PREEMPT_AT_STEP`` of this
 process (1-based, counted from the start of this process), or, with ``PREEMPT_STAGE=2``, when stage 2
 starts training its classifier. ``PREEMPT_RANK``: only that rank signals itself (torchrun).
+``PREEMPT_CLOSE_SECONDS``: closing the trackers at the end takes that long (W&B's finish takes seconds),
+so a signal repeated meanwhile lands on the way out.
 
 Usage: python preempt_worker.py <dscl arguments...>   (exit code: dscl's)
 """
@@ -42,6 +44,19 @@ def main() -> int:
             return real_train(*args, **kwargs)
 
         cls.train_linear_cached = train
+    close_seconds = float(os.environ.get("PREEMPT_CLOSE_SECONDS", "0"))
+    if close_seconds:
+        import time
+
+        import dscl.trackers as trackers
+
+        real_close = trackers.close_all
+
+        def close_all() -> None:
+            time.sleep(close_seconds)
+            real_close()
+
+        trackers.close_all = close_all
     from dscl.cli import main as cli
 
     return cli(sys.argv[1:])

@@ -184,24 +184,48 @@ def test_interrupt_names_the_directory_and_what_was_saved(tmp_path, monkeypatch,
     assert "continue with: dscl run --out runs/b --resume" in capsys.readouterr().err
 
 
-def test_main_maps_errors_to_exit_code_2_and_debug_shows_the_traceback(monkeypatch, capsys):
+def test_main_maps_user_errors_to_exit_code_2_and_debug_shows_the_traceback(monkeypatch, capsys):
     import dscl.cli.data
+    from dscl.data import DataError
 
     def fails(args):
-        raise ValueError("the data is wrong")
+        raise DataError("the data is wrong:\n  line 3 of a.txt")
 
     monkeypatch.setattr(dscl.cli.data, "cmd_data", fails)
     assert main(["data", "--preset", "smoke"]) == 2
     err = capsys.readouterr().err
-    assert err.strip() == "dscl data: error: the data is wrong"  # one line, no traceback
-    with pytest.raises(ValueError, match="the data is wrong"):
+    assert err.strip() == "dscl data: error: the data is wrong: line 3 of a.txt"  # one line, no traceback
+    with pytest.raises(DataError, match="the data is wrong"):
         main(["data", "--preset", "smoke", "--debug"])
 
+    def disk_full(args):
+        raise OSError(28, "No space left on device", "/runs/a/report.json")
+
+    monkeypatch.setattr(dscl.cli.data, "cmd_data", disk_full)  # the system refused: also the user's to fix
+    assert main(["data", "--preset", "smoke"]) == 2
+    assert "error: [Errno 28] No space left on device: '/runs/a/report.json'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("exc", [ValueError("bad shape (3, 4)"), RuntimeError("mat1 and mat2"), KeyError("fc"),
+                                 FloatingPointError("inf"), TypeError("x")])
+def test_anything_else_is_an_internal_error_not_bad_input(monkeypatch, capsys, exc):
+    import dscl.cli.data
+
     def bug(args):
-        raise KeyError("a bug")
+        raise exc
 
     monkeypatch.setattr(dscl.cli.data, "cmd_data", bug)
-    with pytest.raises(KeyError):  # a programming error is not dressed up as a user error
+    monkeypatch.delenv("DSCL_DEBUG", raising=False)
+    assert main(["data", "--preset", "smoke"]) == 1  # Python's own code for an uncaught exception
+    err = capsys.readouterr().err
+    assert err.startswith(f"dscl data: internal error: {type(exc).__name__}: ")
+    assert "This is a bug in dscl, not in your input" in err and "--debug (or DSCL_DEBUG=1)" in err
+    assert "test_cli.py:" in err  # where it happened
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 2
+    with pytest.raises(type(exc)):
+        main(["data", "--preset", "smoke", "--debug"])
+    monkeypatch.setenv("DSCL_DEBUG", "1")  # commands without --debug (presets, ensemble) take the variable
+    with pytest.raises(type(exc)):
         main(["data", "--preset", "smoke"])
 
 

@@ -123,6 +123,8 @@ def _run_dir(tmp_path, preset="smoke"):
     run = tmp_path / "run"
     run.mkdir()
     dump_config(load_config(preset), run / "config.yaml")
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / "last.pt").write_bytes(b"")  # --resume needs a stage-1 checkpoint to continue
     return run
 
 

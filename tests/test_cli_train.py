@@ -139,6 +139,9 @@ def test_a_run_trained_in_fp16_is_classified_and_evaluated_on_a_cpu(smoke_run, t
     cfg = (run / "config.yaml").read_text()
     assert "amp: none" in cfg
     (run / "config.yaml").write_text(cfg.replace("amp: none", "amp: fp16"))  # as a GPU run writes it
+    summary = json.loads((run / "checkpoints" / "last.json").read_text())
+    summary["config"]["optim"]["amp"] = "fp16"  # and as its checkpoint records it (config.yaml must agree)
+    (run / "checkpoints" / "last.json").write_text(json.dumps(summary))
     assert main(["classify", "--run", str(run), "--device", "cpu", "--no-progress"]) == 0
     capsys.readouterr()
     assert main(["evaluate", "--run", str(run), "--device", "cpu", "--no-progress", "--json"]) == 0
@@ -228,3 +231,37 @@ def test_stage2_estimate_from_stage1_speed(tmp_path):
     assert stage2_estimate(cfg, run, splits) == pytest.approx(images / (4 * 20.0))
     no_val = SimpleNamespace(train=range(21), val=None, test=range(12))
     assert stage2_estimate(cfg, run, no_val) == pytest.approx(stage2_forward_images(cfg, 21, 0, 12) / 80.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# issue 28 item 7: the first job of a cluster user writes its log into --out before dscl starts
+
+
+@needs_fmnist
+def test_resume_auto_starts_a_run_beside_files_that_are_not_a_run_and_keeps_them(tmp_path, monkeypatch, capsys):
+    import dscl.pretrain as pre
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "slurm-4242.out").write_text("the job's log so far\n")
+    trained = []
+    monkeypatch.setattr(pre, "_train", lambda run, *a, **k: trained.append(run.out) or run.out / "checkpoints")
+    args = ["pretrain", "--preset", "smoke", "--out", str(out), "--no-progress", "--device", "cpu"]
+    assert main([*args, "--resume", "auto"]) == 0
+    err = capsys.readouterr().err
+    assert trained == [out] and (out / "config.yaml").is_file()
+    assert (out / "slurm-4242.out").read_text() == "the job's log so far\n"  # kept, untouched
+    (line,) = [x for x in err.splitlines() if "slurm-4242.out" in x]
+    assert "no dscl run" in line and "starting a new run" in line and "kept" in line
+
+
+def test_resume_into_a_folder_of_other_files_says_how_to_start_there(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "slurm-4242.out").write_text("log\n")
+    for flags in (["--resume"], []):
+        assert main(["pretrain", "--preset", "smoke", "--out", str(out), *flags]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "holds no dscl run" in err and "slurm-4242.out" in err and "--resume auto" in err, err
+        assert "not a dscl run directory" not in err and "pass --resume to continue" not in err
+    assert sorted(p.name for p in out.iterdir()) == ["slurm-4242.out"]

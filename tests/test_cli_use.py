@@ -290,7 +290,7 @@ def test_an_ensemble_predicts_like_its_averaged_members(smoke_run: Path, tmp_pat
 def test_export_errors_exit_2(smoke_run: Path, tmp_path: Path, capsys, monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "onnx", None)
     assert main(["export", "--run", str(smoke_run), "--format", "onnx", "--out", str(tmp_path / "m.onnx")]) == 2
-    assert "pip install 'dscl[export]'" in capsys.readouterr().err and not (tmp_path / "m.onnx").exists()
+    assert "pip install 'dscl-lt[export]'" in capsys.readouterr().err and not (tmp_path / "m.onnx").exists()
 
 
 @pytest.mark.slow
@@ -390,3 +390,86 @@ def test_evaluate_new_labelled_data(folder_run: Path, tmp_path: Path, capsys) ->
     assert "--overwrite" in capsys.readouterr().err
     assert main(["evaluate", "--run", str(folder_run), str(test), "--no-progress"]) == 2
     assert "needs --out" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------- issue 28 items 12-15
+
+
+def _fmnist_class_folders(root: Path) -> Path:
+    """Two 28 x 28 images per class of the default dataset, in folders named like its classes; T-shirt/top,
+    whose name cannot be a folder's, in its folder-safe spelling T-shirt_top."""
+    rng = np.random.default_rng(3)
+    for name in FMNIST_CLASSES:
+        folder = root / name.replace("/", "_")
+        folder.mkdir(parents=True)
+        for k in range(2):
+            Image.fromarray(rng.integers(0, 255, (28, 28), dtype=np.uint8)).save(folder / f"{k}.png")
+    return root
+
+
+@needs_fmnist
+def test_evaluate_an_ensemble_folder_on_a_default_dataset_folder_tree(smoke_run: Path, tmp_path: Path,
+                                                                       capsys) -> None:
+    """Items 12 and 13: `dscl evaluate --run ENSEMBLE DATA` works like a run (it said config.yaml does not
+    exist), on a class-folder tree of Fashion-MNIST (T-shirt/top read from T-shirt_top, the mapping printed)."""
+    tree = _fmnist_class_folders(tmp_path / "tree")
+    twin = tmp_path / "twin"
+    shutil.copytree(smoke_run, twin)
+    ens = tmp_path / "ens"
+    ens.mkdir()
+    (ens / "ensemble.json").write_text(json.dumps({"format": "dscl-ensemble", "weights": "equal softmax average",
+                                                   "members": [str(smoke_run.resolve()), str(twin.resolve())]}))
+    out = tmp_path / "out"
+    assert main(["evaluate", "--run", str(ens), str(tree), "--out", str(out), "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    assert "T-shirt_top = T-shirt/top" in captured.err and "ensemble of 2 runs" in captured.out
+    report = json.loads((out / "report.json").read_text())
+    assert report["method"] == "ensemble of 2 runs" and sum(r["test_count"] for r in report["per_class"]) == 20
+    single = tmp_path / "single"
+    assert main(["evaluate", "--run", str(smoke_run), str(tree), "--out", str(single), "--no-progress"]) == 0
+    assert report["top1"] == pytest.approx(json.loads((single / "report.json").read_text())["top1"])
+    # without DATA, or with overrides, an ensemble folder says what it can do
+    capsys.readouterr()
+    assert main(["evaluate", "--run", str(ens), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "ensemble folder" in err and "DATA" in err and "config.yaml does not exist" not in err
+    assert main(["evaluate", "--run", str(ens), str(tree), "--out", str(tmp_path / "o2"), "eval.few_threshold=5",
+                 "--no-progress"]) == 2
+    assert "ensemble folder" in capsys.readouterr().err and not (tmp_path / "o2").exists()
+
+
+@needs_fmnist
+def test_every_out_under_a_file_or_onto_a_file_is_one_line(smoke_run: Path, tmp_path: Path, capsys) -> None:
+    """Item 14: --out under a file, or onto a file with --overwrite, was a NotADirectoryError /
+    FileExistsError traceback; now every command says so in one line, exits 2 and leaves the file alone."""
+    blocker = tmp_path / "file"
+    blocker.write_text("keep")
+    tree = _fmnist_class_folders(tmp_path / "tree")
+    under, onto = str(blocker / "sub"), str(blocker)
+    smoke, ckpt = str(smoke_run), str(smoke_run / "checkpoints" / "last.pt")
+    twin = shutil.copytree(smoke_run, tmp_path / "twin")
+    commands = [
+        ["pretrain", "--preset", "smoke", "--out", under],
+        ["pretrain", "--preset", "smoke", "--out", onto, "--overwrite"],
+        ["run", "--preset", "smoke", "--out", under],
+        ["evaluate", "--run", smoke, str(tree), "--out", under],
+        ["evaluate", "--run", smoke, str(tree), "--out", onto, "--overwrite"],
+        ["ensemble", "--runs", smoke, str(twin), "--out", under],
+        ["ensemble", "--runs", smoke, str(twin), "--out", onto, "--overwrite"],
+        ["compare", "--preset", "smoke", "--methods", "ce", "--seeds", "0", "--out", under],
+        ["compare", "--preset", "smoke", "--methods", "ce", "--seeds", "0", "--out", onto],
+        ["sweep", "--preset", "smoke", "--param", "alpha=0.1,0.2", "--out", onto],
+        ["analyze", "retrieval", "--run", smoke, "--out", under],
+        ["analyze", "gradient-ratio", "--run", smoke, "--out", onto],
+        ["predict", "--run", smoke, str(tree), "--out", under + ".csv"],
+        ["embed", "--run", smoke, str(tree), "--out", under + ".npz"],
+        ["export", "--run", smoke, "--format", "torchscript", "--out", under + ".pt"],
+        ["import", "--checkpoint", ckpt, "--preset", "smoke", "--out", under],
+        ["import", "--checkpoint", ckpt, "--preset", "smoke", "--out", onto, "--overwrite"],
+    ]
+    for argv in commands:
+        assert main([*argv, "--no-progress"] if argv[0] != "export" else argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and "Errno" not in err and "internal error" not in err, (argv, err)
+        assert f"{blocker} is a file, not a folder" in err, (argv, err)
+        assert blocker.read_text() == "keep"

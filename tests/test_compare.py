@@ -90,3 +90,30 @@ def test_run_one_continues_an_unfinished_stage1_instead_of_restarting(tmp_path):
                    for k, v in load_stage1(run).model.items() if k.startswith("online.backbone."))
     assert report == json.loads((run / "report.json").read_text())
     assert run_one(cfg, run, device="cpu", progress=False) == report  # a finished run is read, not re-run
+
+
+def test_one_seed_has_no_spread():
+    """Issue 28: with one seed the spread is unknown: compare.json's std is null and the tables print no ± (they
+    printed ``± 0.0``); a seed whose report lacks a metric leaves one value, so no spread either."""
+    from dscl.compare import FIELDS, TEST_AGNOSTIC_FIELDS, aggregate
+    from dscl.metrics import accuracy_under_distributions
+
+    report = {"top1": 71.25, "many": 80.0, "medium": None, "few": 60.0,
+              "test_agnostic": accuracy_under_distributions([90.0, 30.0], [100, 5])}
+    one = aggregate({"dscl": [report]})
+    assert one["dscl"]["all"] == {"mean": 71.25, "std": None, "runs": [71.25]}
+    assert one["dscl"]["medium"] == {"mean": None, "std": None, "runs": [None]}
+    assert aggregate({"dscl": [report, {**report, "few": None}]})["dscl"]["few"]["std"] is None
+    assert aggregate({"dscl": [report, {**report, "top1": 73.25}]})["dscl"]["all"]["std"] == pytest.approx(1.41)
+    md = format_markdown({"dataset": "d", "preset": "p", "seeds": [0], "methods": one,
+                          "test_agnostic": aggregate({"dscl": [report]}, TEST_AGNOSTIC_FIELDS),
+                          "command": "dscl compare", "wall_seconds": 60})
+    assert "±" not in md, md
+    assert "| dscl | 71.2 | 80.0 | — | 60.0 |" in md and "one seed" in md
+    # a compare.json written before this change (std 0.0 for one seed) reads the same way
+    old = {"dscl": {m: {**v, "std": 0.0 if v["mean"] is not None else None} for m, v in one["dscl"].items()}}
+    assert "±" not in format_markdown({"dataset": "d", "preset": "p", "seeds": [0], "methods": old,
+                                       "command": "dscl compare", "wall_seconds": 60})
+    two = aggregate({"dscl": [report, {**report, "top1": 73.25}]}, FIELDS)
+    assert "| dscl | 72.2 ± 1.4 | 80.0 ± 0.0 |" in format_markdown(
+        {"dataset": "d", "preset": "p", "seeds": [0, 1], "methods": two, "command": "dscl compare", "wall_seconds": 60})

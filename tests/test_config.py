@@ -151,7 +151,7 @@ def test_optional_keys_are_cleared_and_typed_by_their_declared_type():
     optional int reads a string as an integer, an optional path stays a string."""
     cfg = load_config("smoke", overrides=["data.n_max=50", "data.val_per_class=3", "model.pretrained=/w.pt"])
     assert cfg.data.n_max == 50 and cfg.data.val_per_class == 3 and cfg.model.pretrained == "/w.pt"
-    cleared = load_config("smoke", overrides=["data.n_max=none", "model.pretrained=null", "data.data_root="])
+    cleared = load_config("smoke", overrides=["data.n_max=none", "model.pretrained=null", "data.data_root=NONE"])
     assert cleared.data.n_max is None and cleared.model.pretrained is None and cleared.data.data_root is None
     with pytest.raises(ConfigError, match="data.n_max must be an integer"):
         load_config("smoke", overrides=["data.n_max=many"])
@@ -204,3 +204,107 @@ def test_val_per_class_must_not_be_negative():
 
     with pytest.raises(ConfigError, match="val_per_class"):
         load_config("smoke", overrides=["data.val_per_class=-1"])
+
+
+# ----------------------------------------------------------------------------------------------
+# issue 28 item 10: every float spelling Python accepts, on the command line and in files
+
+
+@pytest.mark.parametrize("text, value", [("5e-4", 5e-4), ("5E-4", 5e-4), ("1e-2", 1e-2), (".5", 0.5),
+                                         ("1_000.5", 1000.5), ("+2e0", 2.0), ("3", 3.0)])
+def test_float_keys_take_every_python_float_spelling(text, value):
+    cfg = load_config("smoke", overrides=[f"optim.weight_decay={text}"])
+    assert cfg.optim.weight_decay == value and isinstance(cfg.optim.weight_decay, float)
+
+
+def test_scientific_notation_in_a_config_file(tmp_path):
+    extra = tmp_path / "extra.yaml"
+    extra.write_text("optim:\n  base_lr: 1e-2\n  weight_decay: 5E-4\n  epochs: 1e1\nclassifier:\n  lr: .5\n")
+    cfg = load_config("smoke", str(extra))
+    assert (cfg.optim.base_lr, cfg.optim.weight_decay, cfg.classifier.lr) == (1e-2, 5e-4, 0.5)
+    assert cfg.optim.epochs == 10 and isinstance(cfg.optim.epochs, int)
+    assert load_config("smoke", overrides=["views.global_scale=[1e-1, 1]"]).views.global_scale == (0.1, 1.0)
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("optim.epochs=1e3", None),  # integral: 1000
+        ("optim.epochs=2.5e0", "optim.epochs must be an integer, got '2.5e0'"),
+        ("optim.epochs=1e400", "optim.epochs must be an integer, got '1e400'"),
+        ("optim.base_lr=inf", "optim.base_lr must be a number > 0, got inf"),
+        ("optim.base_lr=nan", "optim.base_lr must be a number > 0, got nan"),
+        ("optim.base_lr=1e-2x", "optim.base_lr must be a number, got '1e-2x'"),
+    ],
+)
+def test_int_keys_take_integral_scientific_notation_only(override, needle):
+    if needle is None:
+        assert load_config("smoke", overrides=[override]).optim.epochs == 1000
+        return
+    with pytest.raises(ConfigError) as info:
+        load_config("smoke", overrides=[override])
+    assert needle in str(info.value)
+
+
+# ----------------------------------------------------------------------------------------------
+# issue 28 item 11: an empty value is refused; none / null is the spelling that clears an optional key
+
+
+@pytest.mark.parametrize("override", ["data.n_max=", "data.data_root=", "data.n_max= ", "optim.epochs=",
+                                      "model.backbone=", "log.trackers="])
+def test_an_empty_override_is_refused_and_points_at_none(override):
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError) as info:
+        load_config("smoke", overrides=[override])
+    msg = str(info.value)
+    assert f"{key} is empty" in msg and "\n" not in msg
+    optional = key in ("data.n_max", "data.data_root")
+    assert (f"{key}=none" in msg) == optional
+
+
+@pytest.mark.parametrize("override, needle", [("optim.epochs=[1", "optim.epochs must be an integer, got '[1'"),
+                                             ("views.global_scale=[0.1", "views.global_scale: '[0.1' is not a value")])
+def test_an_override_that_is_not_yaml_is_one_line(override, needle):
+    with pytest.raises(ConfigError) as info:
+        load_config("smoke", overrides=[override])
+    assert needle in str(info.value) and "\n" not in str(info.value)
+
+
+def test_an_empty_string_in_a_config_file_is_refused_but_null_clears(tmp_path):
+    extra = tmp_path / "extra.yaml"
+    extra.write_text("data:\n  n_max: ''\n")
+    with pytest.raises(ConfigError, match="data.n_max is empty"):
+        load_config("smoke", str(extra))
+    extra.write_text("data:\n  n_max: null\n  val_per_class:\n")
+    cfg = load_config("smoke", str(extra), ["data.n_max=50", "data.n_max=none"])
+    assert cfg.data.n_max is None and cfg.data.val_per_class is None
+
+
+def test_override_help_says_how_to_clear_a_key():
+    import argparse
+
+    from dscl.cli.common import config_args
+
+    parser = argparse.ArgumentParser()
+    config_args(parser)
+    assert "=none" in " ".join(parser.format_help().split())
+
+
+# ----------------------------------------------------------------------------------------------
+# issue 28 item 3: malformed YAML is one line naming the file, the line and the column
+
+
+def test_malformed_yaml_is_one_line_with_file_line_and_column(tmp_path):
+    from dscl.config import config_from_file
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim:\n  epochs: 3\n  base_lr: [0.1\nloss:\n  alpha: 0.2\n")
+    for call in (lambda: load_config("smoke", str(bad)), lambda: config_from_file(bad)):
+        with pytest.raises(ConfigError) as info:
+            call()
+        msg = str(info.value)
+        assert msg.startswith(f"{bad}: line ") and ", column " in msg and "\n" not in msg
+    tabs = tmp_path / "tabs.yaml"
+    tabs.write_text("optim:\n\tepochs: 3\n")
+    with pytest.raises(ConfigError, match=rf"^{tabs}: line 2, column 1: "):
+        load_config("smoke", str(tabs))

@@ -73,3 +73,24 @@ def test_iter_files_streams_batches_and_keeps_going_past_bad_files(tmp_path: Pat
     assert torch.equal(batches[1].images[0], transform(paths[3]))  # the readable files, in order
     only_bad = list(iter_files(transform, [paths[2]]))
     assert only_bad[0].images.shape == (0, 3, 8, 8)  # the conversion's empty batch
+
+
+def test_file_errors_say_what_is_wrong_without_a_hint_for_another_command(tmp_path: Path) -> None:
+    # issue 28 item 14: the hint to run `dscl data --check` (the training data's check) does not apply to the
+    # files given to predict / evaluate DATA; each caller adds the one hint that fits, once
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    transform = ImageTransform(Preprocess(8, (0.5,) * 3, (0.25,) * 3, grey=False))
+    errors = next(iter_files(transform, [str(tmp_path / "gone.png"), str(tmp_path / "bad.png")])).errors
+    assert errors[0] == f"image file {tmp_path / 'gone.png'} does not exist"
+    assert errors[1].startswith(f"cannot read image file {tmp_path / 'bad.png'}: ")
+    assert not any("dscl data" in e or "\n" in e for e in errors)
+
+
+def test_a_list_label_may_be_the_folder_safe_spelling_of_a_class(tmp_path: Path) -> None:
+    # issue 28 item 12: lists written from a folder tree name "T-shirt/top" as T-shirt_top; read like the folders
+    listing = tmp_path / "l.txt"
+    listing.write_text("a.png T-shirt_top\nb.png Trouser\n")
+    got = read_labelled_list(listing, tmp_path, ["T-shirt/top", "Trouser"])
+    assert got.labels == [0, 1]
+    assert got.notes == [f"{listing}: labels written as the folder-safe spelling of a class: T-shirt_top = "
+                         "T-shirt/top"]

@@ -296,3 +296,47 @@ def test_named_folder_without_fmnist_is_not_replaced_by_the_system_copy(tmp_path
     splits = build_datasets(DataConfig(data_root=str(tmp_path / "mine"), n_max=5, imbalance_factor=5,
                                        val_per_class=0))
     assert splits.data_root == str(tmp_path / "mine" / "fashion-mnist")
+
+
+# ------------------------------------------------ class names that cannot be folder names (issue 28 item 12)
+
+
+def test_folder_safe_spelling_of_class_names():
+    from dscl.data.readers import folder_safe_name
+
+    assert folder_safe_name("T-shirt/top") == "T-shirt_top"
+    assert folder_safe_name('a\\b:c*d?e"f<g>h|i\tj') == "a_b_c_d_e_f_g_h_i_j"
+    assert folder_safe_name("Ankle boot") == "Ankle boot"  # spaces are legal in folder names
+
+
+def test_class_folders_match_a_class_by_name_or_by_its_folder_safe_spelling(tmp_path):
+    from dscl.data.readers import FMNIST_CLASSES, match_class_folders
+
+    _images(tmp_path, ["T-shirt_top/1.png", "Trouser/2.png", "Ankle boot/3.png", "cat/4.png"])
+    mapping, unknown, notes = match_class_folders(tmp_path, FMNIST_CLASSES)
+    assert mapping == {"T-shirt_top": 0, "Trouser": 1, "Ankle boot": 9} and unknown == ["cat"]
+    assert notes == [f"{tmp_path}: class folders named by the folder-safe spelling of a class (characters a folder "
+                     f"name cannot hold, such as /, written as _): T-shirt_top = T-shirt/top"]
+    # the folder datasets and `dscl evaluate DATA` read the same folders with the same labels
+    paths, labels, _ = read_folder_split(tmp_path, [*FMNIST_CLASSES, "cat"])
+    assert [Path(p).relative_to(tmp_path).as_posix() for p in paths] == ["T-shirt_top/1.png", "Trouser/2.png",
+                                                                         "Ankle boot/3.png", "cat/4.png"]
+    assert labels == [0, 1, 9, 10]
+
+
+def test_folder_safe_spelling_only_when_unambiguous(tmp_path):
+    from dscl.data.readers import match_class_folders
+
+    # an exact name wins over another class's folder-safe spelling
+    _images(tmp_path / "a", ["x_y/1.png"])
+    mapping, unknown, notes = match_class_folders(tmp_path / "a", ["x/y", "x_y"])
+    assert mapping == {"x_y": 1} and unknown == [] and notes == []
+    # one spelling for two classes: refused, naming them
+    _images(tmp_path / "b", ["x_y/1.png"])
+    with pytest.raises(DataError, match=r"b: class folder x_y is the folder-safe spelling of several classes "
+                                        r"\(x/y, x:y\), so it cannot say which; .*labelled list"):
+        match_class_folders(tmp_path / "b", ["x/y", "x:y"])
+    # two folders for one class (the exact name, legal here, and its folder-safe spelling): refused
+    _images(tmp_path / "c", ["x:y/1.png", "x_y/2.png"])
+    with pytest.raises(DataError, match=r"c: class folders x:y and x_y both hold class x:y; keep one"):
+        match_class_folders(tmp_path / "c", ["x:y"])

@@ -1,6 +1,7 @@
 """dscl.evaluation: the checks before a run is scored, the rows of a report (plain classifier and its
 post-hoc variants), new labelled data to evaluate on, the chance-level warning."""
 
+import dataclasses
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -149,11 +150,15 @@ def test_report_prints_the_published_numbers_only_for_the_unchanged_preset(tmp_p
     from dscl.run import RunFacts, Stage1Summary
 
     splits = SimpleNamespace(train=SimpleNamespace(fingerprint=lambda: "abc123"), data_root="/data")
-    stage1 = Stage1Summary(epoch=1, epochs=1, finished=True, wall_seconds=1.0,
+    stage1 = Stage1Summary(epoch=200, epochs=200, finished=True, wall_seconds=1.0,
                            facts=RunFacts(method="dscl+pbsd", backbone="resnet50", num_classes=1000), data=None)
     unchanged = run_facts(stage1, splits, load_config("imagenet-lt", overrides=["data.data_root=/data"]))
     assert unchanged["expected"]["top1"] == 57.7
-    assert run_facts(stage1, splits, load_config("imagenet-lt", overrides=["optim.epochs=90"]))["expected"] is None
+    assert run_facts(stage1, splits, load_config("imagenet-lt", overrides=["loss.alpha=0.2"]))["expected"] is None
+    # the epochs stage 1 trained decide, not config.yaml's optim.epochs (issue 28 item 3)
+    ninety = dataclasses.replace(stage1, epoch=90, epochs=90)
+    assert run_facts(ninety, splits, load_config("imagenet-lt"))["expected"] is None
+    assert run_facts(stage1, splits, load_config("imagenet-lt", overrides=["optim.epochs=90"]))["expected"]
     assert run_facts(stage1, splits, load_config("fmnist-lt"))["expected"] is None
 
     summary = {"top1": 55.0, "top5": 80.0, "top1_macro": 55.0, "many": 66.0, "medium": 52.0, "few": 36.0,
@@ -172,3 +177,147 @@ def test_report_prints_the_published_numbers_only_for_the_unchanged_preset(tmp_p
                                   wall_seconds=1.0, split="test", selection="last epoch",
                                   run_info={"expected": None})
     assert all("paper" not in r["method"] for r in report_rows(report_changed))
+
+
+# ------------------------------------------------------------------------------------ issue 28 item 3
+
+
+def _edited_copy(smoke_run: Path, tmp_path: Path, section: str, key: str, value) -> Path:
+    import shutil
+
+    import yaml
+
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run, run)
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    saved[section][key] = value
+    (run / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+    return run
+
+
+def test_reports_take_the_epochs_from_the_checkpoint_not_the_config(smoke_run, tmp_path, capsys):
+    import json
+
+    from dscl.evaluation import evaluate
+
+    run = _edited_copy(smoke_run, tmp_path, "optim", "epochs", 50)
+    report = evaluate(run, device="cpu", progress=False)
+    assert report["epochs"] == 2 and json.loads((run / "report.json").read_text())["epochs"] == 2
+    assert "epochs: 2;" in (run / "report.md").read_text()
+    err = capsys.readouterr().err
+    assert "optim.epochs=50" in err and "trained 2" in err
+
+
+def test_evaluate_refuses_a_config_that_changes_the_image_size_and_keeps_the_report(smoke_run, tmp_path):
+    from dscl.config import ConfigError
+    from dscl.evaluation import evaluate
+
+    run = _edited_copy(smoke_run, tmp_path, "data", "image_size", 32)
+    before = (run / "report.md").read_text()
+    with pytest.raises(ConfigError, match=r"data.image_size is 32 there but stage 1 was trained with 28"):
+        evaluate(run, device="cpu", progress=False)
+    with pytest.raises(ConfigError, match="data.image_size"):  # a config handed over is checked the same way
+        evaluate(smoke_run, cfg=load_config("smoke", overrides=["data.image_size=32"]), device="cpu", progress=False)
+    assert (run / "report.md").read_text() == before
+
+
+def test_report_conventions_come_from_the_classifier_checkpoint():
+    from dscl.evaluation import run_facts
+    from dscl.run import ClassifierRecord, RunFacts, Stage1Summary
+
+    stage1 = Stage1Summary(epoch=2, epochs=2, finished=True, wall_seconds=1.0,
+                           facts=RunFacts(method="dscl+pbsd", backbone="convnet", num_classes=10), data=None)
+    cfg = load_config("smoke", overrides=["classifier.protocol=official"])  # config.yaml edited after stage 2
+    record = ClassifierRecord(protocol="cached", backbone_name="convnet", num_classes=10)
+    facts = run_facts(stage1, None, cfg, classifier=record, standardized=True)
+    assert facts["conventions"]["classifier_protocol"] == "cached"
+    assert facts["conventions"]["classifier_standardize"] is True
+    assert run_facts(stage1, None, cfg)["conventions"]["classifier_protocol"] == "official"  # no record: config
+
+
+# ------------------------------------------------------------- new data: folders, ensembles, errors (issue 28)
+
+FMNIST_NAMES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                "Ankle boot"]
+
+
+def _fmnist_tree(root: Path, per_class: int = 2) -> Path:
+    """A folder of class folders for the default dataset's classes, ``T-shirt/top`` spelled ``T-shirt_top``."""
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(FMNIST_NAMES):
+        for k in range(per_class):
+            path = root / name.replace("/", "_") / f"{k}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 255, (28, 28), dtype=np.uint8) // (c + 1)).save(path)
+    return root
+
+
+def test_labelled_data_reads_a_class_folder_named_by_its_folder_safe_spelling(tmp_path):
+    # item 12: "T-shirt/top" cannot be a folder name; its folder T-shirt_top is read as that class, and said so
+    _png(tmp_path / "T-shirt_top" / "1.png")
+    _png(tmp_path / "Trouser" / "2.png")
+    inputs = labelled_data(tmp_path, _predictor(class_names=["T-shirt/top", "Trouser"], num_classes=2))
+    assert inputs.labels == [0, 1]
+    assert len(inputs.notes) == 1 and "T-shirt_top = T-shirt/top" in inputs.notes[0]
+    with pytest.raises(DataError, match=r"class folder\(s\) Sandal are not classes of the run .* or their "
+                                        r"folder-safe spellings"):
+        _png(tmp_path / "Sandal" / "3.png")
+        labelled_data(tmp_path, _predictor(class_names=["T-shirt/top", "Trouser"], num_classes=2))
+
+
+def test_evaluate_data_of_an_ensemble_folder_reports_its_averaged_predictions(smoke_run, tmp_path, capsys):
+    # item 13: an ensemble folder (dscl ensemble) is evaluated like a run; two copies of one run average to it
+    import json
+    import shutil
+
+    from dscl.evaluation import evaluate_data
+    from dscl.inference import ENSEMBLE_FILE
+
+    tree = _fmnist_tree(tmp_path / "tree")
+    single = evaluate_data(smoke_run, tree, tmp_path / "single", device="cpu", progress=False)
+    assert "T-shirt_top = T-shirt/top" in capsys.readouterr().err  # the mapping used is printed
+    copy = tmp_path / "copy"
+    shutil.copytree(smoke_run, copy)
+    ens = tmp_path / "ens"
+    ens.mkdir()
+    (ens / ENSEMBLE_FILE).write_text(json.dumps({"format": "dscl-ensemble", "weights": "equal softmax average",
+                                                 "members": [str(smoke_run.resolve()), str(copy.resolve())]}))
+    report = evaluate_data(ens, tree, tmp_path / "out", device="cpu", progress=False)
+    assert report["method"] == "ensemble of 2 runs"
+    assert report["top1"] == pytest.approx(single["top1"]) and report["many"] == single["many"]
+    assert [r["accuracy"] for r in report["per_class"]] == pytest.approx([r["accuracy"] for r in single["per_class"]])
+    members = [v for v in report["variants"] if v["method"].startswith("member")]
+    assert len(members) == 2 and all(m["top1"] == pytest.approx(single["top1"]) for m in members)
+    assert [m["run"] for m in report["members"]] == [str(smoke_run.resolve()), str(copy.resolve())]
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["top1"] == report["top1"]
+    assert (tmp_path / "out" / "predictions.csv").is_file()
+
+
+def test_evaluate_data_names_missing_list_files_once_with_the_hint_that_fits(smoke_run, tmp_path):
+    # item 14: one hint (where the list's paths are read from), not `dscl data --check` once per file
+    from dscl.evaluation import evaluate_data
+
+    _fmnist_tree(tmp_path / "tree", per_class=1)
+    (tmp_path / "list.txt").write_text("tree/Trouser/0.png Trouser\n"
+                                       + "".join(f"gone/{k}.png Trouser\n" for k in range(6)))
+    with pytest.raises(DataError) as err:
+        evaluate_data(smoke_run, tmp_path / "list.txt", tmp_path / "out", device="cpu", progress=False)
+    msg = str(err.value)
+    assert "\n" not in msg and "dscl data --check" not in msg
+    assert msg.count("gone/0.png") == 1 and msg.count("relative to") == 1
+    assert f"6 of the 7 image files listed in {tmp_path / 'list.txt'} do not exist" in msg
+    assert f"read relative to {tmp_path} (the list's folder); pass --data-root" in msg and "nothing was written" in msg
+    assert not (tmp_path / "out").exists()
+
+
+def test_evaluate_data_refuses_an_out_under_or_onto_a_file_in_one_line(tmp_path):
+    # item 14: NotADirectoryError / FileExistsError became tracebacks; now one RunDirError before any work
+    from dscl.evaluation import evaluate_data
+    from dscl.run import RunDirError
+
+    (tmp_path / "file").write_text("keep")
+    with pytest.raises(RunDirError, match=r"--out .*file/sub: .*file is a file, not a folder"):
+        evaluate_data(tmp_path / "no-run", tmp_path, tmp_path / "file" / "sub", device="cpu")
+    with pytest.raises(RunDirError, match=r"--out .*file is a file, not a folder"):
+        evaluate_data(tmp_path / "no-run", tmp_path, tmp_path / "file", device="cpu", overwrite=True)
+    assert (tmp_path / "file").read_text() == "keep"

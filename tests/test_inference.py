@@ -147,6 +147,29 @@ def test_runs_without_a_classifier(smoke_run: Path, tmp_path: Path) -> None:
 
 
 @needs_fmnist
+def test_tau_norm_of_a_classifier_on_raw_features(smoke_run: Path) -> None:
+    """Issue 28: the smoke run's classifier is trained on raw features (classifier.standardize=false), rows of
+    norm ~11-28; tau-norm divided them but kept the full bias, which then decided (67 -> 36 % at n_max=400).
+    Each bias now goes with its row: at tau = 1 a class's (row, bias) scaled by s > 0 predicts the same."""
+    p = load_run(smoke_run)
+    assert p.feature_stats is None and not p.cfg.classifier.standardize and p.cfg.classifier.tau_norm == 1.0
+    splits = build_datasets(p.cfg.data, seed=p.cfg.optim.seed)
+    idx = range(0, 10000, 20)
+    images = torch.from_numpy(np.stack([splits.test.load(i)[0].numpy() for i in idx]))[..., None]
+    labels = torch.tensor([splits.test.targets[i] for i in idx])
+    feats = p.features_of(p.transform.batch(images))
+    before = {v: p.logits_from_features(feats, v) for v in ("plain", "tau-norm")}
+    acc = {v: float((out.argmax(1) == labels).float().mean()) for v, out in before.items()}
+    assert acc["tau-norm"] > acc["plain"] - 0.1, acc
+    c = int(before["plain"].argmax(1).mode().values)  # the most predicted class
+    with torch.no_grad():  # its pair made 0.1 as long: the plain classifier changes, tau-norm does not
+        p.fc.weight[c] *= 0.1
+        p.fc.bias[c] *= 0.1
+    assert not torch.equal(p.logits_from_features(feats, "plain").argmax(1), before["plain"].argmax(1))
+    torch.testing.assert_close(p.logits_from_features(feats, "tau-norm"), before["tau-norm"], rtol=1e-5, atol=1e-5)
+
+
+@needs_fmnist
 def test_tau_norm_of_a_standardised_classifier(smoke_run: Path, tmp_path: Path) -> None:
     """Issue #21: classifier.standardize stores its statistics; tau-norm at tau = 0 then gives exactly the
     plain classifier's logits, and tau = 1 stays far from chance (it read ~chance before the fix)."""

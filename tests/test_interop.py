@@ -158,7 +158,7 @@ def test_imports_that_do_not_fit_are_refused_and_write_nothing(smoke_run: Path, 
     with pytest.raises(CheckpointError, match="no encoder_q"):
         import_checkpoint(tmp_path / "alien.pth", load_config("smoke"), out, fmt="official")
     (tmp_path / "garbage.pth").write_bytes(b"\x00not a checkpoint")
-    with pytest.raises(CheckpointError, match="cannot read checkpoint .*garbage.pth as weights: it is not a torch"):
+    with pytest.raises(CheckpointError, match="cannot read checkpoint .*garbage.pth: it is not a file torch.save wrote, or it is damaged"):
         import_checkpoint(tmp_path / "garbage.pth", load_config("smoke"), out)
     torch.save({"state_dict": {"w": torch.zeros(1)}, "hook": Path("x")}, tmp_path / "pickled.pth")
     with pytest.raises(CheckpointError, match="it holds Python objects .*Path.*weights_only=True"):
@@ -166,8 +166,9 @@ def test_imports_that_do_not_fit_are_refused_and_write_nothing(smoke_run: Path, 
     assert not out.exists()
     out.mkdir()
     (out / "mine.txt").write_text("keep")
-    with pytest.raises(RunDirError, match="not empty"):
+    with pytest.raises(RunDirError, match="not empty|other files") as err:
         import_checkpoint(r18, _r18_cfg(), out)
+    assert "--resume" not in str(err.value) and "--overwrite" in str(err.value)  # dscl import has no --resume
 
 
 @needs_fmnist
@@ -223,10 +224,193 @@ def test_onnx_export_matches_torch(smoke_run: Path, tmp_path: Path) -> None:
         assert torch.allclose(torch.from_numpy(out), p.logits(x), atol=1e-4)
 
 
+def test_onnx_recipe_of_a_colour_run_at_224_px() -> None:
+    """The ONNX recipe names the evaluation view of large images (shorter side, centre crop) and colour input."""
+    from types import SimpleNamespace
+
+    from dscl.data.preprocess import Preprocess
+    from dscl.interop import export_recipe
+
+    p = SimpleNamespace(image_size=224, num_classes=1000, input_mode="RGB", cfg=load_config("smoke"),
+                        transform=SimpleNamespace(preprocess=Preprocess(224, (0.5,) * 3, (0.25,) * 3, grey=False)))
+    recipe = export_recipe(p, "onnx", "m.onnx")  # type: ignore[arg-type]
+    assert "float32 (N, 3, 224, 224) = RGB pixel values / 255 (a grey image repeated on the 3 channels)" in recipe
+    assert "shorter side resized to 256 px with antialiased bilinear, then the centre 224 x 224 crop" in recipe
+    assert "NOT normalised" in recipe and "(N, 1000)" in recipe
+
+
+def _fmnist_test_pixels(p, n: int) -> torch.Tensor:
+    """The first ``n`` Fashion-MNIST test images as a user has them: uint8 ``(n, 28, 28)``."""
+    from dscl.data import build_datasets
+
+    splits = build_datasets(p.cfg.data, seed=p.cfg.optim.seed)
+    return torch.stack([splits.test.load(i)[0] for i in range(n)])
+
+
+def _odd_size_pngs(folder: Path) -> list[Path]:
+    """Colour and grey PNGs of sizes other than the run's 28 px."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir()
+    rng = np.random.default_rng(3)
+    paths = []
+    for i, (h, w, c) in enumerate(((40, 30, 3), (50, 20, 3), (33, 33, 1), (20, 40, 3))):
+        a = rng.integers(0, 256, (h, w, c), dtype=np.uint8)
+        paths.append(folder / f"{i}.png")
+        Image.fromarray(a[..., 0] if c == 1 else a).save(paths[-1])
+    return paths
+
+
+@needs_fmnist
+def test_onnx_export_printed_recipe_gives_the_predictors_logits(smoke_run: Path, tmp_path: Path, capsys) -> None:
+    """Issue 28: `dscl export --format onnx` said to feed Predictor.transform.batch, which is normalised, and
+    the graph normalises again (argmax agreed on 59 % of 64 images). The printed recipe, followed with
+    numpy / PIL / onnxruntime only, now gives the Predictor's logits."""
+    import numpy as np
+    from PIL import Image
+
+    ort = pytest.importorskip("onnxruntime", reason="the optional export extra is not installed")
+    pytest.importorskip("onnxscript")
+    from dscl.cli import main
+
+    path = tmp_path / "model.onnx"
+    assert main(["export", "--run", str(smoke_run), "--format", "onnx", "--out", str(path)]) == 0
+    recipe = " ".join(capsys.readouterr().out.split())
+    # what the recipe says the input is: RGB pixels / 255 at 28 x 28, not normalised, grey repeated
+    for words in ("float32 (N, 3, 28, 28)", "RGB pixel values / 255", "resized to 28 x 28", "NOT normalised",
+                  "grey image on all 3 channels", "Image.BILINEAR", "Predictor.logits(x)"):
+        assert words in recipe, (words, recipe)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    p = load_run(smoke_run)
+    pixels = _fmnist_test_pixels(p, 64)  # (64, 28, 28) uint8, grey
+    x = np.repeat(pixels.numpy()[:, None], 3, axis=1).astype(np.float32) / 255  # the recipe
+    (out,) = session.run(["logits"], {"images": x})
+    want = p.logits(pixels[..., None])
+    assert torch.equal(torch.from_numpy(out).argmax(1), want.argmax(1))
+    torch.testing.assert_close(torch.from_numpy(out), want, rtol=0, atol=1e-4)
+    torch.testing.assert_close(torch.from_numpy(out), p.logits(torch.from_numpy(x)), rtol=0, atol=1e-4)
+    # images of other sizes, resized as the recipe says: within PIL's rounding of dscl's resize
+    files = _odd_size_pngs(tmp_path / "imgs")
+    x = np.stack([np.asarray(Image.open(f).convert("RGB").resize((28, 28), Image.BILINEAR), dtype=np.float32)
+                  for f in files]).transpose(0, 3, 1, 2) / 255
+    (out,) = session.run(["logits"], {"images": x})
+    ref = p.logits(files)  # (measured: 0.3 % of the largest logit apart)
+    torch.testing.assert_close(torch.from_numpy(out), ref, rtol=0, atol=0.01 * float(ref.abs().max()))
+    # what the old recipe fed: normalised twice, other logits
+    (wrong,) = session.run(["logits"], {"images": p.transform.batch(pixels[..., None]).numpy()})
+    assert not np.allclose(wrong, want.numpy(), atol=1e-2)
+
+
+@needs_fmnist
+def test_torchscript_export_printed_recipe_gives_the_predictors_logits(smoke_run: Path, tmp_path: Path,
+                                                                       capsys) -> None:
+    """Issue 28, checked like the ONNX recipe: decoded pixels of any size straight into torch.jit.load(file)."""
+    import numpy as np
+    from PIL import Image
+
+    from dscl.cli import main
+
+    path = tmp_path / "model.pt"
+    assert main(["export", "--run", str(smoke_run), "--format", "torchscript", "--out", str(path)]) == 0
+    recipe = " ".join(capsys.readouterr().out.split())
+    for words in (f"torch.jit.load({str(path)!r})(x)", "uint8 (N, H, W, C) pixels", "float (N, C, H, W) in [0, 1]",
+                  "any size"):
+        assert words in recipe, (words, recipe)
+    module = torch.jit.load(str(path))
+    p = load_run(smoke_run)
+    pixels = _fmnist_test_pixels(p, 16)[..., None]  # (16, 28, 28, 1)
+    with torch.no_grad():
+        torch.testing.assert_close(module(pixels), p.logits(pixels), rtol=0, atol=1e-5)
+        for f in _odd_size_pngs(tmp_path / "imgs"):
+            a = np.asarray(Image.open(f))
+            x = torch.from_numpy(a if a.ndim == 3 else a[..., None])[None]  # (1, H, W, C) uint8
+            torch.testing.assert_close(module(x), p.logits([f]), rtol=0, atol=1e-5)
+            torch.testing.assert_close(module(x.permute(0, 3, 1, 2).float() / 255),
+                                       p.logits(x.permute(0, 3, 1, 2).float() / 255), rtol=0, atol=1e-5)
+
+
 @needs_fmnist
 def test_onnx_export_without_the_extra_says_how_to_install_it(smoke_run: Path, tmp_path: Path,
                                                               monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "onnx", None)  # what `import onnx` sees when it is not installed
-    with pytest.raises(CheckpointError, match=r"pip install 'dscl\[export\]'"):
+    with pytest.raises(CheckpointError, match=r"pip install 'dscl-lt\[export\]'"):
         export_run(load_run(smoke_run), "onnx", tmp_path / "model.onnx")
     assert not (tmp_path / "model.onnx").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# foreign files are data, never code (issue 28 item 16)
+
+
+class _RunsCode:
+    """Pickles as a call of ``exec`` that creates ``marker``: what a hostile checkpoint would do, harmlessly."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return exec, (f"open({str(self.marker)!r}, 'w').close()",)
+
+
+@needs_fmnist
+def test_an_official_file_with_its_training_arguments_imports(smoke_run: Path, tmp_path: Path) -> None:
+    """MoCo-derived training scripts often save ``args`` (an argparse.Namespace of plain values) next to the
+    weights: that one class is allowlisted for imports, its attributes read as data like everything else."""
+    import argparse
+
+    official = official_from_dscl(load_checkpoint(smoke_run / "checkpoints" / "last.pt")["model"])
+    official["args"] = argparse.Namespace(arch="resnet50", lr=0.1, moco_k=65536, schedule=[120, 160])
+    torch.save(official, tmp_path / "checkpoint.pth.tar")
+    assert read_external(tmp_path / "checkpoint.pth.tar")["args"].moco_k == 65536
+    res = import_checkpoint(tmp_path / "checkpoint.pth.tar", load_config("smoke"), tmp_path / "run")
+    assert res.format == "official" and res.missing == [] and load_stage1(tmp_path / "run").finished
+
+
+@needs_fmnist
+def test_an_imported_file_that_would_run_code_is_refused_and_never_runs(smoke_run: Path, tmp_path: Path,
+                                                                         capsys) -> None:
+    from dscl.cli import main
+
+    marker = tmp_path / "ran"
+    official = official_from_dscl(load_checkpoint(smoke_run / "checkpoints" / "last.pt")["model"])
+    torch.save({**official, "args": _RunsCode(marker)}, tmp_path / "checkpoint.pth.tar")
+    argv = ["import", "--checkpoint", str(tmp_path / "checkpoint.pth.tar"), "--preset", "smoke",
+            "--out", str(tmp_path / "run")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "holds Python objects (builtins.exec)" in err and len(err.strip().splitlines()) == 1
+    assert not marker.exists() and not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------------------------------ import messages (issue 28 item 15)
+
+
+def test_importing_a_torchscript_export_says_what_it_is_and_what_to_import(tmp_path: Path) -> None:
+    # torch's weights_only message ("Cannot use weights_only=True with TorchScript archives ...") came through
+    path = tmp_path / "model.pt"
+    torch.jit.save(torch.jit.script(nn.Linear(2, 3)), str(path))
+    with pytest.raises(CheckpointError) as err:
+        import_checkpoint(path, load_config("smoke"), tmp_path / "run")
+    msg = str(err.value)
+    assert f"{path} is a TorchScript export" in msg and "dscl export --run RUN --format state-dict" in msg
+    assert "weights_only" not in msg and "\n" not in msg and not (tmp_path / "run").exists()
+    (tmp_path / "model.onnx").write_bytes(b"\x08\x07")  # an ONNX export is no checkpoint either
+    with pytest.raises(CheckpointError, match=r"model.onnx is an ONNX export: .* --format state-dict"):
+        read_external(tmp_path / "model.onnx")
+
+
+def test_a_truncated_or_empty_checkpoint_is_named_in_a_complete_sentence(tmp_path: Path) -> None:
+    # the truncated file's message was torch's, cut after 200 characters in the middle of a sentence
+    whole = tmp_path / "whole.pt"
+    torch.save({"state_dict": {"w": torch.zeros(1000)}}, whole)
+    cut = tmp_path / "cut.pth.tar"
+    cut.write_bytes(whole.read_bytes()[:3000])
+    with pytest.raises(CheckpointError) as err:
+        read_external(cut)
+    msg = str(err.value)
+    assert msg == (f"cannot read checkpoint {cut}: the file is incomplete (3000 bytes; its zip archive has no end, "
+                   "as when a copy or download stopped early); copy or download it again")
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"empty.pt: the file is empty \(0 bytes\); copy or download it again$"):
+        read_external(tmp_path / "empty.pt")

@@ -78,3 +78,20 @@ def test_format_duration():
     assert format_duration(0) == "00:00" and format_duration(-3) == "00:00"
     assert format_duration(59.6) == "01:00" and format_duration(125) == "02:05"
     assert format_duration(3600) == "1:00:00" and format_duration(3 * 3600 + 62) == "3:01:02"
+
+
+def test_read_json_names_the_file_and_line_of_a_damaged_file(tmp_path):
+    from dscl.errors import DsclError
+    from dscl.io import read_json
+
+    write_json(tmp_path / "ok.json", {"a": [1, 2]})
+    assert read_json(tmp_path / "ok.json") == {"a": [1, 2]}
+    bad = tmp_path / "report.json"
+    bad.write_text('{\n  "top1": 80.3,\n  "many": \n}\n')
+    with pytest.raises(DsclError, match=r"report\.json: not valid JSON \(line 4, column 1: Expecting value\)"):
+        read_json(bad)
+    with pytest.raises(DsclError, match="; rerun `dscl evaluate --run R`$"):
+        read_json(bad, what="rerun `dscl evaluate --run R`")
+    bad.write_bytes(b"\xff\xfe{")
+    with pytest.raises(DsclError, match="not valid JSON"):
+        read_json(bad)

@@ -222,7 +222,8 @@ def test_class_means_hand_computed():
 
 def test_tau_norm_logits_in_the_trained_space():
     """Issue #21: tau = 0 is the plain classifier exactly (raw or standardised features); on a
-    standardised classifier tau-norm acts on the trained weights and standardised features, bias kept."""
+    standardised classifier tau-norm acts on the trained weights and standardised features, each class's
+    bias divided with its row (issue 28)."""
     from dscl.classify import fold_standardization
     from dscl.metrics import tau_norm_logits
 
@@ -240,13 +241,45 @@ def test_tau_norm_logits_in_the_trained_space():
         tiny = tau_norm_logits(feats, folded.weight, folded.bias, 1e-12, stats)
         torch.testing.assert_close(tiny.double(), exact, rtol=1e-5, atol=1e-5)
     z = (feats - mean) / std
-    want = z @ (trained.weight / trained.weight.norm(dim=1, keepdim=True)).T + trained.bias
+    norms = trained.weight.norm(dim=1)  # (C,) of the trained rows
+    want = (z @ trained.weight.T + trained.bias) / norms
     got = tau_norm_logits(feats, folded.weight, folded.bias, 1.0, (mean, std))
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    # the old computation (folded weights, no bias, raw features) is a different classifier
+    # the issue-21 computation (folded weights, no bias, raw features) is a different classifier
     assert not torch.allclose(feats @ tau_normalize(folded.weight, 1.0).T, want)
     raw = tau_norm_logits(feats, trained.weight, trained.bias, 0.5, None)
-    torch.testing.assert_close(raw, feats @ tau_normalize(trained.weight, 0.5).T + trained.bias)
+    torch.testing.assert_close(raw, (feats @ trained.weight.T + trained.bias) / norms.sqrt())
+
+
+def test_tau_norm_divides_each_bias_with_its_row():
+    """Issue 28: at tau = 1 a class's (row, bias) pair is a direction only, so scaling it by s > 0 changes
+    no logit, raw or standardised; keeping the full bias let it outvote rows divided by norms of 15-24."""
+    from dscl.classify import fold_standardization
+    from dscl.metrics import tau_norm_logits
+
+    g = torch.Generator().manual_seed(1)
+    feats = torch.randn(40, 5, generator=g) * 3 + 2
+    trained = torch.nn.Linear(5, 4)
+    mean, std = feats.mean(0), feats.std(0)
+    scaled = torch.nn.Linear(5, 4)
+    with torch.no_grad():
+        s = torch.tensor([20.0, 1.0, 0.05, 7.0])  # per class, like a head class trained to a long row
+        scaled.weight.copy_(trained.weight * s[:, None])
+        scaled.bias.copy_(trained.bias * s)
+    for stats in (None, (mean, std)):
+        a, b = (fold_standardization(m, stats) if stats is not None else m for m in (trained, scaled))
+        torch.testing.assert_close(tau_norm_logits(feats, b.weight, b.bias, 1.0, stats),
+                                   tau_norm_logits(feats, a.weight, a.bias, 1.0, stats), rtol=1e-5, atol=1e-5)
+        # tau = 0 stays the plain classifier exactly
+        assert torch.equal(tau_norm_logits(feats, b.weight, b.bias, 0.0, stats), b(feats))
+    # without a bias the row alone is divided
+    torch.testing.assert_close(tau_norm_logits(feats, scaled.weight, None, 1.0),
+                               feats @ tau_normalize(scaled.weight, 1.0).T)
+    # a zero row has no norm to divide by: its bias stays finite and unchanged
+    with torch.no_grad():
+        scaled.weight[2] = 0.0
+    out = tau_norm_logits(feats, scaled.weight, scaled.bias, 1.0)
+    assert torch.isfinite(out).all() and torch.equal(out[:, 2], scaled.bias[2].expand(40))
 
 
 def test_lt_test_priors_follow_the_training_order():

@@ -75,3 +75,33 @@ def test_derived_seeds_differ_per_rank_and_epoch():
     seeds = {derived_seed(0, r, e) for r in range(8) for e in range(3)}
     assert len(seeds) == 24 and derived_seed(0, 1, 2) == derived_seed(0, 1, 2)
     assert derived_seed(-1, 0, 0) >= 0
+
+
+def _draws() -> tuple:
+    """One draw from each stream, the cached-gaussian paths included (numpy's has_gauss, python's gauss_next)."""
+    return random.random(), random.gauss(0, 1), np.random.rand(), np.random.standard_normal(), torch.rand(3)
+
+
+def _same_draws(a: tuple, b: tuple) -> None:
+    assert a[:4] == b[:4] and torch.equal(a[4], b[4])
+
+
+def test_rng_state_is_plain_data_that_a_weights_only_load_restores_exactly(tmp_path):
+    """Issue 28 item 16: checkpoints are read with torch.load(weights_only=True), so the saved states must be
+    tensors and plain containers (numpy's state was a tuple holding an ndarray, which that load refuses)."""
+    random.gauss(0, 1), np.random.standard_normal()  # leave a cached gaussian in both generators
+    torch.save({"rng": [rng_state()]}, tmp_path / "rng.pt")
+    assert torch.serialization.get_unsafe_globals_in_checkpoint(tmp_path / "rng.pt") == []
+    state = torch.load(tmp_path / "rng.pt", weights_only=True)["rng"][0]
+    a = _draws()
+    set_rng_state(state)
+    _same_draws(a, _draws())
+
+
+def test_numpy_states_of_older_checkpoints_still_restore():
+    """Checkpoints written before the plain states hold numpy's legacy tuple ('MT19937', uint32 array, ...)."""
+    np.random.standard_normal()
+    old = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    a = _draws()
+    set_rng_state(old)
+    _same_draws(a, _draws())

@@ -5,6 +5,7 @@ import copy
 import dataclasses
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -265,8 +266,19 @@ def test_bad_files(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         load_checkpoint(tmp_path / "nope.pt")
     (tmp_path / "trunc.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match="cannot be read"):
+    with pytest.raises(CheckpointError, match=r"trunc.pt: it is not a file torch.save wrote, or it is damaged "
+                                              r"\(\w+\); copy it again from where it was made$"):
         load_checkpoint(tmp_path / "trunc.pt")
+    torch.save({"version": 2, "w": torch.zeros(1000)}, tmp_path / "cut.pt")
+    whole = (tmp_path / "cut.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(whole[: len(whole) // 2])  # a last.pt copied halfway
+    with pytest.raises(CheckpointError, match=r"cut.pt: the file is incomplete \(\d+ bytes; its zip archive has no "
+                                              r"end, as when a copy or download stopped early\); copy or download it "
+                                              r"again$"):
+        load_checkpoint(tmp_path / "cut.pt")
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"empty.pt: the file is empty"):
+        load_checkpoint(tmp_path / "empty.pt")
     torch.save({"a": 1}, tmp_path / "foreign.pt")
     with pytest.raises(CheckpointError, match="not a dscl checkpoint"):
         load_checkpoint(tmp_path / "foreign.pt")
@@ -408,7 +420,7 @@ def test_a_run_written_with_version_1_checkpoints_evaluates_and_predicts_the_sam
     for key in ("top1", "top5", "many", "medium", "few", "variants", "precision", "device", "global_batch", "lr",
                 "train_fingerprint", "selection", "method", "epochs", "conventions", "expected"):
         assert report.get(key) == reference.get(key), key
-    assert run.stage1_summary(old) == s1.summary()
+    assert run.stage1_summary(old) == dataclasses.replace(s1.summary(), config=None)  # v1 never held the config
 
 
 def test_a_mid_epoch_stage1_state_keeps_its_position_and_epoch_state(tmp_path):
@@ -421,3 +433,256 @@ def test_a_mid_epoch_stage1_state_keeps_its_position_and_epoch_state(tmp_path):
     assert (back.position, back.threads, back.epoch_log) == (3, 1, {"sums": {"loss": 1.5}, "n": 2})
     assert back.guard["steps"] == 1 and run.stage1_summary(tmp_path).position == 3
     assert run.Stage1State.from_dict(v1_stage1_dict(state)).position == 0  # version 1: epoch ends only
+
+
+# ----------------------------------------------------------------------------------------------
+# issue 28 item 3: what the checkpoint records wins over a hand-edited config.yaml
+
+
+@needs_fmnist
+def test_stage1_checkpoints_record_the_resolved_config(smoke_run):
+    saved = load_run_config(smoke_run).to_dict()
+    assert run.stage1_summary(smoke_run).config == saved
+    assert run.load_stage1(smoke_run).config == saved
+
+
+def _recorded_run(tmp_path: Path, *, recorded: bool = True) -> Path:
+    """A run folder whose config.yaml is the smoke preset and whose stage 1 recorded it (or, ``recorded``
+    False, a checkpoint written before the config was recorded: only its facts)."""
+    cfg = load_config("smoke")
+    out = tmp_path / "r"
+    out.mkdir()
+    dump_config(cfg, out / "config.yaml")
+    state = dataclasses.replace(_stage1_state(), epochs=cfg.optim.epochs, finished=True)
+    if recorded:
+        state = dataclasses.replace(state, config=cfg.to_dict())
+    run.save_stage1(out, state)
+    return out
+
+
+def _edit(out: Path, section: str, key: str, value) -> None:
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    saved[section][key] = value
+    (out / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+
+
+@pytest.mark.parametrize("section, key, value, trained", [
+    ("data", "image_size", 32, 28), ("model", "backbone", "resnet18", "convnet"), ("model", "dim", 64, 128),
+    ("loss", "alpha", 0.5, 1 / 9), ("optim", "seed", 3, 0), ("data", "dataset", "cifar10-lt", "fmnist-lt"),
+    ("views", "num_patches", 0, 2)])
+def test_a_config_yaml_that_contradicts_the_checkpoint_is_refused_by_name(tmp_path, section, key, value, trained):
+    from dscl.config import ConfigError
+
+    out = _recorded_run(tmp_path)
+    _edit(out, section, key, value)
+    with pytest.raises(ConfigError) as info:
+        load_run_config(out)
+    msg = str(info.value)
+    assert f"{section}.{key}" in msg and repr(value) in msg and repr(trained) in msg and "\n" not in msg
+    assert str(out / "config.yaml") in msg and "last.json" in msg
+
+
+@pytest.mark.parametrize("section, key, value", [
+    ("log", "project", "mine"), ("classifier", "epochs", 9), ("classifier", "tau_norm", 0.5),
+    ("eval", "many_threshold", 40), ("data", "num_workers", 2), ("data", "data_root", "/elsewhere"),
+    ("optim", "epochs", 50), ("model", "channels_last", False)])
+def test_harmless_config_yaml_edits_are_accepted(tmp_path, section, key, value):
+    out = _recorded_run(tmp_path)
+    _edit(out, section, key, value)
+    assert getattr(getattr(load_run_config(out), section), key) == value
+
+
+def test_a_checkpoint_without_a_recorded_config_still_checks_its_facts(tmp_path):
+    from dscl.config import ConfigError
+
+    out = _recorded_run(tmp_path, recorded=False)  # facts: convnet, dim 16, dscl+pbsd, global batch 32
+    _edit(out, "model", "dim", 16)
+    assert load_run_config(out).model.dim == 16
+    for section, key, value, needle in (("model", "backbone", "resnet18", "model.backbone"),
+                                        ("loss", "loss", "ce", "dscl+pbsd"), ("optim", "batch_size", 64, "32")):
+        before = (out / "config.yaml").read_text()
+        _edit(out, section, key, value)
+        with pytest.raises(ConfigError, match=re.escape(needle)):
+            load_run_config(out)
+        (out / "config.yaml").write_text(before)
+
+
+def test_a_malformed_run_config_is_one_line_with_file_and_line(tmp_path):
+    from dscl.config import ConfigError
+
+    out = _recorded_run(tmp_path)
+    text = (out / "config.yaml").read_text().replace("image_size: 28", "image_size: [28")
+    (out / "config.yaml").write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_run_config(out)
+    assert str(info.value).startswith(f"{out / 'config.yaml'}: line ") and "\n" not in str(info.value)
+
+
+# ----------------------------------------------------------------------------------------------
+# run files are data, never code (issue 28 item 16)
+
+
+class _RunsCode:
+    """Pickles as a call of ``exec``: loading it with a full unpickler creates ``marker`` (harmless stand-in
+    for what a hostile file would do)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return exec, (f"open({str(self.marker)!r}, 'w').close()",)
+
+
+def _plant(path: Path, marker: Path, base: dict | None = None) -> None:
+    """Write ``base`` (default: a minimal dscl checkpoint) plus a payload to ``path``, as a hostile copy would."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({**(base or {"version": 2, "stage": "classify"}), "note": _RunsCode(marker)}, path)
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_and_the_code_never_runs(tmp_path):
+    marker = tmp_path / "ran"
+    for name in ("last.pt", "classifier.pt"):
+        _plant(tmp_path / "checkpoints" / name, marker)
+        with pytest.raises(CheckpointError, match=r"it holds Python objects \(builtins\.exec\).*weights_only=True"):
+            load_checkpoint(tmp_path / "checkpoints" / name)
+        assert not marker.exists()
+
+
+@needs_fmnist
+def test_new_run_files_hold_only_tensors_and_plain_data(smoke_run):
+    """Nothing a run writes needs an allowlist: torch.load(weights_only=True) reads it as it is."""
+    for name in ("last.pt", "classifier.pt"):
+        path = smoke_run / "checkpoints" / name
+        assert torch.serialization.get_unsafe_globals_in_checkpoint(path) == [], name
+        assert torch.load(path, weights_only=True)["version"] == run.CHECKPOINT_VERSION
+
+
+def _numpy1_file(obj: dict, path: Path) -> None:
+    """``obj`` saved the way numpy 1 pickles arrays (``numpy.core.multiarray``, not numpy 2's ``numpy._core``);
+    the legacy torch format keeps the pickle as one uncompressed stream, so the module name can be rewritten."""
+    import io
+
+    buf = io.BytesIO()
+    torch.save(obj, buf, _use_new_zipfile_serialization=False)
+    path.write_bytes(buf.getvalue().replace(b"numpy._core.multiarray", b"numpy.core.multiarray"))
+
+
+def test_version_1_and_2_checkpoints_with_numpy_rng_states_still_load_and_restore(tmp_path):
+    """Older checkpoints hold numpy's RNG state as a tuple with a uint32 array: exactly those numpy types are
+    allowlisted (numpy 1 and 2 names), and the restored streams continue where they stopped."""
+    import random
+
+    import numpy as np
+
+    from dscl.rng import set_rng_state
+
+    np.random.standard_normal()
+    old_rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    expected = (random.random(), np.random.rand(), np.random.standard_normal(), torch.rand(2))
+    state = dataclasses.replace(_stage1_state(), rng=[old_rng])
+    files = {"v2.pt": {"version": 2, **state.to_dict()}, "v1.pt": v1_stage1_dict(state)}
+    for name, obj in files.items():
+        torch.save(obj, tmp_path / name)
+    _numpy1_file(files["v1.pt"], tmp_path / "v1-numpy1.pt")
+    for name in ("v2.pt", "v1.pt", "v1-numpy1.pt"):
+        back = run.Stage1State.from_dict(load_checkpoint(tmp_path / name))
+        set_rng_state(back.rng[0])
+        got = (random.random(), np.random.rand(), np.random.standard_normal(), torch.rand(2))
+        assert got[:3] == expected[:3] and torch.equal(got[3], expected[3]), name
+
+
+@needs_fmnist
+def test_evaluate_predict_and_resume_refuse_a_run_file_that_would_run_code(smoke_run, tmp_path, capsys):
+    """A run copied from someone else: its checkpoints are read as data, so a planted payload is refused with
+    a one-line message and never runs, whichever command opens the file."""
+    from PIL import Image
+
+    from dscl.cli import main
+
+    marker = tmp_path / "ran"
+    bad = tmp_path / "bad"
+    shutil.copytree(smoke_run, bad)
+    _plant(bad / "checkpoints" / "classifier.pt", marker, load_checkpoint(smoke_run / "checkpoints" / "classifier.pt"))
+    _plant(bad / "checkpoints" / "last.pt", marker, load_checkpoint(smoke_run / "checkpoints" / "last.pt"))
+    (bad / "checkpoints" / "last.json").unlink()  # so that every command reads last.pt itself
+    Image.new("L", (28, 28), 90).save(tmp_path / "x.png")
+    for argv in (["evaluate", "--run", str(bad), "--no-progress"],
+                 ["predict", "--run", str(bad), str(tmp_path / "x.png"), "--out", str(tmp_path / "p.csv")],
+                 ["pretrain", "--out", str(bad), "--resume", "--no-progress"]):
+        capsys.readouterr()
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert "holds Python objects (builtins.exec)" in err and len(err.strip().splitlines()) == 1, (argv, err)
+        assert not marker.exists(), argv
+
+
+# ----------------------------------------------------------------------------------------------
+# issue 28 item 6: a resumed stage 1 trains the steps after its checkpoint again; each is logged once
+
+
+def _checkpoint_of(cfg, out: Path, *, epoch: int, position: int, steps_per_epoch: int) -> None:
+    """A stage-1 checkpoint of ``cfg``'s run in ``out`` after ``epoch`` epochs and ``position`` more steps."""
+    from dscl.config import method_name
+
+    state = _stage1_state(finished=False)
+    facts = dataclasses.replace(state.facts, method=method_name(cfg), backbone=cfg.model.backbone, dim=cfg.model.dim,
+                                global_batch=cfg.optim.batch_size, steps_per_epoch=steps_per_epoch)
+    run.save_stage1(out, dataclasses.replace(state, facts=facts, epoch=epoch, epochs=cfg.optim.epochs,
+                                             position=position))
+
+
+def test_a_resume_drops_the_records_logged_after_its_checkpoint(tmp_path):
+    """Ctrl-C (back to the epoch's checkpoint) or kill -9 (back to the last optim.checkpoint_every_minutes
+    save, maybe inside a record's write): metrics.jsonl keeps what the checkpoint has trained, so the
+    steps logged again appear once."""
+    from dscl.run import MetricsLog, record_resume
+
+    cfg = load_config("smoke", overrides=["optim.epochs=3"])
+    dump_config(cfg, tmp_path / "config.yaml")
+    log = MetricsLog(tmp_path / "metrics.jsonl")
+    log.write(stage="data", train_images=70)
+    for step in range(1, 13):  # 7 steps per epoch: into epoch 2
+        log.write(stage="pretrain", epoch=(step - 1) // 7 + 1, step=step, loss=1.0 / step)
+        if step == 7:
+            log.write(stage="pretrain_epoch", epoch=1, loss=0.5)
+    with (tmp_path / "metrics.jsonl").open("a") as fh:
+        fh.write('{"stage": "pretrain", "epoch": 2, "st')  # killed inside the write
+    assert len(log.read("pretrain")) == 12  # a torn last line is no record
+    _checkpoint_of(cfg, tmp_path, epoch=1, position=2, steps_per_epoch=7)  # after global step 9
+    record_resume(tmp_path, cfg, epochs_done=1)
+    records = log.read()
+    assert [r["step"] for r in records if r["stage"] == "pretrain"] == list(range(1, 10))
+    assert [r["stage"] for r in records].count("pretrain_epoch") == 1 and records[0]["stage"] == "data"
+    assert records[-1] == {"stage": "resume", "epoch": 1, "changes": {}}
+    log.write(stage="pretrain", epoch=2, step=10, loss=0.1)  # the resumed run goes on
+    assert [r["step"] for r in log.read("pretrain")][-2:] == [9, 10]
+    # an epoch's checkpoint (position 0) keeps exactly its epochs' records
+    _checkpoint_of(cfg, tmp_path, epoch=1, position=0, steps_per_epoch=7)
+    record_resume(tmp_path, cfg, epochs_done=1)
+    assert [r["step"] for r in log.read("pretrain")] == list(range(1, 8))
+
+
+def test_an_append_after_a_torn_line_starts_a_line_of_its_own(tmp_path):
+    from dscl.run import MetricsLog
+
+    log = MetricsLog(tmp_path / "metrics.jsonl")
+    log.write(stage="pretrain", step=1, loss=1.0)
+    with (tmp_path / "metrics.jsonl").open("a") as fh:
+        fh.write('{"stage": "pretrain", "st')
+    log.write(stage="classify", epoch=1, train_loss=2.0)  # e.g. `dscl classify` after a killed stage 1
+    assert log.read() == [{"stage": "pretrain", "step": 1, "loss": 1.0},
+                          {"stage": "classify", "epoch": 1, "train_loss": 2.0}]
+
+
+def test_a_recorded_config_this_dscl_cannot_read_falls_back_to_the_facts(tmp_path):
+    from dscl.config import ConfigError
+
+    out = _recorded_run(tmp_path)
+    cfg = load_config("smoke")
+    newer = {**cfg.to_dict(), "data": {**cfg.to_dict()["data"], "key_of_a_newer_dscl": 1}}
+    run.save_stage1(out, dataclasses.replace(run.load_stage1(out), config=newer, facts=dataclasses.replace(
+        run.load_stage1(out).facts, dim=cfg.model.dim)))
+    assert load_run_config(out).data.image_size == 28  # not a crash on the unknown key
+    _edit(out, "model", "backbone", "resnet18")
+    with pytest.raises(ConfigError, match="model.backbone is 'resnet18' there but stage 1 was trained with 'convnet'"):
+        load_run_config(out)

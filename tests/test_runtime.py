@@ -262,3 +262,67 @@ def test_immediate_stop_signals_raise_preempted():
         os.kill(os.getpid(), signal.SIGTERM)
         for _ in range(1000):  # the handler runs at the next bytecode boundary
             pass
+
+
+# ----------------------------------------------------------------------------------------------
+# issue 28 item 5: a scheduler repeats its stop signal (srun forwards the one its tasks already got)
+
+#: A dscl process whose command does what stage 1 does on a signal (notes it, "saves", raises Preempted)
+#: or simply finishes; its exit path (close_all: W&B's finish takes seconds) then gets the signal again.
+REPEATED_SIGNAL = r"""
+import os, signal, sys, time
+import dscl.cli as cli
+import dscl.trackers as trackers
+from dscl.runtime import Preempted, StopSignals
+
+def kill():
+    os.kill(os.getpid(), signal.SIGTERM)
+    for _ in range(200):  # a Python handler runs between bytecodes: give it some
+        time.sleep(0.001)
+
+def stage(args):
+    if os.environ["CASE"] == "finished":
+        return 0
+    with StopSignals(what="in the test") as signals:
+        kill()
+        assert signals.requested == "SIGTERM"
+    kill()  # while Preempted is on its way to main
+    raise Preempted("stage 1 stopped on SIGTERM after saving the checkpoint")
+
+def close_all():
+    kill()
+    time.sleep(0.3)
+    kill()
+
+cli.cmd_presets = stage
+trackers.close_all = close_all
+sys.exit(cli.main(["presets"]))
+"""
+
+
+@pytest.mark.parametrize(("case", "code"), [("preempted", 3), ("finished", 0)])
+def test_stop_signals_after_the_stop_or_the_end_keep_the_exit_code(tmp_path, case, code):
+    """Every signal after the first (or after the command's end) is ignored until the process exits: exit
+    code 3 stays 3 (scripts requeue on it), a finished command stays 0; neither dies of SIGTERM (143).
+    With DSCL_EXIT_FILE, the code is also written there (torchrun exits 1 whatever its processes returned)."""
+    import subprocess
+    import sys
+
+    exit_file = tmp_path / "exit"
+    res = subprocess.run([sys.executable, "-c", REPEATED_SIGNAL], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "CASE": case, "DSCL_EXIT_FILE": str(exit_file)})
+    assert res.returncode == code, res.stderr
+    assert "Traceback" not in res.stderr
+    if case == "preempted":
+        assert "stage 1 stopped on SIGTERM after saving the checkpoint" in res.stderr  # the stage's own message
+    assert exit_file.read_text().strip() == str(code)
+
+
+def test_main_restores_the_handlers_when_no_signal_came():
+    import signal
+
+    from dscl.cli import main
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    assert main(["presets"]) == 0
+    assert {s: signal.getsignal(s) for s in before} == before

@@ -61,6 +61,21 @@ def test_markdown_marks_the_chosen_value():
     assert "| 0.2 **(chosen)** |" in text and "| 0.1 |" in text
 
 
+def test_markdown_and_plot_without_a_spread(tmp_path):
+    """Issue 28: dscl.compare.aggregate gives std None where fewer than two seeds have a metric."""
+    from dscl.sweep import plot_sweep
+
+    lone = {"mean": 50.0, "std": None, "runs": [50.0, None]}
+    both = {"mean": 50.0, "std": 1.0, "runs": [49.0, 51.0]}
+    point = {"val": {k: both for k in ("all", "balanced", "many", "medium", "few")},
+             "test": {k: (lone if k == "few" else both) for k in ("all", "many", "medium", "few")}}
+    result = {"dataset": "d", "method": "dscl", "param": "loss.alpha", "preset": "p", "seeds": [0, 1],
+              "val_fraction": 0.1, "values": ["0.1", "0.2"], "chosen": "0.2", "command": "dscl sweep",
+              "wall_seconds": 60, "points": [{"value": "0.1", **point}, {"value": "0.2", **point}]}
+    assert "| 50.0 ± 1.0 | 50.0 |" in format_markdown(result)
+    assert plot_sweep(result, tmp_path / "sweep.png").is_file()
+
+
 @needs_fmnist
 def test_sweep_uses_the_held_out_split_unless_asked_to_carve():
     base = load_config("smoke")

@@ -2,6 +2,7 @@
 back with tensorboard's own EventAccumulator, W&B offline runs read back from their ``.wandb`` file as
 wandb's own record protobufs, MLflow through its client on a SQLite (and a file) store."""
 
+import contextlib
 import json
 import os
 import struct
@@ -204,7 +205,7 @@ def test_log_section_choices_and_which_commands_may_change_it():
     assert trackers.wanted(both) == ["tensorboard", "wandb"]  # jsonl is implied, a repeat counts once
     with pytest.raises(ConfigError, match=r"log.trackers must list only jsonl, tensorboard, wandb or mlflow"):
         load_config("smoke", overrides=["log.trackers=[neptune]"])
-    with pytest.raises(ConfigError, match="log.project must not be empty"):
+    with pytest.raises(ConfigError, match="log.project is empty"):
         load_config("smoke", overrides=["log.project="])
     # trackers change nothing a run computes: the preset's expected numbers still apply, and --resume,
     # dscl classify and dscl evaluate may change them
@@ -218,12 +219,12 @@ def test_a_missing_package_names_the_pip_command(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
     trackers.require_trackers(load_config("smoke"))  # jsonl only: nothing is imported or checked
     for name in ("wandb", "tensorboard"):
-        with pytest.raises(TrackerError, match=rf"pip install 'dscl\[{name}\]'") as info:
+        with pytest.raises(TrackerError, match=rf"pip install 'dscl-lt\[{name}\]'") as info:
             trackers.require_trackers(load_config("smoke", overrides=[f"log.trackers=[jsonl,{name}]"]))
-        assert "pip install 'dscl[trackers]'" in str(info.value) and isinstance(info.value, ConfigError)
+        assert "pip install 'dscl-lt[trackers]'" in str(info.value) and isinstance(info.value, ConfigError)
     # a run that reaches its first record without the check stops there with the same message
     run, _ = make_run(tmp_path, ["wandb"])
-    with pytest.raises(TrackerError, match=r"pip install 'dscl\[wandb\]'"):
+    with pytest.raises(TrackerError, match=r"pip install 'dscl-lt\[wandb\]'"):
         MetricsLog(run / "metrics.jsonl").write(**RECORDS[0])
     assert not (run / "trackers.json").exists() and trackers.open_trackers() == {}
 
@@ -232,12 +233,132 @@ def test_mlflow_with_a_database_uri_needs_sqlalchemy(monkeypatch):
     import mlflow.tracking  # noqa: F401 - first: MLflow registers its stores by what it finds when imported
 
     monkeypatch.setitem(sys.modules, "sqlalchemy", None)
-    with pytest.raises(TrackerError, match=r"sqlite:///x.db.*pip install 'dscl\[mlflow\]'"):
+    with pytest.raises(TrackerError, match=r"sqlite:///x.db.*pip install 'dscl-lt\[mlflow\]'"):
         trackers.require_trackers(load_config("smoke", overrides=["log.trackers=[mlflow]",
                                                                   "log.mlflow_uri=sqlite:///x.db"]))
-    # an MLflow server needs only the client
-    trackers.require_trackers(load_config("smoke", overrides=["log.trackers=[mlflow]",
-                                                              "log.mlflow_uri=http://localhost:5000"]))
+    # an MLflow server needs only the client (and to answer: any HTTP answer, here a 404, counts)
+    for name in PROXY_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    with answering_server() as port:
+        trackers.require_trackers(mlflow_cfg(port))
+
+
+# ----------------------------------------------------------------------------------------------
+# issue 28 item 8: an MLflow server that does not answer (only 127.0.0.1 is ever contacted)
+
+PROXY_VARIABLES = ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY")
+
+
+def closed_port() -> int:
+    """A port on 127.0.0.1 where nothing listens (connections are refused)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def silent_server():
+    """A socket on 127.0.0.1 that takes connections (the kernel completes them) and never answers."""
+    import socket
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    return server
+
+
+@contextlib.contextmanager
+def answering_server():
+    """An HTTP server on 127.0.0.1 that answers every request with 404; yields its port."""
+    import http.server
+    import threading
+
+    class NotFound(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - the name http.server calls
+            self.send_error(404)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), NotFound)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def mlflow_cfg(port: int):
+    return load_config("smoke", overrides=["log.trackers=[mlflow]", f"log.mlflow_uri=http://127.0.0.1:{port}"])
+
+
+def test_an_mlflow_server_that_does_not_answer_is_refused_before_the_run_starts(monkeypatch):
+    for name in PROXY_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(trackers, "PROBE_SECONDS", 1.0)
+    port = closed_port()
+    t0 = time.monotonic()
+    with pytest.raises(TrackerError, match=rf"the MLflow server http://127.0.0.1:{port} does not answer .*"
+                                           r"log.mlflow_uri.*drop mlflow from log.trackers") as info:
+        trackers.require_trackers(mlflow_cfg(port))
+    assert "\n" not in str(info.value) and time.monotonic() - t0 < 5
+    with silent_server() as server:
+        t0 = time.monotonic()
+        with pytest.raises(TrackerError, match="does not answer .*waited 1 s"):
+            trackers.require_trackers(mlflow_cfg(server.getsockname()[1]))
+        assert time.monotonic() - t0 < 5
+
+
+def test_the_runs_mlflow_client_gives_up_in_seconds_and_the_users_settings_win(tmp_path, monkeypatch):
+    """A server gone after the check: the client's requests are bounded (MLflow's defaults, 120 s and 7
+    retries with backoff, hold a run ~4 minutes), only for dscl's calls, and never over the user's own."""
+    for name in PROXY_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    for name in trackers.MLFLOW_LIMITS:
+        monkeypatch.delenv(name, raising=False)
+    run, _ = make_run(tmp_path, ["mlflow"], extra=(f"log.mlflow_uri=http://127.0.0.1:{closed_port()}",))
+    t0 = time.monotonic()
+    with pytest.raises(TrackerError, match="mlflow could not start"):
+        MetricsLog(run / "metrics.jsonl").write(**RECORDS[0])
+    assert time.monotonic() - t0 < 30
+    assert not any(name in os.environ for name in trackers.MLFLOW_LIMITS)  # set for dscl's calls only
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    with trackers.mlflow_http_limits():
+        assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "0"  # the user's
+        assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == trackers.MLFLOW_LIMITS["MLFLOW_HTTP_REQUEST_TIMEOUT"]
+    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "0" and "MLFLOW_HTTP_REQUEST_TIMEOUT" not in os.environ
+
+
+def test_a_signal_while_dscl_waits_for_the_mlflow_server_ends_it_at_once(tmp_path):
+    """SIGTERM (SLURM's 120 s warning ends in SIGKILL) before training: exit code 3 in seconds, and no
+    "finishing the current step" when no step runs."""
+    import signal
+    import subprocess
+
+    from conftest import dscl_cmd
+
+    env = {k: v for k, v in os.environ.items() if k not in PROXY_VARIABLES}
+    with silent_server() as server:
+        cmd = [*dscl_cmd(), "pretrain", "--preset", "smoke", "--out", str(tmp_path / "run"), "--no-progress",
+               "--device", "cpu", "log.trackers=[mlflow]", f"log.mlflow_uri=http://127.0.0.1:{server.getsockname()[1]}"]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        try:
+            server.settimeout(120)
+            conn, _ = server.accept()  # dscl waits for the server's answer
+            proc.send_signal(signal.SIGTERM)
+            t0 = time.monotonic()
+            _, err = proc.communicate(timeout=60)
+            took = time.monotonic() - t0
+            conn.close()
+        finally:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 3 and took < 10, err
+    assert "SIGTERM received" in err and "finishing the current step" not in err
+    assert not (tmp_path / "run").exists()  # nothing started
 
 
 def test_a_jsonl_only_run_writes_no_tracker_file_and_imports_nothing(tmp_path, monkeypatch):
@@ -415,6 +536,36 @@ def test_a_later_process_continues_the_same_runs_and_records_config_changes(tmp_
     assert mlflow_series(client, found.info.run_id, "pretrain/loss") == stage_values("pretrain", "loss")
     assert mlflow_series(client, found.info.run_id, "classify/train_loss") == stage_values("classify", "train_loss")
     assert len(client.search_runs([found.info.experiment_id])) == 1
+
+
+def test_a_resumed_stage1_logs_each_step_once_to_every_tracker(tmp_path):
+    """Issue 28 item 6: Ctrl-C in epoch 2, then --resume from the epoch-1 checkpoint: the resumed process logs
+    step 6 again; metrics.jsonl and every tracker have it once (the trackers keep the value they have)."""
+    from dscl.config import method_name
+    from dscl.run import RunFacts, Stage1State, record_resume, save_stage1
+
+    run, cfg = make_run(tmp_path, ["tensorboard", "wandb", "mlflow"])
+    log = MetricsLog(run / "metrics.jsonl")
+    for record in RECORDS[:4]:  # steps 2, 4, epoch 1's means, step 6 (4 steps per epoch)
+        log.write(**record)
+    trackers.close_all()  # Ctrl-C: main closes the trackers
+    facts = RunFacts(method=method_name(cfg), backbone=cfg.model.backbone, num_classes=10, dim=cfg.model.dim,
+                     global_batch=cfg.optim.batch_size, steps_per_epoch=4)
+    save_stage1(run, Stage1State(epoch=1, epochs=2, finished=False, wall_seconds=3.0, facts=facts, data=None))
+    record_resume(run, cfg, epochs_done=1)
+    for record in RECORDS[3:5]:  # step 6 again, epoch 2's means
+        log.write(**record)
+    trackers.close_all()
+    assert series(log.read("pretrain"), "pretrain", "loss") == stage_values("pretrain", "loss")
+    events = tensorboard_events(run / "tensorboard")
+    assert scalars(events, "pretrain/loss") == stage_values("pretrain", "loss")
+    assert scalars(events, "pretrain_epoch/loss") == stage_values("pretrain_epoch", "loss")
+    view = wandb_view(run / "wandb", exits=2)
+    assert wandb_series(view, "pretrain/loss", "pretrain/step") == stage_values("pretrain", "loss")
+    assert wandb_series(view, "pretrain_epoch/loss", "pretrain_epoch/epoch") == stage_values("pretrain_epoch", "loss")
+    client, found = mlflow_run(tmp_path, run)
+    assert mlflow_series(client, found.info.run_id, "pretrain/loss") == stage_values("pretrain", "loss")
+    assert mlflow_series(client, found.info.run_id, "pretrain_epoch/loss") == stage_values("pretrain_epoch", "loss")
 
 
 def test_new_trackers_in_config_yaml_take_effect_at_the_next_record(tmp_path):

@@ -19,6 +19,7 @@ from tqdm import tqdm
 from dscl import dist
 from dscl.config import Config
 from dscl.data import ClassBalancedSampler, ClassifierTransform, DatasetSplits, EvalTransform, LTDataset, build_datasets
+from dscl.errors import DivergedError
 from dscl.features import extract_features, frozen_backbone, recompute_bn
 from dscl.metrics import class_means
 from dscl.rng import seed_everything
@@ -121,7 +122,7 @@ def train_linear_cached(
         if log is not None:
             log.write(stage="classify", **record)
         if not math.isfinite(record["train_loss"]):
-            raise FloatingPointError(f"classifier loss became {record['train_loss']}; lower classifier.lr")
+            raise DivergedError(f"classifier loss became {record['train_loss']}; lower classifier.lr")
     if best is not None:
         fc.load_state_dict(best[2])
         return fc, best[1], history

@@ -26,14 +26,15 @@ from typing import Any
 import yaml
 
 from dscl.config import Config, apply_mapping, config_from_dict, flat_config, validate
-from dscl.io import write_json, write_text
+from dscl.errors import DsclError
+from dscl.io import read_json, write_json, write_text
 from dscl.metrics import TEST_AGNOSTIC_FACTORS, shot_group_bounds
 
 METHODS = ("ce", "scl", "dscl", "scl+pbsd", "dscl+pbsd")
 METRICS = ("all", "many", "medium", "few")
 
 
-class CompareError(ValueError):
+class CompareError(DsclError, ValueError):
     """Bad methods / seeds, or an output folder holding a different comparison."""
 
 
@@ -99,7 +100,9 @@ def format_differences(diff: dict[str, dict[str, Any]]) -> str:
 
 def check_plan(out: Path, name: str, plan: dict[str, Any], what: str) -> None:
     """Record ``plan`` in ``out/name`` on the first call; refuse to continue a folder holding a different one."""
-    out.mkdir(parents=True, exist_ok=True)
+    from dscl.run import make_out_dir
+
+    make_out_dir(out)  # a file in the way is one clear line (issue 28 item 14)
     plan_path = out / name
     if plan_path.is_file():
         saved = yaml.safe_load(plan_path.read_text()) or {}
@@ -132,7 +135,7 @@ def run_one(cfg: Config, run: Path, *, device: str, progress: bool) -> dict[str,
     from dscl.run import has_stage1, stage1_summary
 
     if _finished(run):
-        return json.loads((run / "report.json").read_text())
+        return read_json(run / "report.json", what=f"rerun `dscl evaluate --run {run}`")
     if has_stage1(run):
         if not stage1_summary(run).finished:
             pretrain(cfg, run, resume=True, device=device, progress=progress)
@@ -161,7 +164,10 @@ def _value(report: dict[str, Any], key: str) -> Any:
 
 def aggregate(reports: dict[str, list[dict[str, Any]]],
               fields: dict[str, str] | None = None) -> dict[str, dict[str, dict[str, Any]]]:
-    """``{name: [report, ...]}`` -> ``{name: {metric: {"mean", "std", "runs"}}}`` over the reports."""
+    """``{name: [report, ...]}`` -> ``{name: {metric: {"mean", "std", "runs"}}}`` over the reports.
+
+    ``std`` is the sample standard deviation over the runs that have the metric, or None when fewer than
+    two do: one seed says nothing about the spread (a 0.0 would read as "no seed noise")."""
     out: dict[str, dict[str, dict[str, Any]]] = {}
     for method, runs in reports.items():
         out[method] = {}
@@ -170,7 +176,7 @@ def aggregate(reports: dict[str, list[dict[str, Any]]],
             present = [v for v in values if v is not None]
             out[method][metric] = {
                 "mean": round(statistics.fmean(present), 2) if present else None,
-                "std": round(statistics.stdev(present), 2) if len(present) > 1 else (0.0 if present else None),
+                "std": round(statistics.stdev(present), 2) if len(present) > 1 else None,
                 "runs": values,
             }
     return out
@@ -187,11 +193,22 @@ def _shot_text(result: dict[str, Any]) -> str:
     return " / ".join(shot_group_bounds(thresholds["many_threshold"], thresholds["few_threshold"]).values())
 
 
+def _cell(m: dict[str, Any]) -> str:
+    """``mean ± std``; the mean alone where fewer than two runs have the metric (compare.json files written
+    before std became null for one run hold 0.0 there)."""
+    if m["mean"] is None:
+        return "—"
+    spread = m["std"] is not None and sum(v is not None for v in m["runs"]) > 1
+    return f"{m['mean']:.1f}" + (f" ± {m['std']:.1f}" if spread else "")
+
+
 def format_markdown(result: dict[str, Any]) -> str:
+    seeds = ", ".join(map(str, result["seeds"]))
+    over = "mean ± std over seeds" if len(result["seeds"]) > 1 else "one seed (the spread over seeds is unknown)"
     lines = [
-        f"# {result['dataset']}: methods compared over seeds {', '.join(map(str, result['seeds']))}",
+        f"# {result['dataset']}: methods compared over seed{'s' if len(result['seeds']) > 1 else ''} {seeds}",
         "",
-        f"Preset `{result['preset']}`; top-1 % on the test set, mean ± std over seeds; Many / Medium / Few = "
+        f"Preset `{result['preset']}`; top-1 % on the test set, {over}; Many / Medium / Few = "
         f"mean per-class top-1 over classes with {_shot_text(result)} training images. Every method gets "
         "the same stage-2 class-balanced classifier.",
         "",
@@ -199,21 +216,15 @@ def format_markdown(result: dict[str, Any]) -> str:
         "|---|---:|---:|---:|---:|",
     ]
     for method, metrics in result["methods"].items():
-        cells = []
-        for metric in METRICS:
-            m = metrics[metric]
-            cells.append("—" if m["mean"] is None else f"{m['mean']:.1f} ± {m['std']:.1f}")
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        lines.append(f"| {method} | " + " | ".join(_cell(metrics[metric]) for metric in METRICS) + " |")
     if result.get("test_agnostic"):
         names = list(TEST_AGNOSTIC_FIELDS)
         lines += ["", "Top-1 % under other test label distributions (forward-long-tailed like training with "
                   "imbalance ρ, uniform, backward = reversed), exact from each run's per-class accuracies; "
-                  "mean ± std over seeds:", "",
+                  f"{over}:", "",
                   "| method | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
         for method, metrics in result["test_agnostic"].items():
-            lines.append(f"| {method} | " + " | ".join(
-                "—" if metrics[n]["mean"] is None else f"{metrics[n]['mean']:.1f} ± {metrics[n]['std']:.1f}"
-                for n in names) + " |")
+            lines.append(f"| {method} | " + " | ".join(_cell(metrics[n]) for n in names) + " |")
     if "differences" in result:
         lines += ["", format_differences(result["differences"])]
     lines += ["", f"Command: `{result['command']}`", f"Wall time: {result['wall_seconds'] / 60:.1f} min", ""]

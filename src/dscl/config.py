@@ -23,10 +23,11 @@ from typing import Any
 
 import yaml
 
+from dscl.errors import DsclError
 from dscl.io import write_text
 
 
-class ConfigError(ValueError):
+class ConfigError(DsclError, ValueError):
     """A preset, config file or override that cannot be applied (unknown key, bad value)."""
 
 
@@ -247,7 +248,7 @@ class LogConfig:
     nothing the run computes: every key may change on --resume, in classify and in evaluate."""
 
     # jsonl = metrics.jsonl, always written; tensorboard (RUN/tensorboard), wandb and mlflow are optional
-    # extras: pip install 'dscl[tensorboard]' (or [wandb], [mlflow], [trackers] for all three)
+    # extras: pip install 'dscl-lt[tensorboard]' (or [wandb], [mlflow], [trackers] for all three)
     trackers: tuple[str, ...] = each_one_of(("jsonl",), TRACKERS)
     project: str = "dscl"  # the W&B project and the MLflow experiment
     # W&B group / MLflow tag "group"; None = the `dscl compare` / `dscl sweep` folder the run is in (none
@@ -320,15 +321,32 @@ def preset_description(name: str) -> str:
     return match.group(1) if match else joined
 
 
+def yaml_error_text(path: Any, exc: yaml.YAMLError) -> str:
+    """``FILE: line N, column M: <problem> (<context> at line K, column L)``: one line (PyYAML's own
+    message spans several, with a caret drawing); lines and columns count from 1, as editors do."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = " ".join(str(getattr(exc, "problem", None) or exc).split())
+    if mark is None:
+        return f"{path}: not valid YAML: {problem}"
+    text = f"{path}: line {mark.line + 1}, column {mark.column + 1}: {problem}"
+    context, at = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+    if context and at is not None and (at.line, at.column) != (mark.line, mark.column):
+        text += f" ({' '.join(context.split())} at line {at.line + 1}, column {at.column + 1})"
+    return text
+
+
 def _read_yaml(path: Any, what: str) -> dict[str, Any]:
     try:
         text = path.read_text() if hasattr(path, "read_text") else Path(path).read_text()
     except OSError as exc:
         raise ConfigError(f"cannot read {what} {path}: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{what} {path} is not UTF-8 text ({exc.reason} at byte {exc.start}); give a YAML "
+                          f"file") from exc
     try:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{what} {path} is not valid YAML: {exc}") from exc
+        raise ConfigError(yaml_error_text(path, exc)) from exc
     if not isinstance(data, dict):
         raise ConfigError(f"{what} {path} must hold a mapping of sections, got {type(data).__name__}")
     return data
@@ -358,17 +376,86 @@ def field_types(section_type: type) -> dict[str, Any]:
     return _FIELD_TYPES[section_type]
 
 
-def _coerce(value: Any, tp: Any, where: str) -> Any:
-    """Convert ``value`` (from YAML or a CLI string) to the field type ``tp``.
+def _empty_text(where: str, key: str, optional: bool) -> str:
+    """The message for an empty value: it would otherwise read as null and silently clear the key."""
+    if optional:
+        return (f"{where} is empty; write {key}=none (in a YAML file: {key.split('.')[-1]}: null) to clear it, "
+                f"or give a value")
+    return f"{where} is empty; give a value (this key cannot be cleared)"
 
-    ``none`` / ``null`` / an empty string clear an optional field; strings for non-string fields are
-    read as YAML (``5``, ``0.2``, ``true``, ``[0.1, 0.5]``); a missing value (null) stays None.
+
+def _yaml_value(text: str, where: str) -> Any:
+    """A CLI / YAML string read as a YAML scalar or list (``5``, ``true``, ``[0.1, 0.5]``)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise ConfigError(f"{where}: {text!r} is not a value dscl can read (e.g. 5, 0.2, true, [0.1, 0.5])") from None
+
+
+def _yaml_number(text: str) -> Any:
+    """YAML's reading of a string Python's int() / float() refused (``.inf``, ``0x10``, ``null``); the
+    string itself when it is not YAML at all (the caller then says which number it needs)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _float(value: Any, where: str) -> float | None:
+    """Every spelling Python's float() takes (``1e-2``, ``5E-4``, ``.5``, ``1_000.5``, ``inf``), plus YAML's
+    (``.inf``): PyYAML follows YAML 1.1, which reads ``1e-2`` (no dot) as a string."""
+    if isinstance(value, str):
+        try:
+            return float(value.strip())
+        except ValueError:
+            value = _yaml_number(value)
+            if value is None:  # null: validate says the key must be set
+                return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{where} must be a number, got {value!r}")
+    return float(value)
+
+
+def _int(value: Any, where: str) -> int | None:
+    """An integer, or a number spelling of one (``1e3``, ``2.0``); ``2.5`` and ``1e400`` are refused."""
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            pass
+        try:
+            number: Any = float(value.strip())
+        except ValueError:
+            number = _yaml_number(value)
+            if number is None:
+                return None
+        if isinstance(number, float) and math.isfinite(number) and number.is_integer():
+            return int(number)
+        if not isinstance(number, int) or isinstance(number, bool):
+            raise ConfigError(f"{where} must be an integer, got {value!r}")
+        return number
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ConfigError(f"{where} must be an integer, got {value!r}")
+    return value
+
+
+def _coerce(value: Any, tp: Any, where: str, key: str | None = None) -> Any:
+    """Convert ``value`` (from YAML or a CLI string) to the field type ``tp``; ``key`` (``section.key``)
+    names it in the hint of an empty value.
+
+    ``none`` / ``null`` clear an optional field; an empty string is refused (it used to clear silently:
+    ``data.n_max=`` meant "no cap"); strings for numeric fields are read as Python numbers, other
+    non-string fields as YAML (``true``, ``[0.1, 0.5]``); a missing value (null) stays None.
     """
     inner, optional = _unwrap_optional(tp)
-    if optional and isinstance(value, str) and value.lower() in ("none", "null", ""):
+    if isinstance(value, str) and value.strip() == "":
+        raise ConfigError(_empty_text(where, key or where, optional))
+    if optional and isinstance(value, str) and value.strip().lower() in ("none", "null"):
         return None
-    if isinstance(value, str) and inner is not str:
-        value = yaml.safe_load(value) if value.strip() != "" else None
+    if isinstance(value, str) and inner not in (str, int, float):
+        value = _yaml_value(value, where)
     if value is None:
         return None
     if inner is bool:
@@ -376,22 +463,19 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where} must be true or false, got {value!r}")
         return value
     if inner is int:
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise ConfigError(f"{where} must be an integer, got {value!r}")
-        return value
+        return _int(value, where)
     if inner is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where} must be a number, got {value!r}")
-        return float(value)
+        return _float(value, where)
     if typing.get_origin(inner) is tuple:
         if isinstance(value, (int, float)):
             value = [value]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where} must be a list like [a, b], got {value!r}")
-        if typing.get_args(inner) and all(a is float for a in typing.get_args(inner)):
-            return tuple(float(v) for v in value)
+        items = [a for a in typing.get_args(inner) if a is not Ellipsis]
+        if items and all(a is float for a in items):
+            return tuple(_float(v, f"{where}[{i}]") for i, v in enumerate(value))
+        if items and all(a is int for a in items):
+            return tuple(_int(v, f"{where}[{i}]") for i, v in enumerate(value))
         return tuple(value)
     if inner is str:
         return str(value)
@@ -422,7 +506,8 @@ def apply_mapping(cfg: Config, mapping: dict[str, Any], source: str) -> None:
                 raise ConfigError(
                     f"{source}: unknown key {section}.{key}; valid keys of {section}: {', '.join(valid)}"
                 )
-            setattr(sub, key, _coerce(value, field_types(type(sub))[key], f"{source}: {section}.{key}"))
+            setattr(sub, key, _coerce(value, field_types(type(sub))[key], f"{source}: {section}.{key}",
+                                     f"{section}.{key}"))
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
@@ -507,7 +592,7 @@ def preset_changes(cfg: Config) -> list[str]:
 
 def config_from_file(path: str | Path) -> Config:
     """The Config of a saved ``config.yaml`` (a run's fully resolved configuration)."""
-    return config_from_dict(yaml.safe_load(Path(path).read_text()) or {}, str(path))
+    return config_from_dict(_read_yaml(Path(path), "run config"), str(path))
 
 
 def config_from_dict(mapping: dict[str, Any], source: str = "config.yaml") -> Config:

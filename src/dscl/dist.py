@@ -18,6 +18,8 @@ import torch
 import torch.distributed as tdist
 from torch import nn
 
+from dscl.errors import LaunchError
+
 
 def is_dist() -> bool:
     """True when a process group is initialised and has more than one process."""
@@ -70,7 +72,7 @@ def _slurm_int(env: Mapping[str, str], name: str) -> int:
     value = env.get(name)
     if value is None or not value.strip().isdigit():
         found = "is not set" if value is None else f"is {value!r}, not a non-negative integer"
-        raise ValueError(f"{name} {found}, but SLURM_STEP_NUM_TASKS={env.get('SLURM_STEP_NUM_TASKS')} says this "
+        raise LaunchError(f"{name} {found}, but SLURM_STEP_NUM_TASKS={env.get('SLURM_STEP_NUM_TASKS')} says this "
                          f"process is one task of a multi-task srun step; start dscl with `srun python -m dscl ...` "
                          f"(or set RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT yourself)")
     return int(value)
@@ -93,7 +95,7 @@ def slurm_environment(env: Mapping[str, str]) -> dict[str, str] | None:
     already set is kept.
 
     Raises:
-        ValueError: a variable the rendezvous needs is missing or malformed (the message names it).
+        LaunchError: a variable the rendezvous needs is missing or malformed (the message names it).
     """
     if (any(name in env for name in TORCHRUN_VARIABLES) or "SLURM_STEP_NUM_TASKS" not in env
             or env.get(SLURM_SWITCH, "").strip() == "0"):
@@ -103,7 +105,7 @@ def slurm_environment(env: Mapping[str, str]) -> dict[str, str] | None:
         return None
     rank, local_rank = _slurm_int(env, "SLURM_PROCID"), _slurm_int(env, "SLURM_LOCALID")
     if rank >= world:
-        raise ValueError(f"SLURM_PROCID={rank} is not below SLURM_STEP_NUM_TASKS={world}")
+        raise LaunchError(f"SLURM_PROCID={rank} is not below SLURM_STEP_NUM_TASKS={world}")
     out = {"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(local_rank)}
     local_world = _tasks_on_this_node(env)
     if local_world is not None:
@@ -113,7 +115,7 @@ def slurm_environment(env: Mapping[str, str]) -> dict[str, str] | None:
     else:
         name = next((n for n in NODELIST_VARIABLES if env.get(n)), None)
         if name is None:
-            raise ValueError(f"none of {', '.join(NODELIST_VARIABLES)} is set: dscl takes the rendezvous host "
+            raise LaunchError(f"none of {', '.join(NODELIST_VARIABLES)} is set: dscl takes the rendezvous host "
                              f"(MASTER_ADDR) from the step's node list; set MASTER_ADDR yourself")
         out["MASTER_ADDR"] = first_host(env[name], variable=name)
     if env.get("MASTER_PORT"):
@@ -121,7 +123,7 @@ def slurm_environment(env: Mapping[str, str]) -> dict[str, str] | None:
     else:
         job = next((env[n] for n in ("SLURM_JOB_ID", "SLURM_JOBID") if env.get(n)), None)
         if job is None or not job.strip().isdigit():
-            raise ValueError(f"SLURM_JOB_ID is {'not set' if job is None else repr(job)}: dscl derives the "
+            raise LaunchError(f"SLURM_JOB_ID is {'not set' if job is None else repr(job)}: dscl derives the "
                              f"rendezvous port from it; set MASTER_PORT yourself")
         out["MASTER_PORT"] = str(slurm_port(int(job)))
     return out
@@ -151,7 +153,7 @@ def tasks_per_node(spec: str) -> list[int]:
     for part in spec.split(","):
         m = re.fullmatch(r"\s*(\d+)(?:\(x(\d+)\))?\s*", part)
         if m is None:
-            raise ValueError(f"{spec!r} is not a SLURM tasks-per-node list like 2(x3),1")
+            raise LaunchError(f"{spec!r} is not a SLURM tasks-per-node list like 2(x3),1")
         counts += [int(m.group(1))] * int(m.group(2) or 1)
     return counts
 
@@ -162,8 +164,8 @@ _Piece = str | tuple[tuple[int, int, int], ...]  # literal text, or a bracket gr
 def _hostlist_entries(nodelist: str, variable: str) -> list[list[_Piece]]:
     """Parse a SLURM hostlist into entries (split at commas outside brackets), each a list of pieces."""
 
-    def bad(why: str) -> ValueError:
-        return ValueError(f"{variable}={nodelist!r} is not a SLURM host list ({why}); expected names like "
+    def bad(why: str) -> LaunchError:
+        return LaunchError(f"{variable}={nodelist!r} is not a SLURM host list ({why}); expected names like "
                           f"gpu[01-03,07],cpu5")
 
     entries: list[list[_Piece]] = []
@@ -255,7 +257,7 @@ def cuda_index(local_rank: int, visible: int) -> int:
         return local_rank
     devices = os.environ.get("CUDA_VISIBLE_DEVICES")
     shown = f" (CUDA_VISIBLE_DEVICES={devices})" if devices is not None else ""
-    raise RuntimeError(f"LOCAL_RANK={local_rank} but this process sees {visible} GPUs{shown}: start at most one "
+    raise LaunchError(f"LOCAL_RANK={local_rank} but this process sees {visible} GPUs{shown}: start at most one "
                        f"process per visible GPU on each node, or give each SLURM task its own GPU "
                        f"(--gpus-per-task=1)")
 
@@ -274,7 +276,7 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     else:
         dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"--device {device} was asked for but torch sees no CUDA GPU; use --device cpu")
+        raise LaunchError(f"--device {device} was asked for but torch sees no CUDA GPU; use --device cpu")
     return dev
 
 

@@ -20,6 +20,7 @@ import torch
 from dscl import dist
 from dscl.config import method_name
 from dscl.data import DatasetSplits, LTDataset, build_datasets
+from dscl.errors import DsclError, UsageError
 from dscl.evaluation import chance_warning, check_run_matches_data
 from dscl.features import extract_features
 from dscl.inference import ENSEMBLE_FILE, Predictor, load_run
@@ -30,7 +31,7 @@ from dscl.run import RunDirError, prepare_run_dir
 from dscl.runtime import num_workers, say
 
 
-class EnsembleError(ValueError):
+class EnsembleError(DsclError, ValueError):
     """Runs that cannot be ensembled (fewer than two, other datasets or classes)."""
 
 
@@ -41,7 +42,7 @@ def _split_of(splits: DatasetSplits, split: str, run: Path) -> LTDataset:
         if splits.val is None:
             raise RunDirError(f"the dataset of {run} has no validation split; use --split test")
         return splits.val
-    raise ValueError(f"--split must be test or val, got {split!r}")
+    raise UsageError(f"--split must be test or val, got {split!r}")
 
 
 def check_same_data(runs: Sequence[Path], all_splits: Sequence[DatasetSplits], split: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -13,11 +14,23 @@ from dscl import dist, trackers
 from dscl.config import Config, method_name, preset_changes, preset_expected
 from dscl.data import DataError, DatasetSplits, build_datasets
 from dscl.data.inputs import LIST_SUFFIXES, Inputs, collect_inputs
+from dscl.errors import UsageError
 from dscl.features import extract_features
-from dscl.inference import Predictor, load_run
+from dscl.inference import EnsemblePredictor, Predictor, is_ensemble, load_ensemble, load_run
 from dscl.metrics import confusion_matrix, summarize
 from dscl.report import build_report, write_predictions, write_report
-from dscl.run import CheckpointError, ClassifierRecord, RunDirError, Stage1Summary, load_run_config, stage1_summary
+from dscl.run import (
+    SUMMARY_FILE,
+    CheckpointError,
+    ClassifierRecord,
+    RunDirError,
+    Stage1Summary,
+    check_run_config,
+    load_run_config,
+    make_out_dir,
+    out_path_problem,
+    stage1_summary,
+)
 from dscl.runtime import num_workers, say
 
 
@@ -31,7 +44,10 @@ def evaluate(run_dir: str | Path, *, split: str = "test", cfg: Config | None = N
     """
     dev = dist.init(device)
     run_dir = Path(run_dir)
-    cfg = cfg or load_run_config(run_dir)
+    if cfg is None:
+        cfg = load_run_config(run_dir)  # checked against the checkpoint there
+    else:
+        check_run_config(run_dir, cfg, "the config given to evaluate")
     trackers.require_trackers(cfg)
     t0 = time.perf_counter()
     predictor = load_run(run_dir, cfg=cfg, device=dev)
@@ -48,7 +64,7 @@ def evaluate(run_dir: str | Path, *, split: str = "test", cfg: Config | None = N
     elif split == "test":
         dataset = splits.test
     else:
-        raise ValueError(f"--split must be test or val, got {split!r}")
+        raise UsageError(f"--split must be test or val, got {split!r}")
     predictor.backbone.to(memory_format=torch.channels_last)
     feats, labels = extract_features(predictor.backbone, dataset.with_transform(predictor.transform),
                                      batch_size=256, device=dev, workers=num_workers(cfg.data.num_workers),
@@ -56,12 +72,13 @@ def evaluate(run_dir: str | Path, *, split: str = "test", cfg: Config | None = N
     logits, summary, variants = score(predictor, feats, labels)
     stage1 = stage1_summary(run_dir)
     wall = stage1.wall_seconds + (record.wall_seconds if record else 0.0) + (time.perf_counter() - t0)
-    method, epochs = imported_method(stage1, record) or (method_name(cfg), cfg.optim.epochs)
+    method, epochs = imported_method(stage1, record) or trained_method(stage1, cfg, run_dir)
     report = build_report(summary, dataset=splits.name, method=method, seed=cfg.optim.seed,
                           epochs=epochs, wall_seconds=round(wall, 1), split=split,
                           selection=record.selection if record else "", variants=variants,
                           many_threshold=cfg.eval.many_threshold, few_threshold=cfg.eval.few_threshold,
-                          run_info=run_facts(stage1, splits, cfg))
+                          run_info=run_facts(stage1, splits, cfg, classifier=record,
+                                             standardized=predictor.feature_stats is not None))
     if dist.is_main():
         target = run_dir if split == "test" else run_dir / "val"
         written = write_evaluation_files(target, report, logits, labels, splits.class_names,
@@ -75,7 +92,7 @@ def evaluate(run_dir: str | Path, *, split: str = "test", cfg: Config | None = N
     return report
 
 
-def score(predictor: Predictor, feats: torch.Tensor, labels: torch.Tensor,
+def score(predictor: Predictor | EnsemblePredictor, feats: Any, labels: torch.Tensor,
           ) -> tuple[torch.Tensor, dict[str, Any], list[dict[str, Any]]]:
     """The plain classifier's logits, its :func:`summarize` (groups from the run's training counts) and
     the post-hoc variant rows (logit adjustment, tau-norm, NCM where the run has class means)."""
@@ -99,28 +116,30 @@ def score(predictor: Predictor, feats: torch.Tensor, labels: torch.Tensor,
     return logits, summary, variants
 
 
-def labelled_data(data: str | Path, predictor: Predictor, data_root: str | Path | None = None) -> Inputs:
+def labelled_data(data: str | Path, predictor: Predictor | EnsemblePredictor,
+                  data_root: str | Path | None = None) -> Inputs:
     """The labelled images of ``data`` for :func:`evaluate_data`: a folder with one sub-folder per class
-    (named like the run's classes; images found recursively) or a labelled list (class names or indices,
+    (named like the run's classes, or their folder-safe spelling, :func:`dscl.data.readers.match_class_folders`,
+    the mapping used in ``notes``; images found recursively) or a labelled list (class names or indices,
     :func:`dscl.data.inputs.read_labelled_list`; BBN json). Every image must have a label.
 
     Raises:
         DataError: a folder of an unknown class (named), a folder without class folders, an unlabelled
             list entry, or no image at all.
     """
-    from dscl.data.readers import read_folder_split
+    from dscl.data.readers import folder_safe_spellings, match_class_folders, read_folder_split
 
     path = Path(data)
     names = predictor.class_names
     if path.is_dir():
-        folders = sorted(d for d in path.iterdir() if d.is_dir() and not d.name.startswith("."))
-        unknown = [d.name for d in folders if d.name not in names]
+        _, unknown, notes = match_class_folders(path, names)  # the rule the folder datasets follow too
         if unknown:
+            example = next((f" ({s} for {names[i]})" for s, i in folder_safe_spellings(names).items()), "")
             raise DataError(f"{path}: class folder(s) {', '.join(unknown[:10])} are not classes of the run "
-                            f"{predictor.run_dir} ({', '.join(names[:10])}{', ...' if len(names) > 10 else ''}); "
-                            "rename them or leave them out")
+                            f"{predictor.run_dir} ({', '.join(names[:10])}{', ...' if len(names) > 10 else ''}) "
+                            f"or their folder-safe spellings{example}; rename them or leave them out")
         paths, labels, _ = read_folder_split(path, list(names))  # the run's class order
-        inputs = Inputs(paths, list(labels))
+        inputs = Inputs(paths, list(labels), notes)
         if not inputs.paths:
             raise DataError(f"{path} holds no image in class folders: give a folder with one sub-folder per class "
                             f"(named like the run's classes), or a labelled list")
@@ -145,45 +164,129 @@ def evaluate_data(run_dir: str | Path, data: str | Path, out: str | Path, *, dat
     """Score a classified run on new labelled data (another test set, a moved or shifted dataset).
 
     ``data`` is a folder of class folders or a labelled list (:func:`labelled_data`); classes are matched
-    by name. Writes report.json / report.md / per_class.csv / confusion.csv / predictions.csv / plots into
-    ``out`` with Many / Medium / Few from the **run's** training counts; a run class with no image in
-    ``data`` is reported as missing. An unreadable image stops the evaluation before anything is written.
-    Returns the report.
+    by name (or a folder's folder-safe spelling of it). Writes report.json / report.md / per_class.csv /
+    confusion.csv / predictions.csv / plots into ``out`` with Many / Medium / Few from the **run's**
+    training counts; a run class with no image in ``data`` is reported as missing. A missing or unreadable
+    image stops the evaluation before anything is written. ``run_dir`` may be an ensemble folder of
+    ``dscl ensemble`` (:func:`evaluate_ensemble_data`; ``cfg`` must then be None). Returns the report.
     """
-    from dscl.data.inputs import iter_files
-
     run_dir, out = Path(run_dir), Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise RunDirError(f"--out {out} exists and is not an empty folder; pass --overwrite or choose another")
+    check_data_out(out, overwrite)
     t0 = time.perf_counter()
+    if is_ensemble(run_dir):
+        if cfg is not None:
+            raise UsageError(f"{run_dir} is an ensemble folder: its members' own configs are used, so no config "
+                             "(section.key=value overrides) can be given for it")
+        return evaluate_ensemble_data(load_ensemble(run_dir, device=device), data, out, data_root=data_root,
+                                      batch_size=batch_size, workers=workers, t0=t0)
     predictor = load_run(run_dir, cfg=cfg, device=device)
-    predictor.require_classifier()
-    inputs = labelled_data(data, predictor, data_root)
-    for note in inputs.notes:
-        say(f"note: {note}")
-    feats, failed = [], []
-    for batch in iter_files(predictor.transform, inputs.paths, batch_size=batch_size, workers=workers):
-        failed += [(p, e) for p, e in zip(batch.paths, batch.errors, strict=True) if e is not None]
-        if len(batch.images):
-            feats.append(predictor.features_of(batch.images).cpu())
-    if failed:
-        shown = "; ".join(f"{p}: {e}" for p, e in failed[:5])
-        raise DataError(f"{len(failed)} image(s) of {data} could not be read ({shown}"
-                        f"{'; ...' if len(failed) > 5 else ''}); nothing was written")
-    labels = torch.tensor([int(y) for y in inputs.labels if y is not None])
-    logits, summary, variants = score(predictor, torch.cat(feats), labels)
+    inputs, feats, labels = data_features(predictor, data, data_root, batch_size=batch_size, workers=workers)
+    logits, summary, variants = score(predictor, feats, labels)
     cfg = predictor.cfg
     stage1 = stage1_summary(run_dir)
-    method, epochs = imported_method(stage1, predictor.record) or (method_name(cfg), cfg.optim.epochs)
-    facts = run_facts(stage1, None, cfg)
+    method, epochs = imported_method(stage1, predictor.record) or trained_method(stage1, cfg, run_dir)
+    facts = run_facts(stage1, None, cfg, classifier=predictor.record,
+                      standardized=predictor.feature_stats is not None)
     facts.update(data_source=str(Path(data).resolve()), data_notes=inputs.notes, run=str(run_dir.resolve()))
     report = build_report(summary, dataset=f"{Path(data).name} (new data)", method=method, seed=cfg.optim.seed,
                           epochs=epochs, wall_seconds=round(time.perf_counter() - t0, 1), split="data",
                           selection=predictor.record.selection if predictor.record else "", variants=variants,
                           many_threshold=cfg.eval.many_threshold, few_threshold=cfg.eval.few_threshold,
                           run_info=facts)
-    write_evaluation_files(out, report, logits, labels, predictor.class_names, inputs.paths, cfg)
-    warning = chance_warning(report["top1"], predictor.num_classes)
+    return _finish_data_report(out, report, logits, labels, predictor.class_names, inputs, cfg)
+
+
+def check_data_out(out: Path, overwrite: bool) -> None:
+    """Refuse an ``--out`` for :func:`evaluate_data` that cannot take its files, before any work: under a file
+    or onto a file (:func:`dscl.run.out_path_problem`), or a folder with files in it (unless ``overwrite``)."""
+    problem = out_path_problem(out, folder=True)
+    if problem:
+        raise RunDirError(problem)
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise RunDirError(f"--out {out} exists and is not empty; pass --overwrite to replace its report files, "
+                          f"or choose another --out")
+
+
+def data_features(predictor: Predictor | EnsemblePredictor, data: str | Path, data_root: str | Path | None, *,
+                  batch_size: int, workers: int) -> tuple[Inputs, Any, torch.Tensor]:
+    """The labelled images of ``data`` (:func:`labelled_data`), their features and labels ``(N,)``.
+
+    Features: ``(N, D)`` float32 on the CPU, or for an ensemble one such tensor per member (a list). Every
+    file is checked before any is decoded, so a wrong list fails at once, with one hint.
+
+    Raises:
+        DataError: files that do not exist or cannot be decoded (nothing was written).
+    """
+    from dscl.data.inputs import iter_files
+
+    predictor.require_classifier()
+    inputs = labelled_data(data, predictor, data_root)
+    for note in inputs.notes:
+        say(f"note: {note}")
+    check_data_files(inputs.paths, Path(data), data_root)
+    chunks: list[Any] = []  # per batch: a tensor, or a list of the members' tensors
+    failed: list[str] = []
+    for batch in iter_files(predictor.transform, inputs.paths, batch_size=batch_size, workers=workers):
+        failed += [e for e in batch.errors if e is not None]
+        if len(batch.images):
+            f = predictor.features_of(batch.images)
+            chunks.append([x.cpu() for x in f] if isinstance(f, list) else f.cpu())
+    if failed:
+        raise DataError(f"{len(failed)} image(s) of {data} could not be read ({'; '.join(failed[:3])}"
+                        f"{'; ...' if len(failed) > 3 else ''}); replace or remove them; nothing was written")
+    feats = ([torch.cat(parts) for parts in zip(*chunks, strict=True)] if isinstance(chunks[0], list)
+             else torch.cat(chunks))
+    return inputs, feats, torch.tensor([int(y) for y in inputs.labels if y is not None])
+
+
+def check_data_files(paths: Sequence[str], data: Path, data_root: str | Path | None) -> None:
+    """Refuse image files of ``data`` that do not exist, in one line, with the hint that fits: where the
+    paths of a list are read from."""
+    missing = [p for p in paths if not Path(p).is_file()]
+    if not missing:
+        return
+    shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
+    if data.is_dir():
+        raise DataError(f"{len(missing)} image file(s) of {data} disappeared while it was read ({shown}); "
+                        "nothing was written")
+    where = f"{data_root} (--data-root)" if data_root is not None else f"{data.parent.absolute()} (the list's folder)"
+    raise DataError(f"{len(missing)} of the {len(paths)} image files listed in {data} do not exist ({shown}); "
+                    f"its paths are read relative to {where}; pass --data-root DIR if they start in "
+                    "another folder; nothing was written")
+
+
+def evaluate_ensemble_data(ens: EnsemblePredictor, data: str | Path, out: Path, *, data_root: str | Path | None,
+                           batch_size: int, workers: int, t0: float) -> dict[str, Any]:
+    """:func:`evaluate_data` for an ensemble folder: the report of its averaged softmax predictions (post-hoc
+    rows averaged the same way), one row per member below, ``members`` as in ``dscl ensemble``'s report."""
+    from dscl.report import variant_row
+
+    inputs, feats, labels = data_features(ens, data, data_root, batch_size=batch_size, workers=workers)
+    logits, summary, variants = score(ens, feats, labels)
+    cfg = ens.cfg
+    many, few = cfg.eval.many_threshold, cfg.eval.few_threshold
+    members = []
+    for k, (m, f) in enumerate(zip(ens.members, feats, strict=True), start=1):
+        s = summarize(m.logits_from_features(f), labels, ens.train_counts, many_threshold=many, few_threshold=few)
+        method = method_name(m.cfg)
+        variants.append(variant_row(f"member {k}: {m.run_dir.name} ({method})", s))
+        members.append({"run": str(m.run_dir.resolve()), "method": method, "top1": variants[-1]["top1"]})
+    names = ", ".join(m["run"] for m in members)
+    facts = {"members": members, "data_source": str(Path(data).resolve()), "data_notes": inputs.notes,
+             "run": str(ens.run_dir.resolve())}
+    report = build_report(summary, dataset=f"{Path(data).name} (new data)", method=f"ensemble of {len(members)} runs",
+                          seed=cfg.optim.seed, epochs=cfg.optim.epochs, wall_seconds=round(time.perf_counter() - t0, 1),
+                          split="data", selection=f"equal-weight average of the softmax outputs of {names}; each "
+                          "run's own stage-2 selection", variants=variants, many_threshold=many, few_threshold=few,
+                          run_info=facts)
+    return _finish_data_report(out, report, logits, labels, ens.class_names, inputs, cfg)
+
+
+def _finish_data_report(out: Path, report: dict[str, Any], logits: torch.Tensor, labels: torch.Tensor,
+                        class_names: list[str], inputs: Inputs, cfg: Config) -> dict[str, Any]:
+    """Write the report of new labelled data (a run's or an ensemble's) and warn when it reads near chance."""
+    write_evaluation_files(out, report, logits, labels, class_names, inputs.paths, cfg)
+    warning = chance_warning(report["top1"], len(class_names))
     if warning:
         say(warning + "".join(f"\n{n}" for n in inputs.notes))
     return report
@@ -199,6 +302,17 @@ def imported_method(stage1: Stage1Summary, classifier: ClassifierRecord | None) 
     if classifier is not None and classifier.imported:
         return f"imported {imported.get('format')} checkpoint", None
     return f"imported {imported.get('format')} backbone + dscl classifier", None
+
+
+def trained_method(stage1: Stage1Summary, cfg: Config, run_dir: Path) -> tuple[str, int]:
+    """``(method, epochs)`` of a run dscl trained, as its stage-1 checkpoint records them (the config
+    only for a checkpoint that lacks the method). A ``config.yaml`` whose ``optim.epochs`` says otherwise
+    (hand-edited, or a ``--resume`` to more epochs that has not saved yet) gets a note: reports say what
+    was trained."""
+    if cfg.optim.epochs != stage1.epoch:
+        say(f"note: {run_dir / 'config.yaml'} says optim.epochs={cfg.optim.epochs}, but stage 1 trained "
+            f"{stage1.epoch} ({run_dir / SUMMARY_FILE}); the report says {stage1.epoch}")
+    return stage1.facts.method or method_name(cfg), stage1.epoch
 
 
 def check_run_matches_data(predictor: Predictor, splits: DatasetSplits) -> None:
@@ -231,7 +345,8 @@ def chance_warning(top1: float | None, num_classes: int) -> str | None:
             f"list of missing / unexpected keys and the run's config.\n{bar}")
 
 
-def run_facts(stage1: Stage1Summary, splits: DatasetSplits | None, cfg: Config) -> dict[str, Any]:
+def run_facts(stage1: Stage1Summary, splits: DatasetSplits | None, cfg: Config, *,
+              classifier: ClassifierRecord | None = None, standardized: bool | None = None) -> dict[str, Any]:
     """How the run was made, for ``report.json``.
 
     From stage 1's facts (:class:`~dscl.run.RunFacts`): ``precision`` (fp32 / bf16 / fp16), ``device``,
@@ -244,7 +359,10 @@ def run_facts(stage1: Stage1Summary, splits: DatasetSplits | None, cfg: Config) 
     unchanged (:func:`dscl.config.preset_changes` empty), else None (``splits`` None: data that is not
     the run's dataset, so no fingerprint, data folder or published numbers). ``profile`` and ``conventions``
     say where the run follows the official code and where it takes our deliberate differences
-    (README "Deliberate differences").
+    (README "Deliberate differences"); the classifier's protocol comes from ``classifier`` (its checkpoint's
+    record) and its standardisation from ``standardized`` (whether the checkpoint holds the statistics)
+    where given, since ``config.yaml``'s ``classifier.*`` may have been edited since stage 2 ran. The
+    preset comparison uses the epochs stage 1 trained, not ``optim.epochs``.
     """
     fingerprint = splits.train.fingerprint() if splits is not None else None
     s1 = stage1.facts
@@ -259,14 +377,18 @@ def run_facts(stage1: Stage1Summary, splits: DatasetSplits | None, cfg: Config) 
     if not imported:  # the config's conventions say how dscl trained it; an imported checkpoint's are unknown
         facts["profile"] = cfg.profile
         facts["conventions"] = {"patch_bn": cfg.model.patch_bn, "roi_aligned": cfg.model.roi_aligned,
-                                "queue_init": cfg.model.queue_init, "classifier_protocol": cfg.classifier.protocol,
+                                "queue_init": cfg.model.queue_init,
+                                "classifier_protocol": classifier.protocol if classifier else cfg.classifier.protocol,
                                 "classifier_standardize": cfg.classifier.standardize}
+        if classifier is not None and standardized is not None and classifier.stats_recorded:
+            facts["conventions"]["classifier_standardize"] = standardized
     if splits is not None and s1.train_fingerprint not in (None, fingerprint):
         facts["stage1_train_fingerprint"] = s1.train_fingerprint
     if imported:  # the source checkpoint, named (report.md says how it was trained is unknown)
         facts["imported"] = dict(imported)
     # the paper's numbers for this configuration, only when the run is the preset unchanged
-    facts["expected"] = (preset_expected(cfg.preset) if not (preset_changes(cfg) or imported or splits is None)
+    trained = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, epochs=stage1.epoch))
+    facts["expected"] = (preset_expected(cfg.preset) if not (preset_changes(trained) or imported or splits is None)
                          else None)
     return facts
 
@@ -275,7 +397,7 @@ def write_evaluation_files(target: Path, report: dict[str, Any], logits: torch.T
                            class_names: Sequence[str], paths: Sequence[str | None], cfg: Config) -> list[Path]:
     """Every file of an evaluation into ``target``: report.json / .md, per_class.csv, confusion.csv,
     predictions.csv and plots (rank 0 only; each file atomic). Returns the paths written."""
-    target.mkdir(parents=True, exist_ok=True)
+    make_out_dir(target)
     conf = confusion_matrix(logits.argmax(1), labels, len(class_names))
     written = write_report(target, report, confusion=conf, class_names=class_names,
                            many_threshold=cfg.eval.many_threshold, few_threshold=cfg.eval.few_threshold)

@@ -38,6 +38,7 @@ from dscl.config import Config
 from dscl.data import DataError
 from dscl.data.preprocess import ImageLike, ImageTransform, Preprocess, image_items, input_mode, to_uint8_hwc
 from dscl.dist import resolve_device
+from dscl.errors import UsageError
 from dscl.features import frozen_backbone
 from dscl.metrics import logit_adjust, ncm_logits, tau_norm_logits
 from dscl.run import (
@@ -159,12 +160,12 @@ class Predictor:
         """Pooled features ``(N, D)`` -> logits ``(N, C)`` of one variant.
 
         ``plain``: the linear classifier; ``logit-adjust``: minus ``tau * log(prior)`` of the training
-        counts (``classifier.logit_adjust_tau``); ``tau-norm``: the classifier with tau-normalised weights
-        (``classifier.tau_norm``) in the space it was trained in, bias kept, so tau = 0 is ``plain``
+        counts (``classifier.logit_adjust_tau``); ``tau-norm``: each class's weight row and bias divided by the
+        row's norm to the power ``classifier.tau_norm``, in the space it was trained in, so tau = 0 is ``plain``
         (:func:`dscl.metrics.tau_norm_logits`); ``ncm``: cosine to the class means of clean training features.
         """
         if variant not in VARIANTS:
-            raise ValueError(f"--variant {variant!r}: use one of {', '.join(VARIANTS)}")
+            raise UsageError(f"--variant {variant!r}: use one of {', '.join(VARIANTS)}")
         if variant == "ncm":
             if self.class_means is None:
                 raise CheckpointError(f"{self.source} holds no class means (an imported classifier); "
@@ -198,7 +199,7 @@ class Predictor:
 
     def _batches(self, images: Any, batch_size: int) -> Iterator[Tensor]:
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise UsageError(f"batch_size must be >= 1, got {batch_size}")
         items = image_items(images)
         for lo in range(0, len(items), batch_size):
             yield self.transform.batch(items[lo:lo + batch_size])

@@ -35,13 +35,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
 from dscl import dist
 from dscl.backbones import BACKBONES, build_backbone
 from dscl.config import Config, dump_config, method_name
+from dscl.errors import UsageError
 from dscl.inference import ImageClassifier, Predictor
 from dscl.io import atomic_write
 from dscl.model import DSCLModel, Encoder
@@ -55,7 +55,9 @@ from dscl.run import (
     Stage1State,
     check_output_file,
     checkpoint_stage,
+    damaged_checkpoint,
     prepare_run_dir,
+    read_weights_only,
     save_classifier,
     save_stage1,
     state_from_dict,
@@ -80,37 +82,43 @@ def _first(keys: list[str], n: int = _SHOWN) -> str:
 
 
 def read_external(path: str | Path) -> Any:
-    """``torch.load`` with ``weights_only=True`` (tensors, containers, numbers, strings only).
-
-    numpy arrays (the RNG state of a dscl ``last.pt``) are allowed too; any other pickled object is
+    """A checkpoint trained elsewhere, read like dscl's own (:func:`dscl.run.read_weights_only`: tensors,
+    containers, numbers, strings and numpy's RNG arrays) plus two classes of plain data other training
+    code saves next to the weights: torch's version string (a str subclass) and ``argparse.Namespace``
+    (a script's ``args``; its attributes are read with the same restrictions). Any other pickled object is
     refused, because unpickling an untrusted file can run arbitrary code.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    import importlib
+    import argparse
 
+    problem = _not_a_checkpoint(Path(path))
+    if problem:
+        raise CheckpointError(problem)
+    return read_weights_only(path, allowed=[torch.torch_version.TorchVersion, argparse.Namespace])
+
+
+def _not_a_checkpoint(path: Path) -> str | None:
+    """Why ``path`` is an export of a model, not a checkpoint of weights, in one complete sentence (the files
+    users mistake for one), before torch's messages about them; None otherwise (an empty or cut-off file:
+    :func:`dscl.run.read_weights_only` says so)."""
+    import zipfile
+
+    export = ("a compiled model, not a checkpoint of weights, so it cannot be imported; import the run's weights "
+              "instead: dscl export --run RUN --format state-dict --out FILE.pt, then dscl import --checkpoint FILE.pt")
+    if not path.is_file():
+        return None  # read_weights_only says so
+    if path.suffix.lower() == ".onnx":
+        return f"{path} is an ONNX export: {export}"
+    if damaged_checkpoint(path):
+        return None
     try:
-        multiarray = importlib.import_module("numpy._core.multiarray")  # numpy 2
-    except ImportError:  # numpy 1
-        multiarray = importlib.import_module("numpy.core.multiarray")
-    # numpy arrays (RNG states) and torch's version string (a str subclass) are data, not code
-    allowed: list[Any] = [multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32)),
-                          torch.torch_version.TorchVersion]
-    try:
-        with torch.serialization.safe_globals(allowed):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure means a file we will not read
-        try:
-            objects = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-        except Exception:  # noqa: BLE001 - not even a zip checkpoint
-            objects = []
-        what = (f"it holds Python objects ({', '.join(objects[:5])})" if objects else
-                f"it is not a torch checkpoint ({str(exc).splitlines()[0][:200]})")
-        raise CheckpointError(
-            f"cannot read checkpoint {path} as weights: {what}; dscl reads external checkpoints with "
-            "torch.load(weights_only=True), which refuses anything but tensors and plain containers"
-        ) from exc
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except zipfile.BadZipFile:
+        return None  # an older pickle-only torch file, or not torch at all
+    # a TorchScript archive holds the compiled code (code/...) and its constants.pkl; a torch.save one neither
+    if any(n.split("/", 1)[-1].startswith("code/") or n.endswith("/constants.pkl") for n in names):
+        return f"{path} is a TorchScript export (dscl export --format torchscript, torch.jit.save): {export}"
+    return None
 
 
 def _tensor_dict(obj: Any) -> dict[str, Tensor] | None:
@@ -328,9 +336,10 @@ def import_checkpoint(path: str | Path, cfg: Config, out: str | Path, *, fmt: st
         DataError: the preset's dataset is missing (its classes and counts are stored in the run).
     """
     if fmt not in IMPORT_FORMATS:
-        raise ValueError(f"--format {fmt!r}: use one of {', '.join(IMPORT_FORMATS)}")
+        raise UsageError(f"--format {fmt!r}: use one of {', '.join(IMPORT_FORMATS)}")
     path = Path(path)
-    out = prepare_run_dir(out, resume=False, overwrite=overwrite, check_only=True)
+    # resumable=False: dscl import has no --resume to suggest
+    out = prepare_run_dir(out, resume=False, overwrite=overwrite, check_only=True, resumable=False)
     obj = read_external(path)
     fmt, mapped = _read_mapped(obj, fmt, path)
 
@@ -349,14 +358,15 @@ def import_checkpoint(path: str | Path, cfg: Config, out: str | Path, *, fmt: st
                 "momentum": mapped.momentum is not None,
                 "file_epoch": obj.get("epoch") if isinstance(obj, Mapping) and isinstance(obj.get("epoch"), int)
                 else None}
-    prepare_run_dir(out, resume=False, overwrite=overwrite)
+    prepare_run_dir(out, resume=False, overwrite=overwrite, resumable=False)
     if dist.is_main():
         data = DataMeta.of(splits.class_names, splits.train_counts, splits.mean, splits.std)
         dump_config(cfg, out / "config.yaml")
         facts = RunFacts(method=method_name(cfg), backbone=cfg.model.backbone, num_classes=splits.num_classes,
                          dim=cfg.model.dim, imported=imported)
         save_stage1(out, Stage1State(epoch=cfg.optim.epochs, epochs=cfg.optim.epochs, finished=True,
-                                     wall_seconds=0.0, facts=facts, data=data, model=model.state_dict(),
+                                     wall_seconds=0.0, facts=facts, data=data, config=cfg.to_dict(),
+                                     model=model.state_dict(),
                                      rng=[rng_state()]))
         if fc_state is not None:
             save_classifier(out, ClassifierState(
@@ -480,7 +490,8 @@ def export_torchscript(predictor: Predictor, out: Path) -> Path:
 
 
 class _OnnxGraph(nn.Module):
-    """Evaluation-size float images ``(N, 3, S, S)`` in [0, 1] -> logits (resizing is the caller's)."""
+    """Evaluation-size float images ``(N, 3, S, S)`` in [0, 1], not normalised -> logits (resizing is the
+    caller's; grey conversion and normalisation are inside)."""
 
     def __init__(self, m: ImageClassifier) -> None:
         super().__init__()
@@ -502,15 +513,16 @@ def _need_onnx() -> Any:
         import onnxscript  # noqa: F401 - the torch.onnx exporter needs it
     except ImportError as exc:
         raise CheckpointError(
-            f"ONNX export needs the optional extra: pip install 'dscl[export]' (onnx, onnxscript, onnxruntime); "
+            f"ONNX export needs the optional extra: pip install 'dscl-lt[export]' (onnx, onnxscript, onnxruntime); "
             f"{exc}"
         ) from exc
     return onnx
 
 
 def export_onnx(predictor: Predictor, out: Path, *, opset: int = ONNX_OPSET) -> Path:
-    """ONNX file: float32 ``images`` ``(N, 3, S, S)`` in [0, 1], already resized / cropped to the run's
-    evaluation view, -> ``logits`` ``(N, C)``; dynamic batch. Needs ``pip install 'dscl[export]'``."""
+    """ONNX file: float32 ``images`` ``(N, 3, S, S)`` = pixels / 255, already resized / cropped to the run's
+    evaluation view and NOT normalised (the graph normalises), -> ``logits`` ``(N, C)``; dynamic batch
+    (:func:`export_recipe`). Needs ``pip install 'dscl-lt[export]'``."""
     onnx = _need_onnx()
     import contextlib
     import io
@@ -564,10 +576,48 @@ def export_state_dict(predictor: Predictor, out: Path) -> Path:
     return atomic_write(out, lambda f: torch.save(payload, f))
 
 
+def _view_words(predictor: Predictor) -> str:
+    """How the evaluation view is sized (dscl.data.preprocess.Preprocess), in words."""
+    s, pre = predictor.image_size, predictor.transform.preprocess
+    if s >= 128:
+        return (f"shorter side resized to {pre.resize_short} px with antialiased bilinear, then the centre {s} x {s} "
+                f"crop")
+    return (f"resized to {s} x {s} with antialiased bilinear (PIL's img.resize(({s}, {s}), Image.BILINEAR) gives "
+            f"the same pixels to within 1/255)")
+
+
+def export_recipe(predictor: Predictor, fmt: str, path: str | Path) -> str:
+    """How to use the file :func:`export_run` wrote in ``fmt``, as ``dscl export`` prints it.
+
+    Each recipe is the exported file's input contract; tests follow it word for word and compare with
+    :meth:`Predictor.logits`, so a change here is a change of what users are told to do.
+    """
+    s, c, mode = predictor.image_size, predictor.num_classes, predictor.input_mode
+    if fmt == "torchscript":
+        return (f"torch.jit.load({str(path)!r})(x) -> logits (N, {c}); x = uint8 (N, H, W, C) pixels or float "
+                f"(N, C, H, W) in [0, 1], any size (resized to {s} px, {mode} conversion and normalisation inside); "
+                "class names in the file's extra file meta.json; the same x gives Predictor.logits(x)")
+    if fmt == "onnx":
+        # the graph normalises itself: Predictor.transform.batch (already normalised) must not be its input
+        grey = ("a grey image on all 3 channels; colour is converted to grey inside" if mode == "L" else
+                "a grey image repeated on the 3 channels")
+        return (f"input 'images': float32 (N, 3, {s}, {s}) = RGB pixel values / 255 ({grey}), "
+                f"{_view_words(predictor)}, NOT normalised: the graph subtracts the run's mean and divides by its "
+                "std itself (so not Predictor.transform.batch(...), whose output is normalised already); for the "
+                f"same x, Predictor.logits(x) gives the same logits. Output 'logits' (N, {c}); dynamic batch; "
+                "class names, mean, std and image_size in the model's metadata_props")
+    name = predictor.cfg.model.backbone
+    layout = (f"torchvision / timm keys: torchvision.models.{name}().load_state_dict(sd['backbone'], strict=False) "
+              "misses only fc" if name in TORCHVISION_LAYOUT else
+              f"dscl's own keys ({name} has no torchvision equivalent): "
+              f"dscl.backbones.build_backbone({name!r}).load_state_dict(sd['backbone'])")
+    return f"sd = torch.load(...): 'backbone' ({layout}), 'fc' (weight, bias), class_names, mean, std, image_size"
+
+
 def export_run(predictor: Predictor, fmt: str, out: str | Path, *, overwrite: bool = False) -> Path:
     """Export a loaded run in ``fmt`` (:data:`EXPORT_FORMATS`) to the file ``out`` (atomic)."""
     if fmt not in EXPORT_FORMATS:
-        raise ValueError(f"--format {fmt!r}: use one of {', '.join(EXPORT_FORMATS)}")
+        raise UsageError(f"--format {fmt!r}: use one of {', '.join(EXPORT_FORMATS)}")
     out = Path(out)
     predictor._require_fc()
     if fmt == "onnx":  # check the extra before anything is created

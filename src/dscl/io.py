@@ -1,4 +1,4 @@
-"""Files every part of dscl writes: atomic writes (bytes, text, JSON, CSV, figures) and durations.
+"""Files every part of dscl writes: atomic writes (bytes, text, JSON, CSV, figures), JSON reads and durations.
 
 Every file is written through a temp file in the same folder that is then ``os.replace``-d into
 place, so a crash, Ctrl-C or a full disk never leaves half a checkpoint, report, CSV or plot behind
@@ -16,6 +16,8 @@ import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any
+
+from dscl.errors import DsclError
 
 
 def _umask() -> int:
@@ -76,6 +78,23 @@ def save_figure(fig: Any, path: str | Path, *, close: bool = False) -> Path:
             import matplotlib.pyplot as plt
 
             plt.close(fig)
+
+
+class DamagedFileError(DsclError, ValueError):
+    """A file dscl wrote earlier that no longer parses (edited by hand, truncated by a copy)."""
+
+
+def read_json(path: str | Path, *, what: str = "") -> Any:
+    """The JSON in ``path``; a file that does not parse is a :class:`DamagedFileError` naming the file, the line and
+    column, and (``what``) the command that writes it again, instead of a bare JSONDecodeError."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        where = (f"line {exc.lineno}, column {exc.colno}: {exc.msg}" if isinstance(exc, json.JSONDecodeError)
+                 else str(exc))
+        fix = f"; {what}" if what else "; restore it or rerun the command that wrote it"
+        raise DamagedFileError(f"{path}: not valid JSON ({where}): the file was edited or damaged{fix}") from None
 
 
 def format_duration(seconds: float) -> str:

@@ -337,7 +337,8 @@ def tau_normalize(weight: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
 
     Long-tailed training makes head-class weight vectors longer; dividing by a power of the norm
     rebalances the decision boundaries (tau = 0: unchanged, tau = 1: all rows unit length; the paper
-    tunes tau in [0, 1] on a validation split). :func:`tau_norm_logits` applies it to a classifier.
+    tunes tau in [0, 1] on a validation split). :func:`tau_norm_logits` divides a classifier's rows
+    and, with each row, its bias.
 
     Args:
         weight: (C, D) linear-classifier weight (one row per class).
@@ -356,18 +357,22 @@ def tau_norm_logits(features: torch.Tensor, weight: torch.Tensor, bias: torch.Te
                     stats: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Logits of a τ-normalised linear classifier, in the feature space it was trained in.
 
+    Each class's pair ``(W_c, b_c)`` is divided by ``||W_c||_2 ** tau``: logit ``c`` is
+    ``(W_c . x + b_c) / ||W_c|| ** tau``. ``tau = 0`` is exactly the plain classifier, and at ``tau = 1``
+    scaling a class's row and bias by any s > 0 changes nothing (only its direction and offset count).
+    Kang et al. (ICLR 2020) use a classifier without bias; keeping the full bias beside divided rows let
+    the bias decide on classifiers trained on raw features (rows of norm 15-24: top-1 67 -> 36, issue 28).
+
     ``weight`` / ``bias`` are the saved layer, which takes raw features. When the classifier was trained
     on z-scored features (``classifier.standardize``: ``stats`` = the training features' mean and std,
     folded into the saved layer as ``W / s`` and ``b - (W / s) m``), the fold is undone first: the
-    features are standardised, the trained weight ``W`` is τ-normalised, and the trained bias kept.
-    τ-normalising the folded weight instead would rescale per-dimension factors and leave the
-    features uncentred (it measured near chance). The bias is kept, so ``tau = 0`` gives exactly the
-    plain classifier's logits.
+    features are standardised and the trained ``(W, b)`` normalised. τ-normalising the folded weight
+    instead would rescale per-dimension factors and leave the features uncentred (near chance, issue #21).
 
     Args:
         features: ``(N, D)`` raw pooled features.
         weight: ``(C, D)`` saved weight; bias: ``(C,)`` saved bias or None.
-        tau: exponent of :func:`tau_normalize`.
+        tau: exponent of the row norms (0: plain classifier, 1: unit rows, Kang et al. tune it in [0, 1]).
         stats: ``(mean (D,), std (D,))`` of the standardisation, or None for a classifier on raw features.
     """
     if tau == 0:  # W / ||W||^0 = W: the plain classifier, computed as the plain classifier is
@@ -380,8 +385,13 @@ def tau_norm_logits(features: torch.Tensor, weight: torch.Tensor, bias: torch.Te
         trained_w = weight * std[None, :]  # W = (W / s) * s
         trained_b = bias + weight @ mean if bias is not None else None  # b = (b - (W / s) m) + (W / s) m
         features, weight, bias = (features - mean) / std, trained_w, trained_b
-    logits = features @ tau_normalize(weight, tau).T
-    return (logits + bias if bias is not None else logits).to(dtype)
+    logits = features @ weight.T  # (N, C): W_c . x
+    if bias is not None:
+        logits = logits + bias
+    norms = weight.norm(dim=1)  # (C,)
+    # a zero row has no direction to normalise: its pair stays as it is (not a bias blown up by 1 / 0)
+    norms = torch.where(norms > 0, norms, torch.ones_like(norms))
+    return (logits / norms.pow(tau)).to(dtype)
 
 
 def class_means(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:

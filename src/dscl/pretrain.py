@@ -24,9 +24,10 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from dscl import dist
-from dscl.config import Config, LossConfig, ViewConfig, dump_config, method_name, uses_pbsd
+from dscl.config import Config, ConfigError, LossConfig, ViewConfig, dump_config, method_name, uses_pbsd
 from dscl.data import DatasetSplits, DSCLTransform, LTDataset, build_datasets, check_files_before_training
 from dscl.data.batched_views import BatchedDSCLTransform, CanvasTransform, augment_on_device, working_size
+from dscl.errors import DivergedError
 from dscl.io import format_duration
 from dscl.losses import dscl_loss, pbsd_loss, supcon_loss
 from dscl.model import DSCLModel, build_model, momentum_update
@@ -236,13 +237,13 @@ class NonFiniteGuard:
         self.count.zero_()
         self.worst.copy_(self.streak)
         if n and not self.tolerate:
-            raise FloatingPointError(
+            raise DivergedError(
                 f"stage-1 loss became inf/NaN ({n} of the {window} steps up to step {step}); the weights are "
                 f"no longer finite, so nothing is saved and checkpoints/last.pt keeps the last finished epoch. "
                 f"Lower optim.base_lr (or use optim.amp=none after a bf16 run) and continue with --resume"
             )
         if worst >= self.max_streak:
-            raise FloatingPointError(
+            raise DivergedError(
                 f"fp16 stage-1 steps were skipped for {worst} steps in a row (inf/NaN loss or gradients, up to step "
                 f"{step}): the gradient scaler skips such steps, but this many means the run diverged or float16 "
                 f"overflows in the "
@@ -407,12 +408,12 @@ def _training_data(cfg: Config, dev: torch.device, progress: bool, splits: Datas
     check_files_before_training(splits, enabled=cfg.data.check_files, progress=progress)  # issue #12: fail in seconds
     world, rank = dist.world_size(), dist.rank()
     if cfg.optim.batch_size % world:
-        raise ValueError(f"optim.batch_size {cfg.optim.batch_size} must be divisible by the {world} processes")
+        raise ConfigError(f"optim.batch_size {cfg.optim.batch_size} must be divisible by the {world} processes")
     # without PBSD no patch is cut, augmented or transferred (the data side of "no patch work")
     views = cfg.views if uses_pbsd(cfg) else dataclasses.replace(cfg.views, num_patches=0)
     train, augment = _training_views(cfg, splits, views, dev)
     if len(train) < cfg.optim.batch_size:
-        raise ValueError(
+        raise ConfigError(
             f"the training set has {len(train)} images, fewer than optim.batch_size "
             f"{cfg.optim.batch_size}; lower the batch size"
         )
@@ -492,7 +493,7 @@ def stage1_state(run: Stage1, epoch: int, wall: float, position: int = 0,
         train_fingerprint=run.train_fingerprint)
     return Stage1State(
         epoch=epoch, epochs=cfg.optim.epochs, finished=epoch == cfg.optim.epochs and position == 0,
-        wall_seconds=wall, facts=facts, position=position,
+        wall_seconds=wall, facts=facts, position=position, config=cfg.to_dict(),
         # what dscl.inference.load_run needs without the dataset (a run copied elsewhere)
         data=DataMeta.of(splits.class_names, splits.train_counts, splits.mean, splits.std),
         model=run.model.state_dict(), ce_head=run.ce_head.state_dict() if run.ce_head is not None else None,

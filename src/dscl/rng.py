@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -27,8 +28,27 @@ def derived_seed(seed: int, rank: int, epoch: int | None = None, *, stream: int 
     return int(np.random.SeedSequence(words).generate_state(1)[0])
 
 
+def _numpy_state() -> dict[str, Any]:
+    """numpy's global generator as plain data: checkpoints are read with ``torch.load(weights_only=True)``,
+    which refuses the uint32 array of ``np.random.get_state()``; 624 ints and the cached gaussian are exact."""
+    s = np.random.get_state(legacy=False)
+    return {"bit_generator": str(s["bit_generator"]),
+            "state": {"key": [int(k) for k in s["state"]["key"]], "pos": int(s["state"]["pos"])},
+            "has_gauss": int(s["has_gauss"]), "gauss": float(s["gauss"])}
+
+
+def _set_numpy_state(state: Any) -> None:
+    """Restore :func:`_numpy_state`, or the legacy tuple ``('MT19937', uint32 array, pos, has_gauss, gauss)``
+    that checkpoints written before it hold."""
+    if isinstance(state, Mapping):
+        inner = state["state"]
+        state = {**state, "state": {"key": np.asarray(inner["key"], dtype=np.uint32), "pos": int(inner["pos"])}}
+    np.random.set_state(state)
+
+
 def rng_state() -> dict[str, Any]:
-    """Every RNG this process draws from: python, numpy, torch CPU and *its own* CUDA device.
+    """Every RNG this process draws from: python, numpy, torch CPU and *its own* CUDA device, as tensors
+    and plain containers (a checkpoint holding them loads with ``weights_only=True``).
 
     Only the current device's CUDA state is saved (a rank drives one GPU): saving every visible
     GPU's state made a resume with fewer GPUs, or a narrower ``CUDA_VISIBLE_DEVICES``, fail. A
@@ -36,7 +56,7 @@ def rng_state() -> dict[str, Any]:
     """
     state: dict[str, Any] = {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": _numpy_state(),
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -51,7 +71,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
     entry of the current device is used when it exists, else the CUDA RNG is left as it is.
     """
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    _set_numpy_state(state["numpy"])
     torch.set_rng_state(state["torch"])
     cuda = state.get("cuda")
     if cuda is None or not (torch.cuda.is_available() and torch.cuda.is_initialized()):

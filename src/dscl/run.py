@@ -20,19 +20,21 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shlex
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import IO, Any, cast
 
 import torch
 from torch import Tensor
 
 from dscl import dist
-from dscl.config import Config, config_from_file, dump_config, flat_config
-from dscl.io import atomic_write, write_json
+from dscl.config import Config, ConfigError, config_from_dict, config_from_file, dump_config, flat_config, method_name
+from dscl.errors import CheckpointError, DsclError
+from dscl.io import atomic_write, write_json, write_text
 from dscl.runtime import say
 from dscl.trackers import TRACKER_FILES, close_run, forward
 
@@ -40,10 +42,6 @@ CHECKPOINT_VERSION = 2
 STAGE1_FILE = Path("checkpoints") / "last.pt"
 SUMMARY_FILE = Path("checkpoints") / "last.json"
 CLASSIFIER_FILE = Path("checkpoints") / "classifier.pt"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, unreadable, or from an incompatible run."""
 
 
 #: Everything dscl writes into a run directory (files and folders). ``--overwrite`` removes exactly
@@ -59,7 +57,7 @@ RESUMABLE_KEYS = ("optim.epochs", "optim.log_every", "optim.deterministic", "opt
                   "views.augment_on", "classifier.*", "eval.*", "log.*")
 
 
-class RunDirError(ValueError):
+class RunDirError(DsclError, ValueError):
     """An output directory that cannot be used as asked (exists, missing stage, wrong contents)."""
 
 
@@ -103,16 +101,36 @@ def remove_run_files(out: Path) -> None:
                 p.unlink()
 
 
+def foreign_files(out: Path) -> list[str]:
+    """The names in folder ``out`` when it holds something but nothing dscl writes (:data:`RUN_FILES`, the
+    temp files of their atomic writes): e.g. the ``slurm-%j.out`` a job opened there before dscl started.
+    Empty for a missing or empty folder and for one with dscl files."""
+    if not out.is_dir():
+        return []
+    names = sorted(p.name for p in out.iterdir())
+    return [] if any(n in RUN_FILES or _is_temp_of(n, RUN_FILES) for n in names) else names
+
+
+def name_some(names: Sequence[str], shown: int = 3) -> str:
+    """``a, b, c and 4 more``: a few file names for a one-line message."""
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
+
+
 def _decide(out: Path, *, resume: bool, overwrite: bool, resumable: bool = True) -> tuple[str, str]:
     """What :func:`prepare_run_dir` does with ``out``: ``(action, message)``, action one of ``error``,
     ``resume``, ``create``, ``replace-failed`` or ``overwrite``."""
     if resume and overwrite:
         return "error", "--resume and --overwrite contradict each other; pass one of them"
-    if out.exists() and not out.is_dir():
-        return "error", f"--out {out} exists and is a file, not a directory"
+    problem = out_path_problem(out, folder=True)
+    if problem:
+        return "error", problem
     if resume:
         if has_stage1(out):
             return "resume", ""
+        if foreign_files(out):
+            return "error", (f"cannot resume: {out} holds no dscl run, only {name_some(foreign_files(out))}; "
+                             f"--resume auto starts a new run there and keeps those files (or choose another --out)")
         if failed_start(out):
             return "error", (f"cannot resume: {out} holds no checkpoint (the earlier attempt stopped before its "
                              f"first epoch ended, so nothing was saved); run the same command without --resume, "
@@ -126,6 +144,10 @@ def _decide(out: Path, *, resume: bool, overwrite: bool, resumable: bool = True)
                                   f"checkpoint; replacing them")
     if overwrite:
         return "overwrite", ""
+    if foreign_files(out):
+        start = "--resume auto" if resumable else "--overwrite (it removes only dscl's own files)"
+        return "error", (f"--out {out} holds no dscl run but other files ({name_some(foreign_files(out))}); pass "
+                         f"{start} to start the run there and keep them, or choose another --out")
     if not resumable:  # a command without --resume (ensemble) must not suggest it
         return "error", f"--out {out} exists and is not empty; pass --overwrite to replace it, or choose another --out"
     return "error", (f"--out {out} exists and is not empty; pass --resume to continue that run, "
@@ -159,9 +181,15 @@ def prepare_run_dir(out: str | Path, *, resume: bool, overwrite: bool, check_onl
             say(message)
         if action in ("overwrite", "replace-failed"):
             remove_run_files(out)
-        out.mkdir(parents=True, exist_ok=True)
+        make_out_dir(out)
     dist.barrier()
     return out
+
+
+def resume_refusal(out: str | Path) -> str | None:
+    """Why ``--resume`` cannot continue ``out`` (what :func:`prepare_run_dir` would say), or None when it can."""
+    action, message = _decide(Path(out), resume=True, overwrite=False)
+    return message if action == "error" else None
 
 
 def has_stage1(run_dir: str | Path) -> bool:
@@ -170,20 +198,118 @@ def has_stage1(run_dir: str | Path) -> bool:
 
 
 def check_output_file(out: Path, *, overwrite: bool) -> Path:
-    """Refuse to replace an existing output file (unless ``overwrite``) or a directory; create its folder."""
-    if out.is_dir():
-        raise RunDirError(f"--out {out} is a directory; give a file name")
+    """Refuse to replace an existing output file (unless ``overwrite``), a directory, or a path under a
+    file (:func:`out_path_problem`); create its folder."""
+    problem = out_path_problem(out, folder=False)
+    if problem:
+        raise RunDirError(problem)
     if out.exists() and not overwrite:
         raise RunDirError(f"--out {out} exists; pass --overwrite to replace it, or choose another file")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    make_out_dir(out.parent, out)
     return out
 
 
+def out_path_problem(out: Path, *, folder: bool) -> str | None:
+    """Why ``--out`` cannot become the folder (``folder``) or the file it names, as a one-line message, or
+    None: a file where the folder should be, a folder where the file should be, or a file among the folders
+    above it (nothing can be created under a file)."""
+    if folder and out.exists() and not out.is_dir():
+        return f"--out {out} is a file, not a folder; choose another --out (or move the file away)"
+    if not folder and out.is_dir():
+        return f"--out {out} is a directory; give a file name"
+    for parent in out.parents:
+        if parent.exists():  # the nearest one that exists decides
+            if not parent.is_dir():
+                return (f"--out {out}: {parent} is a file, not a folder, so nothing can be created under it; "
+                        f"choose another --out")
+            break
+    return None
+
+
+def make_out_dir(folder: Path, out: Path | None = None) -> Path:
+    """Create ``folder`` and its parents: the folder ``--out`` names, or (``out`` given) the folder of the
+    file it names. What stands in the way (a file, a permission) is one :class:`RunDirError`."""
+    problem = out_path_problem(folder, folder=True) if out is None else out_path_problem(out, folder=False)
+    if problem:
+        raise RunDirError(problem)
+    out = folder if out is None else out
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RunDirError(f"--out {out}: cannot create the folder {folder} ({exc.strerror or exc}); "
+                          f"choose another --out") from exc
+    return folder
+
+
 def load_run_config(run_dir: str | Path) -> Config:
+    """The run's ``config.yaml``, checked against what its stage-1 checkpoint records
+    (:func:`check_run_config`): a hand edit that contradicts how the model was trained is refused."""
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise RunDirError(f"{path} does not exist: {run_dir} is not a dscl run directory")
-    return config_from_file(path)
+    cfg = config_from_file(path)
+    check_run_config(run_dir, cfg, path)
+    return cfg
+
+
+def recorded_summary(run_dir: str | Path) -> Stage1Summary | None:
+    """Stage 1's summary from ``checkpoints/last.json`` when the run has one (None: no stage 1 yet, or a
+    run from before the summary file; the multi-hundred-megabyte ``last.pt`` is not read for a check)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / SUMMARY_FILE).is_file() or not has_stage1(run_dir):
+        return None
+    try:
+        return stage1_summary(run_dir)
+    except (CheckpointError, ValueError, KeyError, TypeError):
+        return None  # an unreadable summary: the commands that load the checkpoint say what is wrong
+
+
+def _recorded_config(summary: Stage1Summary) -> dict[str, Any] | None:
+    """The flat recorded config of ``summary`` (keys added since default, as in ``config.yaml``), or None
+    when there is none or this dscl cannot read it (a newer dscl's key): the facts are checked then."""
+    if summary.config is None:
+        return None
+    try:
+        return flat_config(config_from_dict(summary.config, "the recorded config"))
+    except ConfigError:
+        return None
+
+
+#: The keys :func:`dscl.config.method_name` reads, as a checkpoint without a recorded config names them
+METHOD_KEYS = "the method (loss.loss, loss.pbsd_weight, views.num_patches)"
+
+
+def check_run_config(run_dir: str | Path, cfg: Config, source: str | Path = "the config") -> None:
+    """Refuse ``cfg`` (a run's ``config.yaml``, or a config handed to a stage) where it contradicts what
+    stage 1's checkpoint recorded: every key but :data:`RESUMABLE_KEYS` (where the data is read, logging,
+    stage 2 and the report's choices, and ``optim.epochs``, whose trained count the reports take from the
+    checkpoint) must hold the value stage 1 was trained with. A checkpoint written before the config was
+    recorded is checked on the facts it has (backbone, embedding size, method, global batch).
+
+    Raises:
+        ConfigError: naming every contradicting key, both values, ``source`` and the checkpoint.
+    """
+    summary = recorded_summary(run_dir)
+    if summary is None:
+        return
+    where = Path(run_dir) / SUMMARY_FILE
+    trained = _recorded_config(summary)
+    if trained is not None:
+        mine = flat_config(cfg)
+        wrong = [(k, mine.get(k), trained.get(k)) for k in trained
+                 if mine.get(k) != trained.get(k) and not _resumable(k)]
+    else:
+        facts = summary.facts
+        wrong = [(k, a, b) for k, a, b in (("model.backbone", cfg.model.backbone, facts.backbone),
+                                           ("model.dim", cfg.model.dim, facts.dim),
+                                           (METHOD_KEYS, method_name(cfg), facts.method),
+                                           ("optim.batch_size", cfg.optim.batch_size, facts.global_batch))
+                 if b is not None and a != b and not (k == METHOD_KEYS and facts.imported)]
+    if wrong:
+        said = "; ".join(f"{k} is {a!r} there but stage 1 was trained with {b!r}" for k, a, b in wrong)
+        them = "them" if len(wrong) > 1 else "it"
+        raise ConfigError(f"{source} contradicts how {run_dir} was trained ({where}): {said}. Set {them} back to "
+                          f"the trained value, or train a new run (another --out) for the new one")
 
 
 def stage1_command(run_dir: Path) -> str:
@@ -239,13 +365,23 @@ def check_resume_config(old: Config, new: Config, run_dir: Path, *, epochs_done:
 def record_resume(run_dir: Path, cfg: Config, *, epochs_done: int) -> dict[str, tuple[Any, Any]]:
     """Check ``cfg`` against the run's ``config.yaml`` (:func:`check_resume_config`), then record the
     resume: ``config.yaml`` rewritten (atomically) when something changed, and one ``metrics.jsonl``
-    line ``{"stage": "resume", "epoch": epochs_done, "changes": {key: [old, new]}}``. Call it on every
-    rank (each checks; rank 0 writes)."""
+    line ``{"stage": "resume", "epoch": epochs_done, "changes": {key: [old, new]}}``, after removing the
+    records logged after the checkpoint (:func:`past_checkpoint`). Call it on every rank (each checks;
+    rank 0 writes)."""
     changes = check_resume_config(load_run_config(run_dir), cfg, run_dir, epochs_done=epochs_done)
     if dist.is_main():
         if changes:
             dump_config(cfg, run_dir / "config.yaml")
-        MetricsLog(run_dir / "metrics.jsonl").write(
+        log = MetricsLog(run_dir / "metrics.jsonl")
+        if has_stage1(run_dir):
+            # what was logged after the checkpoint (Ctrl-C, kill -9) is trained and logged again: once per step
+            dropped = log.drop(past_checkpoint(stage1_summary(run_dir)))
+            steps = [r["step"] for r in dropped if isinstance(r.get("step"), int)]
+            if dropped:
+                say(f"{log.path}: {len(dropped)} stage-1 record(s) logged after the checkpoint"
+                    f"{f' (steps {min(steps)}-{max(steps)})' if steps else ''} removed; they are trained and "
+                    f"logged again")
+        log.write(
             stage="resume", epoch=epochs_done, changes={k: [a, b] for k, (a, b) in sorted(changes.items())})
     return changes
 
@@ -269,7 +405,9 @@ def record_stage2_config(run_dir: Path, cfg: Config) -> dict[str, tuple[Any, Any
 
 
 class MetricsLog:
-    """Append-only ``metrics.jsonl`` (rank 0 writes; other ranks are no-ops)."""
+    """Append-only ``metrics.jsonl`` (rank 0 writes; other ranks are no-ops), one JSON object a line.
+    A last line without its newline is a record cut short by a killed process: no record (:meth:`read`
+    skips it, the next :meth:`write` replaces it)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -277,16 +415,67 @@ class MetricsLog:
     def write(self, **record: Any) -> None:
         if not dist.is_main():
             return
-        with self.path.open("a") as fh:
-            fh.write(json.dumps(record) + "\n")
+        with self.path.open("a+b") as fh:
+            _cut_torn_tail(fh)
+            fh.write((json.dumps(record) + "\n").encode())
         forward(self.path.parent, record)  # log.trackers (dscl/trackers.py): nothing to do for jsonl only
+
+    def _lines(self) -> tuple[list[str], bool]:
+        """The complete lines, and whether a torn last one was left out."""
+        text = self.path.read_text() if self.path.is_file() else ""
+        lines = text.splitlines()
+        torn = bool(lines) and not text.endswith("\n")
+        return [line for line in (lines[:-1] if torn else lines) if line.strip()], torn
 
     def read(self, stage: str | None = None) -> list[dict[str, Any]]:
         """The records logged so far (only those of ``stage`` when given); none when there is no log."""
-        if not self.path.is_file():
-            return []
-        records = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        records = [json.loads(line) for line in self._lines()[0]]
         return [r for r in records if stage is None or r.get("stage") == stage]
+
+    def drop(self, select: Callable[[dict[str, Any]], bool]) -> list[dict[str, Any]]:
+        """Remove the records ``select`` picks (and a torn last line): the file is rewritten atomically, the
+        other lines kept as they are. Returns the records removed."""
+        lines, torn = self._lines()
+        records = [json.loads(line) for line in lines]
+        dropped = [r for r in records if select(r)]
+        if dropped or torn:
+            write_text(self.path, "".join(line + "\n" for line, r in zip(lines, records, strict=True) if not select(r)))
+        return dropped
+
+
+def _cut_torn_tail(fh: IO[bytes]) -> None:
+    """Cut off a last line without its newline from ``fh`` (open ``a+b``): the write a killed process left."""
+    end = fh.seek(0, os.SEEK_END)
+    if end == 0:
+        return
+    fh.seek(end - 1)
+    if fh.read(1) == b"\n":
+        return
+    start = max(0, end - (1 << 20))  # a record is far shorter than 1 MiB
+    fh.seek(start)
+    newline = fh.read().rfind(b"\n")
+    if newline >= 0 or start == 0:
+        fh.truncate(start + newline + 1)
+    else:
+        fh.write(b"\n")
+
+
+def past_checkpoint(state: Stage1Summary) -> Callable[[Mapping[str, Any]], bool]:
+    """Whether a ``metrics.jsonl`` record is stage-1 training that checkpoint ``state`` has not kept: a
+    step after its ``epoch`` epochs and ``position`` steps (or, without the steps per epoch, of a later
+    epoch), or the means of a later epoch. A resume trains those steps again and logs them again."""
+    per_epoch = state.facts.steps_per_epoch
+    done = state.epoch * per_epoch + state.position if per_epoch else None
+
+    def past(record: Mapping[str, Any]) -> bool:
+        stage = record.get("stage")
+        if stage == "pretrain" and done is not None and isinstance(record.get("step"), int):
+            return record["step"] > done
+        if stage in ("pretrain", "pretrain_epoch") and isinstance(record.get("epoch"), int):
+            return record["epoch"] > state.epoch
+        return False
+
+    return past
 
 
 # ----------------------------------------------------------------------------------------------
@@ -301,16 +490,92 @@ def save_checkpoint(path: str | Path, state: Mapping[str, Any]) -> None:
     atomic_write(path, lambda f: torch.save(payload, f))
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """The raw dictionary of a checkpoint written by :func:`save_checkpoint`, its version checked.
-    Prefer :func:`load_stage1` / :func:`load_classifier`, which return the typed states."""
+def numpy_array_globals() -> list[Any]:
+    """What unpickling numpy's RNG state needs (a uint32 array; checkpoints written before the states were
+    stored as plain lists hold one): the array rebuilder under numpy 2's and numpy 1's module names, the
+    array and dtype classes and the uint32 dtype's class. Constructors of data, none of them runs code."""
+    import importlib
+
+    import numpy as np
+
+    try:
+        multiarray = importlib.import_module("numpy._core.multiarray")  # numpy 2
+    except ImportError:  # numpy 1
+        multiarray = importlib.import_module("numpy.core.multiarray")
+    rebuild = multiarray._reconstruct
+    return [(rebuild, "numpy._core.multiarray._reconstruct"), (rebuild, "numpy.core.multiarray._reconstruct"),
+            np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+def _global_name(item: Any) -> str:
+    return item[1] if isinstance(item, tuple) else f"{item.__module__}.{item.__qualname__}"
+
+
+def read_weights_only(path: str | Path, map_location: str | torch.device = "cpu",
+                      allowed: Sequence[Any] = ()) -> Any:
+    """``torch.load(path, weights_only=True)``: tensors, numbers, strings and plain containers, plus
+    numpy's RNG arrays (:func:`numpy_array_globals`) and the globals in ``allowed`` (classes, or
+    ``(class, "module.name")`` pairs). Unpickling any other object could run code the file's author chose
+    (a copied run, a downloaded checkpoint), so such a file is refused without being loaded.
+
+    Raises:
+        CheckpointError: a missing file, a file holding other Python objects (named), or not a torch file.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    damage = damaged_checkpoint(path)
+    if damage:
+        raise CheckpointError(damage)
+    safe = [*numpy_array_globals(), *allowed]
     try:
-        state = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure means an unusable file
-        raise CheckpointError(f"checkpoint {path} cannot be read ({exc}); it may be truncated") from exc
+        with torch.serialization.safe_globals(safe):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure means a file we will not read
+        try:
+            names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        except Exception:  # noqa: BLE001 - not even a zip checkpoint
+            names = []
+        known = {_global_name(item) for item in safe}
+        objects = [n for n in names if n not in known]
+        if objects:
+            raise CheckpointError(
+                f"cannot read checkpoint {path} as weights: it holds Python objects ({', '.join(objects[:5])}), "
+                f"and unpickling them could run code; dscl reads checkpoints with torch.load(weights_only=True), "
+                f"which refuses anything but tensors and plain containers. Use only files from a source you trust, "
+                f"re-saved as tensors and plain containers") from exc
+        raise CheckpointError(f"cannot read checkpoint {path}: it is not a file torch.save wrote, or it is damaged "
+                              f"({type(exc).__name__}); copy it again from where it was made") from exc
+
+
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save (since torch 1.6) and torch.jit.save both write zip archives
+
+
+def damaged_checkpoint(path: Path) -> str | None:
+    """Why ``path`` cannot be a whole checkpoint, as one complete sentence (empty, or a zip archive cut off as
+    when a copy or download stopped early), before torch's own messages about such files; None otherwise."""
+    import zipfile
+
+    size = path.stat().st_size
+    if size == 0:
+        return f"cannot read checkpoint {path}: the file is empty (0 bytes); copy or download it again"
+    with path.open("rb") as fh:
+        if fh.read(4) != _ZIP_MAGIC:
+            return None  # an older pickle-only torch file, or not torch at all: torch.load says which
+    try:
+        with zipfile.ZipFile(path):
+            return None
+    except zipfile.BadZipFile:
+        return (f"cannot read checkpoint {path}: the file is incomplete ({size} bytes; its zip archive has no end, "
+                "as when a copy or download stopped early); copy or download it again")
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """The raw dictionary of a checkpoint written by :func:`save_checkpoint`, its version checked, read
+    with :func:`read_weights_only` (a file holding other Python objects is refused, never unpickled).
+    Prefer :func:`load_stage1` / :func:`load_classifier`, which return the typed states."""
+    path = Path(path)
+    state = read_weights_only(path, map_location)
     if not is_checkpoint(state):
         raise CheckpointError(f"{path} is not a dscl checkpoint (no 'version' key)")
     if state["version"] > CHECKPOINT_VERSION:
@@ -421,11 +686,16 @@ class Stage1Summary:
     #: steps of epoch ``epoch + 1`` already trained: 0 at an epoch's end, > 0 for a mid-epoch checkpoint
     #: (a preempted run, or optim.checkpoint_every_minutes)
     position: int = 0
+    #: the resolved config (:meth:`Config.to_dict`) stage 1 was training with when this checkpoint was
+    #: saved: what a hand-edited ``config.yaml`` is checked against (:func:`check_run_config`); None for
+    #: checkpoints written before it was recorded
+    config: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"stage": "pretrain", "epoch": self.epoch, "epochs": self.epochs, "finished": self.finished,
                 "wall_seconds": self.wall_seconds, "facts": self.facts.to_dict(),
-                "data": self.data.to_dict() if self.data is not None else None, "position": self.position}
+                "data": self.data.to_dict() if self.data is not None else None, "position": self.position,
+                "config": self.config}
 
     @staticmethod
     def _common(d: Mapping[str, Any]) -> dict[str, Any]:
@@ -435,7 +705,8 @@ class Stage1Summary:
             facts, data = RunFacts.from_dict(d), DataMeta.from_dict(d)
         return {"epoch": int(d["epoch"]), "epochs": int(d["epochs"]), "finished": bool(d.get("finished")),
                 "wall_seconds": float(d.get("wall_seconds") or 0.0), "facts": facts, "data": data,
-                "position": int(d.get("position") or 0)}
+                "position": int(d.get("position") or 0),
+                "config": dict(d["config"]) if isinstance(d.get("config"), Mapping) else None}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Stage1Summary:

@@ -283,6 +283,15 @@ def say(msg: str) -> None:
 PREEMPT_SIGNALS = ("SIGTERM", "SIGUSR1")
 
 
+_first_stop: str | None = None
+
+
+def first_stop_signal() -> str | None:
+    """The name of the first SIGTERM / SIGUSR1 a :class:`StopSignals` of this process received, or None. After
+    exit code 3 it tells the time-limit warning (SIGUSR1: requeue) from ``scancel`` (SIGTERM: stop for good)."""
+    return _first_stop
+
+
 class Preempted(Exception):
     """A stage stopped on SIGTERM / SIGUSR1 after saving what continues it (``--resume auto``)."""
 
@@ -291,13 +300,18 @@ class StopSignals:
     """While active, SIGTERM and SIGUSR1 set :attr:`requested` (the signal's name) instead of killing
     the process; the training loop polls it after each step, saves and raises :class:`Preempted`.
     With ``immediate=True`` the handler raises :class:`Preempted` itself (a stage with nothing to save
-    mid-way: it reruns from its start). Installs nothing outside the main thread; restores the previous
-    handlers on exit.
+    mid-way: it reruns from its start). Only the first signal acts: a scheduler repeats its signal (srun
+    forwards the one its tasks already got), and a repeat must not interrupt the save or the way out.
+    Installs nothing outside the main thread. On exit the previous handlers come back, and a
+    StopSignals block around this one learns of a signal this one received (it then raises nothing
+    more); with ``hold=True`` (dscl's ``main``) a signal received keeps the handlers installed, ignoring
+    every later one, until the process exits. :meth:`settle`: from then on signals are only noted.
     """
 
-    def __init__(self, *, immediate: bool = False, what: str = "") -> None:
-        self.immediate, self.what = immediate, what
+    def __init__(self, *, immediate: bool = False, what: str = "", hold: bool = False) -> None:
+        self.immediate, self.what, self.hold = immediate, what, hold
         self.requested: str | None = None
+        self.settled = False
         self._old: dict[int, Any] = {}
 
     def __enter__(self) -> StopSignals:
@@ -309,17 +323,29 @@ class StopSignals:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        if self.hold and self.requested is not None:
+            self.settled = True  # the process is on its way out: later signals change nothing
+            return
         for sig, old in self._old.items():
             signal.signal(sig, old)
+            outer = getattr(old, "__self__", None)
+            if isinstance(outer, StopSignals) and self.requested is not None:
+                outer.requested = outer.requested or self.requested
         self._old.clear()
 
+    def settle(self) -> None:
+        """The command has ended (or is ending): a signal from now on is noted, nothing more."""
+        self.settled = True
+
     def _handle(self, signum: int, frame: Any) -> None:
+        global _first_stop
         name = signal.Signals(signum).name
+        _first_stop = _first_stop or name
         first = self.requested is None
         self.requested = self.requested or name
+        if not first or self.settled:
+            return
         if self.immediate:
             raise Preempted(f"{name} received {self.what}".rstrip())
-        if first:
-            print(f"\n{name} received: finishing the current step, then saving a checkpoint {self.what}".rstrip(),
-                  file=sys.stderr, flush=True)
-
+        print(f"\n{name} received: finishing the current step, then saving a checkpoint {self.what}".rstrip(),
+              file=sys.stderr, flush=True)

@@ -26,7 +26,7 @@ from typing import Any
 
 from dscl.compare import FIELDS, CompareError, aggregate, check_plan, method_config, run_one
 from dscl.config import Config, ConfigError, apply_mapping, dump_config, parse_overrides, validate
-from dscl.io import save_figure, write_json, write_text
+from dscl.io import read_json, save_figure, write_json, write_text
 from dscl.run import STAGE1_FILE, SUMMARY_FILE
 
 # short names for the paper's swept hyperparameters
@@ -217,7 +217,7 @@ def sweep(base: Config, key: str, values: Sequence[str], *, method: str, seeds: 
             test_reports[value].append(run_one(cfg, run, device=device, progress=progress))
             val_path = run / "val" / "report.json"
             if val_path.is_file():
-                val_reports[value].append(json.loads(val_path.read_text()))
+                val_reports[value].append(read_json(val_path, what=f"rerun `dscl evaluate --run {run} --split val`"))
             else:
                 val_reports[value].append(evaluate(run, split="val", cfg=cfg, device=device, progress=progress))
             dataset = test_reports[value][-1]["dataset"]
@@ -253,7 +253,8 @@ def sweep(base: Config, key: str, values: Sequence[str], *, method: str, seeds: 
 def _cell(m: dict[str, Any]) -> str:
     if m["mean"] is None:
         return "—"
-    return f"{m['mean']:.1f}" + (f" ± {m['std']:.1f}" if len(m["runs"]) > 1 else "")
+    # std is None where fewer than two seeds have the metric (dscl.compare.aggregate)
+    return f"{m['mean']:.1f}" + (f" ± {m['std']:.1f}" if len(m["runs"]) > 1 and m["std"] is not None else "")
 
 
 def format_markdown(result: dict[str, Any]) -> str:
@@ -295,7 +296,8 @@ def plot_sweep(result: dict[str, Any], path: Path) -> Path:
         for metric in (first, "many", "medium", "few"):
             label, colour, marker = styles[metric]
             ys = [p[split][metric]["mean"] for p in result["points"]]
-            err = [p[split][metric]["std"] for p in result["points"]]
+            err = [p[split][metric]["std"] for p in result["points"]]  # None: one seed has it, no error bar
+            err = [float("nan") if e is None else e for e in err]
             pts = [(x, y, e) for x, y, e in zip(xs, ys, err, strict=True) if y is not None]
             if not pts:
                 continue

@@ -2,7 +2,7 @@
 
 ``metrics.jsonl`` (the ``jsonl`` tracker) is always written. ``log.trackers`` adds any of
 ``tensorboard`` (event files in ``RUN/tensorboard``), ``wandb`` and ``mlflow``; each is an optional extra
-(``pip install 'dscl[tensorboard]'``, ``[wandb]``, ``[mlflow]``, or ``[trackers]`` for all three), imported
+(``pip install 'dscl-lt[tensorboard]'``, ``[wandb]``, ``[mlflow]``, or ``[trackers]`` for all three), imported
 only by a run that asks for it. The stages know nothing of trackers: :meth:`dscl.run.MetricsLog.write`
 hands every record it writes to :func:`forward`, and the evaluation hands its report to
 :func:`log_report`. Both look up the trackers the run directory's ``config.yaml`` asks for; the file is
@@ -28,8 +28,10 @@ variant (W&B job type, MLflow tag) is what such a folder compares: the run name 
 the same run.
 
 A tracker that cannot open raises :class:`TrackerError` (a missing package names its pip command; call
-:func:`require_trackers` before training to fail before any work); one that fails while logging is
-dropped with a warning, never stopping the training.
+:func:`require_trackers` before training to fail before any work, an MLflow server that does not answer
+included); one that fails while logging is dropped with a warning, never stopping the training. A
+resumed stage 1 logs the steps after its checkpoint again: each tracker gets a stage-1 point once
+(:data:`FORWARD_ONLY`).
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ import json
 import os
 import re
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,8 +65,20 @@ MODULES = {"tensorboard": "torch.utils.tensorboard", "wandb": "wandb", "mlflow":
 GROUP_FILES = ("compare-config.yaml", "sweep-config.yaml")
 #: The report's numbers logged as summary metrics (percentages).
 REPORT_METRICS = ("top1", "top5", "top1_macro", "many", "medium", "few")
+#: Stage 1's records and the key of their x axis. Stage 1 only moves forward in a run, so a record at or below the
+#: point a tracker already has comes from a resumed stage 1, which trains (and logs) the steps after its checkpoint
+#: again: the tracker keeps the point it has (MLflow and W&B cannot replace one), and every step is there once.
+#: What each tracker has is kept in trackers.json ("logged"), updated with each such record.
+FORWARD_ONLY = {"pretrain": "step", "pretrain_epoch": "epoch"}
 #: MLflow tracking URI schemes of its database store, which needs sqlalchemy and alembic.
 DB_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
+#: Seconds an MLflow server (an http(s) tracking URI) has to answer before a run starts (:func:`require_trackers`).
+PROBE_SECONDS = 5.0
+#: What dscl's MLflow client waits for a server, set for its calls where the user has not set them (MLflow reads
+#: them at each request): seconds per try (connect, then answer) and retries after the first (MLflow's defaults,
+#: 120 s and 7 retries with a doubling backoff, hold a run ~4 minutes when the server is gone).
+MLFLOW_LIMITS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "10", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+                 "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
 
 
 class TrackerError(ConfigError):
@@ -73,7 +87,7 @@ class TrackerError(ConfigError):
 
 
 def pip_command(name: str) -> str:
-    return f"pip install 'dscl[{name}]'"
+    return f"pip install 'dscl-lt[{name}]'"
 
 
 def wanted(cfg: Config) -> list[str]:
@@ -103,9 +117,75 @@ def require_trackers(cfg: Config) -> None:
     """Raise :class:`TrackerError`, naming the pip command, when a tracker ``cfg.log.trackers`` asks for
     is not installed (MLflow with a database URI: also sqlalchemy and alembic). Nothing to do (and no
     import) for jsonl only. Call it on every rank before any work, so that a missing extra stops a run
-    at once rather than at its first logged record."""
+    at once rather than at its first logged record. An MLflow server (an http(s) URI) that does not
+    answer within :data:`PROBE_SECONDS` stops it too, before any work: a SIGTERM meanwhile ends the
+    command at once (``dscl``'s main), where the first logged record would wait minutes inside the training."""
     for name in wanted(cfg):
         _require(name, cfg)
+        if name == "mlflow":
+            check_mlflow_server(_mlflow_uri(cfg))
+
+
+def check_mlflow_server(uri: str, timeout: float | None = None) -> None:
+    """Raise :class:`TrackerError` unless the server of an ``http(s)`` tracking ``uri`` answers within
+    ``timeout`` seconds (default :data:`PROBE_SECONDS`). Any HTTP answer counts (``/health``, or an
+    authenticating proxy's 401), and so does a TLS handshake this check cannot verify (MLflow's own
+    certificate settings then apply); other URIs (files, databases, Databricks) are not checked."""
+    import ssl
+    import urllib.error
+    import urllib.request
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(uri)
+    if parts.scheme.lower() not in ("http", "https"):
+        return
+    port = f":{parts.port}" if parts.port else ""
+    server = f"{parts.scheme}://{parts.hostname}{port}{parts.path.rstrip('/')}"  # without user:password@
+    wait = PROBE_SECONDS if timeout is None else timeout
+    try:
+        with urllib.request.urlopen(f"{server}/health", timeout=wait):
+            return
+    except urllib.error.HTTPError:
+        return
+    except (OSError, ValueError) as exc:  # URLError (refused, no such host), a timeout: all OSErrors
+        reason = getattr(exc, "reason", exc)
+        if isinstance(reason, ssl.SSLError):
+            return
+        waited = f"; waited {wait:g} s" if isinstance(reason, TimeoutError) else ""
+        raise TrackerError(
+            f"log.trackers: the MLflow server {server} does not answer ({reason or type(exc).__name__}{waited}); "
+            f"start it or check the address (log.mlflow_uri, else MLFLOW_TRACKING_URI), or drop mlflow from "
+            f"log.trackers (metrics.jsonl has every record)") from exc
+
+
+@contextlib.contextmanager
+def mlflow_http_limits() -> Iterator[None]:
+    """:data:`MLFLOW_LIMITS` in the environment, where the user has not set them, while the block runs."""
+    added = {k: v for k, v in MLFLOW_LIMITS.items() if k not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
+
+
+class _LimitedClient:
+    """An ``MlflowClient`` whose every call runs with :func:`mlflow_http_limits`."""
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._client, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            with mlflow_http_limits():
+                return attr(*args, **kwargs)
+
+        return call
 
 
 def _require(name: str, cfg: Config) -> Any:
@@ -169,9 +249,14 @@ def _param(value: Any) -> str | int | float | bool:
 
 
 class _Tracker:
-    """One tracker of one run: scalars at a step, text events, the report, close."""
+    """One tracker of one run: scalars at a step, text events, the report, close. ``fresh``: it opened a new
+    run (or folder), which has no points yet."""
 
     name = ""
+    fresh = True
+
+    def flush(self) -> None:
+        """Make what was logged so far survive a killed process (where the tracker buffers it)."""
 
     def scalars(self, stage: str, values: dict[str, float], step_key: str | None, step: int) -> None:
         raise NotImplementedError
@@ -195,6 +280,7 @@ class _TensorBoard(_Tracker):
 
     def __init__(self, run_dir: Path, cfg: Config, info: RunInfo, state: dict[str, Any]) -> None:
         tb = _require("tensorboard", cfg)
+        self.fresh = not any((run_dir / "tensorboard").glob("events.out.tfevents.*"))
         self.writer = tb.SummaryWriter(log_dir=str(run_dir / "tensorboard"), flush_secs=30)
         from torch.utils.tensorboard.summary import hparams
 
@@ -232,6 +318,9 @@ class _TensorBoard(_Tracker):
                 self.writer.add_image(tag, np.asarray(img.convert("RGB")), 0, dataformats="HWC")
         self.writer.flush()
 
+    def flush(self) -> None:
+        self.writer.flush()
+
     def close(self) -> None:
         self.writer.close()
 
@@ -252,7 +341,8 @@ class _WandB(_Tracker):
             "settings": wandb.Settings(console="off")}
         if not os.environ.get("WANDB_DIR"):
             kwargs["dir"] = str(run_dir)
-        if state.get("wandb_id"):  # a resumed stage 1, or stage 2 in a new process: the same W&B run
+        self.fresh = not state.get("wandb_id")
+        if not self.fresh:  # a resumed stage 1, or stage 2 in a new process: the same W&B run
             kwargs.update(id=state["wandb_id"], resume="allow")
         self.run = wandb.init(**kwargs)
         state["wandb_id"] = self.run.id
@@ -299,7 +389,7 @@ class _MLflow(_Tracker):
         from mlflow.tracking import MlflowClient
 
         uri = _mlflow_uri(cfg)
-        self.client = client = MlflowClient(tracking_uri=uri)
+        self.client = client = _LimitedClient(MlflowClient(tracking_uri=uri))
         self.run_id = ""
         if state.get("mlflow_run_id") and state.get("mlflow_uri") == uri:
             try:
@@ -308,6 +398,7 @@ class _MLflow(_Tracker):
                     self.run_id = run.info.run_id
             except Exception:  # noqa: BLE001 - a run deleted or a store moved: start a new run
                 self.run_id = ""
+        self.fresh = not self.run_id
         if not self.run_id:
             experiment = client.get_experiment_by_name(cfg.log.project)
             experiment_id = (experiment.experiment_id if experiment is not None
@@ -381,8 +472,37 @@ class _Session:
         except BaseException:
             self.close()
             raise
+        logged = state.get("logged")
+        if not isinstance(logged, dict):
+            logged = {}
+        for tracker in self.trackers:
+            if tracker.fresh:  # a new run: whatever trackers.json says it had belongs to an old one
+                logged.pop(tracker.name, None)
+        state["logged"] = logged
+        self.state = state
         if state != before:
             write_json(run_dir / STATE_FILE, state)
+
+    def scalars(self, stage: str, values: dict[str, float], step_key: str | None, step: int) -> None:
+        """``values`` at ``step`` to every tracker; a stage-1 point (:data:`FORWARD_ONLY`) only to the trackers
+        that do not have it yet."""
+        if step_key is None or FORWARD_ONLY.get(stage) != step_key:
+            self.each(lambda t: t.scalars(stage, values, step_key, step))
+            return
+        logged: dict[str, dict[str, int]] = self.state["logged"]
+        before = json.dumps(logged, sort_keys=True)
+
+        def log(tracker: _Tracker) -> None:
+            has = logged.setdefault(tracker.name, {})
+            if stage in has and step <= has[stage]:
+                return  # a resumed stage 1 logs it again: the tracker has this point
+            tracker.scalars(stage, values, step_key, step)
+            tracker.flush()  # before trackers.json says it has the point
+            has[stage] = step
+
+        self.each(log)
+        if json.dumps(logged, sort_keys=True) != before:
+            write_json(self.run_dir / STATE_FILE, self.state)
 
     def each(self, call: Callable[[_Tracker], None]) -> None:
         """``call`` on every tracker; one that fails is dropped with a warning (the training goes on)."""
@@ -481,7 +601,7 @@ def forward(run_dir: str | Path, record: Mapping[str, Any]) -> None:
     step = int(numbers[step_key]) if step_key else 0
     cfg = session.cfg
     if set(numbers) - {"step", "epoch"}:
-        session.each(lambda t: t.scalars(stage, numbers, step_key, step))
+        session.scalars(stage, numbers, step_key, step)
     if any(k != "stage" and k not in numbers for k in record):
         session.each(lambda t: t.event(stage, record, step, cfg))
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from dscl.backbones import Backbone
 from dscl.config import Config
 from dscl.data import DatasetSplits, build_datasets
+from dscl.errors import DsclError
 from dscl.inference import Predictor, load_run
 from dscl.metrics import shot_groups
 from dscl.model import DSCLModel, build_encoder
@@ -15,7 +16,7 @@ from dscl.rng import seed_everything
 from dscl.run import RunDirError, Stage1State, load_finished_stage1, load_run_config
 
 
-class AnalysisError(ValueError):
+class AnalysisError(DsclError, ValueError):
     """Bad input to an analysis command (the message says what, where and how to fix it)."""
 
 
@@ -137,6 +138,6 @@ def resolve_classes(spec: str, art: RunArtifacts) -> list[int]:
 
 def analysis_dir(art: RunArtifacts, out: str | Path | None) -> Path:
     """``out`` or ``RUN/analysis``, created."""
-    path = Path(out) if out is not None else art.run_dir / "analysis"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    from dscl.run import make_out_dir
+
+    return make_out_dir(Path(out) if out is not None else art.run_dir / "analysis")

@@ -11,12 +11,16 @@ options (``main`` collects them in order).
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
+import traceback
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dscl.cli.common import (
     EXIT_ERROR,
+    EXIT_INTERNAL,
     EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_PREEMPTED,
@@ -24,6 +28,9 @@ from dscl.cli.common import (
     continue_command,
     resume_auto_argv,
 )
+
+if TYPE_CHECKING:  # runtime imports torch: only once a command runs
+    from dscl.runtime import StopSignals
 
 __all__ = ["EXIT_ERROR", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_PREEMPTED", "build_parser", "main"]
 
@@ -98,7 +105,61 @@ def interrupt_message(args: argparse.Namespace) -> str:
             f"(with --out {shlex.quote(str(out))} it replaces what this attempt left there)")
 
 
+def debugging(args: argparse.Namespace) -> bool:
+    """``--debug`` (commands with runtime options) or ``DSCL_DEBUG=1`` (any command): let tracebacks through."""
+    return bool(getattr(args, "debug", False)) or os.environ.get("DSCL_DEBUG", "") not in ("", "0")
+
+
+def one_line(exc: BaseException) -> str:
+    """An error's message on one line (an OS error without a message still names its type)."""
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
+
+
+def internal_error_message(command: str, exc: BaseException) -> str:
+    """What an exception that no check anticipated prints: short, says it is dscl's fault, and how to see more."""
+    where = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
+    at = f" (at {Path(where.filename).name}:{where.lineno})" if where else ""
+    return (f"dscl {command}: internal error: {type(exc).__name__}: {one_line(exc)}{at}\n"
+            f"This is a bug in dscl, not in your input. Rerun with --debug (or DSCL_DEBUG=1) for the traceback and "
+            f"report it with the command line and `dscl --version` to the dscl issue tracker.")
+
+
+#: ``DSCL_EXIT_FILE=PATH``: rank 0 also writes its exit code to PATH when a command ends (a launcher that hides
+#: it: torchrun exits 1 whatever its processes returned; scripts/slurm/pretrain_torchrun.sbatch reads it)
+EXIT_FILE_ENV = "DSCL_EXIT_FILE"
+
+
 def main(argv: list[str] | None = None) -> int:
+    """``dscl`` with ``argv`` (default ``sys.argv[1:]``); returns the exit code (:data:`EXIT_OK`,
+    :data:`EXIT_ERROR`, :data:`EXIT_PREEMPTED` ...), also written to ``$DSCL_EXIT_FILE`` when that is set."""
+    code = EXIT_INTERNAL
+    try:
+        code = _main(argv)
+    except SystemExit as exc:  # argparse: a usage error (2), or --help / --version (0)
+        code = exc.code if isinstance(exc.code, int) else EXIT_ERROR
+        raise
+    finally:
+        write_exit_file(code)
+    return code
+
+
+def write_exit_file(code: int) -> None:
+    """``code`` into ``$DSCL_EXIT_FILE`` (atomically) from rank 0 of the launch (torchrun's ``RANK``, else srun's
+    ``SLURM_PROCID``); a file that cannot be written is a warning, the command's own result counts."""
+    path = os.environ.get(EXIT_FILE_ENV)
+    rank = (os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or "0").strip()
+    if not path or rank != "0":
+        return
+    from dscl.io import write_text
+
+    try:
+        write_text(path, f"{code}\n")
+    except OSError as exc:
+        print(f"dscl: warning: {EXIT_FILE_ENV}={path} cannot be written ({one_line(exc)})", file=sys.stderr)
+
+
+def _main(argv: list[str] | None) -> int:
     from dscl.threads import set_openmp_defaults
 
     set_openmp_defaults()  # before any torch import: OpenMP reads its environment once, when loaded
@@ -111,14 +172,15 @@ def main(argv: list[str] | None = None) -> int:
         print("\ndscl: name a command; `dscl run` trains and evaluates on the default dataset", file=sys.stderr)
         return EXIT_ERROR
     from dscl import dist
-    from dscl.config import ConfigError
-    from dscl.run import CheckpointError
+    from dscl.errors import DsclError
     from dscl.runtime import Preempted, StopSignals
 
+    # SIGTERM / SIGUSR1 end any command with exit code 3; stage 1 handles them itself (it saves first). Once one
+    # has come, the handlers stay until the process exits (hold): a scheduler repeats its signal (srun forwards
+    # the one its tasks already got), and a repeat on the way out must not turn exit code 3 into SIGTERM's 143
+    stop = StopSignals(immediate=True, hold=True).__enter__()
     try:
-        # SIGTERM / SIGUSR1 end any command with exit code 3; stage 1 handles them itself (it saves first)
-        with StopSignals(immediate=True):
-            return args.handler(args)
+        return run_handler(args, stop)
     except Preempted as exc:
         if dist.is_main():
             print(f"\ndscl {args.command}: {exc}.\nContinue (a requeued job: the same line) with:\n"
@@ -129,16 +191,32 @@ def main(argv: list[str] | None = None) -> int:
         if dist.is_main():
             print(interrupt_message(args), file=sys.stderr)
         return EXIT_INTERRUPTED
-    except (ConfigError, CheckpointError, ValueError, FileNotFoundError, RuntimeError, FloatingPointError) as exc:
-        if getattr(args, "debug", False):
+    except (DsclError, OSError) as exc:
+        # what the user gave (DsclError) or what the system refused (a full disk, a permission): one line
+        if debugging(args):
             raise
-        print(f"dscl {args.command}: error: {exc}", file=sys.stderr)
+        print(f"dscl {args.command}: error: {one_line(exc)}", file=sys.stderr)
         return EXIT_ERROR
+    except Exception as exc:
+        if debugging(args):
+            raise
+        print(internal_error_message(args.command, exc), file=sys.stderr)
+        return EXIT_INTERNAL
     finally:
         from dscl.trackers import close_all
 
         close_all()  # log.trackers: flush and finish (W&B run, MLflow run, TensorBoard files)
         dist.shutdown()
+        stop.__exit__()  # the handlers before main, unless a signal came: then they stay, ignoring the rest
+
+
+def run_handler(args: argparse.Namespace, stop: StopSignals) -> int:
+    """The command's handler; once it has returned or raised, a stop signal no longer interrupts anything
+    (the way out: messages, closing the trackers) and changes no exit code."""
+    try:
+        return args.handler(args)
+    finally:
+        stop.settle()
 
 
 if __name__ == "__main__":

@@ -11,6 +11,9 @@ from pathlib import Path
 EXIT_OK, EXIT_ERROR, EXIT_INTERRUPTED = 0, 2, 130
 #: A stage stopped on SIGTERM / SIGUSR1 after saving: requeue the job and run the same command with --resume auto
 EXIT_PREEMPTED = 3
+#: A bug in dscl (an exception that is not a :class:`~dscl.errors.DsclError` or an OS error); Python's own code for
+#: an uncaught exception, so scripts that only check "non-zero" see no change
+EXIT_INTERNAL = 1
 
 #: A ``section.key=value`` config override (what ``main`` collects from anywhere on the command line).
 OVERRIDE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\.[A-Za-z_][A-Za-z0-9_]*=")
@@ -45,7 +48,9 @@ def config_args(p: argparse.ArgumentParser) -> None:
                         "(same as data.check_files=false; for trusted data where the check is slow)")
     g.add_argument("overrides", nargs="*", metavar="section.key=value",
                    help="config overrides, anywhere on the command line (before or after options), e.g. "
-                        "optim.epochs=5 loss.alpha=0.2 model.backbone=resnet18; later ones win")
+                        "optim.epochs=5 loss.alpha=0.2 model.backbone=resnet18; later ones win. KEY=none clears a "
+                        "key that may be unset (e.g. data.n_max=none: the dataset's default); an empty value "
+                        "(KEY=) is refused. Numbers take any Python spelling (5e-4, 1E-2, .5)")
 
 
 DEVICES = "auto, cpu, cuda, cuda:N (N = GPU index) or mps"
@@ -110,10 +115,19 @@ def resume_auto_argv(argv: list[str]) -> list[str]:
 def resuming(args: argparse.Namespace) -> bool:
     """Whether this command continues its run: ``--resume``, or ``--resume auto`` when ``--out`` holds a
     stage-1 checkpoint (none: the run starts, as without --resume)."""
-    from dscl.run import has_stage1
+    from dscl.run import foreign_files, has_stage1, name_some
+    from dscl.runtime import say
 
     if args.resume == "auto":
-        return args.out is not None and has_stage1(args.out)
+        if args.out is None or has_stage1(args.out):
+            return args.out is not None
+        others = foreign_files(Path(args.out))
+        if others:  # e.g. the slurm-%j.out of the job that runs this: a first start, there
+            say(f"--resume auto: {args.out} holds no dscl run, only {name_some(others)}: starting a new run there; "
+                f"those files are kept")
+            # replacing the dscl files of a folder that has none creates the run and deletes nothing
+            args.overwrite = True
+        return False
     return bool(args.resume)
 
 
@@ -133,9 +147,12 @@ def resume_cfg(args: argparse.Namespace):
     but only keys that may change on resume (:data:`dscl.run.RESUMABLE_KEYS`) may differ from the
     run's; a different ``--preset`` is refused. Checked before anything is loaded or written."""
     from dscl.config import apply_mapping, parse_overrides, read_config_file, validate
-    from dscl.run import RunDirError, check_resume_config, load_run_config
+    from dscl.run import RunDirError, check_resume_config, load_run_config, resume_refusal
 
     out = Path(args.out)
+    refusal = resume_refusal(out)
+    if refusal is not None:  # before config.yaml is read: say what is there, not "no config.yaml"
+        raise RunDirError(refusal)
     old = load_run_config(out)
     if args.preset is not None and args.preset != old.preset:
         raise RunDirError(

@@ -7,6 +7,7 @@ import shlex
 from pathlib import Path
 
 from dscl.cli.common import EXIT_OK, config_args, load_cfg, print_main, runtime_args
+from dscl.errors import UsageError
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -32,7 +33,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     methods = parse_methods(args.method)
     if len(methods) != 1:
-        raise ValueError(f"--method {args.method!r}: a sweep trains one method; name exactly one")
+        raise UsageError(f"--method {args.method!r}: a sweep trains one method; name exactly one")
     method = methods[0]
     result = sweep(cfg, name, values, method=method, seeds=parse_seeds(args.seeds), out=args.out,
                    val_fraction=args.val_fraction, command="dscl " + shlex.join(args.argv), device=args.device,
@@ -42,6 +43,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
+    from dscl.run import RunDirError, out_path_problem
+
+    problem = args.out is not None and out_path_problem(Path(args.out), folder=True)
+    if problem:  # before the measurement, which may take minutes
+        raise RunDirError(problem)
     progress = not args.no_progress
     if args.analysis == "gradient-ratio":
         from dscl.analysis.gradient import format_summary, gradient_ratio

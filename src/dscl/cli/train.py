@@ -22,6 +22,7 @@ from dscl.cli.common import (
     runtime_args,
     table,
 )
+from dscl.errors import UsageError
 
 if TYPE_CHECKING:  # the CLI imports torch-heavy modules only inside the commands
     from dscl.config import Config
@@ -54,17 +55,21 @@ def cmd_classify(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from dscl.cli.common import OVERRIDE
     from dscl.evaluation import evaluate, evaluate_data
+    from dscl.inference import is_ensemble
     from dscl.run import record_stage2_config
 
     if args.data is not None and OVERRIDE.match(args.data):  # argparse put an override into DATA
         args.overrides, args.data = [args.data, *(args.overrides or [])], None
+    if is_ensemble(args.run):  # a folder of `dscl ensemble`: its members' configs, its report on their split
+        check_ensemble_evaluation(args)
     if args.data is not None:
         if args.out is None:
-            raise ValueError(f"evaluating {args.data} needs --out DIR (the folder for its report files)")
+            raise UsageError(f"evaluating {args.data} needs --out DIR (the folder for its report files)")
         if args.split != "test":
-            raise ValueError("--split chooses a split of the run's own dataset; it does not go with DATA")
+            raise UsageError("--split chooses a split of the run's own dataset; it does not go with DATA")
         # with DATA, --data-root is where the list's paths start, not the run's dataset folder
-        cfg = run_cfg_with_overrides(args.run, args, EVALUATE_KEYS, "evaluate", data_root_key=False)
+        cfg = (None if is_ensemble(args.run) else
+               run_cfg_with_overrides(args.run, args, EVALUATE_KEYS, "evaluate", data_root_key=False))
         report = evaluate_data(args.run, args.data, args.out, data_root=args.data_root, device=args.device,
                                progress=not args.no_progress, overwrite=args.overwrite, cfg=cfg)
         if args.json:
@@ -78,7 +83,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         warn_missing_classes(report, to_stderr=args.json)
         return EXIT_OK
     if args.out is not None:
-        raise ValueError("--out goes with DATA (new labelled data); the run's own splits are reported in the run")
+        raise UsageError("--out goes with DATA (new labelled data); the run's own splits are reported in the run")
     cfg = run_cfg_with_overrides(args.run, args, EVALUATE_KEYS, "evaluate")
     record_stage2_config(Path(args.run), cfg)  # the report's thresholds / post-hoc settings, recorded
     report = evaluate(args.run, split=args.split, cfg=cfg, device=args.device, progress=not args.no_progress)
@@ -90,6 +95,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                    f"per class / predictions: {where / 'per_class.csv'}, {where / 'predictions.csv'}")
     warn_missing_classes(report, to_stderr=args.json)
     return EXIT_OK
+
+
+def check_ensemble_evaluation(args: argparse.Namespace) -> None:
+    """``dscl evaluate --run ENSEMBLE``: DATA and --out are needed (``dscl ensemble`` reported its split already)
+    and no overrides (its members' own configs are used)."""
+    if args.data is None:
+        raise UsageError(f"{args.run} is an ensemble folder (dscl ensemble): its report on its members' split is "
+                         f"{Path(args.run) / 'report.md'} (dscl ensemble --split val for the validation split); "
+                         f"evaluate it on new labelled data with DATA --out DIR")
+    if args.overrides:
+        raise UsageError(f"{' '.join(args.overrides)}: {args.run} is an ensemble folder, evaluated with its members' "
+                         f"own configs; drop the overrides (or evaluate a member run with them)")
 
 
 def warn_missing_classes(report: dict, *, to_stderr: bool = False) -> None:
@@ -141,7 +158,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from dscl.runtime import say
 
     if args.resume and not args.out:
-        raise ValueError("--resume needs --out DIR (the run to continue)")
+        raise UsageError("--resume needs --out DIR (the run to continue)")
     resume = resuming(args)
     cfg = resume_cfg(args) if resume else load_cfg(args)
     out = args.out or f"runs/{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}"

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from dscl.cli.common import EXIT_ERROR, EXIT_OK, config_args, load_cfg, print_main, runtime_args, table
+from dscl.errors import UsageError
 
 if TYPE_CHECKING:
     import torch
@@ -88,7 +89,7 @@ def _prediction_format(out: str | None) -> bool:
         return False
     suffix = Path(out).suffix.lower()
     if suffix not in PREDICTION_FORMATS:
-        raise ValueError(f"--out {out}: predictions are written as CSV (.csv) or JSON lines (.jsonl); "
+        raise UsageError(f"--out {out}: predictions are written as CSV (.csv) or JSON lines (.jsonl); "
                          f"give a file name ending in one of these")
     return suffix == ".jsonl"
 
@@ -182,9 +183,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from dscl.run import check_output_file
 
     if args.top_k < 1:
-        raise ValueError(f"--top-k {args.top_k}: must be at least 1")
+        raise UsageError(f"--top-k {args.top_k}: must be at least 1")
     if args.variant not in VARIANTS:
-        raise ValueError(f"--variant {args.variant!r}: use one of {', '.join(VARIANTS)}")
+        raise UsageError(f"--variant {args.variant!r}: use one of {', '.join(VARIANTS)}")
     jsonl = _prediction_format(args.out)
     if args.out is not None:
         check_output_file(Path(args.out), overwrite=args.overwrite)  # before any work
@@ -230,7 +231,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     if out.suffix.lower() != ".npz":
-        raise ValueError(f"--out {out}: embeddings are written as a numpy .npz file; give a name ending in .npz")
+        raise UsageError(f"--out {out}: embeddings are written as a numpy .npz file; give a name ending in .npz")
     check_output_file(out, overwrite=args.overwrite)
     p = load_run(args.run, device=args.device, stage1_ok=True)
     inputs = collect_inputs(args.inputs, num_classes=p.num_classes, data_root=args.data_root,
@@ -278,27 +279,11 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from dscl.inference import load_run
-    from dscl.interop import TORCHVISION_LAYOUT, export_run
+    from dscl.interop import export_recipe, export_run
 
     p = load_run(args.run, device="cpu")
     path = export_run(p, args.format, args.out, overwrite=args.overwrite)
-    size, mode = p.image_size, p.input_mode
-    if args.format == "torchscript":
-        how = (f"torch.jit.load({str(path)!r})(x) -> logits (N, {p.num_classes}); x = uint8 (N, H, W, C) pixels or "
-               f"float (N, C, H, W) in [0, 1], any size (resized to {size} px, {mode} conversion and normalisation "
-               "inside); class names in the file's extra file meta.json")
-    elif args.format == "onnx":
-        how = (f"input 'images' float32 (N, 3, {size}, {size}) in [0, 1], already resized / cropped to the run's "
-               f"evaluation view (Predictor.transform.batch does it); output 'logits' (N, {p.num_classes}); "
-               "dynamic batch; class names in the model's metadata_props")
-    else:
-        layout = ("torchvision / timm keys: torchvision.models."
-                  f"{p.cfg.model.backbone}().load_state_dict(sd['backbone'], strict=False) misses only fc"
-                  if p.cfg.model.backbone in TORCHVISION_LAYOUT else
-                  f"dscl's own keys ({p.cfg.model.backbone} has no torchvision equivalent): "
-                  f"dscl.backbones.build_backbone({p.cfg.model.backbone!r}).load_state_dict(sd['backbone'])")
-        how = f"sd = torch.load(...): 'backbone' ({layout}), 'fc' (weight, bias), class_names, mean, std, image_size"
-    print(f"wrote {path} ({args.format})\n{how}")
+    print(f"wrote {path} ({args.format})\n{export_recipe(p, args.format, path)}")
     return EXIT_OK
 
 
@@ -374,7 +359,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--run", required=True, metavar="DIR", help="a classified run directory")
     p.add_argument("--format", required=True, choices=("torchscript", "onnx", "state-dict"),
                    help="torchscript: images in, logits out (preprocessing inside); onnx: needs "
-                        "pip install 'dscl[export]'; state-dict: torchvision / timm key layout")
+                        "pip install 'dscl-lt[export]'; state-dict: torchvision / timm key layout")
     p.add_argument("--out", required=True, metavar="FILE", help="output file")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.add_argument("--debug", action="store_true", help="show the full traceback on errors")

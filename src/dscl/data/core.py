@@ -14,8 +14,10 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
+from dscl.errors import DsclError
 
-class DataError(ValueError):
+
+class DataError(DsclError, ValueError):
     """Bad or missing data. The message names the file (and line), what is wrong and how to fix it."""
 
 

@@ -51,15 +51,21 @@ def read_labelled_list(path: Path, root: Path, class_names: Sequence[str]) -> In
 
     A line is ``path``, ``path label`` (the label is the last whitespace-separated field, a path may hold
     spaces), ``path<TAB>label`` (the label may hold spaces), or shell-quoted ``"path" "label with spaces"``.
-    A label is a class **name** of the run or a class **index** (the run's class order, as ``dscl
-    predict`` prints it). Paths are relative to ``root``. Blank lines and ``#`` comments are skipped.
-    When indices are used and the run's classes have names, a note says which mapping was used.
+    A label is a class **name** of the run, its folder-safe spelling (``T-shirt_top`` for ``T-shirt/top``,
+    :func:`dscl.data.readers.folder_safe_name`, as class folders are read), or a class **index** (the run's
+    class order, as ``dscl predict`` prints it). Paths are relative to ``root``. Blank lines and ``#``
+    comments are skipped. When indices are used and the run's classes have names, or folder-safe
+    spellings are used, a note says which mapping was used.
 
     Raises:
         DataError: a label that is neither a class name nor an index in range, or a malformed line,
             with the file and line.
     """
-    index_of = {name: i for i, name in enumerate(class_names)}
+    from dscl.data.readers import folder_safe_spellings
+
+    spellings = folder_safe_spellings(class_names)
+    index_of = {**spellings, **{name: i for i, name in enumerate(class_names)}}
+    spelled: dict[str, int] = {}
     paths: list[str] = []
     labels: list[int | None] = []
     used_indices = False
@@ -94,6 +100,8 @@ def read_labelled_list(path: Path, root: Path, class_names: Sequence[str]) -> In
         if label is not None and label != "":
             if label in index_of:
                 value = index_of[label]
+                if label in spellings:
+                    spelled[label] = value
             elif _is_int(label) and 0 <= int(label) < len(class_names):
                 value, used_indices = int(label), True
             else:
@@ -108,6 +116,9 @@ def read_labelled_list(path: Path, root: Path, class_names: Sequence[str]) -> In
         mapping = ", ".join(f"{i} = {n}" for i, n in enumerate(list(class_names)[:10]))
         notes.append(f"{path}: labels read as class indices in the run's class order ({mapping}"
                      f"{', ...' if len(class_names) > 10 else ''}); write class names to be explicit")
+    if spelled:
+        notes.append(f"{path}: labels written as the folder-safe spelling of a class: "
+                     + ", ".join(f"{label} = {class_names[i]}" for label, i in spelled.items()))
     return Inputs(paths, labels, notes)
 
 
@@ -188,7 +199,19 @@ class _FileSet(Dataset):
         try:
             return i, self.transform(self.paths[i]), None
         except (DataError, ValueError, OSError) as exc:
-            return i, None, str(exc)
+            return i, None, file_error(self.paths[i], exc)
+
+
+def file_error(path: str, exc: Exception) -> str:
+    """What is wrong with one input file, on one line and without advice: the decoder's advice (check the
+    training data with ``dscl data --check``) does not fit files given to predict / evaluate, so each command
+    adds the one hint that fits, once."""
+    cause = exc.__cause__ if isinstance(exc, DataError) and isinstance(exc.__cause__, Exception) else exc
+    if isinstance(cause, FileNotFoundError):
+        return f"image file {path} does not exist"
+    if cause is exc and isinstance(exc, DataError):
+        return " ".join(str(exc).split())  # dscl's own message (not a decoder failure): already says what
+    return f"cannot read image file {path}: {' '.join(str(cause).split()) or type(cause).__name__}"
 
 
 def _collate(items: list[tuple[int, Tensor | None, str | None]]) -> tuple[list[int], list[Tensor], list[str | None]]:
@@ -198,7 +221,7 @@ def _collate(items: list[tuple[int, Tensor | None, str | None]]) -> tuple[list[i
 def iter_files(transform: BatchConversion, paths: Sequence[str], *, batch_size: int = 64,
                workers: int = 0) -> Iterator[FileBatch]:
     """Decode and convert ``paths`` with ``transform`` in batches (``workers`` loader processes); a file
-    that cannot be read becomes an error entry instead of stopping the others."""
+    that cannot be read becomes an error entry (:func:`file_error`) instead of stopping the others."""
     loader = DataLoader(_FileSet(paths, transform), batch_size=batch_size, shuffle=False,
                         num_workers=workers, collate_fn=_collate)
     for indices, images, errors in loader:

@@ -110,17 +110,17 @@ class Preprocess(nn.Module):
         if c == 1:
             return x.expand(-1, 3, -1, -1).contiguous()
         if c != 3:
-            raise ValueError("images must have 1 (grey) or 3 (RGB) channels")
+            raise DataError("images must have 1 (grey) or 3 (RGB) channels")
         return x
 
     def forward(self, x: Tensor) -> Tensor:
         """uint8 ``(N, H, W, C)`` or float ``(N, C, H, W)`` in [0, 1] -> normalised float32 ``(N, 3, S, S)``."""
         if x.dim() != 4:
-            raise ValueError("expected a batch: uint8 (N, H, W, C) or float (N, C, H, W)")
+            raise DataError("expected a batch: uint8 (N, H, W, C) or float (N, C, H, W)")
         if x.dtype == torch.uint8:
             x = x.permute(0, 3, 1, 2)
         elif not x.is_floating_point():
-            raise ValueError("expected uint8 pixels (N, H, W, C) or floats in [0, 1] (N, C, H, W)")
+            raise DataError("expected uint8 pixels (N, H, W, C) or floats in [0, 1] (N, C, H, W)")
         x = self._resize(self._channels(x))
         x = x.to(torch.float32) / 255.0 if x.dtype == torch.uint8 else x.to(torch.float32)
         return self.normalise(x)
@@ -171,7 +171,7 @@ def image_items(images: Any) -> list[Any] | Tensor:
         images = torch.from_numpy(np.ascontiguousarray(images))
     if isinstance(images, Tensor):
         if images.dim() != 4:
-            raise ValueError(f"a tensor of images must be a batch: uint8 (N, H, W, C) or float (N, C, H, W) in "
+            raise DataError(f"a tensor of images must be a batch: uint8 (N, H, W, C) or float (N, C, H, W) in "
                              f"[0, 1]; got shape {tuple(images.shape)} (wrap one image in a list)")
         return images
     if isinstance(images, (str, Path, Image.Image, np.ndarray)):

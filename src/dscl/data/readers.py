@@ -11,6 +11,8 @@ import gzip
 import json
 import os
 import pickle
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -362,29 +364,99 @@ def image_files(folder: Path) -> list[Path]:
     )
 
 
+def _class_subfolders(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.is_dir() and not _hidden(p.name))
+
+
+# "/" cannot stand in a folder name anywhere, the others not on Windows (nor control characters): a
+# class named "T-shirt/top" (Fashion-MNIST) is kept in a folder named "T-shirt_top"
+_NOT_IN_FOLDER_NAMES = re.compile(r'[/\\:*?"<>|\x00-\x1f]')
+
+
+def folder_safe_name(name: str) -> str:
+    """The spelling of a class name that a folder can carry: each character a folder name cannot hold on
+    some system (``/ \\ : * ? " < > |`` and control characters) becomes ``_`` (``T-shirt/top`` ->
+    ``T-shirt_top``; spaces are kept)."""
+    return _NOT_IN_FOLDER_NAMES.sub("_", name)
+
+
+def folder_safe_spellings(class_names: Sequence[str]) -> dict[str, int]:
+    """``{folder-safe spelling: class index}`` for the classes whose spelling differs from their name,
+    is no class's exact name and belongs to that class alone (the spellings a name may be matched by)."""
+    exact = set(class_names)
+    owners: dict[str, list[int]] = {}
+    for i, name in enumerate(class_names):
+        safe = folder_safe_name(name)
+        if safe != name and safe not in exact:
+            owners.setdefault(safe, []).append(i)
+    return {safe: idx[0] for safe, idx in owners.items() if len(idx) == 1}
+
+
+def match_class_folders(folder: Path, class_names: Sequence[str]) -> tuple[dict[str, int], list[str], list[str]]:
+    """Which class each (non-hidden) subfolder of ``folder`` holds: the class of that exact name, else the
+    class whose :func:`folder_safe_name` it is, when that spelling belongs to one class only.
+
+    Returns:
+        ``({folder name: class index}, [folders matching no class], notes)``; the notes name the
+        folder-safe matches used (``T-shirt_top = T-shirt/top``).
+
+    Raises:
+        DataError: a folder that is the folder-safe spelling of several classes, or two folders that
+            hold the same class (its exact name and its folder-safe spelling).
+    """
+    names = list(class_names)
+    index_of = {name: i for i, name in enumerate(names)}
+    spellings = folder_safe_spellings(names)
+    mapping: dict[str, int] = {}
+    unknown: list[str] = []
+    by_spelling: list[str] = []
+    for sub in _class_subfolders(folder):
+        if sub in index_of:
+            mapping[sub] = index_of[sub]
+        elif sub in spellings:
+            mapping[sub] = spellings[sub]
+            by_spelling.append(sub)
+        else:
+            owners = [n for n in names if folder_safe_name(n) == sub]
+            if len(owners) > 1:
+                raise DataError(f"{folder}: class folder {sub} is the folder-safe spelling of several classes "
+                                f"({', '.join(owners)}), so it cannot say which; give the images as a labelled "
+                                f"list (one 'path<TAB>class name' line per image) instead")
+            unknown.append(sub)
+    for sub in by_spelling:
+        name = names[mapping[sub]]
+        if name in mapping:
+            raise DataError(f"{folder}: class folders {name} and {sub} both hold class {name}; keep one")
+    notes = []
+    if by_spelling:
+        notes.append(f"{folder}: class folders named by the folder-safe spelling of a class (characters a folder "
+                     f"name cannot hold, such as /, written as _): "
+                     + ", ".join(f"{sub} = {names[mapping[sub]]}" for sub in by_spelling))
+    return mapping, unknown, notes
+
+
 def read_folder_split(folder: Path, class_names: list[str] | None) -> tuple[list[str], list[int], list[str]]:
-    """Images of ``folder/<class>/**``; classes = sorted subfolders unless ``class_names`` is given.
+    """Images of ``folder/<class>/**``; classes = sorted subfolders unless ``class_names`` is given
+    (then a folder holds a class by its name or its folder-safe spelling, :func:`match_class_folders`).
 
     Hidden entries (names starting with ``.``, e.g. ``.ipynb_checkpoints``, ``.git``, ``.DS_Store``)
     are skipped at every level: a hidden folder is never a class and files inside one are never images.
     Files are those with an image extension (``IMAGE_EXTENSIONS``, any case), searched recursively.
+    Images come in class order, then folder order.
     """
-    subdirs = sorted(p.name for p in folder.iterdir() if p.is_dir() and not _hidden(p.name))
     if class_names is None:
-        class_names = subdirs
+        class_names = _class_subfolders(folder)
+        mapping = {name: i for i, name in enumerate(class_names)}
     else:
-        unknown = [d for d in subdirs if d not in class_names]
+        mapping, unknown, _ = match_class_folders(folder, class_names)
         if unknown:
             raise DataError(
                 f"{folder}: class folders {unknown[:5]} do not exist in the train split; "
                 "every val/test class must also be a train class"
             )
     paths, labels = [], []
-    for label, name in enumerate(class_names):
-        cdir = folder / name
-        if not cdir.is_dir():
-            continue
-        files = image_files(cdir)
+    for sub, label in sorted(mapping.items(), key=lambda item: (item[1], item[0])):
+        files = image_files(folder / sub)
         paths += [str(p) for p in files]
         labels += [label] * len(files)
     return paths, labels, class_names
