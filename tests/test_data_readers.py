@@ -340,3 +340,31 @@ def test_folder_safe_spelling_only_when_unambiguous(tmp_path):
     _images(tmp_path / "c", ["x:y/1.png", "x_y/2.png"])
     with pytest.raises(DataError, match=r"c: class folders x:y and x_y both hold class x:y; keep one"):
         match_class_folders(tmp_path / "c", ["x:y"])
+
+
+class _Planted:
+    """A pickle payload that would create a marker file when unpickled (a harmless stand-in for os.system)."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').close()",))
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_cifar_pickles_are_read_without_running_code(tmp_path, monkeypatch, protocol):
+    monkeypatch.delenv("DSCL_DATA", raising=False)
+    folder = tmp_path / "cifar-100-python"
+    _fake_cifar100(folder)
+    for name in ("train", "test"):  # real arrays load under every protocol numpy writes
+        with open(folder / name, "wb") as fh:
+            pickle.dump({b"data": np.zeros((2, 3072), np.uint8), b"fine_labels": [0, 1]}, fh, protocol=protocol)
+    assert read_cifar("cifar100-lt", str(tmp_path))[0].shape == (2, 3, 32, 32)
+    marker = tmp_path / "code-ran"
+    with open(folder / "train", "wb") as fh:
+        pickle.dump({b"data": np.zeros((2, 3072), np.uint8), b"fine_labels": [0, 1], b"x": _Planted(str(marker))},
+                    fh, protocol=protocol)
+    with pytest.raises(DataError, match=r"cannot unpickle CIFAR file .*train: it refers to (__builtin__|builtins).exec"):
+        read_cifar("cifar100-lt", str(tmp_path))
+    assert not marker.exists()

@@ -15,6 +15,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -181,10 +182,28 @@ CIFAR_SPECS = {
 }
 
 
+#: What a CIFAR batch may name when unpickled: numpy arrays (under numpy 1's and 2's module names) and the
+#: bytes codec Python 3 writes protocol-2 bytes with. Anything else could run code of the file's author.
+_CIFAR_GLOBALS = frozenset({("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+                            *((f"numpy.{core}.multiarray", "_reconstruct") for core in ("core", "_core")),
+                            *((f"numpy.{core}.multiarray", "scalar") for core in ("core", "_core")),
+                            *((f"numpy.{core}.numeric", "_frombuffer") for core in ("core", "_core"))})
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles containers, numbers, strings and numpy arrays only (a downloaded "dataset" is not trusted)."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in _CIFAR_GLOBALS:
+            raise pickle.UnpicklingError(f"it refers to {module}.{name}, which no CIFAR batch holds and which "
+                                         f"could run code when unpickled; it is not the CIFAR python version")
+        return super().find_class(module, name)
+
+
 def _unpickle(path: Path) -> dict[str, object]:
     try:
         with open(path, "rb") as fh:
-            data = pickle.load(fh, encoding="latin1")
+            data = _ArrayUnpickler(fh, encoding="latin1").load()
     except FileNotFoundError as exc:
         raise DataError(f"CIFAR file {path} is missing; extract the full archive again") from exc
     except (OSError, pickle.UnpicklingError, EOFError, ValueError) as exc:
