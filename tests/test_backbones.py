@@ -146,3 +146,17 @@ def test_pretrained_errors(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match=r"junk\.pt"):
         build_backbone("convnet", pretrained=str(tmp_path / "junk.pt"))
+
+
+def test_the_backbones_package_imports_nothing_above_it():
+    """Downward-only imports: backbones sit below the run, the model and the data (dscl.run imports them for
+    the spec it stores; a backbones module importing dscl.run back made the order of imports matter)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, dscl.backbones\n"
+            "above = [m for m in ('dscl.run', 'dscl.model', 'dscl.data', 'dscl.inference', 'dscl.features') "
+            "if m in sys.modules]\n"
+            "print(above)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

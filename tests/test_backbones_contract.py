@@ -5,20 +5,24 @@ with ``C == num_features``; ``forward`` is the mean of the map; one set of weigh
 crop and a 64 px view; per-slot patch BatchNorm changes nothing on a model without BatchNorm;
 TorchScript tracing (every backbone) and scripting (where torch can: the built-ins and the open_clip
 tower; timm's ViTs are not scriptable) reproduce the backbone; one DSCL + PBSD step reaches every
-trainable parameter and nothing else.
+trainable parameter and nothing else. Through the pipeline: the spec stored in a run's checkpoint rebuilds
+the same network (``features.frozen_backbone``), and the TorchScript and ONNX exports of a run agree with
+its Predictor.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from dscl.backbones import BACKBONES, Backbone, build_backbone
+from dscl.backbones import BACKBONES, Backbone, build_backbone, build_backbone_from_spec
 from dscl.config import load_config
 from dscl.model import DSCLModel, Encoder
 from dscl.pretrain import Batch, pretrain_step
@@ -41,6 +45,15 @@ CASES: dict[str, tuple[str, dict, bool]] = {
 }
 SLOW = {"resnet50", "resnet152", "resnext50_32x4d"}  # the big torchvision models: seconds each to build and step
 PARAMS = [pytest.param(k, id=k, marks=[pytest.mark.slow] if k in SLOW else []) for k in CASES]
+# exports compile (TorchScript) or trace (ONNX) the whole run; in the fast suite only the cases under ~3 s each
+# (TorchScript of resnet32 / resnet18 / timm's resnet and swin: 7-12 s here; ONNX: 3-30 s each)
+FAST_TORCHSCRIPT = {"convnet", "timm-convnext", "timm-vit", "timm-deit-distilled", "timm-vit-registers",
+                    "open_clip-vit"}
+FAST_ONNX = {"convnet", "timm-vit", "open_clip-vit"}
+
+
+def _params(fast: set[str]) -> list:
+    return [pytest.param(k, id=k, marks=[] if k in fast else [pytest.mark.slow]) for k in CASES]
 
 
 def _build(case: str) -> Backbone:
@@ -135,3 +148,94 @@ def test_one_dscl_pbsd_step_reaches_every_trainable_parameter(case):
             assert p.requires_grad and p.grad is not None and torch.isfinite(p.grad).all(), name
     for p in model.momentum.parameters():
         assert not p.requires_grad and p.grad is None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# through the pipeline: the spec stored in a run rebuilds the network; exports agree with the Predictor
+
+
+def _tiny_run(case: str, tmp_path) -> tuple[Path, Backbone]:
+    """A classified run made in-process, as stage 2 stores one: the case's backbone (random weights, BatchNorm
+    statistics made non-trivial), a random linear layer over 3 classes, the spec in ``classifier.pt``.
+    No training and no dataset: the run's class names and normalisation are in the checkpoint."""
+    from dscl.config import dump_config
+    from dscl.model import backbone_spec
+    from dscl.run import ClassifierState, DataMeta, save_classifier
+
+    name, args, _ = CASES[case]
+    cfg = load_config("smoke", overrides=[f"model.backbone={name}", f"model.backbone_args={json.dumps(args)}",
+                                          "data.image_size=64", "views.patch_size=32"])
+    spec = backbone_spec(cfg, (0.5,) * 3, (0.25,) * 3)
+    torch.manual_seed(0)
+    net = build_backbone_from_spec(spec)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 1.5)
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    dump_config(cfg, run_dir / "config.yaml")
+    data = DataMeta.of(["a", "b", "c"], [5, 3, 1], (0.5,) * 3, (0.25,) * 3)
+    save_classifier(run_dir, ClassifierState(
+        protocol="cached", backbone_name=spec.qualified_name, num_classes=3, spec=spec, data=data,
+        backbone=net.state_dict(), fc=nn.Linear(net.num_features, 3).state_dict()))
+    return run_dir, net.eval()
+
+
+@pytest.mark.parametrize("case", PARAMS)
+@torch.no_grad()
+def test_frozen_backbone_from_the_stored_spec_gives_the_same_features(case, tmp_path):
+    from dscl.features import frozen_backbone
+    from dscl.run import load_classifier
+
+    run_dir, net = _tiny_run(case, tmp_path)
+    state = load_classifier(run_dir)  # torch.load(weights_only=True): the spec is plain containers
+    assert state.spec is not None and state.spec.qualified_name == CASES[case][0]
+    torch.manual_seed(1)  # another initialisation: every weight comes from the checkpoint
+    again = frozen_backbone(state.spec, state.backbone, run_dir / "checkpoints" / "classifier.pt").eval()
+    x = torch.randn(2, 3, 64, 64)
+    torch.testing.assert_close(again(x), net(x), rtol=0, atol=0)
+    torch.testing.assert_close(again.forward_features(x), net.forward_features(x), rtol=0, atol=0)
+
+
+def _images() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return [torch.randint(0, 256, (3, 50, 37, 3), dtype=torch.uint8, generator=g),  # colour, another size
+            torch.randint(0, 256, (2, 64, 64, 1), dtype=torch.uint8, generator=g),  # grey, the run's size
+            torch.rand(2, 3, 40, 70, generator=g)]  # float in [0, 1]
+
+
+@pytest.mark.parametrize("case", _params(FAST_TORCHSCRIPT))
+def test_torchscript_export_agrees_with_the_predictor(case, tmp_path):
+    from dscl import load_run
+    from dscl.interop import export_run
+
+    run_dir, _ = _tiny_run(case, tmp_path)
+    p = load_run(run_dir)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit's deprecation notices
+        module = torch.jit.load(str(export_run(p, "torchscript", tmp_path / "model.pt")))
+    with torch.no_grad():
+        for batch in _images():
+            torch.testing.assert_close(module(batch), p.logits(batch), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("case", _params(FAST_ONNX))
+def test_onnx_export_agrees_with_the_predictor(case, tmp_path):
+    """The ONNX recipe: the evaluation view (resized / cropped, grey on 3 channels) as pixels / 255 in, the
+    Predictor's logits of the images the view was cut from out."""
+    ort = pytest.importorskip("onnxruntime", reason="the optional export extra is not installed")
+    pytest.importorskip("onnxscript")
+    from dscl import load_run
+    from dscl.interop import export_run
+
+    run_dir, _ = _tiny_run(case, tmp_path)
+    p = load_run(run_dir)
+    session = ort.InferenceSession(str(export_run(p, "onnx", tmp_path / "model.onnx")),
+                                   providers=["CPUExecutionProvider"])
+    pre = p.transform.preprocess
+    for batch in _images()[:2]:
+        view = pre._resize(pre._channels(batch.permute(0, 3, 1, 2))).float() / 255  # what the recipe says
+        (out,) = session.run(["logits"], {"images": view.numpy()})
+        torch.testing.assert_close(torch.from_numpy(out), p.logits(batch), rtol=1e-4, atol=1e-4)

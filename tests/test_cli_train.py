@@ -265,3 +265,72 @@ def test_resume_into_a_folder_of_other_files_says_how_to_start_there(tmp_path, c
         assert "holds no dscl run" in err and "slurm-4242.out" in err and "--resume auto" in err, err
         assert "not a dscl run directory" not in err and "pass --resume to continue" not in err
     assert sorted(p.name for p in out.iterdir()) == ["slurm-4242.out"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# timm / open_clip backbones through the commands (issue 29)
+
+VIT_ARGS = "model.backbone_args={depth: 2, embed_dim: 64, num_heads: 2}"  # a ViT-tiny shrunk to seconds on a CPU
+
+
+def _timm_vit_file(path, **args) -> str:
+    """Random timm ViT weights in timm's own layout (its ImageNet head included), as a .safetensors file."""
+    timm = pytest.importorskip("timm", reason="the optional timm extra is not installed")
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", **args)
+    safetensors_torch.save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return str(path)
+
+
+@needs_fmnist
+def test_pretrain_refuses_pretrained_weights_of_the_wrong_shape_naming_the_key(tmp_path, capsys):
+    weights = _timm_vit_file(tmp_path / "vit.safetensors", depth=2, embed_dim=48, num_heads=2)
+    out = tmp_path / "run"
+    assert main(["pretrain", "--preset", "smoke", "--out", str(out), "model.backbone=timm:vit_tiny_patch16_224",
+                 VIT_ARGS, f"model.pretrained={weights}", "data.image_size=64", "views.patch_size=32"]) == 2
+    err = capsys.readouterr().err
+    assert f"pretrained weights {weights} do not fit backbone timm:vit_tiny_patch16_224" in err
+    assert "blocks.0.attn.proj.weight (48, 48) vs model (64, 64)" in err and "a timm ViT" in err
+    assert len(err.strip().splitlines()) == 1 and not out.exists()
+
+
+@needs_fmnist
+@pytest.mark.slow  # two stages and four commands of a ViT (about a minute on 2 CPU cores)
+def test_vit_tiny_from_a_local_safetensors_file_trains_classifies_evaluates_predicts_and_exports(tmp_path, capsys):
+    """The README's ViT command: timm's ViT-tiny (shrunk) from a local file, Fashion-MNIST upsampled to 64 px;
+    the TorchScript export gives the Predictor's logits on uint8 images."""
+    from dscl import load_run
+
+    weights = _timm_vit_file(tmp_path / "vit_tiny.safetensors", depth=2, embed_dim=64, num_heads=2)
+    run = tmp_path / "vit"
+    overrides = ["model.backbone=timm:vit_tiny_patch16_224", VIT_ARGS, f"model.pretrained={weights}",
+                 "data.image_size=64", "views.patch_size=32"]
+    assert main(["pretrain", "--preset", "smoke", "--out", str(run), "--no-progress", *overrides]) == 0
+    assert main(["classify", "--run", str(run), "--no-progress"]) == 0
+    assert main(["evaluate", "--run", str(run), "--no-progress"]) == 0
+    report = json.loads((run / "report.json").read_text())
+    spec = report["backbone"]
+    assert (spec["family"], spec["name"], spec["args"]) == ("timm", "vit_tiny_patch16_224",
+                                                            {"depth": 2, "embed_dim": 64, "num_heads": 2})
+    assert spec["input_source"] == "pretrained" and spec["interpolation"] == "bicubic"  # timm's config for it
+    assert 0 <= report["top1"] <= 100 and sum(r["test_count"] for r in report["per_class"]) == 10000
+    images = tmp_path / "images"
+    images.mkdir()
+    g = torch.Generator().manual_seed(0)
+    batch = torch.randint(0, 256, (3, 45, 38, 3), dtype=torch.uint8, generator=g)
+    from PIL import Image
+
+    for i, img in enumerate(batch):
+        Image.fromarray(img.numpy()).save(images / f"{i}.png")
+    capsys.readouterr()
+    assert main(["predict", "--run", str(run), str(images), "--out", str(tmp_path / "pred.csv")]) == 0
+    rows = list(csv.DictReader((tmp_path / "pred.csv").open()))
+    assert len(rows) == 3
+    assert main(["export", "--run", str(run), "--format", "torchscript", "--out", str(tmp_path / "vit.pt")]) == 0
+    assert "bicubic" in capsys.readouterr().out  # the recipe says how the export resizes
+    module = torch.jit.load(str(tmp_path / "vit.pt"))
+    p = load_run(run)
+    with torch.no_grad():
+        torch.testing.assert_close(module(batch), p.logits(batch), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(module(batch), p.logits(sorted(images.iterdir())), rtol=1e-4, atol=1e-4)

@@ -308,3 +308,37 @@ def test_malformed_yaml_is_one_line_with_file_line_and_column(tmp_path):
     tabs.write_text("optim:\n\tepochs: 3\n")
     with pytest.raises(ConfigError, match=rf"^{tabs}: line 2, column 1: "):
         load_config("smoke", str(tabs))
+
+
+# ---------------------------------------------------------------------------------------------------- backbones
+
+
+def test_backbone_args_take_a_flow_mapping_on_the_command_line_and_a_mapping_in_a_file(tmp_path):
+    cfg = load_config("smoke", overrides=["model.backbone=timm:vit_tiny_patch16_224",
+                                          "model.backbone_args={depth: 2, embed_dim: 64, img_size: [64, 64]}",
+                                          "model.pool=cls"])
+    assert cfg.model.backbone_args == {"depth": 2, "embed_dim": 64, "img_size": [64, 64]} and cfg.model.pool == "cls"
+    dump_config(cfg, tmp_path / "config.yaml")
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["model"]["backbone_args"]["depth"] == 2
+    (tmp_path / "c.yaml").write_text("model:\n  backbone: open_clip:ViT-B-16\n  backbone_args:\n    width: 32\n")
+    assert load_config("smoke", config_file=str(tmp_path / "c.yaml")).model.backbone_args == {"width": 32}
+    assert load_config("smoke").model.backbone_args == {} and load_config("smoke").model.pool == "avg"
+    assert load_config("smoke", overrides=["model.backbone_args=none"]).model.backbone_args == {}
+    # a config.yaml written before the keys existed: no arguments, average pooling
+    assert config_from_dict({"model": {"backbone": "convnet"}}).model.backbone_args == {}
+
+
+@pytest.mark.parametrize(("override", "needle"), [
+    (["model.backbone=tf:resnet50"], "model.backbone='tf:resnet50': unknown backbone family 'tf'"),
+    (["model.backbone=timm:"], "the backbone name is empty"),
+    (["model.backbone=resnet99"], "model.backbone='resnet99' is not a built-in backbone"),
+    (["model.pool=cls"], "model.pool=cls needs a class token"),
+    (["model.pool=max"], "model.pool must be avg or cls"),
+    (["model.backbone_args={depth: 2}"], "model.backbone_args: the built-in convnet takes only zero_init_residual"),
+    (["model.backbone=timm:vit_tiny_patch16_224", "model.backbone_args=[2]"],
+     "model.backbone_args must be a mapping like {depth: 2, embed_dim: 64}"),
+])
+def test_bad_backbone_keys_name_the_key(override, needle):
+    with pytest.raises(ConfigError) as exc:
+        load_config("smoke", overrides=override)
+    assert needle in str(exc.value) and "\n" not in str(exc.value)

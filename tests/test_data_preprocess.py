@@ -113,3 +113,57 @@ def test_image_transform_batch_takes_every_input_kind() -> None:
         t.batch(torch.zeros(3, 20, 18, dtype=torch.uint8))
     assert isinstance(image_items(batch), torch.Tensor) and image_items("a.png") == ["a.png"]
     assert to_uint8_hwc(torch.zeros(5, 6, dtype=torch.uint8)).shape == (5, 6, 1)
+
+
+# ---------------------------------------------------------------------------------------- the backbone spec's view
+
+
+def _spec_view(img: torch.Tensor, size: int, crop_pct: float, mode: str) -> torch.Tensor:
+    """timm's evaluation view in torch terms: shorter side to round(size / crop_pct), centre crop, in float with
+    antialiasing, rounded back to uint8 pixels, /255, normalised."""
+    x = img[None].to(torch.float32)
+    h, w = img.shape[1:]
+    r = round(size / crop_pct)
+    nh, nw = (int(r * h / w), r) if w <= h else (r, int(r * w / h))
+    x = torch.nn.functional.interpolate(x, size=[nh, nw], mode=mode, align_corners=False, antialias=True)
+    x = TF.center_crop(x.round().clamp(0, 255), [size, size])[0] / 255
+    return (x - torch.tensor(MEAN)[:, None, None]) / torch.tensor(STD)[:, None, None]
+
+
+@pytest.mark.parametrize("size", [28, 160, 224])
+def test_the_dataset_convention_is_an_explicit_crop_fraction(size: int) -> None:
+    """A built-in run's spec (crop_pct 224/256 from 128 px, 1 below, bilinear) reproduces the view of every run
+    before specs bit for bit: Preprocess without a crop fraction and with the spec's are one conversion."""
+    from dscl.backbones import BackboneSpec
+    from dscl.backbones.pretrained import dataset_crop_pct
+    from dscl.data.preprocess import preprocess_for
+
+    spec = BackboneSpec("builtin", "convnet", image_size=size, mean=MEAN, std=STD, crop_pct=dataset_crop_pct(size))
+    before, now = Preprocess(size, MEAN, STD, grey=False), preprocess_for(spec)
+    assert (now.crop, now.resize_short, now.interpolation) == (before.crop, before.resize_short, "bilinear")
+    gen = torch.Generator().manual_seed(size)
+    for h, w in SHAPES:
+        img = torch.randint(0, 256, (1, h, w, 3), dtype=torch.uint8, generator=gen)
+        assert torch.equal(now(img), before(img))
+        assert torch.equal(now(img), _torchvision_view(img[0].permute(2, 0, 1), size)[None])
+
+
+def test_a_pretrained_spec_crops_and_resizes_as_its_configuration_says() -> None:
+    """CLIP / timm settings: bicubic resizes, crop_pct 0.9 (shorter side to round(64 / 0.9) = 71, centre 64);
+    TorchScript keeps the same view."""
+    gen = torch.Generator().manual_seed(0)
+    pre = Preprocess(64, MEAN, STD, grey=False, crop_pct=0.9, interpolation="bicubic")
+    assert pre.crop and pre.resize_short == 71
+    scripted = torch.jit.script(pre)
+    for h, w in ((28, 28), (41, 33), (300, 199)):
+        img = torch.randint(0, 256, (1, h, w, 3), dtype=torch.uint8, generator=gen)
+        want = _spec_view(img[0].permute(2, 0, 1), 64, 0.9, "bicubic")
+        torch.testing.assert_close(pre(img)[0], want, rtol=0, atol=1e-6)
+        torch.testing.assert_close(scripted(img), pre(img), rtol=0, atol=0)
+    whole = Preprocess(64, MEAN, STD, grey=False, crop_pct=1.0, interpolation="nearest")
+    img = torch.arange(32 * 32 * 3, dtype=torch.int32).remainder(256).to(torch.uint8).reshape(1, 32, 32, 3)
+    doubled = img.permute(0, 3, 1, 2).repeat_interleave(2, 2).repeat_interleave(2, 3).float() / 255  # nearest, x2
+    want = (doubled - torch.tensor(MEAN)[:, None, None]) / torch.tensor(STD)[:, None, None]
+    torch.testing.assert_close(whole(img), want, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="crop_pct must be in"):
+        Preprocess(64, MEAN, STD, grey=False, crop_pct=0.0)

@@ -162,15 +162,17 @@ def test_frozen_backbone_is_the_runs_backbone_with_the_checkpoints_weights(tmp_p
     from dscl.backbones import build_backbone
     from dscl.config import load_config
     from dscl.features import frozen_backbone
+    from dscl.model import backbone_spec
 
     cfg = load_config("smoke")
+    spec = backbone_spec(cfg, (0.5,) * 3, (0.25,) * 3)  # the stored spec is the only input of the rebuild
     torch.manual_seed(0)
     trained = build_backbone(cfg.model.backbone)
     torch.manual_seed(1)  # another initialisation: every weight must come from the checkpoint
-    got = frozen_backbone(cfg, trained.state_dict(), tmp_path / "last.pt")
+    got = frozen_backbone(spec, trained.state_dict(), tmp_path / "last.pt")
     assert type(got) is type(trained)
     for key, value in trained.state_dict().items():
         assert torch.equal(got.state_dict()[key], value), key
     other = build_backbone("resnet32").state_dict()
     with pytest.raises(ValueError, match=f"{tmp_path / 'last.pt'} does not fit backbone {cfg.model.backbone}"):
-        frozen_backbone(cfg, other, tmp_path / "last.pt")
+        frozen_backbone(spec, other, tmp_path / "last.pt")

@@ -158,7 +158,8 @@ def test_imports_that_do_not_fit_are_refused_and_write_nothing(smoke_run: Path, 
     with pytest.raises(CheckpointError, match="no encoder_q"):
         import_checkpoint(tmp_path / "alien.pth", load_config("smoke"), out, fmt="official")
     (tmp_path / "garbage.pth").write_bytes(b"\x00not a checkpoint")
-    with pytest.raises(CheckpointError, match="cannot read checkpoint .*garbage.pth: it is not a file torch.save wrote, or it is damaged"):
+    with pytest.raises(CheckpointError, match="cannot read checkpoint .*garbage.pth: it is not a file torch.save "
+                                              "wrote, or it is damaged"):
         import_checkpoint(tmp_path / "garbage.pth", load_config("smoke"), out)
     torch.save({"state_dict": {"w": torch.zeros(1)}, "hook": Path("x")}, tmp_path / "pickled.pth")
     with pytest.raises(CheckpointError, match="it holds Python objects .*Path.*weights_only=True"):
@@ -414,3 +415,165 @@ def test_a_truncated_or_empty_checkpoint_is_named_in_a_complete_sentence(tmp_pat
     (tmp_path / "empty.pt").write_bytes(b"")
     with pytest.raises(CheckpointError, match=r"empty.pt: the file is empty \(0 bytes\); copy or download it again$"):
         read_external(tmp_path / "empty.pt")
+
+
+# ----------------------------------------------------------------------------------------------
+# pretrained timm / open_clip weights as a run with no stage 1: a foundation model's linear probe (issue 29)
+
+PROBE_VIT = {"depth": 2, "embed_dim": 32, "num_heads": 2}
+
+
+def _probe_cfg(backbone: str, args: dict):
+    return load_config("smoke", overrides=[f"model.backbone={backbone}", f"model.backbone_args={json.dumps(args)}",
+                                           "data.image_size=64", "views.patch_size=32"])
+
+
+def _timm_snapshot(folder: Path):
+    """timm's hub layout of a random ViT (config.json with its own mean / std, model.safetensors, head included),
+    as `timm.models.push_to_hf_hub` writes it and a copied Hugging Face snapshot holds it."""
+    timm = pytest.importorskip("timm", reason="the optional timm extra is not installed")
+    torch.manual_seed(3)
+    # dynamic_img_size: the model itself then takes the 64 px views (the weights do not depend on it)
+    model = timm.create_model("vit_tiny_patch16_224", num_classes=7, dynamic_img_size=True, **PROBE_VIT).eval()
+    timm.models.save_for_hf(model, str(folder), data_config={"mean": (0.1, 0.2, 0.3), "std": (0.9, 0.8, 0.7)},
+                            safe_serialization=True)
+    return model
+
+
+@needs_fmnist
+def test_import_of_timm_weights_makes_a_linear_probe_run_with_the_weights_input_settings(tmp_path: Path) -> None:
+    model = _timm_snapshot(tmp_path / "snap")
+    res = import_checkpoint(tmp_path / "snap", _probe_cfg("timm:vit_tiny_patch16_224", PROBE_VIT), tmp_path / "run")
+    assert res.format == "pretrained" and not res.classifier and res.loaded > 0
+    assert "online.head.* (freshly initialised)" in res.missing
+    state = load_stage1(tmp_path / "run")
+    assert state.finished and state.facts.imported["format"] == "pretrained"
+    assert state.spec.input_source == "pretrained" and state.spec.mean == (0.1, 0.2, 0.3)
+    for k, v in state.backbone_weights().items():  # the momentum encoder starts as a copy
+        assert torch.equal(state.model[f"momentum.backbone.{k}"], v), k
+    p = load_run(tmp_path / "run", stage1_ok=True)
+    assert (p.mean, p.std) == ((0.1, 0.2, 0.3), (0.9, 0.8, 0.7))
+    images = torch.randint(0, 256, (3, 50, 40, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    x = p.transform.batch(images)
+    with torch.no_grad():  # the Predictor's features are timm's own patch tokens (mean-pooled) of those weights
+        want = model.forward_features(x)[:, model.num_prefix_tokens:].mean(dim=1)
+    torch.testing.assert_close(p.features(images), want, rtol=1e-5, atol=1e-5)
+
+
+@needs_fmnist
+def test_import_of_a_clip_model_file_keeps_its_image_tower(tmp_path: Path) -> None:
+    open_clip = pytest.importorskip("open_clip", reason="the optional open_clip extra is not installed")
+    torch.manual_seed(4)
+    clip = open_clip.create_model(
+        "ViT-B-16", pretrained=None, embed_dim=16,
+        vision_cfg={"image_size": 64, "layers": 2, "width": 32, "head_width": 16, "patch_size": 16},
+        text_cfg={"context_length": 8, "vocab_size": 50, "width": 16, "heads": 2, "layers": 1}).eval()
+    torch.save({"epoch": 3, "state_dict": {f"module.{k}": v for k, v in clip.state_dict().items()}},
+               tmp_path / "clip.pt")  # open_clip's training script's layout: both towers, DDP prefix
+    args = {"width": 32, "layers": 2, "head_width": 16, "image_size": 64}
+    res = import_checkpoint(tmp_path / "clip.pt", _probe_cfg("open_clip:ViT-B-16", args), tmp_path / "run")
+    assert res.format == "pretrained"
+    p = load_run(tmp_path / "run", stage1_ok=True)
+    assert p.spec.interpolation == "bicubic" and p.mean == tuple(open_clip.OPENAI_DATASET_MEAN)  # CLIP's inputs
+    torch.testing.assert_close(p.backbone.model.conv1.weight, clip.visual.conv1.weight, rtol=0, atol=0)
+    with pytest.raises(CheckpointError, match=r"do not fit backbone open_clip:ViT-B-16; shape mismatches"):
+        import_checkpoint(tmp_path / "clip.pt", _probe_cfg("open_clip:ViT-B-16", {**args, "width": 48}),
+                          tmp_path / "other")
+    assert not (tmp_path / "other").exists()
+
+
+@needs_fmnist
+@pytest.mark.slow  # import, stage 2 and the 10,000 test images through a ViT (11 s on 2 CPU cores)
+def test_linear_probe_of_pretrained_weights_classifies_evaluates_predicts_and_embeds(tmp_path: Path, capsys) -> None:
+    """`dscl import --checkpoint FILE model.backbone=timm:NAME`: no stage 1, then the after-training commands."""
+    from dscl.cli import main
+
+    _timm_snapshot(tmp_path / "snap")
+    run = tmp_path / "probe"
+    assert main(["import", "--checkpoint", str(tmp_path / "snap" / "model.safetensors"), "--preset", "smoke",
+                 "--out", str(run), "model.backbone=timm:vit_tiny_patch16_224",
+                 f"model.backbone_args={json.dumps(PROBE_VIT)}", "data.image_size=64", "views.patch_size=32"]) == 0
+    assert "pretrained format" in capsys.readouterr().out
+    assert main(["classify", "--run", str(run), "--no-progress"]) == 0
+    assert main(["evaluate", "--run", str(run), "--no-progress"]) == 0
+    report = json.loads((run / "report.json").read_text())
+    assert report["method"] == "imported pretrained backbone + dscl classifier" and report["epochs"] is None
+    assert report["backbone"]["mean"] == [0.1, 0.2, 0.3]  # the snapshot's config.json, next to the file
+    img = tmp_path / "a.png"
+    from PIL import Image
+
+    Image.fromarray(torch.randint(0, 256, (30, 30, 3), dtype=torch.uint8).numpy()).save(img)
+    assert main(["predict", "--run", str(run), str(img), "--out", str(tmp_path / "p.csv")]) == 0
+    assert main(["embed", "--run", str(run), str(img), "--out", str(tmp_path / "e.npz")]) == 0
+    import numpy as np
+
+    feats = np.load(tmp_path / "e.npz")["features"]
+    np.testing.assert_allclose(feats, load_run(run).embed([img]).numpy(), rtol=1e-5, atol=1e-6)
+
+
+def _tiny_classified_run(tmp_path: Path, *overrides: str) -> Path:
+    """A classified run made in-process (the config's backbone with random weights, 3 classes, no spec stored as
+    before specs; no dataset needed)."""
+    from dscl.backbones import build_backbone_from_spec, network_spec
+    from dscl.config import dump_config
+    from dscl.run import ClassifierState, DataMeta, save_classifier
+
+    cfg = load_config("smoke", overrides=list(overrides))
+    torch.manual_seed(0)
+    net = build_backbone_from_spec(network_spec(cfg.model))
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    dump_config(cfg, run / "config.yaml")
+    save_classifier(run, ClassifierState(protocol="cached", backbone_name=cfg.model.backbone, num_classes=3,
+                                         data=DataMeta.of(["a", "b", "c"], [5, 3, 1], (0.5,) * 3, (0.25,) * 3),
+                                         backbone=net.state_dict(), fc=nn.Linear(net.num_features, 3).state_dict()))
+    return run
+
+
+def test_onnx_recipe_of_a_cropped_view_compares_with_the_images_the_view_was_cut_from(tmp_path: Path) -> None:
+    """From 128 px the view is a centre crop, so x (the view) is not a fixed point of the Predictor's conversion:
+    Predictor.logits(x) would resize and crop x again. The recipe said it gave the graph's logits; it does not."""
+    from dscl.interop import export_recipe, onnx_module
+
+    p = load_run(_tiny_classified_run(tmp_path, "data.image_size=160", "views.patch_size=64"))
+    recipe = " ".join(export_recipe(p, "onnx", "m.onnx").split())
+    assert "for the same x, Predictor.logits(x) gives the same logits" not in recipe
+    assert "Predictor.logits(images) of the images x was cut from gives the same logits" in recipe
+    assert "shorter side resized to 183 px with antialiased bilinear, then the centre 160 x 160 crop" in recipe
+    images = torch.randint(0, 256, (2, 200, 170, 1), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    pre = p.transform.preprocess
+    x = pre._resize(pre._channels(images.permute(0, 3, 1, 2))).float() / 255  # what the recipe feeds the graph
+    with torch.no_grad():
+        torch.testing.assert_close(onnx_module(p)(x), p.logits(images), rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(p.logits(x), p.logits(images), atol=1e-3)
+
+
+@pytest.mark.parametrize(("backbone", "args", "layout"), [
+    ("timm:vit_tiny_patch16_224", PROBE_VIT, "timm"),
+    ("open_clip:ViT-B-16", {"width": 32, "layers": 2, "head_width": 16, "image_size": 64}, "open_clip"),
+])
+def test_state_dict_export_of_a_timm_or_open_clip_run_has_the_libraries_own_keys(tmp_path: Path, backbone, args,
+                                                                                 layout) -> None:
+    """timm's / open_clip's native key layout (dscl's wrapper prefix stripped): their own model loads it, and
+    `dscl import` of the export gives the same classifier back."""
+    pytest.importorskip(layout, reason=f"the optional {layout} extra is not installed")
+    from dscl.backbones import BackboneSpec, build_backbone_from_spec
+
+    run = _tiny_classified_run(tmp_path, f"model.backbone={backbone}", f"model.backbone_args={json.dumps(args)}",
+                               "data.image_size=64", "views.patch_size=32")
+    p = load_run(run)
+    sd = torch.load(export_run(p, "state-dict", tmp_path / "sd.pt"), weights_only=True)
+    assert sd["key_layout"] == layout and not any(k.startswith("model.") for k in sd["backbone"])
+    rebuilt = build_backbone_from_spec(BackboneSpec.from_dict(sd["spec"]))
+    rebuilt.model.load_state_dict(sd["backbone"])  # the library's own module, strict
+    if layout == "timm":
+        import timm
+
+        timm.create_model("vit_tiny_patch16_224", num_classes=0, **args).load_state_dict(sd["backbone"])
+    images = torch.randint(0, 256, (2, 40, 40, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt.eval()(p.transform.batch(images)), p.features(images))
+    from dscl.interop import _map_dscl, _read_mapped
+
+    assert _read_mapped(sd, "auto", tmp_path / "sd.pt")[0] == "dscl"
+    assert set(_map_dscl(sd).backbone) == set(p.backbone.state_dict())  # the prefix comes back on import

@@ -289,3 +289,53 @@ def test_patch_teacher_follows_the_model_roi_convention():
     own = model.patch_teacher(fmap, boxes, 28)
     torch.testing.assert_close(own, model.patch_teacher(fmap, boxes, 28, aligned=False))
     assert not torch.allclose(own, model.patch_teacher(fmap, boxes, 28, aligned=True))
+
+
+# ---------------------------------------------------------------------------------------- the backbone spec
+
+
+def test_a_builtin_runs_spec_is_todays_input_conversion():
+    """Every run before backbone specs: the dataset's mean / std, bilinear, whole-image resize below 128 px and
+    the ImageNet 256 -> 224 crop from 128 px up; a grey dataset's images replicated to RGB."""
+    from dscl.config import load_config
+    from dscl.model import backbone_spec
+
+    small = backbone_spec(load_config("smoke"), (0.3,) * 3, (0.4,) * 3)
+    assert (small.family, small.name, small.args, small.pool) == ("builtin", "convnet", {}, "avg")
+    assert (small.image_size, small.mean, small.std, small.interpolation, small.crop_pct, small.grey_to_rgb,
+            small.input_source) == (28, (0.3,) * 3, (0.4,) * 3, "bilinear", 1.0, True, "dataset")
+    big = backbone_spec(load_config("imagenet-lt", overrides=["model.zero_init_residual=false"]), (0.5,) * 3,
+                        (0.2,) * 3)
+    assert big.crop_pct == 224 / 256 and big.resize_short == 256 and not big.grey_to_rgb
+    assert big.args == {"zero_init_residual": False}  # the one constructor argument of the built-ins
+
+
+def test_a_vit_refuses_image_sides_its_patch_grid_would_cut_short():
+    pytest.importorskip("timm", reason="the optional timm extra is not installed")
+    from dscl.config import ConfigError, load_config
+    from dscl.model import build_encoder
+
+    vit = ["model.backbone=timm:vit_tiny_patch16_224", "model.backbone_args={depth: 1, embed_dim: 32, num_heads: 2}"]
+    with pytest.raises(ConfigError, match=r"data.image_size=60 is not a multiple of the 16 px patches of "
+                                          r"timm:vit_tiny_patch16_224; use 48 or 64"):
+        build_encoder(load_config("smoke", overrides=[*vit, "data.image_size=60", "views.patch_size=32"]))
+    with pytest.raises(ConfigError, match=r"views.patch_size=24 is not a multiple of the 16 px patches"):
+        build_encoder(load_config("smoke", overrides=[*vit, "data.image_size=64", "views.patch_size=24"]))
+    # no patches cut (views.num_patches=0): the patch size does not matter
+    build_encoder(load_config("smoke", overrides=[*vit, "data.image_size=64", "views.patch_size=24",
+                                                  "views.num_patches=0"]))
+
+
+def test_pool_cls_projects_the_class_token_and_keeps_the_patch_map():
+    """model.pool=cls: the head sees the class token; the map (the PBSD teacher's input) is still the patch grid."""
+    pytest.importorskip("timm", reason="the optional timm extra is not installed")
+    torch.manual_seed(0)
+    args = {"depth": 1, "embed_dim": 32, "num_heads": 2}
+    cls_enc = Encoder(build_backbone("timm:vit_tiny_patch16_224", args=args, pool="cls"), dim=8).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        z, fmap = cls_enc(x)
+        tokens = cls_enc.backbone.model.forward_features(x)
+        torch.testing.assert_close(z, cls_enc.project(tokens[:, 0]))
+        torch.testing.assert_close(fmap, tokens[:, 1:].reshape(2, 4, 4, 32).permute(0, 3, 1, 2))
+        assert not torch.allclose(z, cls_enc.project(fmap.mean(dim=(2, 3))))

@@ -210,6 +210,22 @@ def test_report_groups_follow_the_thresholds_and_run_info():
                      run_info={"top1": 100.0})
 
 
+def test_report_shows_the_backbone_spec_and_its_input_settings(tmp_path):
+    from dscl.backbones import BackboneSpec
+
+    spec = BackboneSpec("timm", "vit_tiny_patch16_224", {"depth": 2}, image_size=64, mean=(0.5,) * 3,
+                        std=(0.5,) * 3, interpolation="bicubic", crop_pct=0.9, input_source="pretrained")
+    s = summarize(one_hot_logits([0, 1], 2), [0, 1], [500, 300])
+    report = build_report(s, dataset="d", method="m", seed=0, epochs=1, wall_seconds=1, split="test",
+                          selection="x", run_info={"backbone": spec.to_dict()})
+    write_report(tmp_path, report)
+    assert json.loads((tmp_path / "report.json").read_text())["backbone"] == spec.to_dict()
+    md = (tmp_path / "report.md").read_text()
+    assert ("- Backbone: timm:vit_tiny_patch16_224 {'depth': 2}, pool avg; inputs: shorter side resized to 71 px, "
+            "centre 64 x 64 crop (bicubic, antialiased), normalised with the pretrained weights' mean (0.5, 0.5, 0.5) "
+            "and std (0.5, 0.5, 0.5)") in md
+
+
 # ----------------------------------------------------------------------------------------------
 # per_class.csv, confusion.csv, predictions.csv
 

@@ -18,6 +18,7 @@ import yaml
 
 from conftest import needs_fmnist, run_cli
 from dscl import run
+from dscl.backbones import BackboneSpec
 from dscl.config import dump_config, load_config
 from dscl.run import (
     RUN_FILES,
@@ -320,7 +321,7 @@ def test_stage1_state_round_trip_and_summary_without_the_checkpoint(tmp_path, mo
     path = run.save_stage1(tmp_path, state)
     assert path == tmp_path / "checkpoints" / "last.pt"
     raw = load_checkpoint(path)
-    assert raw["version"] == run.CHECKPOINT_VERSION == 2 and raw["stage"] == "pretrain"
+    assert raw["version"] == run.CHECKPOINT_VERSION == 3 and raw["stage"] == "pretrain"
     assert raw["facts"]["backbone"] == "convnet"  # the name lives in the facts, never next to weights
     _same_state(run.load_stage1(tmp_path), state)
     assert run.load_stage1(tmp_path).backbone_weights().keys() == {"w"}
@@ -418,9 +419,107 @@ def test_a_run_written_with_version_1_checkpoints_evaluates_and_predicts_the_sam
     report = evaluate(old, device="cpu", progress=False)
     reference = json.loads((smoke_run / "report.json").read_text())
     for key in ("top1", "top5", "many", "medium", "few", "variants", "precision", "device", "global_batch", "lr",
-                "train_fingerprint", "selection", "method", "epochs", "conventions", "expected"):
+                "train_fingerprint", "selection", "method", "epochs", "conventions", "expected", "backbone"):
         assert report.get(key) == reference.get(key), key
-    assert run.stage1_summary(old) == dataclasses.replace(s1.summary(), config=None)  # v1 never held the config
+    # v1 never held the config or the backbone spec (derived from the config: the same, as "backbone" shows)
+    assert run.stage1_summary(old) == dataclasses.replace(s1.summary(), config=None, spec=None)
+
+
+VIT_SPEC = BackboneSpec("timm", "vit_tiny_patch16_224", {"depth": 2, "img_size": [64, 64]}, image_size=64,
+                        mean=(0.5,) * 3, std=(0.5,) * 3, interpolation="bicubic", crop_pct=0.9, grey_to_rgb=True,
+                        input_source="pretrained")
+
+
+def test_the_backbone_spec_is_stored_as_plain_containers_in_both_checkpoints_and_the_summary(tmp_path):
+    state = dataclasses.replace(_stage1_state(), spec=VIT_SPEC)
+    run.save_stage1(tmp_path, state)
+    raw = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)  # nothing but plain containers
+    assert raw["spec"] == VIT_SPEC.to_dict() and raw["spec"]["args"]["img_size"] == [64, 64]
+    assert run.load_stage1(tmp_path).spec == VIT_SPEC and run.stage1_summary(tmp_path).spec == VIT_SPEC
+    assert json.loads((tmp_path / "checkpoints" / "last.json").read_text())["spec"]["interpolation"] == "bicubic"
+    cls = run.ClassifierState(protocol="cached", backbone_name=VIT_SPEC.qualified_name, num_classes=2, spec=VIT_SPEC,
+                              backbone={"w": torch.ones(2)}, fc={"weight": torch.ones(2, 4), "bias": torch.zeros(2)})
+    run.save_classifier(tmp_path, cls)
+    assert run.load_classifier(tmp_path).spec == VIT_SPEC and run.load_classifier(tmp_path).record().spec == VIT_SPEC
+    torch.save({**raw, "spec": {**raw["spec"], "colour": "red"}}, tmp_path / "checkpoints" / "last.pt")
+    with pytest.raises(CheckpointError, match=r"last.pt: the checkpoint's backbone spec cannot be read: .*colour"):
+        run.load_stage1(tmp_path)
+
+
+def test_a_config_of_another_architecture_than_the_stored_spec_is_refused(tmp_path):
+    summary = dataclasses.replace(_stage1_state().summary(), spec=VIT_SPEC)
+    vit = ["model.backbone=timm:vit_tiny_patch16_224", "model.backbone_args={depth: 2, img_size: [64, 64]}"]
+    run.check_compatible(summary, load_config("smoke", overrides=vit), 3, tmp_path / "last.pt")
+    for other, words in (([vit[0], "model.backbone_args={depth: 4, img_size: [64, 64]}"], "{'depth': 4"),
+                         ([*vit, "model.pool=cls"], "pool cls"), ([], "for convnet;")):
+        with pytest.raises(CheckpointError, match=re.escape(
+                f"{tmp_path / 'last.pt'} holds a timm:vit_tiny_patch16_224 {{'depth': 2, 'img_size': [64, 64]}} "
+                "backbone but the config asks for")) as exc:
+            run.check_compatible(summary, load_config("smoke", overrides=other), 3, tmp_path / "last.pt")
+        assert words in str(exc.value)
+    # a version-2 state (no spec) compares the built-in's name, as before
+    old = _stage1_state().summary()
+    run.check_compatible(old, load_config("smoke"), 3, tmp_path / "last.pt")
+    with pytest.raises(CheckpointError, match="holds a convnet backbone but the config asks for resnet32"):
+        run.check_compatible(old, load_config("smoke", overrides=["model.backbone=resnet32"]), 3, tmp_path / "last.pt")
+
+
+def test_a_resume_with_other_input_settings_is_refused(tmp_path):
+    run.check_same_inputs(VIT_SPEC, VIT_SPEC, tmp_path / "last.pt")
+    run.check_same_inputs(None, VIT_SPEC, tmp_path / "last.pt")  # version 1-2: nothing recorded to compare
+    other = dataclasses.replace(VIT_SPEC, mean=(0.48, 0.46, 0.41))
+    with pytest.raises(CheckpointError, match=r"last.pt: stage 1 started with inputs .*mean \(0.5, 0.5, 0.5\).* but "
+                                              r"the config now gives .*mean \(0.48, 0.46, 0.41\)"):
+        run.check_same_inputs(VIT_SPEC, other, tmp_path / "last.pt")
+
+
+# Version 2 (issues #23-#28): the typed states' entries, no backbone spec; config.yaml and the recorded config
+# without model.backbone_args / model.pool.
+
+
+def v2_dict(state: run.Stage1State | run.ClassifierState) -> dict:
+    d = {"version": 2, **state.to_dict()}
+    del d["spec"]
+    if isinstance(d.get("config"), dict):
+        d["config"] = _v2_config(d["config"])
+    return d
+
+
+def _v2_config(config: dict) -> dict:
+    model = {k: v for k, v in config["model"].items() if k not in ("backbone_args", "pool")}
+    return {**config, "model": model}
+
+
+@needs_fmnist
+def test_a_run_written_with_version_2_checkpoints_evaluates_and_predicts_the_same(smoke_run, tmp_path):
+    """A run directory of the code before backbone specs: the built-in spec is derived from its config and
+    data, so it predicts and evaluates as a run of this code does."""
+    from dscl import load_run
+    from dscl.evaluation import evaluate
+
+    old = tmp_path / "v2"
+    shutil.copytree(smoke_run, old)
+    s1, cls = run.load_stage1(old), run.load_classifier(old)
+    torch.save(v2_dict(s1), old / "checkpoints" / "last.pt")
+    torch.save(v2_dict(cls), old / "checkpoints" / "classifier.pt")
+    summary = json.loads((old / "checkpoints" / "last.json").read_text())
+    del summary["spec"]
+    (old / "checkpoints" / "last.json").write_text(json.dumps({**summary, "version": 2,
+                                                               "config": _v2_config(summary["config"])}))
+    saved = yaml.safe_load((old / "config.yaml").read_text())
+    (old / "config.yaml").write_text(yaml.safe_dump(_v2_config(saved), sort_keys=False))
+    assert run.load_stage1(old).spec is None and run.load_classifier(old).spec is None
+    images = [torch.full((1, 28, 28), v, dtype=torch.uint8) for v in (0, 90, 200)] + [
+        torch.randint(0, 256, (3, 40, 33), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))]
+    new_p, old_p = load_run(smoke_run), load_run(old)
+    assert old_p.spec == new_p.spec and old_p.spec.family == "builtin"
+    assert torch.equal(new_p.predict(images), old_p.predict(images))
+    assert torch.equal(new_p.embed(images), old_p.embed(images))
+    report = evaluate(old, device="cpu", progress=False)
+    reference = json.loads((smoke_run / "report.json").read_text())
+    for key in ("top1", "top5", "many", "medium", "few", "variants", "per_class", "precision", "global_batch", "lr",
+                "train_fingerprint", "selection", "method", "epochs", "conventions", "expected", "backbone"):
+        assert report.get(key) == reference.get(key), key
 
 
 def test_a_mid_epoch_stage1_state_keeps_its_position_and_epoch_state(tmp_path):

@@ -17,11 +17,14 @@ from torch import nn
 from tqdm import tqdm
 
 from dscl import dist
+from dscl.backbones import BackboneSpec
 from dscl.config import Config
-from dscl.data import ClassBalancedSampler, ClassifierTransform, DatasetSplits, EvalTransform, LTDataset, build_datasets
+from dscl.data import ClassBalancedSampler, DatasetSplits, LTDataset, build_datasets
+from dscl.data.views import classifier_transform_for, eval_transform_for
 from dscl.errors import DivergedError
 from dscl.features import extract_features, frozen_backbone, recompute_bn
 from dscl.metrics import class_means
+from dscl.model import backbone_spec, recorded_spec
 from dscl.rng import seed_everything
 from dscl.run import (
     CLASSIFIER_FILE,
@@ -131,10 +134,11 @@ def train_linear_cached(
 
 def train_linear_official(
     backbone: nn.Module, splits: DatasetSplits, cfg: Config, *, device: torch.device, progress: bool,
-    val: LTDataset | None, log: MetricsLog | None = None,
+    val: LTDataset | None, log: MetricsLog | None = None, spec: BackboneSpec | None = None,
 ) -> tuple[nn.Linear, int, list[dict[str, float]]]:
     """The official stage 2: backbone frozen but run every epoch on strongly augmented images,
-    BatchNorm statistics updated (``classifier.update_bn``), class-balanced sampling.
+    BatchNorm statistics updated (``classifier.update_bn``), class-balanced sampling. Images are
+    normalised and evaluated as the backbone ``spec`` says (default: the config's built-in convention).
 
     Under torchrun each rank sees its own shard, so with ``update_bn`` the ranks' BatchNorm running
     statistics would drift apart while only rank 0's backbone is saved, and the validation features
@@ -152,13 +156,14 @@ def train_linear_official(
     fc = new_classifier(width, num_classes, cfg.optim.seed).to(device)
     dist.broadcast_module(fc)
     opt = torch.optim.SGD(fc.parameters(), lr=cc.lr, momentum=cc.momentum, weight_decay=cc.weight_decay)
-    train = splits.train.with_transform(ClassifierTransform(cfg.data.image_size, splits.mean, splits.std))
+    spec = spec if spec is not None else backbone_spec(cfg, splits.mean, splits.std)
+    train = splits.train.with_transform(classifier_transform_for(spec))
     sampler = ClassBalancedSampler(train.targets, seed=cfg.optim.seed, rank=rank, world_size=world)
     batch = max(1, cc.batch_size // world)
     loader = make_loader(train, batch, sampler=sampler, workers=num_workers(cfg.data.num_workers),
                      device=device, drop_last=False)
     dtype = frozen_dtype(cfg.optim.amp, device)  # the device's own precision, whatever trained stage 1
-    val_ds = val.with_transform(EvalTransform(cfg.data.image_size, splits.mean, splits.std)) if val else None
+    val_ds = val.with_transform(eval_transform_for(spec)) if val else None
     best: tuple[float, int, dict[str, torch.Tensor], dict[str, torch.Tensor]] | None = None
     history: list[dict[str, float]] = []
     for epoch in range(cc.epochs):
@@ -235,12 +240,13 @@ def _classify(run_dir: Path, cfg: Config | None, device: str, progress: bool,
     splits = splits or build_datasets(cfg.data, seed=cfg.optim.seed)
     stage1 = load_finished_stage1(run_dir)
     check_compatible(stage1, cfg, splits.num_classes, run_dir / STAGE1_FILE)
-    backbone = frozen_backbone(cfg, stage1.backbone_weights(), run_dir / STAGE1_FILE).to(dev)
+    spec = recorded_spec(stage1.spec, cfg, splits.mean, splits.std)
+    backbone = frozen_backbone(spec, stage1.backbone_weights(), run_dir / STAGE1_FILE).to(dev)
     del stage1
     backbone.to(memory_format=torch.channels_last)
     cc = cfg.classifier
     workers = num_workers(cfg.data.num_workers)
-    eval_t = EvalTransform(cfg.data.image_size, splits.mean, splits.std)
+    eval_t = eval_transform_for(spec)
     clean_train = splits.train.with_transform(eval_t)
     fbatch = max(64, min(512, cc.batch_size))
     log = MetricsLog(run_dir / "metrics.jsonl")
@@ -252,7 +258,7 @@ def _classify(run_dir: Path, cfg: Config | None, device: str, progress: bool,
         feats, labels = extract_features(backbone, clean_train, batch_size=fbatch, device=dev, workers=workers,
                                          progress=progress, desc="features", dtype=dtype)
         bank_f, bank_y = [feats], [labels]
-        aug = splits.train.with_transform(ClassifierTransform(cfg.data.image_size, splits.mean, splits.std))
+        aug = splits.train.with_transform(classifier_transform_for(spec))
         for c in range(cc.augmented_copies):
             f, y = extract_features(backbone, aug, batch_size=fbatch, device=dev, workers=workers,
                                     progress=progress, desc=f"augmented copy {c + 1}/{cc.augmented_copies}",
@@ -279,13 +285,14 @@ def _classify(run_dir: Path, cfg: Config | None, device: str, progress: bool,
     else:
         stats = None
         fc, chosen, history = train_linear_official(backbone, splits, cfg, device=dev, progress=progress,
-                                                    val=splits.val if cc.select == "val" else None, log=log)
+                                                    val=splits.val if cc.select == "val" else None, log=log,
+                                                    spec=spec)
         train_feats, train_labels = extract_features(backbone, clean_train, batch_size=fbatch, device=dev,
                                                      workers=workers, progress=progress, desc="features")
     path = run_dir / CLASSIFIER_FILE
     if dist.is_main():
         save_classifier(run_dir, ClassifierState(
-            protocol=cc.protocol, backbone_name=cfg.model.backbone, num_classes=splits.num_classes,
+            protocol=cc.protocol, backbone_name=spec.qualified_name, num_classes=splits.num_classes, spec=spec,
             selected_epoch=chosen, selection=selection_sentence(splits, chosen, cc.epochs, cc.select),
             history=history, wall_seconds=time.perf_counter() - t0,
             # what dscl.inference.load_run needs without the dataset (a run copied elsewhere)

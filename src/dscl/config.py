@@ -148,9 +148,22 @@ class ViewConfig:
 class ModelConfig:
     """Backbone, projection head and the momentum encoder / queue."""
 
+    # a built-in (convnet, resnet32, resnet18, resnet50, resnet152, resnext50_32x4d), timm:<model> (any timm
+    # model: pip install 'dscl-lt[timm]') or open_clip:<arch> (a CLIP image tower: 'dscl-lt[open_clip]')
     backbone: str = "resnet50"
-    pretrained: str | None = None  # local state-dict path (e.g. ImageNet weights for Places-LT)
-    zero_init_residual: bool = True
+    # constructor arguments of the backbone, e.g. {depth: 2, embed_dim: 64} (timm.create_model keywords,
+    # open_clip vision_cfg fields; the built-ins take zero_init_residual); on the command line a flow
+    # mapping: model.backbone_args='{depth: 2}'
+    backbone_args: dict[str, Any] = field(default_factory=dict)
+    # the pooled feature stage 2 classifies: avg = mean of the feature map (a ViT's patch tokens: the space
+    # the PBSD teacher's ROI pooling lives in); cls = a ViT's class token (a deliberate difference: stage 1's
+    # projection head then sees another feature than the PBSD teacher's)
+    pool: str = one_of("avg", ("avg", "cls"), {"cls": "a ViT's class token"})
+    # weights to start from: a local file (.pth / .pt / .bin / .safetensors, or a folder holding one) in
+    # torchvision, timm, open_clip, MoCo / official DSCL or dscl layout, or a hub name timm / open_clip
+    # resolve (hf-hub:ORG/NAME; open_clip's tags such as openai)
+    pretrained: str | None = None
+    zero_init_residual: bool = True  # built-ins only (timm models take their own arguments)
     dim: int = in_range(128, 1)  # embedding dimension
     queue_size: int = in_range(65536, 0)  # K
     momentum: float = in_range(0.999, 0, 1)  # m of the EMA update
@@ -441,6 +454,20 @@ def _int(value: Any, where: str) -> int | None:
     return value
 
 
+def _mapping(value: Any, where: str) -> dict[str, Any]:
+    """A mapping field (``model.backbone_args``) from YAML or a CLI flow mapping ``{depth: 2, embed_dim: 64}``;
+    null / none is the empty mapping (no arguments)."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null")):
+        return {}
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{where} must be a mapping like {{depth: 2, embed_dim: 64}} (on the command line quote it: "
+                          f"'model.backbone_args={{depth: 2}}'), got {value!r}")
+    bad = [k for k in value if not isinstance(k, str)]
+    if bad:
+        raise ConfigError(f"{where}: keys must be names, got {bad[0]!r}")
+    return {k: _plain(v) for k, v in value.items()}
+
+
 def _coerce(value: Any, tp: Any, where: str, key: str | None = None) -> Any:
     """Convert ``value`` (from YAML or a CLI string) to the field type ``tp``; ``key`` (``section.key``)
     names it in the hint of an empty value.
@@ -456,6 +483,8 @@ def _coerce(value: Any, tp: Any, where: str, key: str | None = None) -> Any:
         return None
     if isinstance(value, str) and inner not in (str, int, float):
         value = _yaml_value(value, where)
+    if typing.get_origin(inner) is dict:
+        return _mapping(value, where)
     if value is None:
         return None
     if inner is bool:
@@ -641,6 +670,28 @@ def _check_fields(cfg: Config) -> None:
             _check_field(f"{section}.{f.name}", getattr(sub, f.name), f, types_[f.name])
 
 
+def _check_backbone(model: ModelConfig) -> None:
+    """``model.backbone`` names a family and a model (``timm:`` / ``open_clip:`` names are checked by their
+    package when the backbone is built); a built-in takes neither ``model.pool=cls`` nor other arguments."""
+    # imported here: the backbones package imports this module (and torch)
+    from dscl.backbones.builtin import BACKBONES, BUILTIN_ARGS
+    from dscl.backbones.spec import parse_backbone_name
+
+    family, name = parse_backbone_name(model.backbone)
+    if family != "builtin":
+        return
+    if name not in BACKBONES:
+        raise ConfigError(f"model.backbone={name!r} is not a built-in backbone ({', '.join(BACKBONES)}); for a timm "
+                          "or open_clip model write timm:<name> or open_clip:<arch>")
+    if model.pool != "avg":
+        raise ConfigError(f"model.pool={model.pool} needs a class token (a ViT: timm:... or open_clip:...); the "
+                          f"built-in {name} pools avg")
+    unknown = sorted(set(model.backbone_args) - set(BUILTIN_ARGS))
+    if unknown:
+        raise ConfigError(f"model.backbone_args: the built-in {name} takes only {', '.join(BUILTIN_ARGS)}, got "
+                          f"{', '.join(unknown)}")
+
+
 def validate(cfg: Config) -> None:
     """Range checks that a YAML type check cannot express; every message names the key.
 
@@ -652,6 +703,7 @@ def validate(cfg: Config) -> None:
             raise ConfigError(msg)
 
     _check_fields(cfg)
+    _check_backbone(cfg.model)
     need(cfg.views.num_patches == 0 or cfg.views.patch_size <= cfg.data.image_size,
          f"views.patch_size ({cfg.views.patch_size}) must be <= data.image_size ({cfg.data.image_size}): "
          f"patches are cut from the image (or set views.num_patches=0)")

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from dscl import dist, trackers
+from dscl.backbones import BackboneSpec
 from dscl.config import Config, method_name, preset_changes, preset_expected
 from dscl.data import DataError, DatasetSplits, build_datasets
 from dscl.data.inputs import LIST_SUFFIXES, Inputs, collect_inputs
@@ -78,7 +79,7 @@ def evaluate(run_dir: str | Path, *, split: str = "test", cfg: Config | None = N
                           selection=record.selection if record else "", variants=variants,
                           many_threshold=cfg.eval.many_threshold, few_threshold=cfg.eval.few_threshold,
                           run_info=run_facts(stage1, splits, cfg, classifier=record,
-                                             standardized=predictor.feature_stats is not None))
+                                             standardized=predictor.feature_stats is not None, spec=predictor.spec))
     if dist.is_main():
         target = run_dir if split == "test" else run_dir / "val"
         written = write_evaluation_files(target, report, logits, labels, splits.class_names,
@@ -186,7 +187,7 @@ def evaluate_data(run_dir: str | Path, data: str | Path, out: str | Path, *, dat
     stage1 = stage1_summary(run_dir)
     method, epochs = imported_method(stage1, predictor.record) or trained_method(stage1, cfg, run_dir)
     facts = run_facts(stage1, None, cfg, classifier=predictor.record,
-                      standardized=predictor.feature_stats is not None)
+                      standardized=predictor.feature_stats is not None, spec=predictor.spec)
     facts.update(data_source=str(Path(data).resolve()), data_notes=inputs.notes, run=str(run_dir.resolve()))
     report = build_report(summary, dataset=f"{Path(data).name} (new data)", method=method, seed=cfg.optim.seed,
                           epochs=epochs, wall_seconds=round(time.perf_counter() - t0, 1), split="data",
@@ -346,7 +347,8 @@ def chance_warning(top1: float | None, num_classes: int) -> str | None:
 
 
 def run_facts(stage1: Stage1Summary, splits: DatasetSplits | None, cfg: Config, *,
-              classifier: ClassifierRecord | None = None, standardized: bool | None = None) -> dict[str, Any]:
+              classifier: ClassifierRecord | None = None, standardized: bool | None = None,
+              spec: BackboneSpec | None = None) -> dict[str, Any]:
     """How the run was made, for ``report.json``.
 
     From stage 1's facts (:class:`~dscl.run.RunFacts`): ``precision`` (fp32 / bf16 / fp16), ``device``,
@@ -362,7 +364,9 @@ def run_facts(stage1: Stage1Summary, splits: DatasetSplits | None, cfg: Config, 
     (README "Deliberate differences"); the classifier's protocol comes from ``classifier`` (its checkpoint's
     record) and its standardisation from ``standardized`` (whether the checkpoint holds the statistics)
     where given, since ``config.yaml``'s ``classifier.*`` may have been edited since stage 2 ran. The
-    preset comparison uses the epochs stage 1 trained, not ``optim.epochs``.
+    preset comparison uses the epochs stage 1 trained, not ``optim.epochs``. ``backbone``: the backbone
+    spec the evaluated network was rebuilt from (``spec``: architecture and input settings, as stored in
+    the checkpoint), when given.
     """
     fingerprint = splits.train.fingerprint() if splits is not None else None
     s1 = stage1.facts
@@ -371,6 +375,8 @@ def run_facts(stage1: Stage1Summary, splits: DatasetSplits | None, cfg: Config, 
     precision = s1.precision or (None if imported else {"none": "fp32"}.get(cfg.optim.amp, cfg.optim.amp))
     facts: dict[str, Any] = {"precision": precision, "device": s1.device, "torch_version": s1.torch_version,
                              "global_batch": s1.global_batch, "world_size": s1.world_size, "lr": s1.lr}
+    if spec is not None:
+        facts["backbone"] = spec.to_dict()
     if splits is not None:
         facts.update(train_fingerprint=fingerprint,
                      data_root=getattr(splits, "data_root", None) or cfg.data.data_root)

@@ -10,20 +10,25 @@ from torch import nn
 from tqdm import tqdm
 
 from dscl import dist
-from dscl.backbones import build_backbone
-from dscl.config import Config
+from dscl.backbones import Backbone, BackboneSpec, build_backbone_from_spec
 from dscl.data import LTDataset
-from dscl.run import CheckpointError
+from dscl.errors import CheckpointError
 from dscl.runtime import autocast, make_loader, to_device
 
 
-def frozen_backbone(cfg: Config, weights: Mapping[str, torch.Tensor], where: Path) -> nn.Module:
-    """The run's backbone (``model.backbone``) with ``weights`` from checkpoint ``where``."""
-    backbone = build_backbone(cfg.model.backbone, zero_init_residual=cfg.model.zero_init_residual)
+def frozen_backbone(spec: BackboneSpec, weights: Mapping[str, torch.Tensor], where: Path) -> Backbone:
+    """The backbone a checkpoint's ``spec`` describes, with ``weights`` (its state dict) from checkpoint ``where``.
+
+    Raises:
+        CheckpointError: weights that do not fit the spec's network (the first keys named).
+    """
+    backbone = build_backbone_from_spec(spec)
     try:
         backbone.load_state_dict(weights)
     except RuntimeError as exc:
-        raise CheckpointError(f"{where} does not fit backbone {cfg.model.backbone}: {exc}") from exc
+        first = str(exc).strip().splitlines()
+        raise CheckpointError(f"{where} does not fit backbone {spec.qualified_name}: "
+                              f"{' '.join(line.strip() for line in first[:3])}") from exc
     return backbone
 
 

@@ -34,13 +34,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dscl.backbones import BackboneSpec
 from dscl.config import Config
 from dscl.data import DataError
-from dscl.data.preprocess import ImageLike, ImageTransform, Preprocess, image_items, input_mode, to_uint8_hwc
+from dscl.data.preprocess import ImageLike, ImageTransform, Preprocess, image_items, preprocess_for, to_uint8_hwc
 from dscl.dist import resolve_device
 from dscl.errors import UsageError
 from dscl.features import frozen_backbone
 from dscl.metrics import logit_adjust, ncm_logits, tau_norm_logits
+from dscl.model import recorded_spec
 from dscl.run import (
     CLASSIFIER_FILE,
     STAGE1_FILE,
@@ -48,6 +50,7 @@ from dscl.run import (
     ClassifierRecord,
     DataMeta,
     RunDirError,
+    check_same_network,
     load_classifier,
     load_finished_stage1,
     load_run_config,
@@ -111,12 +114,15 @@ class Predictor:
             ``wall_seconds``, ``protocol``, ``imported``), or None for a stage-1-only run.
         feature_stats: ``(mean, std)`` of the standardisation folded into ``fc`` (``classifier.standardize``),
             or None; the ``tau-norm`` variant works in that space.
+        spec: the :class:`~dscl.backbones.BackboneSpec` the backbone was rebuilt from (the checkpoint's;
+            derived for checkpoints written before specs); ``mean``, ``std``, ``input_mode`` and ``transform``
+            follow its input settings.
     """
 
     def __init__(self, run_dir: Path, cfg: Config, backbone: nn.Module, fc: nn.Linear | None,
                  class_means: Tensor | None, meta: DataMeta, source: Path, device: torch.device,
                  record: ClassifierRecord | None = None,
-                 feature_stats: tuple[Tensor, Tensor] | None = None) -> None:
+                 feature_stats: tuple[Tensor, Tensor] | None = None, spec: BackboneSpec | None = None) -> None:
         self.run_dir = run_dir
         self.cfg = cfg
         self.device = device
@@ -125,11 +131,14 @@ class Predictor:
         self.class_means = class_means
         self.class_names = meta.class_names
         self.train_counts = meta.train_counts
-        self.mean, self.std = meta.mean, meta.std
-        self.input_mode = input_mode(cfg.data.dataset)
+        #: the backbone spec the network was rebuilt from; its input settings are the run's input conversion
+        self.spec = recorded_spec(spec, cfg, meta.mean, meta.std)
+        if self.spec.mean is None or self.spec.std is None:
+            raise CheckpointError(f"{source}: the stored backbone spec has no input settings (mean / std)")
+        self.mean, self.std = self.spec.mean, self.spec.std
+        self.input_mode = "L" if self.spec.grey_to_rgb else "RGB"
         # on the CPU always: evaluation converts in loader workers, so every path converts identically
-        self.transform = ImageTransform(Preprocess(cfg.data.image_size, meta.mean, meta.std,
-                                                   self.input_mode == "L").eval())
+        self.transform = ImageTransform(preprocess_for(self.spec).eval())
         self.source = source
         self.record = record
         # (mean, std) the classifier's features were z-scored with (classifier.standardize), for tau-norm
@@ -230,7 +239,7 @@ class Predictor:
                                _cpu_copy(fc)).eval()
 
     def __repr__(self) -> str:
-        return (f"Predictor({self.run_dir}, {self.cfg.model.backbone}, {self.num_classes} classes, "
+        return (f"Predictor({self.run_dir}, {self.spec.qualified_name}, {self.num_classes} classes, "
                 f"{self.image_size} px {self.input_mode}, classifier={'yes' if self.fc is not None else 'no'})")
 
 
@@ -382,10 +391,10 @@ def load_run(run_dir: str | Path, *, device: str | torch.device = "cpu", cfg: Co
     record: ClassifierRecord | None = None
     if cls_path.is_file():
         state = load_classifier(run_dir)
-        if state.backbone_name != cfg.model.backbone:
-            raise CheckpointError(f"{cls_path} holds a {state.backbone_name} classifier, but the run's "
-                                  f"config.yaml says model.backbone={cfg.model.backbone}")
-        backbone = frozen_backbone(cfg, state.backbone, cls_path)
+        check_same_network(state.spec, state.backbone_name, cfg, cls_path)
+        meta = run_meta(state.data, cfg, cls_path)
+        spec = recorded_spec(state.spec, cfg, meta.mean, meta.std)
+        backbone = frozen_backbone(spec, state.backbone, cls_path)
         weight = state.fc["weight"]
         fc = nn.Linear(weight.shape[1], weight.shape[0])
         fc.load_state_dict(state.fc)
@@ -394,22 +403,20 @@ def load_run(run_dir: str | Path, *, device: str | torch.device = "cpu", cfg: Co
             say(f"{cls_path} was saved before the standardisation statistics were stored (issue #21): its "
                 f"tau-norm variant works on the folded layer, not in the space the classifier was trained in; "
                 f"run `dscl classify --run {run_dir}` again for the right tau-norm numbers")
-        source, data, record = cls_path, state.data, state.record()
+        source, record = cls_path, state.record()
     elif stage1_ok:
         stage1 = load_finished_stage1(run_dir)
         source = run_dir / STAGE1_FILE
-        if stage1.facts.backbone != cfg.model.backbone:
-            raise CheckpointError(f"{source} holds a {stage1.facts.backbone} backbone, but the run's config.yaml "
-                                  f"says model.backbone={cfg.model.backbone}")
-        backbone = frozen_backbone(cfg, stage1.backbone_weights(), source)
-        data = stage1.data
+        check_same_network(stage1.spec, stage1.facts.backbone, cfg, source)
+        meta = run_meta(stage1.data, cfg, source)
+        spec = recorded_spec(stage1.spec, cfg, meta.mean, meta.std)
+        backbone = frozen_backbone(spec, stage1.backbone_weights(), source)
     else:
         raise RunDirError(f"{cls_path} does not exist: the run has no classifier yet; run stage 2 first "
                           f"(dscl classify --run {run_dir})")
-    meta = run_meta(data, cfg, source)
     if fc is not None and fc.out_features != len(meta.class_names):
         raise CheckpointError(f"{source}: the classifier has {fc.out_features} outputs but the run has "
                               f"{len(meta.class_names)} class names")
     return Predictor(run_dir, cfg, backbone, fc, class_means, meta, source, device, record,
-                     feature_stats=feature_stats)
+                     feature_stats=feature_stats, spec=spec)
 

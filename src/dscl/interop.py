@@ -17,7 +17,15 @@ detected from the keys; ``module.`` prefixes of DataParallel/DDP are always stri
   The backbone is imported; an ``fc`` whose shape fits the dataset's classes becomes the stage-2
   classifier (``checkpoints/classifier.pt``), any other ``fc`` is ignored. There is no projection
   head in such a file, so the run's head is freshly initialised (``gradient-ratio`` refuses it).
-* ``dscl``: this package's own ``checkpoints/last.pt`` (or ``classifier.pt``) from another machine.
+* ``dscl``: this package's own ``checkpoints/last.pt`` (or ``classifier.pt``, or a state-dict export) from
+  another machine; a stored backbone spec must name the config's architecture.
+* ``pretrained``: pretrained weights for the config's backbone (``model.backbone=timm:NAME`` or
+  ``open_clip:ARCH`` with ``model.backbone_args``; also the built-ins), read by
+  :func:`dscl.backbones.load_pretrained`: a timm / open_clip / torchvision / MoCo file (``.safetensors``
+  too), a copied hub snapshot folder or an ``hf-hub:`` name. The run has no stage 1 (fresh head, momentum
+  encoder a copy), so ``dscl classify`` / ``evaluate`` / ``predict`` / ``embed`` give the foundation
+  model's linear probe; the input settings come from the weights' configuration when there is one.
+  ``auto`` picks it for a ``timm:`` / ``open_clip:`` backbone and any file that is not dscl's.
 
 Nothing is written unless every backbone weight is found with the right shape; missing and
 unexpected keys are listed. Export (:func:`export_run`, ``dscl export``): TorchScript (images in,
@@ -27,6 +35,7 @@ torchvision / timm key layout.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
@@ -39,12 +48,12 @@ import torch
 from torch import Tensor, nn
 
 from dscl import dist
-from dscl.backbones import BACKBONES, build_backbone
+from dscl.backbones import BACKBONES, BackboneSpec, build_backbone, load_pretrained, network_spec
 from dscl.config import Config, dump_config, method_name
 from dscl.errors import UsageError
 from dscl.inference import ImageClassifier, Predictor
 from dscl.io import atomic_write
-from dscl.model import DSCLModel, Encoder
+from dscl.model import DSCLModel, backbone_spec, build_encoder
 from dscl.rng import rng_state, seed_everything
 from dscl.run import (
     CheckpointError,
@@ -63,7 +72,7 @@ from dscl.run import (
     state_from_dict,
 )
 
-IMPORT_FORMATS: tuple[str, ...] = ("auto", "official", "torchvision", "dscl")
+IMPORT_FORMATS: tuple[str, ...] = ("auto", "official", "torchvision", "dscl", "pretrained")
 EXPORT_FORMATS: tuple[str, ...] = ("torchscript", "onnx", "state-dict")
 # Backbones whose keys are torchvision's (and timm's): their state-dict export loads into torchvision.
 TORCHVISION_LAYOUT: frozenset[str] = frozenset({"resnet18", "resnet50", "resnet152", "resnext50_32x4d"})
@@ -235,9 +244,13 @@ def _strip_backbone(key: str) -> str:
 
 def _map_dscl(obj: Mapping[str, Any]) -> _Mapped:
     if obj.get("format") == "dscl-state-dict":
-        # both key layouts are this package's backbone keys: the torchvision ResNets keep torchvision's names
+        # torchvision's and dscl's layouts are this package's backbone keys (the torchvision ResNets keep
+        # torchvision's names); timm's and open_clip's native keys live under the wrapper's "model."
         stats = obj.get("feature_stats")
-        m = _Mapped(backbone=dict(obj["backbone"]), fc=dict(obj["fc"]),
+        backbone = dict(obj["backbone"])
+        if obj.get("key_layout") in ("timm", "open_clip"):
+            backbone = {f"model.{k}": v for k, v in backbone.items()}
+        m = _Mapped(backbone=backbone, fc=dict(obj["fc"]),
                     feature_stats=(stats["mean"], stats["std"]) if stats else None)
         m.notes.append(f"a dscl state-dict export ({obj.get('architecture')}, {len(obj.get('class_names') or [])} "
                        f"classes): backbone and classifier imported, no projection head (freshly initialised)")
@@ -265,8 +278,11 @@ def _compare(given: Mapping[str, Tensor], expected: Mapping[str, Tensor]) -> tup
 
 
 def _fitting_backbones(weights: Mapping[str, Tensor], exclude: str) -> list[str]:
-    """Backbone names whose state dict the given weights fit exactly (to suggest model.backbone=...)."""
-    fits = []
+    """Built-in backbone names whose state dict the given weights fit exactly (to suggest model.backbone=...);
+    none for weights in timm's / open_clip's layout (a dscl timm backbone keeps them under ``model.``)."""
+    fits: list[str] = []
+    if any(k.startswith("model.") for k in weights):
+        return fits
     for name in BACKBONES:
         if name == exclude:
             continue
@@ -292,7 +308,8 @@ def _check_part(what: str, given: Mapping[str, Tensor], expected: Mapping[str, T
         )
     if missing or mismatched:
         hint = ""
-        file_dim = given.get("2.weight", given.get("head.2.weight"))
+        # the projection head's last layer says the embedding size (a backbone's own head.* keys, timm's, do not)
+        file_dim = given.get("2.weight", given.get("head.2.weight")) if "head" in what else None
         if file_dim is not None and file_dim.shape[0] != cfg.model.dim:
             hint = f"; the file's embedding dimension is {file_dim.shape[0]}: add model.dim={file_dim.shape[0]}"
         elif suggest:
@@ -308,11 +325,10 @@ def _check_part(what: str, given: Mapping[str, Tensor], expected: Mapping[str, T
     return unexpected
 
 
-def _plain_model(cfg: Config, queue_size: int) -> DSCLModel:
-    # the preset's model with a deterministic fresh init (model.pretrained is not loaded: the checkpoint replaces it)
+def _plain_model(cfg: Config, queue_size: int, spec: BackboneSpec) -> DSCLModel:
+    # the run's model with a deterministic fresh init (model.pretrained is not loaded: the checkpoint replaces it)
     seed_everything(cfg.optim.seed)
-    backbone = build_backbone(cfg.model.backbone, zero_init_residual=cfg.model.zero_init_residual)
-    return DSCLModel(Encoder(backbone, dim=cfg.model.dim), queue_size=queue_size)
+    return DSCLModel(build_encoder(cfg, spec, pretrained=False), queue_size=queue_size)
 
 
 def import_checkpoint(path: str | Path, cfg: Config, out: str | Path, *, fmt: str = "auto", overwrite: bool = False,
@@ -320,10 +336,11 @@ def import_checkpoint(path: str | Path, cfg: Config, out: str | Path, *, fmt: st
     """Turn an external checkpoint into a finished stage-1 run directory (see the module docstring).
 
     Args:
-        path: the checkpoint file.
+        path: the checkpoint file; for the ``pretrained`` format also a folder holding one (a copied hub
+            snapshot) or a hub name (``hf-hub:ORG/NAME``) the backbone's family resolves.
         cfg: the run's configuration (a preset plus overrides): backbone, dimension and dataset.
         out: the run directory to create (refused when it exists and is not empty, unless ``overwrite``).
-        fmt: one of :data:`IMPORT_FORMATS` (``auto`` detects it from the keys).
+        fmt: one of :data:`IMPORT_FORMATS` (``auto`` detects it, see :func:`import_format`).
         overwrite: replace the dscl files of an existing run in ``out``.
         backbone_only: ignore a classifier in the file (no ``classifier.pt``; run ``dscl classify``).
 
@@ -337,47 +354,148 @@ def import_checkpoint(path: str | Path, cfg: Config, out: str | Path, *, fmt: st
     """
     if fmt not in IMPORT_FORMATS:
         raise UsageError(f"--format {fmt!r}: use one of {', '.join(IMPORT_FORMATS)}")
-    path = Path(path)
+    source = str(path)
     # resumable=False: dscl import has no --resume to suggest
     out = prepare_run_dir(out, resume=False, overwrite=overwrite, check_only=True, resumable=False)
-    obj = read_external(path)
-    fmt, mapped = _read_mapped(obj, fmt, path)
+    obj = None if is_weights_source(source) else read_external(Path(source))
+    fmt = import_format(obj, fmt, cfg)
+    mapped = None if fmt == "pretrained" else _read_mapped(obj, fmt, Path(source))[1]
 
     from dscl.data import build_datasets
 
     splits = build_datasets(cfg.data, seed=cfg.optim.seed)
-    model = _plain_model(cfg, cfg.model.queue_size if cfg.loss.loss != "ce" else 0)
-    weights, unexpected, notes = _fill_model(model, mapped, path, cfg)
-    missing_parts = [] if mapped.momentum is not None else ["momentum.* (copied from the online encoder)"]
-    if mapped.head is None:
-        missing_parts.append("online.head.* (freshly initialised)")
-    fc_state = _classifier_of(mapped, splits.num_classes, model.online.backbone.num_features, backbone_only, out, notes)
-    model.load_state_dict(weights)  # the final consistency check: every tensor in place, shapes right
+    if mapped is None:
+        made = _import_pretrained(source, cfg, splits)
+    else:
+        made = _import_mapped(obj, mapped, fmt, Path(source), cfg, splits, backbone_only, out)
+    prepare_run_dir(out, resume=False, overwrite=overwrite, resumable=False)
+    if dist.is_main():
+        _write_import(out, cfg, splits, made, Path(source).name)
+    dist.barrier()
+    return ImportResult(fmt, out, made.loaded, made.missing, made.unexpected, made.notes, made.fc is not None)
 
+
+def is_weights_source(source: str) -> bool:
+    """A source only the ``pretrained`` format reads: a hub name, a folder (a copied hub snapshot) or a
+    ``.safetensors`` file (torch.load cannot read one)."""
+    p = Path(source)
+    return source.startswith("hf-hub:") or p.is_dir() or p.suffix.lower() == ".safetensors"
+
+
+def import_format(obj: Any, fmt: str, cfg: Config) -> str:
+    """The import format of a loaded file (``obj``; None for a :func:`is_weights_source` source).
+
+    ``auto``: a dscl checkpoint or state-dict export is ``dscl``; for a ``timm:`` / ``open_clip:`` backbone any
+    other file is ``pretrained`` (read by :func:`dscl.backbones.load_pretrained`: timm, open_clip, torchvision
+    and MoCo layouts); for the built-ins ``official`` (``encoder_q.*`` keys) or ``torchvision``.
+    """
+    if obj is None:
+        if fmt not in ("auto", "pretrained"):
+            raise CheckpointError(f"--format {fmt} reads a torch.save file; hub names, folders and .safetensors "
+                                  "files are weights: use --format pretrained (or auto)")
+        return "pretrained"
+    if fmt != "auto":
+        return fmt
+    detected = detect_format(obj)
+    if detected != "dscl" and network_spec(cfg.model).family != "builtin":
+        return "pretrained"
+    return detected
+
+
+@dataclass
+class _Imported:
+    """The run an import makes, before anything is written."""
+
+    model: DSCLModel
+    spec: BackboneSpec
+    imported: dict[str, Any]
+    loaded: int
+    fc: dict[str, Tensor] | None = None
+    feature_stats: tuple[Tensor, Tensor] | None = None
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def _queue_size(cfg: Config) -> int:
+    return cfg.model.queue_size if cfg.loss.loss != "ce" else 0
+
+
+def _import_pretrained(source: str, cfg: Config, splits: Any) -> _Imported:
+    """Pretrained weights (a timm / open_clip / torchvision file or a hub name) as a run with no stage 1:
+    the backbone is the weights, the projection head is fresh and the momentum encoder a copy, so
+    ``dscl classify`` trains a linear probe on the frozen pretrained features. The input settings come from
+    the weights' configuration where there is one (:func:`dscl.backbones.resolve_input_settings`)."""
+    spec = backbone_spec(cfg, splits.mean, splits.std, pretrained=source)
+    model = _plain_model(cfg, _queue_size(cfg), spec)
+    backbone = model.online.backbone
+    load_pretrained(backbone, spec, source)  # every weight must fit, else a CheckpointError naming the keys
+    model.momentum.load_state_dict(model.online.state_dict())  # MoCo's start: the momentum encoder is a copy
+    where = source if source.startswith("hf-hub:") else str(Path(source).resolve())
+    imported = {"from": where, "format": "pretrained", "head": False, "momentum": False, "file_epoch": None}
+    notes = [f"pretrained {spec.qualified_name} weights: the backbone only; the projection head is freshly "
+             "initialised and the momentum encoder is a copy (no stage 1 was trained)",
+             f"inputs: {spec.describe_inputs()}"]
+    return _Imported(model, spec, imported, len(backbone.weights_module().state_dict()),
+                     missing=["online.head.* (freshly initialised)", "momentum.* (copied from the online encoder)"],
+                     notes=notes)
+
+
+def _import_mapped(obj: Any, mapped: _Mapped, fmt: str, path: Path, cfg: Config, splits: Any, backbone_only: bool,
+                   out: Path) -> _Imported:
+    """A dscl / official / torchvision file mapped onto the run's model (every part checked)."""
+    spec = backbone_spec(cfg, splits.mean, splits.std)
+    stored = _file_spec(obj) if fmt == "dscl" else None
+    if stored is not None:
+        if not stored.same_network(spec):
+            raise CheckpointError(f"{path} holds a {stored.qualified_name} backbone (arguments {stored.args}, pool "
+                                  f"{stored.pool}) but the config asks for {spec.qualified_name} ({spec.args}, pool "
+                                  f"{spec.pool}); add model.backbone={stored.qualified_name} and its "
+                                  "model.backbone_args / model.pool; nothing was written")
+        if stored.input_source == "pretrained":  # the network was trained on those inputs: keep them
+            spec = dataclasses.replace(spec, mean=stored.mean, std=stored.std, interpolation=stored.interpolation,
+                                       crop_pct=stored.crop_pct, input_source="pretrained")
+    model = _plain_model(cfg, _queue_size(cfg), spec)
+    weights, unexpected, notes = _fill_model(model, mapped, path, cfg)
+    missing = [] if mapped.momentum is not None else ["momentum.* (copied from the online encoder)"]
+    if mapped.head is None:
+        missing.append("online.head.* (freshly initialised)")
+    fc = _classifier_of(mapped, splits.num_classes, model.online.backbone.num_features, backbone_only, out, notes)
+    model.load_state_dict(weights)  # the final consistency check: every tensor in place, shapes right
     imported = {"from": str(path.resolve()), "format": fmt, "head": mapped.head is not None,
                 "momentum": mapped.momentum is not None,
                 "file_epoch": obj.get("epoch") if isinstance(obj, Mapping) and isinstance(obj.get("epoch"), int)
                 else None}
-    prepare_run_dir(out, resume=False, overwrite=overwrite, resumable=False)
-    if dist.is_main():
-        data = DataMeta.of(splits.class_names, splits.train_counts, splits.mean, splits.std)
-        dump_config(cfg, out / "config.yaml")
-        facts = RunFacts(method=method_name(cfg), backbone=cfg.model.backbone, num_classes=splits.num_classes,
-                         dim=cfg.model.dim, imported=imported)
-        save_stage1(out, Stage1State(epoch=cfg.optim.epochs, epochs=cfg.optim.epochs, finished=True,
-                                     wall_seconds=0.0, facts=facts, data=data, config=cfg.to_dict(),
-                                     model=model.state_dict(),
-                                     rng=[rng_state()]))
-        if fc_state is not None:
-            save_classifier(out, ClassifierState(
-                protocol="imported", backbone_name=cfg.model.backbone, num_classes=splits.num_classes,
-                selection=f"classifier imported from {path.name} ({fmt} format); dscl selected no epoch",
-                imported=imported, data=data, backbone=model.online.backbone.state_dict(), fc=fc_state,
-                feature_stats=mapped.feature_stats))
-        MetricsLog(out / "metrics.jsonl").write(stage="import", **imported, classifier=fc_state is not None)
-    dist.barrier()
-    loaded = len(mapped.backbone) + len(mapped.head or {}) + len(mapped.momentum or {}) + (2 if fc_state else 0)
-    return ImportResult(fmt, out, loaded, missing_parts, unexpected, notes, fc_state is not None)
+    loaded = len(mapped.backbone) + len(mapped.head or {}) + len(mapped.momentum or {}) + (2 if fc else 0)
+    return _Imported(model, spec, imported, loaded, fc, mapped.feature_stats if fc is not None else None, missing,
+                     unexpected, notes)
+
+
+def _file_spec(obj: Any) -> BackboneSpec | None:
+    """The backbone spec a dscl checkpoint (version 3) or state-dict export stores, else None."""
+    if isinstance(obj, Mapping) and obj.get("format") == "dscl-state-dict":
+        return BackboneSpec.from_dict(obj["spec"]) if isinstance(obj.get("spec"), Mapping) else None
+    return state_from_dict(obj).spec
+
+
+def _write_import(out: Path, cfg: Config, splits: Any, made: _Imported, file_name: str) -> None:
+    """The run directory of an import: config, a finished stage-1 checkpoint, the classifier when the file
+    had one, and the import record in ``metrics.jsonl``."""
+    data = DataMeta.of(splits.class_names, splits.train_counts, splits.mean, splits.std)
+    dump_config(cfg, out / "config.yaml")
+    facts = RunFacts(method=method_name(cfg), backbone=made.spec.qualified_name, num_classes=splits.num_classes,
+                     dim=cfg.model.dim, imported=made.imported)
+    save_stage1(out, Stage1State(epoch=cfg.optim.epochs, epochs=cfg.optim.epochs, finished=True, wall_seconds=0.0,
+                                 facts=facts, data=data, config=cfg.to_dict(), spec=made.spec,
+                                 model=made.model.state_dict(), rng=[rng_state()]))
+    if made.fc is not None:
+        fmt = made.imported["format"]
+        save_classifier(out, ClassifierState(
+            protocol="imported", backbone_name=made.spec.qualified_name, num_classes=splits.num_classes,
+            spec=made.spec, selection=f"classifier imported from {file_name} ({fmt} format); dscl selected no epoch",
+            imported=made.imported, data=data, backbone=made.model.online.backbone.state_dict(), fc=made.fc,
+            feature_stats=made.feature_stats))
+    MetricsLog(out / "metrics.jsonl").write(stage="import", **made.imported, classifier=made.fc is not None)
 
 
 def _read_mapped(obj: Any, fmt: str, path: Path) -> tuple[str, _Mapped]:
@@ -448,12 +566,15 @@ def _classifier_of(mapped: _Mapped, num_classes: int, width: int, backbone_only:
 
 
 def export_meta(predictor: Predictor) -> dict[str, Any]:
-    """What a user needs besides the weights: classes, input conversion, architecture."""
+    """What a user needs besides the weights: classes, input conversion (the backbone spec's), architecture
+    (``spec``: :meth:`dscl.backbones.BackboneSpec.to_dict`, which rebuilds the network)."""
+    spec = predictor.spec
     return {
-        "run": str(predictor.run_dir), "architecture": predictor.cfg.model.backbone,
+        "run": str(predictor.run_dir), "architecture": spec.qualified_name,
         "class_names": predictor.class_names, "train_counts": predictor.train_counts,
         "image_size": predictor.image_size, "mean": list(predictor.mean), "std": list(predictor.std),
-        "input_mode": predictor.input_mode,
+        "input_mode": predictor.input_mode, "interpolation": spec.interpolation, "crop_pct": spec.crop_pct,
+        "resize_short": spec.resize_short, "spec": spec.to_dict(),
     }
 
 
@@ -461,13 +582,15 @@ def scripted_classifier(predictor: Predictor) -> torch.jit.ScriptModule:
     """Preprocess + backbone + classifier as a TorchScript module (images -> logits).
 
     The backbone is traced at the run's image size (the preprocessing always produces that size) and
-    the rest is scripted, so the resize / grey / normalisation branches keep working for any input.
+    the rest is scripted, so the resize / grey / normalisation branches keep working for any input. The
+    trace runs without autograd, the mode inference runs in (torch's attention takes its fused path then:
+    a trace with grad recorded the other path, and its check against the module failed for open_clip).
     """
     import warnings
 
     module = predictor.classifier_module()
     size = predictor.image_size
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # torch.jit's deprecation notices; the format still loads everywhere
         module.backbone = torch.jit.trace(module.backbone, torch.zeros(2, 3, size, size))
         scripted = torch.jit.script(module)
@@ -554,13 +677,15 @@ def state_dict_export(predictor: Predictor) -> dict[str, Any]:
     ``torchvision.models.resnet50().load_state_dict(sd["backbone"], strict=False)`` reports only ``fc``
     missing, and with ``num_classes=C`` plus ``fc.*`` from ``sd["fc"]`` it is the whole classifier.
     ``convnet`` and ``resnet32`` have no torchvision equivalent: their keys are this package's
-    (``key_layout: "dscl"``; ``dscl.backbones.build_backbone(name)`` loads them).
+    (``key_layout: "dscl"``; ``dscl.backbones.build_backbone(name)`` loads them). ``timm:`` and
+    ``open_clip:`` backbones export their model's own keys (``key_layout: "timm"`` / ``"open_clip"``: the
+    ``model.`` prefix of dscl's wrapper stripped), which ``timm.create_model(name, num_classes=0, **args)`` /
+    the open_clip image tower load; ``sd["spec"]`` rebuilds the network with dscl.
     """
     fc = predictor._require_fc()
-    name = predictor.cfg.model.backbone
+    layout, backbone = _native_backbone_state(predictor)
     return {
-        "format": "dscl-state-dict", "key_layout": "torchvision" if name in TORCHVISION_LAYOUT else "dscl",
-        "backbone": {k: v.detach().cpu().clone() for k, v in predictor.backbone.state_dict().items()},
+        "format": "dscl-state-dict", "key_layout": layout, "backbone": backbone,
         "fc": {k: v.detach().cpu().clone() for k, v in fc.state_dict().items()},
         # the z-scoring folded into fc (classifier.standardize): fc takes raw features either way; the
         # statistics let a re-import tau-normalise the classifier in the space it was trained in
@@ -570,20 +695,43 @@ def state_dict_export(predictor: Predictor) -> dict[str, Any]:
     }
 
 
+def _native_backbone_state(predictor: Predictor) -> tuple[str, dict[str, Tensor]]:
+    """``(key layout, CPU copy of the backbone's state dict in that layout)`` (see :func:`state_dict_export`)."""
+    spec = predictor.spec
+    state = {k: v.detach().cpu().clone() for k, v in predictor.backbone.state_dict().items()}
+    if spec.family != "builtin":
+        prefix = f"{getattr(predictor.backbone, 'weights_attr', '') or 'model'}."
+        return spec.family, {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    return ("torchvision" if spec.name in TORCHVISION_LAYOUT else "dscl"), state
+
+
 def export_state_dict(predictor: Predictor, out: Path) -> Path:
     """Write :func:`state_dict_export` with ``torch.save`` (loads with ``weights_only=True``)."""
     payload = state_dict_export(predictor)
     return atomic_write(out, lambda f: torch.save(payload, f))
 
 
+def _values(values: Any) -> str:
+    return "(" + ", ".join(f"{float(v):.4g}" for v in values) + ")"
+
+
+#: PIL's resampling filter closest to each interpolation of the evaluation view
+_PIL_FILTERS = {"bilinear": "BILINEAR", "bicubic": "BICUBIC", "nearest": "NEAREST"}
+
+
 def _view_words(predictor: Predictor) -> str:
-    """How the evaluation view is sized (dscl.data.preprocess.Preprocess), in words."""
+    """How the evaluation view is sized (the run's :class:`dscl.data.preprocess.Preprocess`, from its backbone
+    spec: crop fraction and interpolation), in words."""
     s, pre = predictor.image_size, predictor.transform.preprocess
-    if s >= 128:
-        return (f"shorter side resized to {pre.resize_short} px with antialiased bilinear, then the centre {s} x {s} "
-                f"crop")
-    return (f"resized to {s} x {s} with antialiased bilinear (PIL's img.resize(({s}, {s}), Image.BILINEAR) gives "
-            f"the same pixels to within 1/255)")
+    mode = pre.interpolation
+    how = f"antialiased {mode}" if pre.antialias else f"{mode} (no antialiasing)"
+    if pre.crop:
+        return f"shorter side resized to {pre.resize_short} px with {how}, then the centre {s} x {s} crop"
+    pil = f"img.resize(({s}, {s}), Image.{_PIL_FILTERS[mode]})"
+    close = ("gives the same pixels to within 1/255" if mode == "bilinear" else
+             "is close but not identical (PIL's bicubic uses another kernel constant)" if mode == "bicubic" else
+             "picks pixels by another rounding")
+    return f"resized to {s} x {s} with {how} (PIL's {pil} {close})"
 
 
 def export_recipe(predictor: Predictor, fmt: str, path: str | Path) -> str:
@@ -595,23 +743,46 @@ def export_recipe(predictor: Predictor, fmt: str, path: str | Path) -> str:
     s, c, mode = predictor.image_size, predictor.num_classes, predictor.input_mode
     if fmt == "torchscript":
         return (f"torch.jit.load({str(path)!r})(x) -> logits (N, {c}); x = uint8 (N, H, W, C) pixels or float "
-                f"(N, C, H, W) in [0, 1], any size (resized to {s} px, {mode} conversion and normalisation inside); "
-                "class names in the file's extra file meta.json; the same x gives Predictor.logits(x)")
+                f"(N, C, H, W) in [0, 1], any size ({_view_words(predictor)}, {mode} conversion and normalisation "
+                "inside); class names in the file's extra file meta.json; the same x gives Predictor.logits(x)")
     if fmt == "onnx":
         # the graph normalises itself: Predictor.transform.batch (already normalised) must not be its input
         grey = ("a grey image on all 3 channels; colour is converted to grey inside" if mode == "L" else
                 "a grey image repeated on the 3 channels")
+        # a cropped view is not a fixed point of the view: the Predictor would resize and crop x again
+        same = ("Predictor.logits(images) of the images x was cut from gives the same logits (not Predictor.logits(x), "
+                "which would resize and crop x again)" if predictor.transform.preprocess.crop else
+                "for the same x, Predictor.logits(x) gives the same logits")
+        pre = predictor.transform.preprocess
         return (f"input 'images': float32 (N, 3, {s}, {s}) = RGB pixel values / 255 ({grey}), "
-                f"{_view_words(predictor)}, NOT normalised: the graph subtracts the run's mean and divides by its "
-                "std itself (so not Predictor.transform.batch(...), whose output is normalised already); for the "
-                f"same x, Predictor.logits(x) gives the same logits. Output 'logits' (N, {c}); dynamic batch; "
-                "class names, mean, std and image_size in the model's metadata_props")
-    name = predictor.cfg.model.backbone
-    layout = (f"torchvision / timm keys: torchvision.models.{name}().load_state_dict(sd['backbone'], strict=False) "
-              "misses only fc" if name in TORCHVISION_LAYOUT else
-              f"dscl's own keys ({name} has no torchvision equivalent): "
-              f"dscl.backbones.build_backbone({name!r}).load_state_dict(sd['backbone'])")
-    return f"sd = torch.load(...): 'backbone' ({layout}), 'fc' (weight, bias), class_names, mean, std, image_size"
+                f"{_view_words(predictor)}, NOT normalised: the graph subtracts the run's mean "
+                f"{_values(pre.mean.flatten().tolist())} and divides by its std {_values(pre.std.flatten().tolist())} "
+                f"itself (so not Predictor.transform.batch(...), whose output is normalised already); {same}. "
+                f"Output 'logits' (N, {c}); dynamic batch; "
+                "class names, mean, std, image_size, interpolation, crop_pct and the backbone spec in the model's "
+                "metadata_props")
+    return (f"sd = torch.load(...): 'backbone' ({_layout_words(predictor)}), 'fc' (weight, bias), class_names, "
+            f"spec; inputs: {predictor.spec.describe_inputs()}")
+
+
+def _layout_words(predictor: Predictor) -> str:
+    """How to load the ``backbone`` entry of a state-dict export, in words (one per key layout)."""
+    spec = predictor.spec
+    args = "".join(f", {k}={v!r}" for k, v in spec.args.items())
+    dscl = ("or with dscl: dscl.backbones.build_backbone_from_spec(BackboneSpec.from_dict(sd['spec']))"
+            ".model.load_state_dict(sd['backbone'])")
+    if spec.family == "timm":
+        return (f"timm's own keys: timm.create_model({spec.name!r}, num_classes=0{args}).load_state_dict("
+                f"sd['backbone']); {dscl}")
+    if spec.family == "open_clip":
+        return (f"the open_clip image tower's own keys, proj dropped: open_clip.create_model({spec.name!r}).visual"
+                f".load_state_dict(sd['backbone'], strict=False) misses only proj when no vision_cfg was changed; "
+                f"{dscl}")
+    if spec.name in TORCHVISION_LAYOUT:
+        return (f"torchvision / timm keys: torchvision.models.{spec.name}().load_state_dict(sd['backbone'], "
+                "strict=False) misses only fc")
+    return (f"dscl's own keys ({spec.name} has no torchvision equivalent): "
+            f"dscl.backbones.build_backbone({spec.name!r}).load_state_dict(sd['backbone'])")
 
 
 def export_run(predictor: Predictor, fmt: str, out: str | Path, *, overwrite: bool = False) -> Path:

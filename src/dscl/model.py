@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import copy
 import functools
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dscl.backbones import Backbone, build_backbone
-from dscl.config import Config
+from dscl.backbones import Backbone, BackboneSpec, build_backbone_from_spec, network_spec, spec_from_config
+from dscl.config import Config, ConfigError, uses_pbsd
+from dscl.data.preprocess import input_mode
 from dscl.patches import ALIGNED_DEFAULT, pool_boxes
 from dscl.queue import LabeledQueue
 
@@ -86,17 +88,19 @@ class Encoder(nn.Module):
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """``(B, 3, h, w)`` -> ``(z (B, dim) L2-normalised, fmap (B, C, H, W))``.
 
-        ``fmap`` is returned so the PBSD teacher can ROI-pool it without a second forward or a hook.
+        ``z`` projects the backbone's pooled feature (the mean of ``fmap``, or a ViT's class token with
+        ``model.pool=cls``); ``fmap`` is returned so the PBSD teacher can ROI-pool it without a second
+        forward or a hook.
         """
-        fmap = self.backbone.forward_features(x)
-        return self.project(fmap.mean(dim=(2, 3))), fmap
+        pooled, fmap = self.backbone.forward_with_map(x)  # the pooled feature of model.pool, in the same pass
+        return self.project(pooled), fmap
 
     def project(self, pooled: Tensor) -> Tensor:
         """``(N, C)`` pooled backbone features -> ``(N, dim)`` L2-normalised embeddings."""
         return F.normalize(self.head(pooled), dim=1)
 
     def features(self, x: Tensor) -> Tensor:
-        """``(B, 3, h, w)`` -> ``(B, C)`` average-pooled backbone features (stage 2's input)."""
+        """``(B, 3, h, w)`` -> ``(B, C)`` pooled backbone features (stage 2's input)."""
         return self.backbone(x)
 
 
@@ -203,23 +207,62 @@ def momentum_update(online: nn.Module, momentum: nn.Module, m: float) -> None:
     torch._foreach_add_(k, q, alpha=1.0 - m)
 
 
-def build_model(cfg: Config, num_classes: int, *, queue_size: int | None = None) -> DSCLModel:
-    """The stage-1 model a config describes: :func:`build_encoder`, ``model.patch_bn``,
-    ``model.roi_aligned``, and the queue (``model.queue_size``, none for the ``ce`` baseline) started as
-    ``model.queue_init`` says (``random``: the paper's full queue of random unit features with labels
-    uniform in ``[0, num_classes)``, drawn from the global torch RNG)."""
+def build_model(cfg: Config, num_classes: int, *, queue_size: int | None = None,
+                spec: BackboneSpec | None = None) -> DSCLModel:
+    """The stage-1 model a config describes: :func:`build_encoder` (``spec``: the run's backbone spec,
+    default the config's architecture), ``model.patch_bn``, ``model.roi_aligned``, and the queue
+    (``model.queue_size``, none for the ``ce`` baseline) started as ``model.queue_init`` says (``random``:
+    the paper's full queue of random unit features with labels uniform in ``[0, num_classes)``, drawn from
+    the global torch RNG)."""
     if queue_size is None:
         queue_size = cfg.model.queue_size if cfg.loss.loss != "ce" else 0
-    model = DSCLModel(build_encoder(cfg), queue_size=queue_size, patch_bn=cfg.model.patch_bn,
+    model = DSCLModel(build_encoder(cfg, spec), queue_size=queue_size, patch_bn=cfg.model.patch_bn,
                       roi_aligned=cfg.model.roi_aligned)
     if cfg.model.queue_init == "random":
         model.queue.fill_random(num_classes)
     return model
 
 
-def build_encoder(cfg: Config) -> Encoder:
-    """The online encoder a config describes (backbone from ``cfg.model``, head of ``cfg.model.dim``)."""
-    backbone = build_backbone(
-        cfg.model.backbone, zero_init_residual=cfg.model.zero_init_residual, pretrained=cfg.model.pretrained
-    )
+def build_encoder(cfg: Config, spec: BackboneSpec | None = None, *, pretrained: bool = True) -> Encoder:
+    """The stage-1 online encoder: the backbone of ``spec`` (default: the config's architecture,
+    :func:`~dscl.backbones.network_spec`) with a head of ``cfg.model.dim``.
+
+    ``pretrained``: load ``model.pretrained`` (stage 1's start); False when the weights come from a
+    checkpoint. A ViT's ``data.image_size`` and ``views.patch_size`` must be multiples of its patch size
+    (:func:`check_patch_grid`).
+    """
+    spec = spec if spec is not None else network_spec(cfg.model)
+    backbone = build_backbone_from_spec(spec, cfg.model.pretrained if pretrained else None)
+    check_patch_grid(backbone, cfg)
     return Encoder(backbone, dim=cfg.model.dim)
+
+
+def check_patch_grid(backbone: Backbone, cfg: Config) -> None:
+    """Refuse image sides a ViT would cut short: its patch grid rounds down, so a remainder of pixels would be
+    dropped and the PBSD boxes (in image pixels) would no longer match the map they are pooled from."""
+    patch = backbone.patch_size
+    if patch is None:
+        return
+    sizes = [("data.image_size", cfg.data.image_size)]
+    if uses_pbsd(cfg):
+        sizes.append(("views.patch_size", cfg.views.patch_size))
+    for key, px in sizes:
+        if px % patch:
+            lower, upper = max(patch, px // patch * patch), (px // patch + 1) * patch
+            raise ConfigError(f"{key}={px} is not a multiple of the {patch} px patches of {cfg.model.backbone}; use "
+                              f"{lower} or {upper} (the patch grid would drop the last {px % patch} px)")
+
+
+def backbone_spec(cfg: Config, mean: Sequence[float], std: Sequence[float], *,
+                  pretrained: str | Path | None = None) -> BackboneSpec:
+    """The run's backbone spec from its config and its dataset's normalisation (``mean`` / ``std``; grey
+    datasets replicated to RGB): :func:`dscl.backbones.spec_from_config`, with ``pretrained`` the weights'
+    source whose configuration gives the input settings (``model.pretrained`` in stage 1)."""
+    return spec_from_config(cfg, mean=mean, std=std, grey=input_mode(cfg.data.dataset) == "L", pretrained=pretrained)
+
+
+def recorded_spec(stored: BackboneSpec | None, cfg: Config, mean: Sequence[float],
+                  std: Sequence[float]) -> BackboneSpec:
+    """The spec a checkpoint stored, or for a checkpoint written before specs were (versions 1-2: always a
+    built-in with the dataset's normalisation) the spec its config and data describe."""
+    return stored if stored is not None else backbone_spec(cfg, mean, std)

@@ -24,13 +24,14 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from dscl import dist
+from dscl.backbones import BackboneSpec
 from dscl.config import Config, ConfigError, LossConfig, ViewConfig, dump_config, method_name, uses_pbsd
 from dscl.data import DatasetSplits, DSCLTransform, LTDataset, build_datasets, check_files_before_training
 from dscl.data.batched_views import BatchedDSCLTransform, CanvasTransform, augment_on_device, working_size
 from dscl.errors import DivergedError
 from dscl.io import format_duration
 from dscl.losses import dscl_loss, pbsd_loss, supcon_loss
-from dscl.model import DSCLModel, build_model, momentum_update
+from dscl.model import DSCLModel, backbone_spec, build_model, momentum_update
 from dscl.rng import derived_seed, rng_state, seed_everything, set_rng_state
 from dscl.run import (
     STAGE1_FILE,
@@ -40,6 +41,7 @@ from dscl.run import (
     RunFacts,
     Stage1State,
     check_compatible,
+    check_same_inputs,
     load_stage1,
     prepare_run_dir,
     record_resume,
@@ -308,23 +310,31 @@ def _view_seed(seed: int, rank: int, epoch: int | None = None) -> int:
 
 
 def _training_views(
-    cfg: Config, splits: DatasetSplits, views: ViewConfig, device: torch.device
+    cfg: Config, splits: DatasetSplits, views: ViewConfig, device: torch.device, spec: BackboneSpec
 ) -> tuple[LTDataset, BatchedDSCLTransform | None]:
-    """The training set with its DataLoader-side transform, and the batched on-device transform.
+    """The training set with its DataLoader-side transform, and the batched on-device transform; both
+    normalise with the backbone spec's mean / std (the dataset's, or the pretrained weights').
 
     ``views.augment_on`` (see :func:`dscl.data.batched_views.augment_on_device`): per sample in the
     loader (returns ``(set with DSCLTransform, None)``), or batched on ``device``: the loader delivers
     uint8 canvases and the returned :class:`BatchedDSCLTransform` (its generator seeded per rank)
     makes the views.
     """
+    mean, std = _normalisation(spec)
     if not augment_on_device(views.augment_on, device, cfg.data.image_size):
-        return splits.train.with_transform(DSCLTransform(cfg.data.image_size, views, splits.mean, splits.std)), None
+        return splits.train.with_transform(DSCLTransform(cfg.data.image_size, views, mean, std)), None
     generator = torch.Generator(device=device)
     generator.manual_seed(_view_seed(cfg.optim.seed, dist.rank()))
-    augment = BatchedDSCLTransform(cfg.data.image_size, views, splits.mean, splits.std, device=device,
+    augment = BatchedDSCLTransform(cfg.data.image_size, views, mean, std, device=device,
                                    generator=generator)
     canvas = CanvasTransform(working_size(cfg.data.image_size, views, splits.train.in_memory))
     return splits.train.with_transform(canvas), augment
+
+
+def _normalisation(spec: BackboneSpec) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    if spec.mean is None or spec.std is None:
+        raise ValueError(f"backbone spec {spec.qualified_name} has no input settings (dscl.model.backbone_spec)")
+    return spec.mean, spec.std
 
 
 class EpochSampler(DistributedSampler):
@@ -364,6 +374,7 @@ class Stage1:
     device: torch.device
     dtype: torch.dtype | None  # autocast dtype (None: fp32)
     splits: DatasetSplits
+    spec: BackboneSpec  # the backbone's spec (stored in every checkpoint)
     train: LTDataset  # the training set with its loader-side transform
     augment: BatchedDSCLTransform | None  # the batched on-device views, or None (views made in the loader)
     sampler: EpochSampler
@@ -400,18 +411,16 @@ class Stage1:
                              scaler=self.scaler, dtype=self.dtype, num_classes=self.splits.num_classes)
 
 
-def _training_data(cfg: Config, dev: torch.device, progress: bool, splits: DatasetSplits | None,
-                   ) -> tuple[DatasetSplits, LTDataset, BatchedDSCLTransform | None, EpochSampler, DataLoader]:
-    """The datasets (files checked), the training set with its views, its sampler and loader."""
-    if splits is None:
-        splits = build_datasets(cfg.data, seed=cfg.optim.seed)
+def _training_data(cfg: Config, dev: torch.device, progress: bool, splits: DatasetSplits, spec: BackboneSpec,
+                   ) -> tuple[LTDataset, BatchedDSCLTransform | None, EpochSampler, DataLoader]:
+    """The training set (files checked) with its views, its sampler and loader."""
     check_files_before_training(splits, enabled=cfg.data.check_files, progress=progress)  # issue #12: fail in seconds
     world, rank = dist.world_size(), dist.rank()
     if cfg.optim.batch_size % world:
         raise ConfigError(f"optim.batch_size {cfg.optim.batch_size} must be divisible by the {world} processes")
     # without PBSD no patch is cut, augmented or transferred (the data side of "no patch work")
     views = cfg.views if uses_pbsd(cfg) else dataclasses.replace(cfg.views, num_patches=0)
-    train, augment = _training_views(cfg, splits, views, dev)
+    train, augment = _training_views(cfg, splits, views, dev, spec)
     if len(train) < cfg.optim.batch_size:
         raise ConfigError(
             f"the training set has {len(train)} images, fewer than optim.batch_size "
@@ -423,7 +432,7 @@ def _training_data(cfg: Config, dev: torch.device, progress: bool, splits: Datas
         workers = 0  # the loader only copies uint8 arrays out of memory: a worker process costs more than that
     loader = make_loader(train, cfg.optim.batch_size // world, sampler=sampler, workers=workers, device=dev,
                          drop_last=True)
-    return splits, train, augment, sampler, loader
+    return train, augment, sampler, loader
 
 
 def setup_stage1(cfg: Config, out: Path, dev: torch.device, dtype: torch.dtype | None, *, progress: bool,
@@ -431,8 +440,12 @@ def setup_stage1(cfg: Config, out: Path, dev: torch.device, dtype: torch.dtype |
     """Data, model (identical on every rank), optimiser and scaler of a stage-1 run; writes nothing.
     ``dtype``: the autocast dtype (:func:`dscl.runtime.amp_dtype`); ``splits``: built here if None."""
     seed_everything(cfg.optim.seed)  # same on every rank: identical initial weights
-    splits, train, augment, sampler, loader = _training_data(cfg, dev, progress, splits)
-    model = build_model(cfg, splits.num_classes)  # model.queue_init=random draws from the seeded RNG
+    if splits is None:
+        splits = build_datasets(cfg.data, seed=cfg.optim.seed)
+    # the input settings come from the pretrained weights' configuration when they have one
+    spec = backbone_spec(cfg, splits.mean, splits.std, pretrained=cfg.model.pretrained)
+    train, augment, sampler, loader = _training_data(cfg, dev, progress, splits, spec)
+    model = build_model(cfg, splits.num_classes, spec=spec)  # model.queue_init=random draws from the seeded RNG
     ce_head = nn.Linear(model.online.backbone.num_features, splits.num_classes) if cfg.loss.loss == "ce" else None
     model.to(dev)
     if ce_head is not None:
@@ -444,7 +457,7 @@ def setup_stage1(cfg: Config, out: Path, dev: torch.device, dtype: torch.dtype |
     optimizer = torch.optim.SGD(params, lr=0.0, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay)
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
     base_lr = cfg.optim.base_lr * cfg.optim.batch_size / 256  # linear scaling by the global batch
-    return Stage1(cfg, out, dev, dtype, splits, train, augment, sampler, loader, len(loader), model, ce_head,
+    return Stage1(cfg, out, dev, dtype, splits, spec, train, augment, sampler, loader, len(loader), model, ce_head,
                   optimizer, scaler, base_lr)
 
 
@@ -452,6 +465,7 @@ def restore_stage1(run: Stage1, state: Stage1State) -> None:
     """Continue ``run`` from a checkpoint: weights, optimiser, scaler and queue (the random streams:
     :func:`restore_streams`)."""
     check_compatible(state, run.cfg, run.splits.num_classes, run.out / STAGE1_FILE)
+    check_same_inputs(state.spec, run.spec, run.out / STAGE1_FILE)
     _check_world(state, run.steps_per_epoch)
     run.model.load_state_dict(state.model)
     if run.ce_head is not None and state.ce_head is not None:
@@ -486,14 +500,14 @@ def stage1_state(run: Stage1, epoch: int, wall: float, position: int = 0,
     view_rngs = (cast(list[torch.Tensor], dist.gather_objects(augment.generator.get_state()))
                  if augment is not None and augment.generator is not None else None)
     facts = RunFacts(
-        method=method_name(cfg), backbone=cfg.model.backbone, num_classes=splits.num_classes, dim=cfg.model.dim,
+        method=method_name(cfg), backbone=run.spec.qualified_name, num_classes=splits.num_classes, dim=cfg.model.dim,
         precision={"none": "fp32"}.get(cfg.optim.amp, cfg.optim.amp), device=str(run.device),
         torch_version=str(torch.__version__), global_batch=cfg.optim.batch_size, world_size=dist.world_size(),
         lr=run.base_lr, steps_per_epoch=run.steps_per_epoch,  # with world_size: checked when resuming elsewhere
         train_fingerprint=run.train_fingerprint)
     return Stage1State(
         epoch=epoch, epochs=cfg.optim.epochs, finished=epoch == cfg.optim.epochs and position == 0,
-        wall_seconds=wall, facts=facts, position=position, config=cfg.to_dict(),
+        wall_seconds=wall, facts=facts, position=position, config=cfg.to_dict(), spec=run.spec,
         # what dscl.inference.load_run needs without the dataset (a run copied elsewhere)
         data=DataMeta.of(splits.class_names, splits.train_counts, splits.mean, splits.std),
         model=run.model.state_dict(), ce_head=run.ce_head.state_dict() if run.ce_head is not None else None,
@@ -734,7 +748,9 @@ def _announce(run: Stage1) -> None:
     if dist.is_main():
         say(
             f"stage 1: {method_name(cfg)} on {splits.name} ({len(run.train)} train images, "
-            f"{splits.num_classes} classes), backbone {cfg.model.backbone}, {cfg.optim.epochs} epochs x "
+            f"{splits.num_classes} classes), backbone {run.spec.qualified_name}, {cfg.optim.epochs} epochs x "
             f"{run.steps_per_epoch} steps, global batch {cfg.optim.batch_size} on {dist.world_size()} process(es), "
             f"lr {run.base_lr:g}, device {run.device}"
         )
+        if run.spec.family != "builtin" or run.spec.input_source == "pretrained":
+            say(f"inputs of {run.spec.qualified_name}: {run.spec.describe_inputs()}")

@@ -323,6 +323,13 @@ def _facts_lines(report: Mapping[str, Any]) -> list[str]:
     if report.get("precision") or report.get("device"):
         lines.append(f"- Stage 1: {fact('precision')} on {fact('device')}, torch {fact('torch_version')}; "
                      f"global batch {fact('global_batch')} over {fact('world_size')} process(es), lr {fact('lr')}")
+    spec = report.get("backbone")
+    if isinstance(spec, Mapping):
+        from dscl.backbones import BackboneSpec  # the builders import torchvision: only for a report that needs it
+
+        s = BackboneSpec.from_dict(spec)
+        args = f" {dict(s.args)}" if s.args else ""
+        lines.append(f"- Backbone: {s.qualified_name}{args}, pool {s.pool}; inputs: {s.describe_inputs()}")
     if report.get("train_fingerprint"):
         lines.append(f"- Training set: {sum(report.get('train_counts', []))} images, fingerprint "
                      f"`{report['train_fingerprint']}` (same fingerprint = same samples in the same order)")

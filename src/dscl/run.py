@@ -13,7 +13,10 @@ summary), ``checkpoints/classifier.pt`` (stage 2), ``report.json``, ``report.md`
 split) and ``analysis/`` (``dscl analyze``).
 
 Checkpoint versions: 1 (flat keys; ``"backbone"`` was the backbone's name in ``last.pt`` and its
-weights in ``classifier.pt``), 2 (this one: facts, data and weights in their own entries). Both load.
+weights in ``classifier.pt``), 2 (facts, data and weights in their own entries), 3 (this one: plus the
+backbone spec, :class:`~dscl.backbones.BackboneSpec` as plain containers). All load; a state read from
+version 1 or 2 has ``spec`` None (a built-in backbone: :func:`dscl.model.recorded_spec` derives its spec
+from the config and the data).
 """
 
 from __future__ import annotations
@@ -32,13 +35,14 @@ import torch
 from torch import Tensor
 
 from dscl import dist
+from dscl.backbones import BackboneSpec, network_spec
 from dscl.config import Config, ConfigError, config_from_dict, config_from_file, dump_config, flat_config, method_name
 from dscl.errors import CheckpointError, DsclError
 from dscl.io import atomic_write, write_json, write_text
 from dscl.runtime import say
 from dscl.trackers import TRACKER_FILES, close_run, forward
 
-CHECKPOINT_VERSION = 2
+CHECKPOINT_VERSION = 3
 STAGE1_FILE = Path("checkpoints") / "last.pt"
 SUMMARY_FILE = Path("checkpoints") / "last.json"
 CLASSIFIER_FILE = Path("checkpoints") / "classifier.pt"
@@ -690,12 +694,15 @@ class Stage1Summary:
     #: saved: what a hand-edited ``config.yaml`` is checked against (:func:`check_run_config`); None for
     #: checkpoints written before it was recorded
     config: dict[str, Any] | None = None
+    #: the spec the backbone was built from (architecture and input settings); None for checkpoint
+    #: versions 1-2 (:func:`dscl.model.recorded_spec`)
+    spec: BackboneSpec | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"stage": "pretrain", "epoch": self.epoch, "epochs": self.epochs, "finished": self.finished,
                 "wall_seconds": self.wall_seconds, "facts": self.facts.to_dict(),
                 "data": self.data.to_dict() if self.data is not None else None, "position": self.position,
-                "config": self.config}
+                "config": self.config, "spec": _spec_dict(self.spec)}
 
     @staticmethod
     def _common(d: Mapping[str, Any]) -> dict[str, Any]:
@@ -706,7 +713,8 @@ class Stage1Summary:
         return {"epoch": int(d["epoch"]), "epochs": int(d["epochs"]), "finished": bool(d.get("finished")),
                 "wall_seconds": float(d.get("wall_seconds") or 0.0), "facts": facts, "data": data,
                 "position": int(d.get("position") or 0),
-                "config": dict(d["config"]) if isinstance(d.get("config"), Mapping) else None}
+                "config": dict(d["config"]) if isinstance(d.get("config"), Mapping) else None,
+                "spec": _spec_of(d.get("spec"))}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Stage1Summary:
@@ -751,6 +759,20 @@ class Stage1State(Stage1Summary):
                    threads=_optional(d, "threads", int))
 
 
+def _spec_dict(spec: BackboneSpec | None) -> dict[str, Any] | None:
+    return spec.to_dict() if spec is not None else None
+
+
+def _spec_of(d: Any) -> BackboneSpec | None:
+    """The stored spec (plain containers) as a :class:`BackboneSpec`; None for versions 1-2."""
+    if d is None:
+        return None
+    try:
+        return BackboneSpec.from_dict(d)
+    except (ConfigError, TypeError) as exc:
+        raise CheckpointError(f"the checkpoint's backbone spec cannot be read: {exc}") from None
+
+
 def _strip_prefix(state: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
@@ -770,12 +792,15 @@ class ClassifierRecord:
     data: DataMeta | None = None
     #: False for a checkpoint written before the standardisation statistics were stored (issue #21)
     stats_recorded: bool = True
+    #: the spec of the evaluation backbone (architecture and input settings); None for versions 1-2
+    spec: BackboneSpec | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"stage": "classify", "protocol": self.protocol, "backbone_name": self.backbone_name,
                 "num_classes": self.num_classes, "selected_epoch": self.selected_epoch,
                 "selection": self.selection, "history": self.history, "wall_seconds": self.wall_seconds,
-                "imported": self.imported, "data": self.data.to_dict() if self.data is not None else None}
+                "imported": self.imported, "data": self.data.to_dict() if self.data is not None else None,
+                "spec": _spec_dict(self.spec)}
 
     @staticmethod
     def _common(d: Mapping[str, Any]) -> dict[str, Any]:
@@ -785,7 +810,7 @@ class ClassifierRecord:
                 "wall_seconds": float(d.get("wall_seconds") or 0.0),
                 "imported": dict(d["imported"]) if d.get("imported") else None,
                 "data": DataMeta.from_dict(d.get("data", d)),
-                "stats_recorded": "feature_stats" in d}
+                "stats_recorded": "feature_stats" in d, "spec": _spec_of(d.get("spec"))}
 
 
 @dataclass
@@ -837,7 +862,16 @@ def save_stage1(run_dir: Path, state: Stage1State) -> Path:
 
 
 def load_stage1(run_dir: Path) -> Stage1State:
-    return Stage1State.from_dict(load_checkpoint(run_dir / STAGE1_FILE))
+    return _typed(Stage1State.from_dict, run_dir / STAGE1_FILE)
+
+
+def _typed(make: Callable[[dict[str, Any]], Any], path: Path) -> Any:
+    """``make(checkpoint dict)``; a stored spec that cannot be read names the file."""
+    raw = load_checkpoint(path)
+    try:
+        return make(raw)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
 
 
 def stage1_summary(run_dir: Path) -> Stage1Summary:
@@ -859,18 +893,42 @@ def save_classifier(run_dir: Path, state: ClassifierState) -> Path:
 
 
 def load_classifier(run_dir: Path) -> ClassifierState:
-    return ClassifierState.from_dict(load_checkpoint(run_dir / CLASSIFIER_FILE))
+    return _typed(ClassifierState.from_dict, run_dir / CLASSIFIER_FILE)
 
 
 def check_compatible(state: Stage1Summary, cfg: Config, num_classes: int, path: Path) -> None:
-    if state.facts.backbone != cfg.model.backbone:
-        raise CheckpointError(
-            f"{path} holds a {state.facts.backbone} backbone but the config asks for {cfg.model.backbone}"
-        )
+    """Refuse a config whose backbone is not the checkpoint's network, or a dataset with other classes."""
+    check_same_network(state.spec, state.facts.backbone, cfg, path)
     if state.facts.num_classes != num_classes:
         raise CheckpointError(
             f"{path} was trained on {state.facts.num_classes} classes but the dataset has {num_classes}"
         )
+
+
+def check_same_inputs(stored: BackboneSpec | None, spec: BackboneSpec, path: Path) -> None:
+    """Refuse to continue stage 1 (``--resume``) with other input settings than it started with: the
+    network has learnt on those (a pretrained weights' configuration that changed in between, say)."""
+    if stored is not None and stored != spec:
+        raise CheckpointError(f"{path}: stage 1 started with inputs {stored.describe_inputs()}, but the config now "
+                              f"gives {spec.describe_inputs()} (did model.pretrained or its configuration change?); "
+                              "resume with the weights stage 1 started from, or start a new run")
+
+
+def check_same_network(spec: BackboneSpec | None, name: str, cfg: Config, path: Path) -> None:
+    """Refuse ``cfg`` when its architecture (``model.backbone``, ``backbone_args``, ``pool``) is not the one the
+    checkpoint ``path`` stored (``spec``; ``name`` for versions 1-2, which recorded the built-in's name only)."""
+    wanted = network_spec(cfg.model)
+    same = spec.same_network(wanted) if spec is not None else name == cfg.model.backbone
+    if not same:
+        held = _arch_words(spec) if spec is not None else name
+        raise CheckpointError(f"{path} holds a {held} backbone but the config asks for {_arch_words(wanted)}; "
+                              "set model.backbone / model.backbone_args / model.pool back to the checkpoint's")
+
+
+def _arch_words(spec: BackboneSpec) -> str:
+    """``timm:vit_tiny_patch16_224 {'depth': 2} pool cls`` (arguments and pool only where given)."""
+    return (spec.qualified_name + (f" {spec.args}" if spec.args else "")
+            + (f" pool {spec.pool}" if spec.pool != "avg" else ""))
 
 
 def load_finished_stage1(run_dir: Path) -> Stage1State:

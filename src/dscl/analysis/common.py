@@ -5,13 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from dscl.backbones import Backbone
+from dscl.backbones import Backbone, BackboneSpec
 from dscl.config import Config
 from dscl.data import DatasetSplits, build_datasets
 from dscl.errors import DsclError
 from dscl.inference import Predictor, load_run
 from dscl.metrics import shot_groups
-from dscl.model import DSCLModel, build_encoder
+from dscl.model import DSCLModel, build_encoder, recorded_spec
 from dscl.rng import seed_everything
 from dscl.run import RunDirError, Stage1State, load_finished_stage1, load_run_config
 
@@ -30,6 +30,11 @@ class RunArtifacts:
     splits: DatasetSplits
     stage1: Stage1State
     predictor: Predictor
+
+    @property
+    def spec(self) -> BackboneSpec:
+        """Stage 1's backbone spec (derived from the config and data for checkpoints written before specs)."""
+        return recorded_spec(self.stage1.spec, self.cfg, self.splits.mean, self.splits.std)
 
     @property
     def train_counts(self) -> list[int]:
@@ -54,14 +59,15 @@ def open_run(run_dir: str | Path) -> RunArtifacts:
 def stage1_model(art: RunArtifacts, *, initial: bool = False) -> DSCLModel:
     """The run's stage-1 model (online + momentum encoder + queue), in eval mode on the CPU.
 
-    ``initial=True`` gives the same model at initialisation: same seed and construction as training
-    (so the same initial weights), with an empty queue.
+    ``initial=True`` gives the same model at initialisation: same seed, spec and construction as training
+    (so the same initial weights: ``model.pretrained`` loaded again), with an empty queue.
     """
     cfg = art.cfg
     if initial:
         seed_everything(cfg.optim.seed)
-    model = DSCLModel(build_encoder(cfg), queue_size=cfg.model.queue_size, patch_bn=cfg.model.patch_bn,
-                      roi_aligned=cfg.model.roi_aligned)
+    stored = art.stage1.spec if art.stage1 is not None else None  # None: the config's (built-in) architecture
+    model = DSCLModel(build_encoder(cfg, stored, pretrained=initial), queue_size=cfg.model.queue_size,
+                      patch_bn=cfg.model.patch_bn, roi_aligned=cfg.model.roi_aligned)
     if not initial:
         if cfg.loss.loss == "ce":
             raise AnalysisError(

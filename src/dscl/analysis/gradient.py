@@ -313,7 +313,7 @@ class _BatchMaker:
         cfg = art.cfg
         self.views = dataclasses.replace(cfg.views, num_patches=0)  # patches are not needed here
         self.image_size = cfg.data.image_size
-        self.mean, self.std = art.splits.mean, art.splits.std
+        self.mean, self.std = art.spec.mean, art.spec.std  # stage 1's normalisation
         self.train = art.splits.train
         self.seed = seed
 

@@ -9,7 +9,7 @@ timm and open_clip are optional extras, imported only when one of their backbone
 from __future__ import annotations
 
 from dscl.backbones.base import DISTRIBUTION, Backbone, install_hint, resample_position_embedding
-from dscl.backbones.build import build_backbone, build_backbone_from_spec
+from dscl.backbones.build import build_backbone, build_backbone_from_spec, network_spec, spec_from_config
 from dscl.backbones.builtin import BACKBONES, BasicBlock, CifarResNet, ConvNet, TorchvisionResNet
 from dscl.backbones.pretrained import load_pretrained, resolve_input_settings
 from dscl.backbones.spec import FAMILIES, INPUT_SOURCES, INTERPOLATIONS, POOLS, BackboneSpec, parse_backbone_name
@@ -17,5 +17,6 @@ from dscl.backbones.spec import FAMILIES, INPUT_SOURCES, INTERPOLATIONS, POOLS, 
 __all__ = [
     "BACKBONES", "DISTRIBUTION", "FAMILIES", "INPUT_SOURCES", "INTERPOLATIONS", "POOLS", "Backbone", "BackboneSpec",
     "BasicBlock", "CifarResNet", "ConvNet", "TorchvisionResNet", "build_backbone", "build_backbone_from_spec",
-    "install_hint", "load_pretrained", "parse_backbone_name", "resample_position_embedding", "resolve_input_settings",
+    "install_hint", "load_pretrained", "network_spec", "parse_backbone_name", "resample_position_embedding",
+    "resolve_input_settings", "spec_from_config",
 ]

@@ -11,7 +11,7 @@ A :class:`Backbone` maps ``(B, in_chans, h, w)`` images to
   a ViT's class token.
 * ``forward_with_map(x)`` -> ``(pooled, map)`` from one forward pass (both of the above).
 * ``num_features`` (= C) and ``stride`` (nominal input pixels per map cell; documentation only: the ROI
-  pooling derives its scale from the actual sizes).
+  pooling derives its scale from the actual sizes); ``patch_size`` for ViTs (image sides must be multiples).
 
 The optional families (timm, open_clip) import their package only when one of their backbones is built;
 a missing package is a one-line :class:`~dscl.config.ConfigError` naming the pip command
@@ -60,6 +60,9 @@ class Backbone(nn.Module):
 
     num_features: int
     stride: int
+    #: token models (ViTs): the side of a patch in px; image sides must be multiples of it (a remainder would be
+    #: cut off, so the map would no longer cover the image the ROI boxes live in). None for CNNs.
+    patch_size: int | None = None
     #: attribute holding the module whose state dict pretrained files describe ("" = the backbone itself)
     weights_attr: str = ""
 

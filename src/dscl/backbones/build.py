@@ -3,16 +3,42 @@ weights) in, a :class:`~dscl.backbones.base.Backbone` out."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from dscl.backbones.base import Backbone
 from dscl.backbones.builtin import build_builtin
 from dscl.backbones.open_clip import build_open_clip
-from dscl.backbones.pretrained import load_pretrained
+from dscl.backbones.pretrained import load_pretrained, resolve_input_settings
 from dscl.backbones.spec import BackboneSpec
 from dscl.backbones.timm import build_timm
+from dscl.config import Config, ModelConfig
+
+
+def network_spec(model: ModelConfig) -> BackboneSpec:
+    """The architecture ``model.backbone`` / ``backbone_args`` / ``pool`` describe (no input settings): what a
+    checkpoint's stored spec is compared with (:meth:`BackboneSpec.same_network`). A built-in started with
+    ``model.zero_init_residual=false`` records it among its arguments."""
+    args = dict(model.backbone_args)
+    spec = BackboneSpec.from_name(model.backbone, args=args, pool=model.pool)
+    if spec.family == "builtin" and not model.zero_init_residual and "zero_init_residual" not in args:
+        spec = BackboneSpec.from_name(model.backbone, args={**args, "zero_init_residual": False}, pool=model.pool)
+    return spec
+
+
+def spec_from_config(cfg: Config, *, mean: Sequence[float], std: Sequence[float], grey: bool,
+                     pretrained: str | Path | None) -> BackboneSpec:
+    """THE place a config becomes a run's :class:`BackboneSpec`: the architecture of ``cfg.model``
+    (:func:`network_spec`) and the input settings of :func:`~dscl.backbones.pretrained.resolve_input_settings`
+    (``data.image_size``; the pretrained weights' configuration when ``pretrained`` has one, else the
+    dataset's ``mean`` / ``std``; ``grey``: the dataset's images are grey, replicated to RGB).
+
+    ``pretrained`` is where the weights come from (``model.pretrained`` for stage 1, the imported file for
+    ``dscl import``), None when nothing is loaded (or for runs written before specs were stored).
+    """
+    return resolve_input_settings(network_spec(cfg.model), pretrained=pretrained, image_size=cfg.data.image_size,
+                                  mean=mean, std=std, grey=grey)
 
 
 def build_backbone_from_spec(spec: BackboneSpec, pretrained: str | Path | None = None) -> Backbone:

@@ -64,6 +64,7 @@ class OpenClipBackbone(Backbone):
         self.arch = arch
         self.num_features = int(visual.conv1.out_channels)
         self.stride = int(visual.patch_size[0])
+        self.patch_size = self.stride
 
     def forward_with_map(self, x: Tensor) -> tuple[Tensor, Tensor]:
         v = self.model

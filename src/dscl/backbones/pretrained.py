@@ -95,6 +95,13 @@ def load_pretrained(backbone: Backbone, spec: BackboneSpec, source: str | Path) 
     target.load_state_dict(state, strict=True)
 
 
+def dataset_crop_pct(image_size: int) -> float:
+    """The evaluation crop of dataset-normalised runs (every run before backbone specs): from 128 px up the
+    ImageNet convention (shorter side to ``round(S * 256 / 224)``, centre ``S`` crop: 224 / 256), below it
+    the whole image (a 28-32 px image has no border to spare)."""
+    return 224 / 256 if int(image_size) >= 128 else 1.0
+
+
 def resolve_input_settings(spec: BackboneSpec, *, pretrained: str | Path | None, image_size: int,
                            mean: Sequence[float], std: Sequence[float], grey: bool) -> BackboneSpec:
     """``spec`` with its input settings filled in.
@@ -102,8 +109,8 @@ def resolve_input_settings(spec: BackboneSpec, *, pretrained: str | Path | None,
     ``image_size`` (the run's ``data.image_size``) and ``grey`` (grey images are replicated to RGB) always
     come from the data. Normalisation, interpolation and crop fraction come from the pretrained weights'
     configuration for timm and open_clip weights (``input_source="pretrained"``), else from the dataset:
-    ``mean`` / ``std``, bilinear resizes of the whole image (``input_source="dataset"``; the built-ins,
-    also with pretrained weights, as before).
+    ``mean`` / ``std``, bilinear resizes and :func:`dataset_crop_pct` (``input_source="dataset"``; the
+    built-ins, also with pretrained weights, exactly as before).
     """
     settings: dict[str, object] | None = None
     if pretrained is not None and _looks_like_path(str(pretrained)):
@@ -114,7 +121,7 @@ def resolve_input_settings(spec: BackboneSpec, *, pretrained: str | Path | None,
         settings = open_clip_input_settings(spec, str(pretrained))
     if settings is None:
         return dataclasses.replace(spec, image_size=int(image_size), mean=tuple(mean), std=tuple(std),
-                                   interpolation="bilinear", crop_pct=1.0, grey_to_rgb=bool(grey),
-                                   input_source="dataset")
+                                   interpolation="bilinear", crop_pct=dataset_crop_pct(image_size),
+                                   grey_to_rgb=bool(grey), input_source="dataset")
     return dataclasses.replace(spec, image_size=int(image_size), grey_to_rgb=bool(grey), input_source="pretrained",
                                **settings)  # type: ignore[arg-type]

@@ -80,6 +80,10 @@ def _channels(value: Any, what: str) -> tuple[float, ...] | None:
     return out
 
 
+def _rounded(values: tuple[float, ...]) -> str:
+    return "(" + ", ".join(f"{v:.4g}" for v in values) + ")"
+
+
 @dataclass(frozen=True)
 class BackboneSpec:
     """What a backbone is and how images enter it (see the module docstring for each field)."""
@@ -141,6 +145,26 @@ class BackboneSpec:
     def in_chans(self) -> int:
         """Image channels the network takes (timm's ``in_chans`` argument; 3 otherwise)."""
         return int(self.args.get("in_chans", 3)) if self.family == "timm" else 3
+
+    @property
+    def resize_short(self) -> int | None:
+        """The evaluation view's shorter-side resize in px before the centre ``image_size`` crop
+        (``round(image_size / crop_pct)``), or None when the whole image is resized (``crop_pct`` 1)."""
+        if self.image_size is None or self.crop_pct >= 1.0:
+            return None
+        return int(round(self.image_size / self.crop_pct))
+
+    def describe_inputs(self) -> str:
+        """The input settings in words, for logs, reports and export recipes."""
+        if self.image_size is None or self.mean is None or self.std is None:
+            return "input settings not resolved"
+        size = self.image_size
+        view = (f"shorter side resized to {self.resize_short} px, centre {size} x {size} crop" if self.resize_short
+                else f"resized to {size} x {size}")
+        source = "the pretrained weights'" if self.input_source == "pretrained" else "the dataset's"
+        grey = "; grey images replicated to RGB" if self.grey_to_rgb else ""
+        return (f"{view} ({self.interpolation}, antialiased), normalised with {source} mean "
+                f"{_rounded(self.mean)} and std {_rounded(self.std)}{grey}")
 
     def same_network(self, other: BackboneSpec) -> bool:
         """True when both specs build the same architecture (family, name, args, pool); input settings aside."""

@@ -72,6 +72,9 @@ class TimmBackbone(Backbone):
             raise ConfigError(f"{label}: pool='cls' needs a model with a class token; this one has none "
                               "(use pool 'avg', the mean of the patch tokens)")
         self.stride = _reduction(model)
+        patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
+        if hasattr(model, "num_prefix_tokens") and patch is not None:  # a token model: its grid must be whole
+            self.patch_size = int(patch[0] if isinstance(patch, (tuple, list)) else patch)
         self.num_features = int(model.num_features)
         unreached, out_shape = unreached_parameters(self, in_chans, _probe_size(model))
         if out_shape and out_shape[-1] != self.num_features:

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from dscl.backbones.base import import_optional
 from dscl.config import ConfigError
-from dscl.run import CheckpointError
+from dscl.errors import CheckpointError
 
 #: suffixes :func:`read_weights_file` reads (anything else is tried with ``torch.load``)
 WEIGHT_SUFFIXES: tuple[str, ...] = (".safetensors", ".pth", ".pt", ".bin", ".tar", ".ckpt")

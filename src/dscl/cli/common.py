@@ -41,8 +41,9 @@ def config_args(p: argparse.ArgumentParser) -> None:
                    help="dataset folder (same as data.data_root=DIR; default $DSCL_DATA or the standard place)")
     g.add_argument("--seed", type=int, default=None, help="training seed (same as optim.seed=N)")
     g.add_argument("--pretrained", default=None, metavar="PATH",
-                   help="local backbone state dict to start from, e.g. ImageNet weights for Places-LT "
-                        "(same as model.pretrained=PATH; nothing is downloaded)")
+                   help="backbone weights to start from: a local file (.pth / .safetensors ...; e.g. ImageNet "
+                        "weights for Places-LT) or folder, or hf-hub:ORG/NAME for timm: / open_clip: backbones "
+                        "(same as model.pretrained=PATH; a local file downloads nothing)")
     g.add_argument("--skip-file-check", action="store_const", const="false", default=None,
                    help="do not check before training that every listed image file exists and opens "
                         "(same as data.check_files=false; for trusted data where the check is slow)")

@@ -294,7 +294,9 @@ def cmd_import(args: argparse.Namespace) -> int:
     res = import_checkpoint(args.checkpoint, cfg, args.out, fmt=args.format, overwrite=args.overwrite,
                             backbone_only=args.backbone_only)
     lines = [f"imported {args.checkpoint} ({res.format} format, {res.loaded} tensors) into {res.out} "
-             f"as a finished stage-1 run ({cfg.model.backbone}, preset {cfg.preset})"]
+             f"as a finished stage-1 run ({cfg.model.backbone}, preset {cfg.preset})"
+             + (" with no stage 1: dscl classify trains a linear probe on its frozen features"
+                if res.format == "pretrained" else "")]
     if res.missing:
         lines.append("not in the file: " + "; ".join(res.missing))
     if res.unexpected:
@@ -366,10 +368,15 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=cmd_export)
 
     p = sub.add_parser("import", help="turn a checkpoint trained elsewhere (official DSCL/MoCo, torchvision, "
-                                      "dscl) into a run directory")
-    p.add_argument("--checkpoint", required=True, metavar="PATH", help="the checkpoint file (.pth.tar, .pth, .pt)")
-    p.add_argument("--format", default="auto", choices=("auto", "official", "torchvision", "dscl"),
-                   help="key layout (default: detected from the keys)")
+                                      "dscl) or pretrained timm / open_clip weights (a linear probe) into a run "
+                                      "directory")
+    p.add_argument("--checkpoint", required=True, metavar="PATH",
+                   help="the checkpoint file (.pth.tar, .pth, .pt); pretrained weights also as .safetensors / .bin, "
+                        "a copied hub snapshot folder or hf-hub:ORG/NAME (with model.backbone=timm:NAME or "
+                        "open_clip:ARCH)")
+    p.add_argument("--format", default="auto", choices=("auto", "official", "torchvision", "dscl", "pretrained"),
+                   help="key layout (default: detected; pretrained weights for a timm: / open_clip: backbone: "
+                        "pretrained)")
     p.add_argument("--out", required=True, metavar="DIR", help="run directory to create")
     p.add_argument("--overwrite", action="store_true", help="replace the dscl files of an existing run in --out")
     p.add_argument("--backbone-only", action="store_true",

@@ -11,15 +11,20 @@ trained on grey data (Fashion-MNIST, ``input_mode == "L"``) converts colour inpu
 PIL's ``convert("L")`` weights (ITU-R 601-2 luma, L = (19595 R + 38470 G + 7471 B + 2^15) >> 16)
 and replicates the grey channel three times, which is what its training images were; a grey image
 fed to a colour-trained run is replicated to three channels, as PIL's ``convert("RGB")`` does. Then
-the evaluation view: for ``image_size >= 128`` the shorter side is resized to
-``round(image_size * 256 / 224)`` and the centre ``image_size`` square cropped, for smaller sizes the
-image is resized to ``image_size x image_size``; antialiased bilinear, then ``(x / 255 - mean) / std``.
+the evaluation view of the run's backbone spec (:class:`dscl.backbones.BackboneSpec`: ``image_size`` S,
+``crop_pct``, ``interpolation``, ``mean`` / ``std``): with ``crop_pct < 1`` the shorter side is resized to
+``round(S / crop_pct)`` and the centre ``S`` square cropped, with ``crop_pct = 1`` the image is resized to
+``S x S``; antialiased (``bilinear`` / ``bicubic``), then ``(x / 255 - mean) / std``. (timm's own
+evaluation transform floors ``S / crop_pct`` where this rounds it, the built-ins' convention: at 224 px and
+``crop_pct`` 0.9 this resizes to 249 px, timm to 248; and timm resizes with PIL, this with torch.) Without a spec
+(``crop_pct=None``) the dataset convention every run used before specs: ``crop_pct = 224 / 256`` for
+``S >= 128`` (shorter side to ``round(S * 256 / 224)``), 1 below, bilinear.
 """
 
 # no ``from __future__ import annotations``: TorchScript reads the class annotations of Preprocess
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -28,6 +33,9 @@ from PIL import Image
 from torch import Tensor, nn
 
 from dscl.data.core import DataError, decode_image
+
+if TYPE_CHECKING:
+    from dscl.backbones import BackboneSpec
 
 # Datasets whose training images are single-channel (replicated to RGB by LTDataset.load).
 GREY_DATASETS: frozenset[str] = frozenset({"fmnist-lt"})
@@ -58,31 +66,48 @@ class Preprocess(nn.Module):
         image_size: S, the run's ``data.image_size``.
         mean, std: per-channel normalisation of [0, 1] images.
         grey: the run was trained on grey images (see the module docstring).
+        crop_pct: centre-crop fraction of the evaluation view (the spec's; None: the dataset convention).
+        interpolation: ``bilinear``, ``bicubic`` or ``nearest`` resizes.
     """
 
     mean: Tensor
     std: Tensor
 
-    def __init__(self, image_size: int, mean: Sequence[float], std: Sequence[float], grey: bool) -> None:
+    def __init__(self, image_size: int, mean: Sequence[float], std: Sequence[float], grey: bool,
+                 crop_pct: float | None = None, interpolation: str = "bilinear") -> None:
         super().__init__()
         self.image_size = int(image_size)
         self.grey = bool(grey)
-        self.resize_short = int(round(self.image_size * 256 / 224))  # ImageNet convention: 256 -> 224 crop
+        if crop_pct is None:  # ImageNet convention from 128 px: 256 -> 224 crop (dscl.backbones.dataset_crop_pct)
+            crop_pct = 224 / 256 if self.image_size >= 128 else 1.0
+        if not 0.0 < crop_pct <= 1.0 or interpolation not in ("bilinear", "bicubic", "nearest"):
+            raise DataError(f"Preprocess: crop_pct must be in (0, 1] and interpolation bilinear, bicubic or nearest; "
+                            f"got {crop_pct!r}, {interpolation!r}")
+        self.crop_pct = float(crop_pct)
+        self.crop = self.crop_pct < 1.0
+        # round(S / crop_pct): with 224 / 256, round(S * 256 / 224) exactly (both are S * 8 / 7 rounded once)
+        self.resize_short = int(round(self.image_size / self.crop_pct)) if self.crop else self.image_size
+        self.interpolation = interpolation
+        self.antialias = interpolation != "nearest"  # torch antialiases bilinear and bicubic only
         self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(1, 3, 1, 1))
 
     def _interpolate(self, x: Tensor, h: int, w: int) -> Tensor:
+        mode, aa = self.interpolation, self.antialias
         if x.dtype == torch.uint8:
-            if x.device.type == "cpu":  # torch's native uint8 antialias kernel, as torchvision uses on the CPU
-                return F.interpolate(x, size=[h, w], mode="bilinear", align_corners=False, antialias=True)
-            y = F.interpolate(x.to(torch.float32), size=[h, w], mode="bilinear", align_corners=False, antialias=True)
-            return y.round().to(torch.uint8)
-        return F.interpolate(x, size=[h, w], mode="bilinear", align_corners=False, antialias=True)
+            if x.device.type == "cpu" and mode == "bilinear":  # torch's native uint8 kernel, as torchvision's
+                return F.interpolate(x, size=[h, w], mode=mode, align_corners=False, antialias=aa)
+            # elsewhere (bicubic overshoots, and CUDA has no uint8 kernel): in float, rounded and clamped
+            y = F.interpolate(x.to(torch.float32), size=[h, w], mode=mode, align_corners=None if mode == "nearest"
+                              else False, antialias=aa)
+            return y.round().clamp(0, 255).to(torch.uint8)
+        return F.interpolate(x, size=[h, w], mode=mode, align_corners=None if mode == "nearest" else False,
+                             antialias=aa)
 
     def _resize(self, x: Tensor) -> Tensor:
         s = self.image_size
         h, w = x.shape[-2], x.shape[-1]
-        if s >= 128:
+        if self.crop:
             r = self.resize_short
             if w <= h:
                 nh, nw = int(r * h / w), r
@@ -136,6 +161,15 @@ class Preprocess(nn.Module):
         ``forward`` directly: ``nn.Module.__call__`` costs more than the whole conversion of a 28 px image."""
         with torch.no_grad():
             return self.forward(image_hwc.unsqueeze(0))[0]
+
+
+def preprocess_for(spec: "BackboneSpec") -> Preprocess:
+    """A run's input conversion from its backbone spec: size, crop, interpolation, mean / std, and grey
+    training images (``grey_to_rgb``: colour inputs are converted to grey, as the training images were)."""
+    if spec.image_size is None or spec.mean is None or spec.std is None:
+        raise DataError(f"backbone spec {spec.qualified_name} has no input settings")
+    return Preprocess(spec.image_size, spec.mean, spec.std, spec.grey_to_rgb, crop_pct=spec.crop_pct,
+                      interpolation=spec.interpolation)
 
 
 ImageLike = Any  # a path (str / Path), a PIL image, a uint8 tensor (3, H, W) / (H, W), or a numpy array

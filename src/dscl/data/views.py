@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, NamedTuple, TypeAlias
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeAlias
 
 import numpy as np
 import torch
@@ -39,7 +39,11 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
 from dscl.config import ViewConfig
+from dscl.data.core import DataError
 from dscl.data.preprocess import Preprocess
+
+if TYPE_CHECKING:
+    from dscl.backbones import BackboneSpec
 
 _MATRIX_MAX = 96  # largest side (px) resized with weight matrices; above it interpolate() is faster
 _TRIES = 10  # RandomResizedCrop attempts before the fallback
@@ -560,22 +564,43 @@ class DSCLTransform:
 
 
 class EvalTransform:
-    """Deterministic test-time view: for ``image_size >= 128`` resize the shorter side to
-    ``round(image_size * 256 / 224)`` and centre-crop ``image_size``; for small images resize to
-    (image_size, image_size) if needed. Returns a normalised float (3, S, S).
+    """Deterministic test-time view: with ``crop_pct < 1`` resize the shorter side to
+    ``round(image_size / crop_pct)`` and centre-crop ``image_size``, else resize to (image_size, image_size)
+    if needed (``crop_pct`` None: ``224 / 256`` for ``image_size >= 128``, 1 below, the convention of every run
+    before backbone specs). Returns a normalised float (3, S, S).
 
     The evaluation view has one implementation, :class:`dscl.data.preprocess.Preprocess` (colour, as
-    ``LTDataset.load`` gives images), which a run's predictor and its exported files use as well."""
+    ``LTDataset.load`` gives images), which a run's predictor and its exported files use as well; a run
+    passes its backbone spec's settings (:func:`eval_transform_for`)."""
 
-    def __init__(self, image_size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+    def __init__(self, image_size: int, mean: tuple[float, ...], std: tuple[float, ...],
+                 crop_pct: float | None = None, interpolation: str = "bilinear") -> None:
         self.image_size = int(image_size)
-        self.preprocess = Preprocess(self.image_size, mean, std, grey=False)
+        self.preprocess = Preprocess(self.image_size, mean, std, grey=False, crop_pct=crop_pct,
+                                     interpolation=interpolation)
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
         return self.preprocess.one(_as_uint8_chw(image).permute(1, 2, 0))
 
     def __repr__(self) -> str:
         return f"EvalTransform(image_size={self.image_size})"
+
+
+def _inputs(spec: BackboneSpec) -> tuple[int, tuple[float, ...], tuple[float, ...]]:
+    if spec.image_size is None or spec.mean is None or spec.std is None:
+        raise DataError(f"backbone spec {spec.qualified_name} has no input settings")
+    return spec.image_size, spec.mean, spec.std
+
+
+def eval_transform_for(spec: BackboneSpec) -> EvalTransform:
+    """The evaluation view of a run's backbone spec (its size, crop, interpolation, mean and std)."""
+    size, mean, std = _inputs(spec)
+    return EvalTransform(size, mean, std, crop_pct=spec.crop_pct, interpolation=spec.interpolation)
+
+
+def classifier_transform_for(spec: BackboneSpec) -> ClassifierTransform:
+    """Stage 2's training view of a run's backbone spec (its size, mean and std)."""
+    return ClassifierTransform(*_inputs(spec))
 
 
 class ClassifierTransform:
