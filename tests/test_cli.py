@@ -238,3 +238,31 @@ def test_interrupt_of_a_command_without_a_checkpoint(monkeypatch, capsys):
     monkeypatch.setattr(dscl.cli.data, "cmd_data", interrupted)
     assert main(["data"]) == 130
     assert "files already written are complete (every write is atomic); rerun the command" in capsys.readouterr().err
+
+
+def test_a_stop_before_any_checkpoint_does_not_claim_one_was_saved(tmp_path, monkeypatch, capsys):
+    from pathlib import Path
+
+    import dscl.cli.data
+    import dscl.pretrain
+    from dscl.runtime import Preempted
+
+    def stopped(*args, **kwargs):
+        raise Preempted("SIGTERM received")
+
+    monkeypatch.setattr(dscl.cli.data, "cmd_data", stopped)
+    assert main(["data", "--preset", "smoke"]) == 3
+    err = capsys.readouterr().err
+    assert "checkpoint saved" not in err and "nothing was saved: the same line starts it again" in err
+    monkeypatch.setattr(dscl.pretrain, "pretrain", stopped)  # stopped while loading data: no last.pt yet
+    assert main(["pretrain", "--preset", "smoke", "--out", str(tmp_path / "a")]) == 3
+    assert "nothing was saved" in capsys.readouterr().err
+
+    def stopped_after_an_epoch(cfg, out, **kwargs):
+        (Path(out) / "checkpoints").mkdir(parents=True)
+        (Path(out) / "checkpoints" / "last.pt").write_bytes(b"x")
+        raise Preempted("SIGTERM received")
+
+    monkeypatch.setattr(dscl.pretrain, "pretrain", stopped_after_an_epoch)
+    assert main(["pretrain", "--preset", "smoke", "--out", str(tmp_path / "b")]) == 3
+    assert "exit code 3 = preempted, checkpoint saved" in capsys.readouterr().err

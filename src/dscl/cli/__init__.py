@@ -105,6 +105,15 @@ def interrupt_message(args: argparse.Namespace) -> str:
             f"(with --out {shlex.quote(str(out))} it replaces what this attempt left there)")
 
 
+def preempted_state(args: argparse.Namespace) -> str:
+    """What a stop left to continue from: stage 1's checkpoint, or nothing (a signal before the first one, or
+    during a command that has nothing to save mid-way: it starts again from its beginning)."""
+    out = getattr(args, "out", None)
+    if args.command in ("pretrain", "run") and out is not None and (Path(out) / "checkpoints" / "last.pt").is_file():
+        return "checkpoint saved"
+    return "nothing was saved: the same line starts it again from the beginning"
+
+
 def debugging(args: argparse.Namespace) -> bool:
     """``--debug`` (commands with runtime options) or ``DSCL_DEBUG=1`` (any command): let tracebacks through."""
     return bool(getattr(args, "debug", False)) or os.environ.get("DSCL_DEBUG", "") not in ("", "0")
@@ -185,7 +194,7 @@ def _main(argv: list[str] | None) -> int:
         if dist.is_main():
             print(f"\ndscl {args.command}: {exc}.\nContinue (a requeued job: the same line) with:\n"
                   f"  {continue_command(args)}\n(under torchrun / srun: the same launcher line with these "
-                  f"arguments; exit code {EXIT_PREEMPTED} = preempted, checkpoint saved)", file=sys.stderr)
+                  f"arguments; exit code {EXIT_PREEMPTED} = preempted, {preempted_state(args)})", file=sys.stderr)
         return EXIT_PREEMPTED
     except KeyboardInterrupt:
         if dist.is_main():
