@@ -9,7 +9,7 @@ traceback). The domain classes keep ``ValueError`` as a second base so library c
 
 from __future__ import annotations
 
-__all__ = ["CheckpointError", "DivergedError", "DsclError", "LaunchError", "UsageError"]
+__all__ = ["CheckpointError", "DivergedError", "DsclError", "LaunchError", "UsageError", "listed"]
 
 
 class DsclError(Exception):
@@ -31,3 +31,9 @@ class DivergedError(DsclError, FloatingPointError):
 
 class CheckpointError(DsclError, ValueError):
     """A checkpoint that is missing, unreadable, or from an incompatible run (also :mod:`dscl.run`'s name)."""
+
+
+def listed(names: list[str], shown: int) -> str:
+    """``a, b, c (+4 more)``: the first ``shown`` of ``names`` (keys, files) for a one-line message."""
+    more = f" (+{len(names) - shown} more)" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more

@@ -50,7 +50,7 @@ from torch import Tensor, nn
 from dscl import dist
 from dscl.backbones import BACKBONES, BackboneSpec, build_backbone, load_pretrained, network_spec
 from dscl.config import Config, dump_config, method_name
-from dscl.errors import UsageError
+from dscl.errors import UsageError, listed
 from dscl.inference import ImageClassifier, Predictor
 from dscl.io import atomic_write
 from dscl.model import DSCLModel, backbone_spec, build_encoder
@@ -83,11 +83,6 @@ _SHOWN = 8  # keys listed per category in messages
 
 # ------------------------------------------------------------------------------------------------
 # reading external files
-
-
-def _first(keys: list[str], n: int = _SHOWN) -> str:
-    more = f" (+{len(keys) - n} more)" if len(keys) > n else ""
-    return ", ".join(keys[:n]) + more
 
 
 def read_external(path: str | Path) -> Any:
@@ -304,7 +299,7 @@ def _check_part(what: str, given: Mapping[str, Tensor], expected: Mapping[str, T
             hint = f"; it fits model.backbone={fits[0]} (add that override)" if fits else ""
         raise CheckpointError(
             f"{path}: nothing in the {what} matches a {cfg.model.backbone} (first keys in the file: "
-            f"{_first(sorted(given), 5)}; expected e.g. {_first(list(expected), 5)}){hint}; nothing was written"
+            f"{listed(sorted(given), 5)}; expected e.g. {listed(list(expected), 5)}){hint}; nothing was written"
         )
     if missing or mismatched:
         hint = ""
@@ -316,8 +311,8 @@ def _check_part(what: str, given: Mapping[str, Tensor], expected: Mapping[str, T
             fits = _fitting_backbones(given, cfg.model.backbone)
             hint = (f"; the weights fit model.backbone={fits[0]} (add that override)" if fits else
                     "; check the preset's model.backbone")
-        problems = ([f"missing keys: {_first(missing)}"] if missing else []) + (
-            [f"shape mismatches (file vs model): {_first(mismatched)}"] if mismatched else [])
+        problems = ([f"missing keys: {listed(missing, _SHOWN)}"] if missing else []) + (
+            [f"shape mismatches (file vs model): {listed(mismatched, _SHOWN)}"] if mismatched else [])
         raise CheckpointError(
             f"{path}: the {what} does not fit model.backbone={cfg.model.backbone} (model.dim={cfg.model.dim}): "
             + "; ".join(problems) + hint + "; nothing was written"
@@ -510,7 +505,7 @@ def _read_mapped(obj: Any, fmt: str, path: Path) -> tuple[str, _Mapped]:
     state = _state_dict_of(obj)
     if fmt == "official" and not any(k.startswith("encoder_q.") for k in state):
         raise CheckpointError(f"{path} has no encoder_q.* keys, so it is not an official DSCL / MoCo stage-1 "
-                              f"checkpoint (first keys: {_first(sorted(state), 5)}); try --format torchvision")
+                              f"checkpoint (first keys: {listed(sorted(state), 5)}); try --format torchvision")
     return fmt, _map_official(state) if fmt == "official" else _map_torchvision(state)
 
 

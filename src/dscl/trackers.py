@@ -490,7 +490,7 @@ class _Session:
             self.each(lambda t: t.scalars(stage, values, step_key, step))
             return
         logged: dict[str, dict[str, int]] = self.state["logged"]
-        before = json.dumps(logged, sort_keys=True)
+        took: list[str] = []
 
         def log(tracker: _Tracker) -> None:
             has = logged.setdefault(tracker.name, {})
@@ -499,9 +499,10 @@ class _Session:
             tracker.scalars(stage, values, step_key, step)
             tracker.flush()  # before trackers.json says it has the point
             has[stage] = step
+            took.append(tracker.name)
 
         self.each(log)
-        if json.dumps(logged, sort_keys=True) != before:
+        if took:
             write_json(self.run_dir / STATE_FILE, self.state)
 
     def each(self, call: Callable[[_Tracker], None]) -> None:

@@ -35,12 +35,7 @@ from dscl.backbones.open_clip import open_clip_input_settings
 from dscl.backbones.spec import BackboneSpec
 from dscl.backbones.timm import timm_input_settings
 from dscl.backbones.weights import WEIGHT_SUFFIXES, describe_layout, locate_weights, read_weights_file, strip_wrappers
-from dscl.errors import CheckpointError
-
-
-def _first(keys: list[str], n: int = 5) -> str:
-    more = f" (+{len(keys) - n} more)" if len(keys) > n else ""
-    return ", ".join(keys[:n]) + more
+from dscl.errors import CheckpointError, listed
 
 
 def _looks_like_path(source: str) -> bool:
@@ -82,11 +77,11 @@ def load_pretrained(backbone: Backbone, spec: BackboneSpec, source: str | Path) 
                   for k, v in state.items() if k in expected and v.shape != expected[k].shape]
     problems = []
     if missing:
-        problems.append(f"missing keys: {_first(missing)}")
+        problems.append(f"missing keys: {listed(missing, 5)}")
     if unexpected:
-        problems.append(f"unexpected keys: {_first(unexpected)}")
+        problems.append(f"unexpected keys: {listed(unexpected, 5)}")
     if mismatched:
-        problems.append(f"shape mismatches: {_first(mismatched, 3)}")
+        problems.append(f"shape mismatches: {listed(mismatched, 3)}")
     if problems:
         raise CheckpointError(f"pretrained weights {where} do not fit backbone {spec.qualified_name}; "
                               + "; ".join(problems) + f"; the file looks like {describe_layout(list(raw))}")
