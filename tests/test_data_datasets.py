@@ -15,7 +15,7 @@ from PIL import Image
 
 from conftest import needs_fmnist as needs_any_fmnist
 from conftest import write_tiny_fmnist
-from dscl.config import DataConfig, load_config
+from dscl.config import ConfigError, DataConfig, load_config
 from dscl.data import (
     DataError,
     LTDataset,
@@ -105,6 +105,34 @@ def test_real_fmnist_lt_counts(monkeypatch):
     assert summary["val_counts"] == [200] * 10 and summary["val_train_overlap"] == 0
     assert check_images(splits.train) == []
     assert build_datasets(DataConfig()).train.targets == splits.train.targets  # deterministic
+
+
+@needs_fmnist
+def test_data_classes_keeps_and_relabels_a_subset_of_the_source_classes(monkeypatch):
+    monkeypatch.delenv("DSCL_DATA", raising=False)
+    full = build_datasets(DataConfig(imbalance_factor=1, n_max=6000, val_per_class=0))
+    splits = build_datasets(DataConfig(classes=(9, 5, 7), imbalance_factor=10, n_max=300))
+    assert splits.num_classes == 3 and splits.class_names == ["Ankle boot", "Sandal", "Sneaker"]
+    assert splits.train_counts == splits.train.class_counts() == long_tailed_counts(3, 300, 10) == [300, 94, 30]
+    assert splits.test.class_counts() == [1000] * 3 and splits.val.class_counts() == [200] * 3
+    # every kept image is an image of its source class: compare with the unfiltered set's images of that class
+    source = {c: {full.train.load(i).numpy().tobytes() for i in range(len(full.train)) if full.train.targets[i] == c}
+              for c in (9, 5, 7)}
+    for i in range(0, len(splits.train), 25):
+        assert splits.train.load(i).numpy().tobytes() in source[(9, 5, 7)[splits.train.targets[i]]]
+    train_ids = {splits.train._index[i] for i in range(len(splits.train))}
+    assert not train_ids & {splits.val._index[i] for i in range(len(splits.val))}
+    with pytest.raises(DataError, match=r"data.classes lists 10, but the source has 10 classes \(ids 0-9\)"):
+        build_datasets(DataConfig(classes=(3, 10)))
+
+
+def test_data_classes_bad_values_are_config_errors():
+    for bad, needle in [("[3]", "at least two different"), ("[1, 1]", "at least two different"),
+                        ("[-1, 2]", "at least two different")]:
+        with pytest.raises(ConfigError, match=needle):
+            load_config("smoke", overrides=[f"data.classes={bad}"])
+    with pytest.raises(ConfigError, match="data.classes picks classes of a generated long-tailed set"):
+        load_config("smoke", overrides=["data.classes=[1, 2]", "data.dataset=folder"])
 
 
 @needs_fmnist

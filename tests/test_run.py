@@ -321,7 +321,7 @@ def test_stage1_state_round_trip_and_summary_without_the_checkpoint(tmp_path, mo
     path = run.save_stage1(tmp_path, state)
     assert path == tmp_path / "checkpoints" / "last.pt"
     raw = load_checkpoint(path)
-    assert raw["version"] == run.CHECKPOINT_VERSION == 3 and raw["stage"] == "pretrain"
+    assert raw["version"] == run.CHECKPOINT_VERSION == 4 and raw["stage"] == "pretrain"
     assert raw["facts"]["backbone"] == "convnet"  # the name lives in the facts, never next to weights
     _same_state(run.load_stage1(tmp_path), state)
     assert run.load_stage1(tmp_path).backbone_weights().keys() == {"w"}

@@ -22,9 +22,9 @@ from dscl.config import Config
 from dscl.data import ClassBalancedSampler, DatasetSplits, LTDataset, build_datasets
 from dscl.data.views import classifier_transform_for, eval_transform_for
 from dscl.errors import DivergedError
-from dscl.features import extract_features, frozen_backbone, recompute_bn
+from dscl.features import extract_features, recompute_bn
 from dscl.metrics import class_means
-from dscl.model import backbone_spec, recorded_spec
+from dscl.model import backbone_spec, recorded_spec, stage1_backbone
 from dscl.rng import seed_everything
 from dscl.run import (
     CLASSIFIER_FILE,
@@ -241,7 +241,7 @@ def _classify(run_dir: Path, cfg: Config | None, device: str, progress: bool,
     stage1 = load_finished_stage1(run_dir)
     check_compatible(stage1, cfg, splits.num_classes, run_dir / STAGE1_FILE)
     spec = recorded_spec(stage1.spec, cfg, splits.mean, splits.std)
-    backbone = frozen_backbone(spec, stage1.backbone_weights(), run_dir / STAGE1_FILE).to(dev)
+    backbone = stage1_backbone(cfg, spec, stage1, run_dir / STAGE1_FILE).to(dev)  # LoRA merged, base re-loaded
     del stage1
     backbone.to(memory_format=torch.channels_last)
     cc = cfg.classifier

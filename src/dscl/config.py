@@ -90,6 +90,10 @@ class DataConfig:
     # Seed choosing which images form the LT subset (0 = the IMBALANCECIFAR convention); numpy
     # RandomState's seed range.
     subset_seed: int = in_range(0, 0, 2**32 - 1)
+    # Generated LT sets: keep only these classes of the source dataset, relabelled 0, 1, ... in the order
+    # given (the first is the head of the long-tailed profile); the test set and the held-out validation
+    # split keep the same classes. None = every class. E.g. [5, 6, 7, 8, 9]: Fashion-MNIST's last five.
+    classes: tuple[int, ...] | None = None
     # Split-file datasets: list files (OLTR txt or BBN json); relative paths resolve against list_dir.
     train_list: str | None = None
     val_list: str | None = None
@@ -163,6 +167,18 @@ class ModelConfig:
     # torchvision, timm, open_clip, MoCo / official DSCL or dscl layout, or a hub name timm / open_clip
     # resolve (hf-hub:ORG/NAME; open_clip's tags such as openai)
     pretrained: str | None = None
+    # what of the backbone stage 1 trains (README "Fine-tuning a pretrained backbone"): full = every
+    # parameter (the paper); lora = low-rank adapters (peft: pip install 'dscl-lt[lora]') on the layers
+    # model.lora_targets names, the base frozen; last:K = the last K blocks and the final norm; frozen =
+    # nothing (a linear probe through the same pipeline). The projection head always trains; every mode
+    # but full needs model.pretrained.
+    finetune: str = "full"
+    lora_rank: int = in_range(8, 1)  # r of each adapter
+    lora_alpha: float = in_range(16.0, 0, open_low=True)  # the adapter's update is scaled by alpha / r
+    lora_dropout: float = in_range(0.0, 0, 1, open_high=True)  # dropout on the adapter's input
+    # the layers that get adapters, a regular expression peft full-matches against the module names of the
+    # backbone's weights (e.g. 'blocks\.\d+\.attn\.qkv'); empty = the family's default (README)
+    lora_targets: str | None = None
     zero_init_residual: bool = True  # built-ins only (timm models take their own arguments)
     dim: int = in_range(128, 1)  # embedding dimension
     queue_size: int = in_range(65536, 0)  # K
@@ -210,6 +226,12 @@ class OptimConfig:
     # also save stage 1 inside an epoch every this many minutes (0: only at epoch ends and on SIGTERM /
     # SIGUSR1); under torchrun the save happens at the next log step
     checkpoint_every_minutes: float = in_range(0.0, 0)
+    # learning rate of the backbone's trained tensors relative to the projection head's (1 = the same, the
+    # paper); e.g. 0.1 fine-tunes a pretrained backbone gently while the new head learns at the full rate
+    backbone_lr: float = in_range(1.0, 0, open_low=True)
+    # layer-wise learning-rate decay: block i of n trains at layer_decay^(n - i) times the backbone's rate
+    # (timm's grouping for timm models); 1 = off
+    layer_decay: float = in_range(1.0, 0, 1, open_low=True)
 
 
 @dataclass
@@ -692,6 +714,18 @@ def _check_backbone(model: ModelConfig) -> None:
                           f"{', '.join(unknown)}")
 
 
+def _check_finetune(cfg: Config) -> None:
+    """``model.finetune`` is full, lora, frozen or last:K (K >= 1); every mode but full starts from weights."""
+    mode = cfg.model.finetune
+    head, _, k = mode.partition(":")
+    if mode not in ("full", "lora", "frozen") and not (head == "last" and k.isdigit() and int(k) >= 1):
+        raise ConfigError(f"model.finetune={mode!r} is not a fine-tuning mode; use full (every parameter), lora "
+                          "(low-rank adapters), last:K (the last K blocks, e.g. last:2) or frozen (a linear probe)")
+    if mode != "full" and not cfg.model.pretrained:
+        raise ConfigError(f"model.finetune={mode} keeps pretrained weights, but model.pretrained is not set; give "
+                          "the weights to start from (a file or a hub name), or use model.finetune=full")
+
+
 def validate(cfg: Config) -> None:
     """Range checks that a YAML type check cannot express; every message names the key.
 
@@ -704,6 +738,14 @@ def validate(cfg: Config) -> None:
 
     _check_fields(cfg)
     _check_backbone(cfg.model)
+    _check_finetune(cfg)
+    classes = cfg.data.classes
+    need(classes is None or (len(classes) >= 2 and len(set(classes)) == len(classes)
+                             and all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in classes)),
+         f"data.classes must list at least two different class ids >= 0 (e.g. [5, 6, 7, 8, 9]), got {classes!r}")
+    need(classes is None or cfg.data.dataset in ("fmnist-lt", "cifar10-lt", "cifar100-lt"),
+         f"data.classes picks classes of a generated long-tailed set (fmnist-lt, cifar10-lt, cifar100-lt); for "
+         f"data.dataset={cfg.data.dataset}, list only the classes you want in the split files / folders")
     need(cfg.views.num_patches == 0 or cfg.views.patch_size <= cfg.data.image_size,
          f"views.patch_size ({cfg.views.patch_size}) must be <= data.image_size ({cfg.data.image_size}): "
          f"patches are cut from the image (or set views.num_patches=0)")

@@ -42,7 +42,7 @@ from dscl.dist import resolve_device
 from dscl.errors import UsageError
 from dscl.features import frozen_backbone
 from dscl.metrics import logit_adjust, ncm_logits, tau_norm_logits
-from dscl.model import recorded_spec
+from dscl.model import recorded_spec, stage1_backbone
 from dscl.run import (
     CLASSIFIER_FILE,
     STAGE1_FILE,
@@ -410,7 +410,7 @@ def load_run(run_dir: str | Path, *, device: str | torch.device = "cpu", cfg: Co
         check_same_network(stage1.spec, stage1.facts.backbone, cfg, source)
         meta = run_meta(stage1.data, cfg, source)
         spec = recorded_spec(stage1.spec, cfg, meta.mean, meta.std)
-        backbone = frozen_backbone(spec, stage1.backbone_weights(), source)
+        backbone = stage1_backbone(cfg, spec, stage1, source)
     else:
         raise RunDirError(f"{cls_path} does not exist: the run has no classifier yet; run stage 2 first "
                           f"(dscl classify --run {run_dir})")

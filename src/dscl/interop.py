@@ -256,6 +256,11 @@ def _map_dscl(obj: Mapping[str, Any]) -> _Mapped:
         m.notes.append("a dscl classifier.pt: backbone and classifier imported, no projection head "
                        "(freshly initialised)")
         return m
+    if state.base is not None:
+        raise CheckpointError(
+            f"this stage-1 checkpoint holds only the tensors its model.finetune={state.base.get('finetune')} run "
+            f"trained (the frozen base came from {state.base.get('source')}); import that run's "
+            "checkpoints/classifier.pt, which holds the merged backbone")
     model = dict(state.model)
     m = _Mapped(backbone=_split_prefix(model, "online.backbone."), head=_split_prefix(model, "online.head.") or None,
                 momentum=_split_prefix(model, "momentum.") or None, queue=_split_prefix(model, "queue.") or None)
@@ -321,7 +326,8 @@ def _check_part(what: str, given: Mapping[str, Tensor], expected: Mapping[str, T
 
 
 def _plain_model(cfg: Config, queue_size: int, spec: BackboneSpec) -> DSCLModel:
-    # the run's model with a deterministic fresh init (model.pretrained is not loaded: the checkpoint replaces it)
+    # the run's model with a deterministic fresh init (model.pretrained is not loaded: the checkpoint replaces it);
+    # an import holds every tensor, as a model.finetune=full run does (the imported run's config says so)
     seed_everything(cfg.optim.seed)
     return DSCLModel(build_encoder(cfg, spec, pretrained=False), queue_size=queue_size)
 
@@ -353,6 +359,7 @@ def import_checkpoint(path: str | Path, cfg: Config, out: str | Path, *, fmt: st
     # resumable=False: dscl import has no --resume to suggest
     out = prepare_run_dir(out, resume=False, overwrite=overwrite, check_only=True, resumable=False)
     obj = None if is_weights_source(source) else read_external(Path(source))
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, finetune="full"))  # imports train nothing
     fmt = import_format(obj, fmt, cfg)
     mapped = None if fmt == "pretrained" else _read_mapped(obj, fmt, Path(source))[1]
 

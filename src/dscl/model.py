@@ -8,17 +8,20 @@ from __future__ import annotations
 
 import copy
 import functools
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dscl.adapters import FinetunePlan, apply_finetune, base_digest, merge_lora
 from dscl.backbones import Backbone, BackboneSpec, build_backbone_from_spec, network_spec, spec_from_config
 from dscl.config import Config, ConfigError, uses_pbsd
 from dscl.data.preprocess import input_mode
+from dscl.errors import CheckpointError
 from dscl.patches import ALIGNED_DEFAULT, pool_boxes
 from dscl.queue import LabeledQueue
 
@@ -84,6 +87,16 @@ class Encoder(nn.Module):
         self.backbone = backbone
         self.head = nn.Sequential(nn.Linear(c, c), nn.ReLU(inplace=True), nn.Linear(c, dim))
         self.dim = dim
+        #: backbone submodules kept in eval mode while training (frozen parts of a partial fine-tune,
+        #: :func:`dscl.adapters.apply_finetune`); empty for ``full``
+        self.held_eval: tuple[str, ...] = ()
+        self.finetune_plan: FinetunePlan | None = None
+
+    def train(self, mode: bool = True) -> Encoder:
+        super().train(mode)
+        for name in self.held_eval:
+            self.backbone.get_submodule(name).eval()
+        return self
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """``(B, 3, h, w)`` -> ``(z (B, dim) L2-normalised, fmap (B, C, H, W))``.
@@ -128,7 +141,9 @@ class DSCLModel(nn.Module):
         self.patch_bn = patch_bn
         self.roi_aligned = bool(roi_aligned)
         self.online = encoder
-        self.momentum = copy.deepcopy(encoder)
+        # frozen tensors (a partial fine-tune's base) are the same storage in both encoders: one copy in memory
+        shared = {id(p): p for p in encoder.parameters() if not p.requires_grad}
+        self.momentum = copy.deepcopy(encoder, memo=shared)
         for p in self.momentum.parameters():
             p.requires_grad_(False)
         self.queue = LabeledQueue(queue_size, encoder.dim)
@@ -187,8 +202,10 @@ class DSCLModel(nn.Module):
 def momentum_update(online: nn.Module, momentum: nn.Module, m: float) -> None:
     """EMA of the parameters: theta_k <- m * theta_k + (1 - m) * theta_q (METHOD.md A.3, G 17).
 
-    Only parameters are averaged. Buffers (BatchNorm running statistics) of the momentum encoder are
-    its own, accumulated from its own forwards on the key views, as in MoCo; they are not copied.
+    Only parameters are averaged, and only those ``online`` trains (``requires_grad``): the frozen part of
+    a partial fine-tune is never changed (and is one storage with the online encoder's). Buffers
+    (BatchNorm running statistics) of the momentum encoder are its own, accumulated from its own forwards
+    on the key views, as in MoCo; they are not copied.
 
     Args:
         online: the trained module (theta_q).
@@ -197,12 +214,14 @@ def momentum_update(online: nn.Module, momentum: nn.Module, m: float) -> None:
     """
     if not 0.0 <= m <= 1.0:
         raise ValueError(f"momentum m must be in [0, 1], got {m}")
-    q: list[Tensor] = list(online.parameters())
-    k: list[Tensor] = list(momentum.parameters())
-    if len(q) != len(k):
-        raise ValueError(f"online has {len(q)} parameter tensors but momentum has {len(k)}")
+    pairs = list(zip(online.parameters(), momentum.parameters(), strict=False))
+    n_q, n_k = sum(1 for _ in online.parameters()), sum(1 for _ in momentum.parameters())
+    if n_q != n_k:
+        raise ValueError(f"online has {n_q} parameter tensors but momentum has {n_k}")
     if m == 1.0:
         return
+    q: list[Tensor] = [a for a, _ in pairs if a.requires_grad]
+    k: list[Tensor] = [b for a, b in pairs if a.requires_grad]
     torch._foreach_mul_(k, m)
     torch._foreach_add_(k, q, alpha=1.0 - m)
 
@@ -227,14 +246,20 @@ def build_encoder(cfg: Config, spec: BackboneSpec | None = None, *, pretrained: 
     """The stage-1 online encoder: the backbone of ``spec`` (default: the config's architecture,
     :func:`~dscl.backbones.network_spec`) with a head of ``cfg.model.dim``.
 
-    ``pretrained``: load ``model.pretrained`` (stage 1's start); False when the weights come from a
-    checkpoint. A ViT's ``data.image_size`` and ``views.patch_size`` must be multiples of its patch size
+    ``pretrained``: load ``model.pretrained`` (stage 1's start, and the frozen base a partial fine-tune's
+    checkpoint is loaded over); False when every weight comes from a checkpoint. ``model.finetune`` is
+    applied (:func:`dscl.adapters.apply_finetune`: LoRA adapters, frozen parts held in eval). A ViT's
+    ``data.image_size`` and ``views.patch_size`` must be multiples of its patch size
     (:func:`check_patch_grid`).
     """
     spec = spec if spec is not None else network_spec(cfg.model)
     backbone = build_backbone_from_spec(spec, cfg.model.pretrained if pretrained else None)
     check_patch_grid(backbone, cfg)
-    return Encoder(backbone, dim=cfg.model.dim)
+    plan = apply_finetune(backbone, cfg.model)  # model.finetune: what trains (full: everything, untouched)
+    encoder = Encoder(backbone, dim=cfg.model.dim)
+    encoder.held_eval = tuple(plan.held_eval)
+    encoder.finetune_plan = plan
+    return encoder
 
 
 def check_patch_grid(backbone: Backbone, cfg: Config) -> None:
@@ -266,3 +291,87 @@ def recorded_spec(stored: BackboneSpec | None, cfg: Config, mean: Sequence[float
     """The spec a checkpoint stored, or for a checkpoint written before specs were (versions 1-2: always a
     built-in with the dataset's normalisation) the spec its config and data describe."""
     return stored if stored is not None else backbone_spec(cfg, mean, std)
+
+
+# ----------------------------------------------------------------------------------------------
+# partial fine-tunes: what a checkpoint holds, and the base it was trained on
+
+
+def frozen_keys(model: nn.Module) -> set[str]:
+    """State-dict keys of the frozen parameters of a partial fine-tune (both encoders of a DSCLModel, or
+    one Encoder); empty for ``model.finetune=full`` (a checkpoint then holds every tensor)."""
+    encoders = ([("online.", model.online), ("momentum.", model.momentum)] if isinstance(model, DSCLModel)
+                else [("", model)])
+    keys: set[str] = set()
+    for prefix, enc in encoders:
+        plan = getattr(enc, "finetune_plan", None)
+        if plan is not None and plan.finetune.partial:
+            keys.update(f"{prefix}backbone.{n}" for n in plan.frozen)
+    return keys
+
+
+def base_record(cfg: Config, encoder: Encoder) -> dict[str, object] | None:
+    """Where the frozen base of a partial fine-tune came from: ``{finetune, source, sha256, tensors}``
+    (stored in stage-1 checkpoints, checked when they are read); None for ``full``."""
+    plan = encoder.finetune_plan
+    if plan is None or not plan.finetune.partial:
+        return None
+    params = dict(encoder.backbone.named_parameters())
+    frozen = {n: params[n] for n in plan.frozen}
+    return {"finetune": cfg.model.finetune, "source": str(cfg.model.pretrained), "sha256": base_digest(frozen),
+            "tensors": len(frozen)}
+
+
+def trained_state(model: nn.Module) -> dict[str, Tensor]:
+    """``model.state_dict()`` without the frozen base (:func:`frozen_keys`): what a checkpoint stores."""
+    skip = frozen_keys(model)
+    return {k: v for k, v in model.state_dict().items() if k not in skip}
+
+
+def load_trained(model: nn.Module, state: Mapping[str, Tensor], *, stored: Mapping[str, object] | None,
+                 built: Mapping[str, object] | None, where: Path | str) -> None:
+    """Load a checkpoint's ``state`` into ``model``: every tensor (``full``), or the trained tensors over the
+    freshly loaded base, after checking that base is the one the checkpoint was trained on.
+
+    Args:
+        stored: the checkpoint's base record (:func:`base_record`), None for ``full``.
+        built: the base record of ``model`` as built now.
+        where: the checkpoint, for messages.
+
+    Raises:
+        CheckpointError: the base changed or is missing, or the tensors do not fit.
+    """
+    if (stored is None) != (built is None):
+        have = f"model.finetune={stored['finetune']}" if stored is not None else "model.finetune=full"
+        raise CheckpointError(f"{where} was trained with {have}, which the model built now does not match; "
+                              "train with the checkpoint's own model.finetune")
+    if stored is not None and built is not None and stored.get("sha256") != built.get("sha256"):
+        raise CheckpointError(
+            f"{where} was trained on top of frozen weights from {stored.get('source')} (sha256 "
+            f"{str(stored.get('sha256'))[:12]}...), but model.pretrained={built.get('source')} now gives other weights "
+            f"(sha256 {str(built.get('sha256'))[:12]}...); the checkpoint holds only the trained tensors, so point "
+            "model.pretrained at the original weights file (or hub name) again")
+    try:
+        missing, unexpected = model.load_state_dict(dict(state), strict=stored is None)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()
+        raise CheckpointError(f"{where} does not fit the model: {' '.join(x.strip() for x in first[:3])}") from exc
+    if stored is not None and (unexpected or set(missing) != frozen_keys(model)):
+        extra = sorted(set(missing) - frozen_keys(model))[:3] + sorted(unexpected)[:3]
+        raise CheckpointError(f"{where} does not fit the model: {', '.join(extra) or 'frozen tensors stored'}")
+
+
+def stage1_backbone(cfg: Config, spec: BackboneSpec, state: Any, where: Path) -> Backbone:
+    """The trained online backbone of a stage-1 checkpoint ``state`` (a :class:`dscl.run.Stage1State`), as
+    plain weights: the stored backbone (``full``), or for a partial fine-tune the frozen base loaded again
+    from ``model.pretrained`` (checked against the checkpoint's hash), the trained tensors over it and any
+    LoRA adapter merged in. What stage 2, inference and every export see either way.
+    """
+    from dscl.features import frozen_backbone  # features imports this module's neighbours (data, runtime)
+
+    if state.base is None:
+        return frozen_backbone(spec, state.backbone_weights(), where)
+    encoder = build_encoder(cfg, spec, pretrained=True)
+    online = {k[len("online."):]: v for k, v in state.model.items() if k.startswith("online.")}
+    load_trained(encoder, online, stored=state.base, built=base_record(cfg, encoder), where=where)
+    return merge_lora(encoder.backbone)  # type: ignore[return-value]

@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from dscl import dist
+from dscl.adapters import lr_scales
 from dscl.backbones import BackboneSpec
 from dscl.config import Config, ConfigError, LossConfig, ViewConfig, dump_config, method_name, uses_pbsd
 from dscl.data import DatasetSplits, DSCLTransform, LTDataset, build_datasets, check_files_before_training
@@ -31,7 +32,16 @@ from dscl.data.batched_views import BatchedDSCLTransform, CanvasTransform, augme
 from dscl.errors import DivergedError
 from dscl.io import format_duration
 from dscl.losses import dscl_loss, pbsd_loss, supcon_loss
-from dscl.model import DSCLModel, backbone_spec, build_model, momentum_update
+from dscl.model import (
+    DSCLModel,
+    Encoder,
+    backbone_spec,
+    base_record,
+    build_model,
+    load_trained,
+    momentum_update,
+    trained_state,
+)
 from dscl.rng import derived_seed, rng_state, seed_everything, set_rng_state
 from dscl.run import (
     STAGE1_FILE,
@@ -154,7 +164,7 @@ def _optimise(loss: torch.Tensor, optimizer: torch.optim.Optimizer, lr: float,
     """Backward, gradients averaged over ranks, optimiser step at ``lr``. With ``scaler`` (fp16) returns
     a 0-dim bool device tensor, True when the scaler skipped the step; else None."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
     optimizer.zero_grad(set_to_none=True)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     if scaler is None:
@@ -385,6 +395,7 @@ class Stage1:
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler | None  # fp16 only
     base_lr: float  # optim.base_lr x global batch / 256
+    base: dict[str, Any] | None = None  # the frozen base of a partial fine-tune (dscl.model.base_record)
 
     @functools.cached_property
     def train_fingerprint(self) -> str:
@@ -453,12 +464,31 @@ def setup_stage1(cfg: Config, out: Path, dev: torch.device, dtype: torch.dtype |
     if cfg.model.channels_last:
         model.to(memory_format=torch.channels_last)
     dist.broadcast_module(model)
-    params = list(model.online.parameters()) + (list(ce_head.parameters()) if ce_head is not None else [])
-    optimizer = torch.optim.SGD(params, lr=0.0, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay)
+    optimizer = torch.optim.SGD(param_groups(cfg, model.online, ce_head), lr=0.0, momentum=cfg.optim.momentum,
+                                weight_decay=cfg.optim.weight_decay)
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
     base_lr = cfg.optim.base_lr * cfg.optim.batch_size / 256  # linear scaling by the global batch
     return Stage1(cfg, out, dev, dtype, splits, spec, train, augment, sampler, loader, len(loader), model, ce_head,
-                  optimizer, scaler, base_lr)
+                  optimizer, scaler, base_lr, base_record(cfg, model.online))
+
+
+def param_groups(cfg: Config, online: Encoder, ce_head: nn.Module | None) -> list[Any]:
+    """What the optimiser trains: the online encoder's trainable tensors (all of them for ``full``, the
+    adapters / last blocks otherwise) and the CE head. One plain list when every tensor learns at the same
+    rate (the paper); otherwise groups carrying an ``lr_scale`` (``optim.backbone_lr`` x the layer-wise decay
+    of ``optim.layer_decay``, :func:`dscl.adapters.lr_scales`), the head at scale 1."""
+    head = list(ce_head.parameters()) if ce_head is not None else []
+    trained = [(n, p) for n, p in online.named_parameters() if p.requires_grad]
+    if cfg.optim.backbone_lr == 1.0 and cfg.optim.layer_decay == 1.0:
+        return [p for _, p in trained] + head
+    names = [n[len("backbone."):] for n, _ in trained if n.startswith("backbone.")]
+    scales = lr_scales(online.backbone, names, backbone_lr=cfg.optim.backbone_lr, layer_decay=cfg.optim.layer_decay)
+    groups: dict[float, list[nn.Parameter]] = {}
+    for n, p in trained:
+        groups.setdefault(scales.get(n[len("backbone."):], 1.0) if n.startswith("backbone.") else 1.0, []).append(p)
+    if head:
+        groups.setdefault(1.0, []).extend(head)
+    return [{"params": ps, "lr_scale": scale} for scale, ps in groups.items()]
 
 
 def restore_stage1(run: Stage1, state: Stage1State) -> None:
@@ -467,7 +497,7 @@ def restore_stage1(run: Stage1, state: Stage1State) -> None:
     check_compatible(state, run.cfg, run.splits.num_classes, run.out / STAGE1_FILE)
     check_same_inputs(state.spec, run.spec, run.out / STAGE1_FILE)
     _check_world(state, run.steps_per_epoch)
-    run.model.load_state_dict(state.model)
+    load_trained(run.model, state.model, stored=state.base, built=run.base, where=run.out / STAGE1_FILE)
     if run.ce_head is not None and state.ce_head is not None:
         run.ce_head.load_state_dict(state.ce_head)
     if state.optimizer is not None:
@@ -510,7 +540,8 @@ def stage1_state(run: Stage1, epoch: int, wall: float, position: int = 0,
         wall_seconds=wall, facts=facts, position=position, config=cfg.to_dict(), spec=run.spec,
         # what dscl.inference.load_run needs without the dataset (a run copied elsewhere)
         data=DataMeta.of(splits.class_names, splits.train_counts, splits.mean, splits.std),
-        model=run.model.state_dict(), ce_head=run.ce_head.state_dict() if run.ce_head is not None else None,
+        model=trained_state(run.model), base=run.base,
+        ce_head=run.ce_head.state_dict() if run.ce_head is not None else None,
         optimizer=run.optimizer.state_dict(), scaler=run.scaler.state_dict() if run.scaler else None,
         rng=rngs, view_rng=view_rngs, **(extra or {}))
 

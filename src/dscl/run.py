@@ -42,7 +42,7 @@ from dscl.io import atomic_write, write_json, write_text
 from dscl.runtime import say
 from dscl.trackers import TRACKER_FILES, close_run, forward
 
-CHECKPOINT_VERSION = 3
+CHECKPOINT_VERSION = 4
 STAGE1_FILE = Path("checkpoints") / "last.pt"
 SUMMARY_FILE = Path("checkpoints") / "last.json"
 CLASSIFIER_FILE = Path("checkpoints") / "classifier.pt"
@@ -57,8 +57,8 @@ STARTUP_FILES = ("config.yaml", "metrics.jsonl", "checkpoints")
 #: Config keys a resumed run may change: none of them changes what stage 1 optimises (``section.*`` =
 #: every key of the section; stage 2 and evaluation have not run yet or are run again).
 RESUMABLE_KEYS = ("optim.epochs", "optim.log_every", "optim.deterministic", "optim.checkpoint_every_minutes",
-                  "data.num_workers", "data.data_root", "data.list_dir", "data.check_files", "model.channels_last",
-                  "views.augment_on", "classifier.*", "eval.*", "log.*")
+                  "model.pretrained", "data.num_workers", "data.data_root", "data.list_dir", "data.check_files",
+                  "model.channels_last", "views.augment_on", "classifier.*", "eval.*", "log.*")
 
 
 class RunDirError(DsclError, ValueError):
@@ -697,12 +697,15 @@ class Stage1Summary:
     #: the spec the backbone was built from (architecture and input settings); None for checkpoint
     #: versions 1-2 (:func:`dscl.model.recorded_spec`)
     spec: BackboneSpec | None = None
+    #: a partial fine-tune (model.finetune lora / last:K / frozen): where the frozen base came from and its
+    #: hash (:func:`dscl.model.base_record`); ``model`` then holds only the trained tensors. None: every tensor.
+    base: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"stage": "pretrain", "epoch": self.epoch, "epochs": self.epochs, "finished": self.finished,
                 "wall_seconds": self.wall_seconds, "facts": self.facts.to_dict(),
                 "data": self.data.to_dict() if self.data is not None else None, "position": self.position,
-                "config": self.config, "spec": _spec_dict(self.spec)}
+                "config": self.config, "spec": _spec_dict(self.spec), "base": self.base}
 
     @staticmethod
     def _common(d: Mapping[str, Any]) -> dict[str, Any]:
@@ -714,7 +717,7 @@ class Stage1Summary:
                 "wall_seconds": float(d.get("wall_seconds") or 0.0), "facts": facts, "data": data,
                 "position": int(d.get("position") or 0),
                 "config": dict(d["config"]) if isinstance(d.get("config"), Mapping) else None,
-                "spec": _spec_of(d.get("spec"))}
+                "spec": _spec_of(d.get("spec")), "base": dict(d["base"]) if d.get("base") else None}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Stage1Summary:

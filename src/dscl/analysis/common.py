@@ -11,9 +11,9 @@ from dscl.data import DatasetSplits, build_datasets
 from dscl.errors import DsclError
 from dscl.inference import Predictor, load_run
 from dscl.metrics import shot_groups
-from dscl.model import DSCLModel, build_encoder, recorded_spec
+from dscl.model import DSCLModel, base_record, build_encoder, load_trained, recorded_spec
 from dscl.rng import seed_everything
-from dscl.run import RunDirError, Stage1State, load_finished_stage1, load_run_config
+from dscl.run import STAGE1_FILE, RunDirError, Stage1State, load_finished_stage1, load_run_config
 
 
 class AnalysisError(DsclError, ValueError):
@@ -66,8 +66,9 @@ def stage1_model(art: RunArtifacts, *, initial: bool = False) -> DSCLModel:
     if initial:
         seed_everything(cfg.optim.seed)
     stored = art.stage1.spec if art.stage1 is not None else None  # None: the config's (built-in) architecture
-    model = DSCLModel(build_encoder(cfg, stored, pretrained=initial), queue_size=cfg.model.queue_size,
-                      patch_bn=cfg.model.patch_bn, roi_aligned=cfg.model.roi_aligned)
+    base = art.stage1.base if art.stage1 is not None else None  # a partial fine-tune's checkpoint: load its base
+    model = DSCLModel(build_encoder(cfg, stored, pretrained=initial or base is not None),
+                      queue_size=cfg.model.queue_size, patch_bn=cfg.model.patch_bn, roi_aligned=cfg.model.roi_aligned)
     if not initial:
         if cfg.loss.loss == "ce":
             raise AnalysisError(
@@ -80,7 +81,8 @@ def stage1_model(art: RunArtifacts, *, initial: bool = False) -> DSCLModel:
                 f"{art.run_dir} was imported from {imported.get('from')} ({imported.get('format')} format), which has "
                 "no projection head; this analysis needs the stage-1 head (import an official stage-1 checkpoint)"
             )
-        model.load_state_dict(art.stage1.model)
+        load_trained(model, art.stage1.model, stored=base, built=base_record(cfg, model.online),
+                     where=art.run_dir / STAGE1_FILE)
     return model.eval()
 
 

@@ -108,7 +108,28 @@ def build_datasets(cfg: DataConfig, *, seed: int = 0) -> DatasetSplits:
     return splits
 
 
+def _keep_classes(classes: tuple[int, ...], x_train, y_train, x_test, y_test, names: list[str]):
+    """``data.classes``: only those classes of the source set, relabelled 0, 1, ... in the order given."""
+    outside = [c for c in classes if c >= len(names)]
+    if outside:
+        raise DataError(f"data.classes lists {', '.join(map(str, outside))}, but the source has {len(names)} classes "
+                        f"(ids 0-{len(names) - 1})")
+    relabel = np.full(len(names), -1, dtype=np.int64)
+    relabel[list(classes)] = np.arange(len(classes))
+
+    def pick(x, y):
+        y = np.asarray(y)
+        keep = relabel[y] >= 0
+        return x[keep], relabel[y[keep]]
+
+    (x_train, y_train), (x_test, y_test) = pick(x_train, y_train), pick(x_test, y_test)
+    return x_train, y_train, x_test, y_test, [names[c] for c in classes]
+
+
 def _generated(cfg: DataConfig, x_train, y_train, x_test, y_test, names, source: str) -> DatasetSplits:
+    if cfg.classes is not None:
+        x_train, y_train, x_test, y_test, names = _keep_classes(tuple(cfg.classes), x_train, y_train, x_test, y_test,
+                                                                list(names))
     num_classes = len(names)
     n_max = cfg.n_max if cfg.n_max is not None else DEFAULT_N_MAX[cfg.dataset]
     counts = long_tailed_counts(num_classes, n_max, cfg.imbalance_factor, cfg.profile)
