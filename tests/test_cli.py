@@ -150,7 +150,9 @@ def test_presets_lists_names_with_descriptions(capsys):
     from dscl.config import preset_names
 
     assert main(["presets"]) == 0
-    rows = dict(line.split(None, 1) for line in capsys.readouterr().out.splitlines())
+    lines = capsys.readouterr().out.splitlines()
+    # a preset's row starts with its name; its weights and memory estimate follow, indented
+    rows = dict(line.split(None, 1) for line in lines if line[:1].strip() and line.split()[0] in preset_names())
     assert sorted(rows) == preset_names()
     assert rows["smoke"].startswith("Seconds on a CPU") and rows["imagenet-lt"].startswith("ImageNet-LT")
     assert all(len(d) > 20 and d.endswith(".") for d in rows.values())

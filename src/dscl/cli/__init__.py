@@ -58,12 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_presets(args: argparse.Namespace) -> int:
-    from dscl.config import preset_description, preset_names
+    """Each preset's name and description, then (indented) the weights it starts from and an estimate of its
+    stage-1 model state (dscl/presets_info.py)."""
+    from dscl.presets_info import presets_listing
 
-    names = preset_names()
-    width = max(len(n) for n in names)
-    for name in names:
-        print(f"{name:<{width}}  {preset_description(name)}")
+    print(presets_listing())
     return EXIT_OK
 
 
