@@ -53,12 +53,13 @@ ArrayLike = np.ndarray | torch.Tensor | Sequence[float] | Sequence[int]
 # --------------------------------------------------------------------------------------------------
 
 
-def as_numpy(x: Any, name: str) -> np.ndarray:
-    """Return ``x`` as a numpy array (torch tensors are detached and moved to the CPU)."""
+def as_numpy(x: Any, name: str, *, keep_float64: bool = False) -> np.ndarray:
+    """Return ``x`` as a numpy array (torch tensors are detached and moved to the CPU; float tensors become
+    float32, float64 ones stay float64 with ``keep_float64``)."""
     if isinstance(x, torch.Tensor):
         x = x.detach().cpu()
         # bfloat16/float16 have no (or a lossy) numpy counterpart: widen before converting.
-        if x.is_floating_point():
+        if x.is_floating_point() and not (keep_float64 and x.dtype == torch.float64):
             x = x.float()
         return x.numpy()
     try:
