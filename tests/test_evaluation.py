@@ -14,13 +14,15 @@ from dscl.config import load_config
 from dscl.data import DataError
 from dscl.evaluation import chance_warning, check_run_matches_data, labelled_data, score
 from dscl.metrics import summarize
+from dscl.report import variant_row
 
 NAMES = ["dog", "cat", "eel"]  # the run's class order (not alphabetical)
 
 
 def _predictor(**kw) -> SimpleNamespace:
     values = {"run_dir": Path("runs/r"), "source": "runs/r/checkpoints/classifier.pt", "class_names": list(NAMES),
-              "num_classes": 3, "train_counts": [120, 30, 5]}
+              "num_classes": 3, "train_counts": [120, 30, 5], "temperature": None,
+              "temperature_note": lambda: "no temperature"}
     values.update(kw)
     return SimpleNamespace(**values)
 
@@ -67,14 +69,19 @@ def test_score_gives_the_plain_row_and_one_row_per_post_hoc_variant():
     assert torch.equal(logits, outputs["plain"])
     expected = summarize(outputs["plain"], labels, [120, 30, 5], class_names=NAMES,
                          many_threshold=cfg.eval.many_threshold, few_threshold=cfg.eval.few_threshold)
+    calibration = summary.pop("calibration")  # issue 31: the plain classifier's calibration rides along
     assert summary == expected
+    assert calibration["ece"] is not None and calibration["temperature"] is None
+    assert calibration["temperature_note"] == "no temperature"
     assert [v["method"] for v in variants] == ["+ logit adjustment (tau=0.5)", "+ tau-normalisation (tau=2)",
                                                "nearest class mean"]
     for row, variant in zip(variants, ("logit-adjust", "tau-norm", "ncm"), strict=True):
         s = summarize(outputs[variant], labels, [120, 30, 5], many_threshold=cfg.eval.many_threshold,
                       few_threshold=cfg.eval.few_threshold)
-        assert row == {"method": row["method"], **{k: s[k] for k in ("top1", "top5", "top1_macro", "many", "medium",
-                                                                      "few")}}
+        keys = ("method", "top1", "top5", "top1_macro", "many", "medium", "few")
+        assert {k: row[k] for k in keys} == {k: variant_row(row["method"], s)[k] for k in keys}  # 4 decimals
+        assert set(row["calibration"]) >= {"ece", "adaptive_ece", "classwise_ece", "nll", "brier", "overconfidence",
+                                           "underconfidence", "groups"}
     # a run without class means (an imported classifier) has no nearest-class-mean row
     calls.clear()
     _, _, variants = score(_predictor(cfg=cfg, logits_from_features=logits_from_features, class_means=None),

@@ -233,11 +233,13 @@ def test_onnx_recipe_of_a_colour_run_at_224_px() -> None:
     from dscl.interop import export_recipe
 
     p = SimpleNamespace(image_size=224, num_classes=1000, input_mode="RGB", cfg=load_config("smoke"),
-                        transform=SimpleNamespace(preprocess=Preprocess(224, (0.5,) * 3, (0.25,) * 3, grey=False)))
+                        transform=SimpleNamespace(preprocess=Preprocess(224, (0.5,) * 3, (0.25,) * 3, grey=False)),
+                        temperature=1.5)
     recipe = export_recipe(p, "onnx", "m.onnx")  # type: ignore[arg-type]
     assert "float32 (N, 3, 224, 224) = RGB pixel values / 255 (a grey image repeated on the 3 channels)" in recipe
     assert "shorter side resized to 256 px with antialiased bilinear, then the centre 224 x 224 crop" in recipe
     assert "NOT normalised" in recipe and "(N, 1000)" in recipe
+    assert "divide logits by temperature (T = 1.5" in recipe  # issue 31: exports carry T, outputs stay logits
 
 
 def _fmnist_test_pixels(p, n: int) -> torch.Tensor:

@@ -50,7 +50,9 @@ def test_build_report_keys_types_and_ranges():
     report, _ = _toy_report()
     assert set(report) >= DESIGN_KEYS
     assert set(report) == DESIGN_KEYS | {"top1_macro", "split", "selection", "variants", "train_counts",
-                                         "shot_classes_evaluated", "missing_classes", "test_agnostic"}
+                                         "shot_classes_evaluated", "missing_classes", "test_agnostic",
+                                         "worst_class", "harmonic_mean", "geometric_mean", "calibration"}
+    assert report["calibration"] is None  # no logits given (issue 31: dscl.evaluation.calibration_section)
     assert isinstance(report["dataset"], str) and isinstance(report["method"], str)
     for key in ("top1", "top5", "top1_macro", "many", "medium", "few"):
         assert isinstance(report[key], float) and 0.0 <= report[key] <= 100.0, key
@@ -64,7 +66,8 @@ def test_build_report_keys_types_and_ranges():
     assert report["seed"] == 3 and report["epochs"] == 7 and report["wall_seconds"] == 12.35
     assert report["split"] == "test"
     (var,) = report["variants"]
-    assert set(var) == {"method", "top1", "top5", "top1_macro", "many", "medium", "few"}
+    assert set(var) == {"method", "top1", "top5", "top1_macro", "many", "medium", "few", "worst_class",
+                        "harmonic_mean", "geometric_mean", "calibration"}
     json.dumps(report, allow_nan=False)  # strictly valid JSON (no NaN)
 
 

@@ -3,6 +3,8 @@
 Two protocols: ``cached`` (features of clean and augmented copies extracted once, the classifier
 trained on them) and ``official`` (the backbone runs every epoch on strongly augmented images, as the
 official code does). The epoch is selected on a validation split when there is one, never on test.
+After selection one temperature T is fitted by NLL on the validation split (temperature scaling,
+:func:`fit_classifier_temperature`) and stored in ``classifier.pt``; without a validation split none is.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +23,7 @@ from dscl import dist
 from dscl.backbones import BackboneSpec
 from dscl.config import Config
 from dscl.data import ClassBalancedSampler, DatasetSplits, LTDataset, build_datasets
-from dscl.data.views import classifier_transform_for, eval_transform_for
+from dscl.data.views import EvalTransform, classifier_transform_for, eval_transform_for
 from dscl.errors import DivergedError
 from dscl.features import extract_features, recompute_bn
 from dscl.metrics import class_means
@@ -221,6 +224,50 @@ def selection_sentence(splits: DatasetSplits, epoch: int, epochs: int, select: s
             f"({len(splits.val)} images); the test set was not used")
 
 
+def fit_classifier_temperature(backbone: nn.Module, fc: nn.Linear, splits: DatasetSplits, *,
+                               transform: EvalTransform, batch_size: int, device: torch.device, workers: int,
+                               progress: bool) -> tuple[float | None, dict[str, Any]]:
+    """Temperature scaling of the selected classifier (Guo et al. 2017): one scalar T > 0 minimising the NLL
+    of ``softmax(fc(features) / T)`` on the **validation** split (:func:`dscl.calibration.fit_temperature`),
+    never on the test set. Features are float32 from the evaluation view, as evaluation computes them, so
+    ``dscl evaluate``'s validation logits give the same T.
+
+    Args:
+        backbone: the final evaluation backbone (selected epoch, BatchNorm as saved).
+        fc: the selected linear layer on raw features (standardisation folded in).
+        splits: the run's datasets; ``splits.val`` None means no T.
+        transform: the evaluation transform of the backbone's spec.
+
+    Returns:
+        ``(T, fit record)``: the record is ``{"split": "val", "description", "n", "nll_before",
+        "nll_after", "method"}``, or ``(None, {"split": None, "reason"})`` without a validation split.
+    """
+    from dscl.calibration import TEMPERATURE_BOUNDS, fit_temperature, nll_from_logits
+
+    if splits.val is None:
+        return None, {"split": None, "reason": (
+            f"{splits.name} has no validation split to fit a temperature on (fitting it on the test set would "
+            "report an optimistic calibration); set data.val_fraction > 0 (or data.val_per_class) and re-run "
+            "dscl classify to fit one")}
+    feats, labels = extract_features(backbone, splits.val.with_transform(transform), batch_size=batch_size,
+                                     device=device, workers=workers, progress=progress,
+                                     desc="val features (temperature)")  # float32, as evaluation
+    with torch.no_grad():
+        logits = fc.cpu()(feats)
+    t = fit_temperature(logits, labels)
+    before, after = nll_from_logits(logits, labels), nll_from_logits(logits / t, labels)
+    lo, hi = TEMPERATURE_BOUNDS
+    # the NLL is unimodal in log T: a T on the search interval's edge means the best T lies beyond it
+    at_bound = bool(abs(math.log(t / lo)) < 1e-3 or abs(math.log(t / hi)) < 1e-3)
+    say(f"temperature scaling: T = {t:.4f} fitted on {splits.val_description()} ({len(labels)} images; "
+        f"NLL {before:.4f} -> {after:.4f})" + (f"; T is at the edge of the search interval [{lo:g}, {hi:g}]"
+                                               if at_bound else ""))
+    return t, {"split": "val", "description": splits.val_description(), "n": len(labels),
+               "nll_before": round(before, 6), "nll_after": round(after, 6), "at_bound": at_bound,
+               "method": f"golden-section search on log T in [{lo:g}, {hi:g}] minimising the NLL of the plain "
+                         "classifier's logits"}
+
+
 def classify(run_dir: str | Path, *, cfg: Config | None = None, device: str = "auto",
              progress: bool = True, splits: DatasetSplits | None = None) -> Path:
     """Stage 2 for a finished stage-1 run; writes ``checkpoints/classifier.pt`` and returns its path.
@@ -289,6 +336,10 @@ def _classify(run_dir: Path, cfg: Config | None, device: str, progress: bool,
                                                     spec=spec)
         train_feats, train_labels = extract_features(backbone, clean_train, batch_size=fbatch, device=dev,
                                                      workers=workers, progress=progress, desc="features")
+    # after selection, on every rank (extract_features gathers): one T for the plain classifier's logits
+    temperature, temperature_fit = fit_classifier_temperature(backbone, fc, splits, transform=eval_t,
+                                                              batch_size=fbatch, device=dev, workers=workers,
+                                                              progress=progress)
     path = run_dir / CLASSIFIER_FILE
     if dist.is_main():
         save_classifier(run_dir, ClassifierState(
@@ -300,7 +351,8 @@ def _classify(run_dir: Path, cfg: Config | None, device: str, progress: bool,
             backbone={k: v.cpu() for k, v in backbone.state_dict().items()}, fc=fc.state_dict(),
             class_means=class_means(train_feats, train_labels, splits.num_classes),
             # the z-scoring folded into fc (classifier.standardize): tau-norm works in that space
-            feature_stats=(stats[0].cpu(), stats[1].cpu()) if stats is not None else None))
+            feature_stats=(stats[0].cpu(), stats[1].cpu()) if stats is not None else None,
+            temperature=temperature, temperature_fit=temperature_fit))
     dist.barrier()
     return path
 

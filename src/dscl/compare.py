@@ -153,21 +153,32 @@ TEST_AGNOSTIC_FIELDS = {name: f"test_agnostic.{name}" for name in
                         + [f"backward-{f}" for f in sorted(TEST_AGNOSTIC_FACTORS)]}
 
 
+#: the calibration metrics (report.json "calibration"): ECEs in percent, NLL in nats, Brier 0-2, the fitted
+#: temperature and the ECE / NLL after temperature scaling (None for runs without a temperature)
+CALIBRATION_FIELDS = {**{name: f"calibration.{name}" for name in ("ece", "adaptive_ece", "classwise_ece", "mce",
+                                                                   "nll", "brier", "overconfidence",
+                                                                   "underconfidence")},
+                      **{f"ece_{g}": f"calibration.groups.{g}.ece" for g in ("many", "medium", "few")},
+                      "temperature": "calibration.temperature.temperature",
+                      "ece_temperature_scaled": "calibration.temperature.ece",
+                      "nll_temperature_scaled": "calibration.temperature.nll"}
+
+
 def _value(report: dict[str, Any], key: str) -> Any:
-    """``report[key]``, or ``report[a][b]`` for ``key = "a.b"``; None where absent (an older report)."""
-    head, _, rest = key.partition(".")
-    value = report.get(head)
-    if rest:
-        value = value.get(rest) if isinstance(value, dict) else None
+    """``report[key]``, or ``report[a][b]...`` for ``key = "a.b..."``; None where absent (an older report)."""
+    value: Any = report
+    for part in key.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
     return value
 
 
-def aggregate(reports: dict[str, list[dict[str, Any]]],
-              fields: dict[str, str] | None = None) -> dict[str, dict[str, dict[str, Any]]]:
+def aggregate(reports: dict[str, list[dict[str, Any]]], fields: dict[str, str] | None = None,
+              digits: int = 2) -> dict[str, dict[str, dict[str, Any]]]:
     """``{name: [report, ...]}`` -> ``{name: {metric: {"mean", "std", "runs"}}}`` over the reports.
 
     ``std`` is the sample standard deviation over the runs that have the metric, or None when fewer than
-    two do: one seed says nothing about the spread (a 0.0 would read as "no seed noise")."""
+    two do: one seed says nothing about the spread (a 0.0 would read as "no seed noise"). Means and
+    standard deviations are rounded to ``digits`` decimals."""
     out: dict[str, dict[str, dict[str, Any]]] = {}
     for method, runs in reports.items():
         out[method] = {}
@@ -175,8 +186,8 @@ def aggregate(reports: dict[str, list[dict[str, Any]]],
             values = [_value(r, key) for r in runs]
             present = [v for v in values if v is not None]
             out[method][metric] = {
-                "mean": round(statistics.fmean(present), 2) if present else None,
-                "std": round(statistics.stdev(present), 2) if len(present) > 1 else None,
+                "mean": round(statistics.fmean(present), digits) if present else None,
+                "std": round(statistics.stdev(present), digits) if len(present) > 1 else None,
                 "runs": values,
             }
     return out
@@ -210,13 +221,18 @@ def format_markdown(result: dict[str, Any]) -> str:
         "",
         f"Preset `{result['preset']}`; top-1 % on the test set, {over}; Many / Medium / Few = "
         f"mean per-class top-1 over classes with {_shot_text(result)} training images. Every method gets "
-        "the same stage-2 class-balanced classifier.",
+        "the same stage-2 class-balanced classifier. ECE: expected calibration error (%) of the plain "
+        "classifier's top-1 confidence, 15 equal-width bins (MiSLAS's convention; lower is better); "
+        "compare.json holds every calibration metric.",
         "",
-        "| method | All | Many | Medium | Few |",
-        "|---|---:|---:|---:|---:|",
+        "| method | All | Many | Medium | Few | ECE |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
+    calibration = result.get("calibration") or {}  # absent from a compare.json written before issue 31
     for method, metrics in result["methods"].items():
-        lines.append(f"| {method} | " + " | ".join(_cell(metrics[metric]) for metric in METRICS) + " |")
+        ece = (calibration.get(method) or {}).get("ece") or {"mean": None, "std": None, "runs": []}
+        lines.append(f"| {method} | " + " | ".join(_cell(metrics[metric]) for metric in METRICS)
+                     + f" | {_cell(ece)} |")
     if result.get("test_agnostic"):
         names = list(TEST_AGNOSTIC_FIELDS)
         lines += ["", "Top-1 % under other test label distributions (forward-long-tailed like training with "
@@ -254,6 +270,7 @@ def compare(base: Config, methods: Sequence[str], seeds: Sequence[int], out: str
         "shot_thresholds": shot_thresholds(base),
         "methods": aggregate(reports),
         "test_agnostic": aggregate(reports, TEST_AGNOSTIC_FIELDS),
+        "calibration": aggregate(reports, CALIBRATION_FIELDS, digits=4),
         "differences": differences,
         "command": command,
         # compute time of all runs (reused runs count with their original time)

@@ -21,9 +21,9 @@ from dscl import dist
 from dscl.config import method_name
 from dscl.data import DatasetSplits, LTDataset, build_datasets
 from dscl.errors import DsclError, UsageError
-from dscl.evaluation import chance_warning, check_run_matches_data
+from dscl.evaluation import calibration_section, chance_warning, check_run_matches_data
 from dscl.features import extract_features
-from dscl.inference import ENSEMBLE_FILE, Predictor, load_run
+from dscl.inference import ENSEMBLE_FILE, ENSEMBLE_TEMPERATURE_NOTE, Predictor, load_run
 from dscl.io import atomic_write
 from dscl.metrics import confusion_matrix, summarize
 from dscl.report import build_report, variant_row, write_report
@@ -133,6 +133,8 @@ def ensemble(runs: Sequence[str | Path], out: str | Path, *, split: str = "test"
         total = probs if total is None else total + probs
         labels = y
         member = summarize(probs, y, ref.train_counts, many_threshold=many, few_threshold=few)
+        member["calibration"] = calibration_section(torch.log(probs.clamp_min(1e-30)), y, ref.train_counts,
+                                                    many_threshold=many, few_threshold=few)
         method = method_name(p.cfg)
         members.append({"run": str(p.run_dir), "method": method,
                         "row": variant_row(f"member {k + 1}: {p.run_dir.name} ({method})", member)})
@@ -141,6 +143,10 @@ def ensemble(runs: Sequence[str | Path], out: str | Path, *, split: str = "test"
     probs = total / len(paths)
     summary = summarize(probs, labels, ref.train_counts, class_names=ref.class_names, many_threshold=many,
                         few_threshold=few)
+    # log of the averaged probabilities: its softmax is the ensemble's probabilities (as EnsemblePredictor.logits)
+    summary["calibration"] = calibration_section(
+        torch.log(probs.clamp_min(1e-30)), labels, ref.train_counts, many_threshold=many, few_threshold=few,
+        note=ENSEMBLE_TEMPERATURE_NOTE)
     names = ", ".join(m["run"] for m in members)
     report = build_report(
         summary, dataset=ref.name, method=f"ensemble of {len(paths)} runs", seed=cfg.optim.seed,

@@ -4,22 +4,24 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from dscl import dist, trackers
 from dscl.backbones import BackboneSpec
+from dscl.calibration import apply_temperature, calibration_report, reliability_bins, softmax
 from dscl.config import Config, method_name, preset_changes, preset_expected
 from dscl.data import DataError, DatasetSplits, build_datasets
 from dscl.data.inputs import LIST_SUFFIXES, Inputs, collect_inputs
 from dscl.errors import UsageError
 from dscl.features import extract_features
 from dscl.inference import EnsemblePredictor, Predictor, is_ensemble, load_ensemble, load_run
-from dscl.metrics import confusion_matrix, summarize
-from dscl.report import build_report, write_predictions, write_report
+from dscl.metrics import GROUPS, confusion_matrix, shot_groups, summarize
+from dscl.report import CALIBRATION_BINS, build_report, variant_row, write_predictions, write_report
 from dscl.run import (
     SUMMARY_FILE,
     CheckpointError,
@@ -71,6 +73,10 @@ def evaluate(run_dir: str | Path, *, split: str = "test", cfg: Config | None = N
                                      batch_size=256, device=dev, workers=num_workers(cfg.data.num_workers),
                                      progress=progress, desc=f"{split} features")  # float32, as predict
     logits, summary, variants = score(predictor, feats, labels)
+    if split == "val" and predictor.temperature is not None:
+        summary["calibration"]["temperature_note"] += (
+            "; this report is on that same validation split, so the row after temperature scaling is in-sample "
+            "(optimistic)")
     stage1 = stage1_summary(run_dir)
     wall = stage1.wall_seconds + (record.wall_seconds if record else 0.0) + (time.perf_counter() - t0)
     method, epochs = imported_method(stage1, record) or trained_method(stage1, cfg, run_dir)
@@ -93,10 +99,63 @@ def evaluate(run_dir: str | Path, *, split: str = "test", cfg: Config | None = N
     return report
 
 
+def calibration_section(logits: torch.Tensor, labels: torch.Tensor, train_counts: Sequence[int], *,
+                        many_threshold: int, few_threshold: int, temperature: float | None = None,
+                        temperature_fit: Mapping[str, Any] | None = None, note: str = "") -> dict[str, Any]:
+    """The ``calibration`` object of ``report.json`` for one set of logits (DESIGN.md "report.json keys").
+
+    :func:`dscl.calibration.calibration_report` with ``n_bins`` 15 (MiSLAS's equal-width bins on the top-1
+    confidence) and groups Many / Medium / Few from the run's training counts (:func:`dscl.metrics.shot_groups`),
+    plus each group's reliability ``bins`` (``confidence_hist.png``), ``temperature`` and ``temperature_note``.
+
+    Args:
+        logits: (N, C) scores of the classifier reported; labels: (N,) true classes.
+        train_counts: (C,) training images per class (the groups).
+        many_threshold, few_threshold: the run's ``eval.*`` group boundaries.
+        temperature: T fitted on the validation split (``classify``), or None: then ``temperature`` is None.
+        temperature_fit: how T was fitted (stored in ``classifier.pt``), copied into ``temperature.fit``.
+        note: one sentence on the temperature (how it was fitted, or why there is none).
+
+    Returns:
+        The calibration report (percent ECEs, NLL, Brier, ``bins``, ``groups``), with ``temperature``: None
+        or ``{"method", "temperature", "fit", "top1", "many", "medium", "few"}`` plus the calibration report of
+        ``logits / T`` (the argmax, hence every accuracy, is that of ``logits``), and ``temperature_note``.
+    """
+    cal = _calibration_with_group_bins(logits, labels, train_counts, many_threshold, few_threshold)
+    cal["temperature"] = None
+    if temperature is not None:
+        scaled = apply_temperature(torch.as_tensor(logits).double(), temperature)  # float64: no new ties
+        s = summarize(scaled, labels, train_counts, many_threshold=many_threshold, few_threshold=few_threshold)
+        cal["temperature"] = {
+            "method": f"+ temperature scaling (T={temperature:.3g})", "temperature": round(float(temperature), 6),
+            "fit": dict(temperature_fit or {}), **{k: variant_row("", s)[k] for k in ("top1", *GROUPS)},
+            **_calibration_with_group_bins(scaled, labels, train_counts, many_threshold, few_threshold)}
+    cal["temperature_note"] = note
+    return cal
+
+
+def _calibration_with_group_bins(logits: Any, labels: torch.Tensor, train_counts: Sequence[int],
+                                 many_threshold: int, few_threshold: int) -> dict[str, Any]:
+    """:func:`calibration_report` by shot group, each non-empty group with its own reliability ``bins``."""
+    groups = shot_groups(np.asarray(train_counts), many_threshold, few_threshold)
+    cal = calibration_report(logits, labels, groups, n_bins=CALIBRATION_BINS)
+    z, y = torch.as_tensor(logits), torch.as_tensor(labels)
+    for name, ids in groups.items():
+        entry = cal["groups"].get(name)
+        if not entry or not entry["n_samples"]:
+            continue
+        rows = torch.isin(y, torch.as_tensor(ids, dtype=y.dtype))
+        bins = reliability_bins(softmax(z[rows]), y[rows], n_bins=CALIBRATION_BINS)  # one group's (n, C) at a time
+        entry["bins"] = [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in b.items()} for b in bins]
+    return cal
+
+
 def score(predictor: Predictor | EnsemblePredictor, feats: Any, labels: torch.Tensor,
           ) -> tuple[torch.Tensor, dict[str, Any], list[dict[str, Any]]]:
-    """The plain classifier's logits, its :func:`summarize` (groups from the run's training counts) and
-    the post-hoc variant rows (logit adjustment, tau-norm, NCM where the run has class means)."""
+    """The plain classifier's logits, its :func:`summarize` (groups from the run's training counts) with its
+    ``calibration`` (:func:`calibration_section`, including the temperature-scaled row where the run has a
+    temperature) and the post-hoc variant rows (logit adjustment, tau-norm, NCM where the run has class means),
+    each with its long-tail summary and calibration (:func:`dscl.report.variant_row`)."""
     cfg = predictor.cfg
     logits = predictor.logits_from_features(feats)
     variants_logits = {
@@ -109,11 +168,17 @@ def score(predictor: Predictor | EnsemblePredictor, feats: Any, labels: torch.Te
     many, few = cfg.eval.many_threshold, cfg.eval.few_threshold
     summary = summarize(logits, labels, predictor.train_counts, class_names=predictor.class_names,
                         many_threshold=many, few_threshold=few)
+    record = getattr(predictor, "record", None)
+    summary["calibration"] = calibration_section(
+        logits, labels, predictor.train_counts, many_threshold=many, few_threshold=few,
+        temperature=predictor.temperature, temperature_fit=record.temperature_fit if record is not None else None,
+        note=predictor.temperature_note())
     variants = []
     for name, lg in variants_logits.items():
         s = summarize(lg, labels, predictor.train_counts, many_threshold=many, few_threshold=few)
-        variants.append({"method": name, **{k: s[k] for k in ("top1", "top5", "top1_macro", "many", "medium",
-                                                                  "few")}})
+        s["calibration"] = calibration_section(lg, labels, predictor.train_counts, many_threshold=many,
+                                               few_threshold=few)
+        variants.append(variant_row(name, s))
     return logits, summary, variants
 
 
@@ -260,15 +325,16 @@ def evaluate_ensemble_data(ens: EnsemblePredictor, data: str | Path, out: Path, 
                            batch_size: int, workers: int, t0: float) -> dict[str, Any]:
     """:func:`evaluate_data` for an ensemble folder: the report of its averaged softmax predictions (post-hoc
     rows averaged the same way), one row per member below, ``members`` as in ``dscl ensemble``'s report."""
-    from dscl.report import variant_row
-
     inputs, feats, labels = data_features(ens, data, data_root, batch_size=batch_size, workers=workers)
     logits, summary, variants = score(ens, feats, labels)
     cfg = ens.cfg
     many, few = cfg.eval.many_threshold, cfg.eval.few_threshold
     members = []
     for k, (m, f) in enumerate(zip(ens.members, feats, strict=True), start=1):
-        s = summarize(m.logits_from_features(f), labels, ens.train_counts, many_threshold=many, few_threshold=few)
+        member_logits = m.logits_from_features(f)
+        s = summarize(member_logits, labels, ens.train_counts, many_threshold=many, few_threshold=few)
+        s["calibration"] = calibration_section(member_logits, labels, ens.train_counts, many_threshold=many,
+                                               few_threshold=few)
         method = method_name(m.cfg)
         variants.append(variant_row(f"member {k}: {m.run_dir.name} ({method})", s))
         members.append({"run": str(m.run_dir.resolve()), "method": method, "top1": variants[-1]["top1"]})

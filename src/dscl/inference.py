@@ -9,6 +9,7 @@ from dscl import load_run
 p = load_run("runs/a")                 # Predictor (reads config.yaml + checkpoints/classifier.pt)
 p.class_names, p.train_counts
 probs = p.predict(["a.png", pil_image])  # (N, C) probabilities
+calibrated = p.predict(["a.png"], calibrated=True)  # softmax(logits / p.temperature), T fitted on val
 feats = p.embed(batch_uint8_nhwc)        # (N, D) L2-normalised backbone features
 ```
 
@@ -117,6 +118,9 @@ class Predictor:
         spec: the :class:`~dscl.backbones.BackboneSpec` the backbone was rebuilt from (the checkpoint's;
             derived for checkpoints written before specs); ``mean``, ``std``, ``input_mode`` and ``transform``
             follow its input settings.
+        temperature: T of temperature scaling (``softmax(logits / T)`` are the calibrated probabilities of
+            ``predict(..., calibrated=True)``), fitted on the validation split by ``dscl classify``; None
+            where the run has none (:meth:`temperature_note` says why).
     """
 
     def __init__(self, run_dir: Path, cfg: Config, backbone: nn.Module, fc: nn.Linear | None,
@@ -149,6 +153,59 @@ class Predictor:
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    @property
+    def temperature(self) -> float | None:
+        """The classifier's fitted temperature T, or None (see :meth:`temperature_note`)."""
+        return self.record.temperature if self.record is not None else None
+
+    def temperature_note(self) -> str:
+        """One sentence on the temperature: how it was fitted, or why the run has none and how to get one."""
+        record = self.record
+        if record is None:
+            return (f"{self.run_dir} has no classifier yet, hence no temperature; run stage 2 "
+                    f"(dscl classify --run {self.run_dir}) on a dataset with a validation split")
+        fit = record.temperature_fit or {}
+        if record.temperature is not None:
+            edge = ("; T is at the edge of the search interval, so the NLL would fall further beyond it (the "
+                    "logits are far from calibrated)" if fit.get("at_bound") else "")
+            return (f"T = {record.temperature:.4f} fitted by minimising the NLL of the plain classifier's logits on "
+                    f"{fit.get('description') or 'the validation split'} ({fit.get('n', '?')} images) after the "
+                    f"classifier was selected; the test set was not used{edge}")
+        if fit.get("reason"):
+            return f"no temperature for {self.source}: {fit['reason']}"
+        if record.imported:
+            return (f"no temperature for {self.source}: the classifier was imported, not trained by dscl; run "
+                    f"`dscl classify --run {self.run_dir}` on a dataset with a validation split to train one and "
+                    "fit its temperature")
+        return (f"no temperature for {self.source}: it was written before dscl fitted temperatures; re-run "
+                f"`dscl classify --run {self.run_dir}` (on a dataset with a validation split) to fit one")
+
+    def require_temperature(self) -> float:
+        """The fitted temperature T; a clear error (which run, why, how to fix) when the run has none.
+
+        Raises:
+            CheckpointError: the classifier has no temperature.
+        """
+        if self.temperature is None:
+            raise CheckpointError(f"calibrated probabilities need a temperature: {self.temperature_note()}")
+        return self.temperature
+
+    def calibrate(self, logits: Tensor, variant: str = "plain") -> Tensor:
+        """``logits / T`` (temperature scaling): their softmax is the calibrated probabilities; the argmax is
+        unchanged. T was fitted for the plain classifier's logits only.
+
+        Raises:
+            UsageError: a post-hoc variant (T is not fitted for it).
+            CheckpointError: the run has no temperature (:meth:`require_temperature`).
+        """
+        from dscl.calibration import apply_temperature
+
+        if variant != "plain":
+            raise UsageError(f"calibrated probabilities are for the plain classifier: the temperature of "
+                             f"{self.source} was fitted on its logits, not on the {variant!r} variant's; drop "
+                             f"--variant {variant} (or calibrated=True)")
+        return apply_temperature(logits, self.require_temperature())
 
     @property
     def image_size(self) -> int:
@@ -222,15 +279,27 @@ class Predictor:
         """Images -> L2-normalised backbone features ``(N, D)`` float32 on the CPU (cosine = dot product)."""
         return F.normalize(self.features(images, batch_size=batch_size), dim=1)
 
-    def logits(self, images: Any, *, variant: str = "plain", batch_size: int = 256) -> Tensor:
-        """Images -> logits ``(N, C)`` float32 on the CPU (see :meth:`logits_from_features` for variants)."""
+    def logits(self, images: Any, *, variant: str = "plain", batch_size: int = 256,
+               calibrated: bool = False) -> Tensor:
+        """Images -> logits ``(N, C)`` float32 on the CPU (see :meth:`logits_from_features` for variants);
+        ``calibrated``: divided by the run's temperature (:meth:`calibrate`; plain variant only)."""
         self._require_fc()
+        if calibrated:  # refuse before any image is read
+            self.calibrate(torch.zeros(0, self.num_classes), variant)
         feats = self.features(images, batch_size=batch_size)
-        return self.logits_from_features(feats, variant)
+        logits = self.logits_from_features(feats, variant)
+        return self.calibrate(logits, variant) if calibrated else logits
 
-    def predict(self, images: Any, *, variant: str = "plain", batch_size: int = 256) -> Tensor:
-        """Images -> class probabilities ``(N, C)`` (softmax of :meth:`logits`), float32 on the CPU."""
-        return torch.softmax(self.logits(images, variant=variant, batch_size=batch_size), dim=1)
+    def predict(self, images: Any, *, variant: str = "plain", batch_size: int = 256,
+                calibrated: bool = False) -> Tensor:
+        """Images -> class probabilities ``(N, C)`` (softmax of :meth:`logits`), float32 on the CPU.
+
+        ``calibrated=True``: ``softmax(logits / T)`` with the temperature T fitted on the validation split
+        (:attr:`temperature`); same argmax, better-calibrated confidences. Raises :class:`CheckpointError`
+        for a run without a temperature and :class:`UsageError` for a post-hoc variant.
+        """
+        logits = self.logits(images, variant=variant, batch_size=batch_size, calibrated=calibrated)
+        return torch.softmax(logits, dim=1)
 
     def classifier_module(self) -> ImageClassifier:
         """A CPU copy of preprocess + backbone + fc as one module (images -> logits), for export."""
@@ -248,6 +317,10 @@ def _cpu_copy(module: nn.Module) -> Any:
 
 
 ENSEMBLE_FILE = "ensemble.json"  # written by `dscl ensemble`: the member runs, so the ensemble is usable
+
+#: why an ensemble has no temperature scaling (report.md's sentence, ``dscl predict --calibrated``'s refusal)
+ENSEMBLE_TEMPERATURE_NOTE = ("an ensemble has no fitted temperature: each member's temperature calibrates that "
+                             "member, not the average of their probabilities, and dscl fits none for the average")
 
 
 class _EnsembleTransform:
@@ -301,6 +374,27 @@ class EnsemblePredictor:
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    #: an ensemble has no fitted temperature (:meth:`temperature_note`)
+    temperature: float | None = None
+
+    def temperature_note(self) -> str:
+        """Why an ensemble has no temperature scaling."""
+        return f"{self.run_dir} is an ensemble of runs; {ENSEMBLE_TEMPERATURE_NOTE}"
+
+    def require_temperature(self) -> float:
+        """Always refused: see :meth:`temperature_note`.
+
+        Raises:
+            UsageError: calibrated probabilities were asked of an ensemble.
+        """
+        raise UsageError(f"calibrated probabilities are not available: {self.temperature_note()}; predict "
+                         "without --calibrated, or with one of its member runs")
+
+    def calibrate(self, logits: Tensor, variant: str = "plain") -> Tensor:
+        """Refused (:meth:`require_temperature`)."""
+        self.require_temperature()
+        return logits
+
     def require_classifier(self) -> None:
         for m in self.members:
             m.require_classifier()
@@ -322,13 +416,21 @@ class EnsemblePredictor:
         ``(N, C)``."""
         return self.logits_from_features(self.features_of(x), variant)
 
-    def logits(self, images: Any, *, variant: str = "plain", batch_size: int = 256) -> Tensor:
+    def logits(self, images: Any, *, variant: str = "plain", batch_size: int = 256,
+               calibrated: bool = False) -> Tensor:
+        """Images -> ``log`` of the averaged member probabilities ``(N, C)``; ``calibrated`` is refused
+        (:meth:`require_temperature`)."""
+        if calibrated:
+            self.require_temperature()
         x = self.transform.batch(images)
         return torch.cat([self.batch_logits(x[i:i + batch_size], variant)
                           for i in range(0, len(x), batch_size)]) if len(x) else torch.zeros(0, self.num_classes)
 
-    def predict(self, images: Any, *, variant: str = "plain", batch_size: int = 256) -> Tensor:
-        return torch.softmax(self.logits(images, variant=variant, batch_size=batch_size), dim=1)
+    def predict(self, images: Any, *, variant: str = "plain", batch_size: int = 256,
+                calibrated: bool = False) -> Tensor:
+        """Images -> the averaged member probabilities ``(N, C)``; ``calibrated`` is refused."""
+        return torch.softmax(self.logits(images, variant=variant, batch_size=batch_size, calibrated=calibrated),
+                             dim=1)
 
     def __repr__(self) -> str:
         return f"EnsemblePredictor({self.run_dir}, {len(self.members)} runs, {self.num_classes} classes)"

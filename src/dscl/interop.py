@@ -567,9 +567,23 @@ def _classifier_of(mapped: _Mapped, num_classes: int, width: int, backbone_only:
 # export
 
 
+def temperature_words(predictor: Predictor) -> str:
+    """The export's sentence on calibrated probabilities: exported models output the raw logits (temperature
+    NOT applied); the metadata's ``temperature`` T turns them into calibrated probabilities, or says why there
+    is none."""
+    t = predictor.temperature
+    if t is None:
+        return (f"the model outputs raw logits and no temperature is included (temperature: null; "
+                f"{predictor.temperature_note()})")
+    return (f"the model outputs raw logits (temperature NOT applied); divide logits by temperature (T = {t:.6g}, "
+            "fitted by NLL on the validation split) before softmax for calibrated probabilities")
+
+
 def export_meta(predictor: Predictor) -> dict[str, Any]:
     """What a user needs besides the weights: classes, input conversion (the backbone spec's), architecture
-    (``spec``: :meth:`dscl.backbones.BackboneSpec.to_dict`, which rebuilds the network)."""
+    (``spec``: :meth:`dscl.backbones.BackboneSpec.to_dict`, which rebuilds the network), and ``temperature``
+    (T of temperature scaling, or None) with ``temperature_note`` (:func:`temperature_words`): the exported
+    model outputs raw logits, ``softmax(logits / temperature)`` are the calibrated probabilities."""
     spec = predictor.spec
     return {
         "run": str(predictor.run_dir), "architecture": spec.qualified_name,
@@ -577,6 +591,7 @@ def export_meta(predictor: Predictor) -> dict[str, Any]:
         "image_size": predictor.image_size, "mean": list(predictor.mean), "std": list(predictor.std),
         "input_mode": predictor.input_mode, "interpolation": spec.interpolation, "crop_pct": spec.crop_pct,
         "resize_short": spec.resize_short, "spec": spec.to_dict(),
+        "temperature": predictor.temperature, "temperature_note": temperature_words(predictor),
     }
 
 
@@ -746,7 +761,8 @@ def export_recipe(predictor: Predictor, fmt: str, path: str | Path) -> str:
     if fmt == "torchscript":
         return (f"torch.jit.load({str(path)!r})(x) -> logits (N, {c}); x = uint8 (N, H, W, C) pixels or float "
                 f"(N, C, H, W) in [0, 1], any size ({_view_words(predictor)}, {mode} conversion and normalisation "
-                "inside); class names in the file's extra file meta.json; the same x gives Predictor.logits(x)")
+                "inside); class names in the file's extra file meta.json; the same x gives Predictor.logits(x); "
+                f"{temperature_words(predictor)} (meta.json's temperature)")
     if fmt == "onnx":
         # the graph normalises itself: Predictor.transform.batch (already normalised) must not be its input
         grey = ("a grey image on all 3 channels; colour is converted to grey inside" if mode == "L" else
@@ -761,10 +777,10 @@ def export_recipe(predictor: Predictor, fmt: str, path: str | Path) -> str:
                 f"{_values(pre.mean.flatten().tolist())} and divides by its std {_values(pre.std.flatten().tolist())} "
                 f"itself (so not Predictor.transform.batch(...), whose output is normalised already); {same}. "
                 f"Output 'logits' (N, {c}); dynamic batch; "
-                "class names, mean, std, image_size, interpolation, crop_pct and the backbone spec in the model's "
-                "metadata_props")
+                "class names, mean, std, image_size, interpolation, crop_pct, temperature and the backbone spec in "
+                f"the model's metadata_props; {temperature_words(predictor)}")
     return (f"sd = torch.load(...): 'backbone' ({_layout_words(predictor)}), 'fc' (weight, bias), class_names, "
-            f"spec; inputs: {predictor.spec.describe_inputs()}")
+            f"spec, temperature; inputs: {predictor.spec.describe_inputs()}; {temperature_words(predictor)}")
 
 
 def _layout_words(predictor: Predictor) -> str:

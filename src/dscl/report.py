@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from dscl.calibration import per_class_summary
 from dscl.io import save_figure, write_csv, write_json, write_text
 from dscl.metrics import GROUPS, accuracy_under_distributions, as_numpy, shot_group_bounds, shot_groups
 
@@ -26,6 +27,16 @@ DENSE_CONFUSION_MAX = 1000
 
 #: Metrics of one table row (main method or post-hoc variant), percentages 0-100 or None.
 _ROW_METRICS: tuple[str, ...] = ("top1", "top5", "top1_macro", "many", "medium", "few")
+
+#: Long-tail summary of a row's per-class top-1 (:func:`dscl.calibration.per_class_summary`), percent or None.
+LONG_TAIL_METRICS: tuple[str, ...] = ("worst_class", "harmonic_mean", "geometric_mean")
+
+#: Equal-width bins of every calibration number in a report: MiSLAS's (and Guo et al. 2017's) 15.
+CALIBRATION_BINS = 15
+
+#: The scalar calibration metrics of a row (keys of :func:`dscl.calibration.calibration_report`), table order.
+CALIBRATION_SCALARS: tuple[str, ...] = ("ece", "adaptive_ece", "classwise_ece", "mce", "nll", "brier",
+                                        "overconfidence", "underconfidence")
 
 # Plot colours per group (colour-blind safe Okabe-Ito: blue, orange, vermillion).
 _GROUP_COLOURS: dict[str, str] = {"many": "#0072B2", "medium": "#E69F00", "few": "#D55E00"}
@@ -62,8 +73,38 @@ def missing_classes_warning(report: Mapping[str, Any]) -> str | None:
             + "; ".join(parts))
 
 
+def long_tail_summary(summary: Mapping[str, Any]) -> dict[str, float | None]:
+    """``{"worst_class", "harmonic_mean", "geometric_mean"}`` of a row's per-class top-1 (percent, 4 decimals):
+    from ``summary["per_class"]`` (:func:`summarize` output, a report) through
+    :func:`dscl.calibration.per_class_summary` (classes without images left out; a class at 0 % makes both
+    means 0), else the values the mapping already holds (a row made before), else None."""
+    per_class = summary.get("per_class")
+    if isinstance(per_class, Sequence) and per_class:
+        lt = per_class_summary([r.get("accuracy") for r in per_class])
+        return {"worst_class": _round(lt["worst"]), "harmonic_mean": _round(lt["harmonic_mean"]),
+                "geometric_mean": _round(lt["geometric_mean"])}
+    return {k: (_round(summary[k]) if isinstance(summary.get(k), numbers.Real) else None) for k in LONG_TAIL_METRICS}
+
+
+def calibration_scalars(calibration: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """The scalar part of a ``calibration`` object (:func:`dscl.evaluation.calibration_section`) for a table row:
+    ``n_samples``, :data:`CALIBRATION_SCALARS` and ``groups`` (per Many / Medium / Few: ``n_samples``,
+    ``n_classes`` and the same scalars, or None), without reliability bins or temperature; None for None."""
+    if not isinstance(calibration, Mapping):
+        return None
+
+    def scalars(entry: Mapping[str, Any]) -> dict[str, Any]:
+        return {k: entry.get(k) for k in ("n_samples", "n_classes", *CALIBRATION_SCALARS) if k in entry}
+
+    groups = calibration.get("groups") or {}
+    return {**scalars(calibration),
+            "groups": {g: scalars(e) if isinstance(e, Mapping) else None for g, e in groups.items()}}
+
+
 def variant_row(method: str, summary: Mapping[str, Any]) -> dict[str, Any]:
-    """One table row ``{"method", "top1", "top5", "top1_macro", "many", "medium", "few"}``.
+    """One table row ``{"method", "top1", "top5", "top1_macro", "many", "medium", "few", "worst_class",
+    "harmonic_mean", "geometric_mean", "calibration"}``: the accuracies, the long-tail summary
+    (:func:`long_tail_summary`) and :func:`calibration_scalars` of ``summary["calibration"]`` (None without).
 
     Use it for post-hoc variants: ``variant_row("+ logit adjustment (τ=1)", summarize(...))``.
     """
@@ -73,6 +114,8 @@ def variant_row(method: str, summary: Mapping[str, Any]) -> dict[str, Any]:
         if value is not None and not isinstance(value, numbers.Real):
             raise ValueError(f"variant {method!r}: {key} must be a number or None, got {value!r}")
         row[key] = None if value is None or math.isnan(float(value)) else _round(float(value))
+    row.update(long_tail_summary(summary))
+    row["calibration"] = calibration_scalars(summary.get("calibration"))
     return row
 
 
@@ -111,6 +154,9 @@ def build_report(
             ``precision``, ``device``, ``torch_version``, ``global_batch``, ``world_size``, ``lr``,
             ``train_fingerprint`` (see :func:`dscl.evaluation.run_facts`).
 
+    ``summary["calibration"]`` (:func:`dscl.evaluation.calibration_section` of the main method's logits) becomes
+    ``calibration``; without it ``calibration`` is None (no logits, no calibration).
+
     Returns:
         A JSON-serialisable dict with the DESIGN keys ``dataset, method, top1, top5, many, medium,
         few, shot_classes, per_class, seed, epochs, wall_seconds`` plus ``top1_macro``, ``split``,
@@ -118,7 +164,8 @@ def build_report(
         group with at least one image in the evaluated split: the group means average over these),
         ``missing_classes`` (``[{"class", "group"}]`` of the others), ``test_agnostic`` (accuracy under
         forward-long-tailed / uniform / backward-long-tailed test distributions,
-        :func:`dscl.metrics.accuracy_under_distributions`) and the ``run_info`` keys.
+        :func:`dscl.metrics.accuracy_under_distributions`), ``worst_class`` / ``harmonic_mean`` /
+        ``geometric_mean`` (:func:`long_tail_summary`), ``calibration`` and the ``run_info`` keys.
         Percentages are rounded to 4 decimals; missing values are None.
     """
     if split not in ("test", "val", "data"):
@@ -149,6 +196,8 @@ def build_report(
         "split": split,
         "selection": str(selection),
         "variants": [variant_row(str(v["method"]), v) for v in (variants or [])],
+        **{k: main[k] for k in LONG_TAIL_METRICS},
+        "calibration": dict(summary["calibration"]) if isinstance(summary.get("calibration"), Mapping) else None,
     }
     report.update(_coverage(report["per_class"], many_threshold, few_threshold))
     # accuracy if the test set followed other label distributions (exact, from the per-class accuracies)
@@ -253,6 +302,8 @@ def _markdown(
         "",
     ]
     lines += _test_agnostic_lines(report)
+    lines += _long_tail_lines(report)
+    lines += _calibration_lines(report)
     for p in plots:
         lines += [f"![{Path(p).stem.replace('_', ' ')}]({p})", ""]
     lines += [
@@ -266,6 +317,70 @@ def _markdown(
         lines.append(f"| {row['class']} | {_GROUP_TITLES[group]} | {row['train_count']} | {row['test_count']} | "
                      f"{_fmt(row['accuracy'])} |")
     return "\n".join(lines) + "\n"
+
+
+def _long_tail_lines(report: Mapping[str, Any]) -> list[str]:
+    """The "long-tail summary" section of report.md: worst-class, harmonic and geometric mean accuracy per row."""
+    rows = [r for r in report_rows(report) if any(r.get(k) is not None for k in LONG_TAIL_METRICS)]
+    if not rows:
+        return []
+    lines = ["## Long-tail summary (%)", "",
+             "Of the per-class top-1 accuracies: the worst class, and their harmonic and geometric means (both "
+             "punish a class left behind more than the arithmetic mean, macro, does; a class at 0 % makes them 0). "
+             "Classes without images in the split are left out.", "",
+             "| Method | Worst class | Harmonic mean | Geometric mean |", "|---|---:|---:|---:|"]
+    lines += [f"| {r['method']} | " + " | ".join(_fmt(r.get(k)) for k in LONG_TAIL_METRICS) + " |" for r in rows]
+    return [*lines, ""]
+
+
+def _cal_cells(cal: Mapping[str, Any]) -> list[str]:
+    """ECE, adaptive, classwise, NLL, Brier, over / under, ECE Many / Medium / Few of one row."""
+    def num(key: str, digits: int, entry: Mapping[str, Any] | None = cal) -> str:
+        value = entry.get(key) if isinstance(entry, Mapping) else None
+        return "—" if value is None else f"{value:.{digits}f}"
+
+    groups = cal.get("groups") or {}
+    return [num("ece", 2), num("adaptive_ece", 2), num("classwise_ece", 3), num("nll", 4), num("brier", 4),
+            num("overconfidence", 2), num("underconfidence", 2), *(num("ece", 2, groups.get(g)) for g in GROUPS)]
+
+
+def _calibration_lines(report: Mapping[str, Any]) -> list[str]:
+    """The "calibration" section of report.md: one row per classifier (plain, after temperature scaling, the
+    post-hoc rows), the conventions, and how the temperature was fitted or why there is none."""
+    cal = report.get("calibration")
+    if not isinstance(cal, Mapping):
+        return []
+    rows: list[tuple[str, Mapping[str, Any]]] = [(str(report["method"]), cal)]
+    temp = cal.get("temperature")
+    if isinstance(temp, Mapping):
+        rows.append((str(temp.get("method")), temp))
+    rows += [(str(v["method"]), v["calibration"]) for v in report.get("variants", [])
+             if isinstance(v.get("calibration"), Mapping)]
+    lines = [
+        "## Calibration",
+        "",
+        "| Method | ECE | adaptive ECE | classwise ECE | NLL | Brier | over-conf. | under-conf. | ECE Many | "
+        "ECE Medium | ECE Few |",
+        "|---|" + "---:|" * 10,
+    ]
+    lines += [f"| {name} | " + " | ".join(_cal_cells(c)) + " |" for name, c in rows]
+    lines += [
+        "",
+        f"ECE: expected calibration error of the top-1 prediction over {cal.get('n_bins', CALIBRATION_BINS)} "
+        "equal-width bins of the confidence (the maximum softmax probability; right-closed bins), MiSLAS's "
+        "convention (Zhong et al. 2021; Guo et al. 2017); over- / under-confidence split it into the bins where "
+        "confidence exceeds / falls short of accuracy; adaptive ECE uses equal-mass bins; classwise ECE bins "
+        "every class's probability and averages over classes (Kull et al. 2019); ECE Many / Medium / Few is over "
+        "the images whose true class is in the group. ECEs in percent (0-100), NLL in nats, Brier score 0-2; "
+        "lower is better for all.",
+        "",
+    ]
+    note = cal.get("temperature_note")
+    if note:
+        lead = "Temperature scaling (same top-1, only the confidences change)" if isinstance(temp, Mapping) else \
+            "No temperature-scaled row"
+        lines += [f"{lead}: {note}.", ""]
+    return lines
 
 
 def _test_agnostic_lines(report: Mapping[str, Any]) -> list[str]:
@@ -383,8 +498,9 @@ def write_predictions(
 
     Columns: ``index`` (position in the split), ``path`` (image file; empty for in-memory datasets),
     ``label`` / ``label_name``, ``prediction`` / ``prediction_name``, ``correct`` (0/1),
-    ``confidence`` (softmax probability of the prediction) and ``top5`` (the k most likely class
-    names, most likely first, separated by ``;``).
+    ``confidence`` (softmax probability of the prediction, computed in float64 and written with 8 decimals,
+    so the report's ECE can be recomputed from this file and ``correct``) and ``top5`` (the k most likely
+    class names, most likely first, separated by ``;``).
 
     Args:
         logits: (N, C) scores of the reported classifier.
@@ -401,7 +517,7 @@ def write_predictions(
         raise ValueError(f"{len(class_names)} class names for {scores.shape[1]} logit columns")
     if paths is not None and len(paths) != len(y):
         raise ValueError(f"{len(paths)} paths for {len(y)} images")
-    probs = scores.softmax(1)
+    probs = scores.double().softmax(1)  # float64, as dscl.calibration computes the report's ECE
     conf, top = probs.topk(min(k, scores.shape[1]), dim=1)
     top_np, conf_np = top.numpy(), conf[:, 0].numpy()
     names = [str(n) for n in class_names]
@@ -410,7 +526,7 @@ def write_predictions(
         for i in range(len(y)):
             pred = int(top_np[i, 0])
             yield [i, (paths[i] or "") if paths is not None else "", int(y[i]), names[y[i]], pred, names[pred],
-                   int(pred == y[i]), f"{float(conf_np[i]):.4f}", ";".join(names[j] for j in top_np[i])]
+                   int(pred == y[i]), f"{float(conf_np[i]):.8f}", ";".join(names[j] for j in top_np[i])]
 
     return write_csv(path, ["index", "path", "label", "label_name", "prediction", "prediction_name", "correct",
                             "confidence", "top5"], rows())
@@ -471,6 +587,103 @@ def _plot_per_class(
     return save_figure(fig, path)
 
 
+def _bin_arrays(bins: Sequence[Mapping[str, Any]]) -> tuple[np.ndarray, ...]:
+    """Lower / upper edges, counts, mean confidences and accuracies (NaN where empty) of reliability bins."""
+    lower = np.array([b["lower"] for b in bins], dtype=float)
+    upper = np.array([b["upper"] for b in bins], dtype=float)
+    count = np.array([b["count"] for b in bins], dtype=float)
+    conf = np.array([np.nan if b["confidence"] is None else b["confidence"] for b in bins], dtype=float)
+    acc = np.array([np.nan if b["accuracy"] is None else b["accuracy"] for b in bins], dtype=float)
+    return lower, upper, count, conf, acc
+
+
+def _plot_reliability(report: Mapping[str, Any], path: Path) -> Path:
+    """Reliability diagram: per equal-width confidence bin, the top-1 accuracy (bars) against the diagonal of
+    perfect calibration, the bin's mean confidence (dots) and below, the number of images per bin; one column
+    for the plain classifier and one after temperature scaling when the report has it."""
+    from matplotlib.figure import Figure
+
+    cal = report["calibration"]
+    panels: list[tuple[str, Mapping[str, Any]]] = [(str(report["method"]), cal)]
+    if isinstance(cal.get("temperature"), Mapping):
+        panels.append((str(cal["temperature"]["method"]), cal["temperature"]))
+    fig = Figure(figsize=(6.2 * len(panels), 7.5), layout="constrained")
+    grid = fig.add_gridspec(2, len(panels), height_ratios=[3, 1.2])
+    for j, (name, entry) in enumerate(panels):
+        lower, upper, count, conf, acc = _bin_arrays(entry["bins"])
+        width, centre = upper - lower, (lower + upper) / 2
+        ax = fig.add_subplot(grid[0, j])
+        ax.bar(centre, np.nan_to_num(acc), width=width, color="#0072B2", edgecolor="black", lw=0.6, alpha=0.85,
+               label="accuracy of the bin")
+        gap_lo, gap_hi = np.fmin(acc, conf), np.fmax(acc, conf)
+        ax.bar(centre, np.nan_to_num(gap_hi - gap_lo), bottom=np.nan_to_num(gap_lo), width=width,
+               facecolor=(0.835, 0.369, 0.0, 0.18), edgecolor="#D55E00", hatch="//", lw=0.8,
+               label="gap to the mean confidence")
+        ax.plot([0, 100], [0, 100], ls="--", color="0.3", lw=1.2, label="perfect calibration")
+        ax.plot(conf, acc, "o", color="black", ms=4, label="(mean confidence, accuracy)")
+        ax.set_xlim(0, 100)
+        ax.set_ylim(0, 100)
+        ax.set_ylabel("Top-1 accuracy (%)", fontsize=11)
+        ax.set_title(f"{name}\nECE {entry['ece']:.2f}%, MCE {entry['mce']:.2f}%, NLL {entry['nll']:.3f}",
+                     fontsize=11)
+        ax.legend(loc="upper left", fontsize=9, framealpha=0.9)
+        ax.grid(True, alpha=0.3)
+        counts_ax = fig.add_subplot(grid[1, j], sharex=ax)
+        counts_ax.bar(centre, count, width=width, color="0.55", edgecolor="black", lw=0.5)
+        counts_ax.set_yscale("symlog", linthresh=1)
+        counts_ax.set_xlabel("Confidence: maximum softmax probability (%)", fontsize=11)
+        counts_ax.set_ylabel("Images", fontsize=11)
+        counts_ax.grid(True, alpha=0.3)
+    fig.suptitle(f"Reliability diagram — {report['dataset']}, {report.get('split', 'test')} split "
+                 f"({len(cal['bins'])} equal-width bins)", fontsize=12)
+    return save_figure(fig, path)
+
+
+def _plot_confidence_hist(report: Mapping[str, Any], path: Path) -> Path:
+    """Confidence histograms per Many / Medium / Few group (images whose true class is in the group): per
+    equal-width bin the correctly and wrongly classified images stacked, the group's mean confidence and its
+    accuracy as vertical lines, and the counts after temperature scaling as an outline when the report has it."""
+    from matplotlib.figure import Figure
+
+    cal = report["calibration"]
+    temp = cal.get("temperature") if isinstance(cal.get("temperature"), Mapping) else None
+    fig = Figure(figsize=(15, 4.8), layout="constrained")
+    axes = fig.subplots(1, len(GROUPS), sharex=True)
+    for ax, g in zip(axes, GROUPS, strict=True):
+        entry = (cal.get("groups") or {}).get(g)
+        ax.set_title(f"{_GROUP_TITLES[g]}", fontsize=12, color=_GROUP_COLOURS[g], fontweight="bold")
+        ax.set_xlim(0, 100)
+        ax.set_xlabel("Confidence (%)", fontsize=11)
+        ax.grid(True, alpha=0.3)
+        if not isinstance(entry, Mapping) or not entry.get("bins"):
+            ax.text(50, 0.5, "no image of this group", ha="center", va="center", transform=ax.get_xaxis_transform())
+            continue
+        lower, upper, count, conf, acc = _bin_arrays(entry["bins"])
+        centre, width = (lower + upper) / 2, upper - lower
+        right = count * np.nan_to_num(acc) / 100.0
+        ax.bar(centre, right, width=width, color=_GROUP_COLOURS[g], edgecolor="black", lw=0.5, label="correct")
+        ax.bar(centre, count - right, bottom=right, width=width, color="0.8", edgecolor="black", lw=0.5,
+               label="wrong")
+        mean_conf = float(np.nansum(count * np.nan_to_num(conf)) / max(count.sum(), 1.0))
+        mean_acc = float(right.sum() / max(count.sum(), 1.0) * 100.0)
+        ax.axvline(mean_conf, color="black", ls="--", lw=1.5, label=f"mean confidence {mean_conf:.1f}%")
+        ax.axvline(mean_acc, color="#009E73", ls="-", lw=1.5, label=f"accuracy {mean_acc:.1f}%")
+        top = float(count.max())
+        t_entry = (temp.get("groups") or {}).get(g) if temp is not None else None
+        if temp is not None and isinstance(t_entry, Mapping) and t_entry.get("bins"):
+            t_lower, t_upper, t_count, _, _ = _bin_arrays(t_entry["bins"])
+            ax.stairs(t_count, np.append(t_lower, t_upper[-1]), color="#CC79A7", lw=2,
+                      label=f"after temperature scaling (T={temp['temperature']:.3g}): ECE {t_entry['ece']:.2f}%")
+            top = max(top, float(t_count.max()))
+        ax.set_ylim(0, top * 1.45 + 1)  # room for the legend above the bars
+        ax.set_ylabel("Images", fontsize=11)
+        ax.legend(loc="best", fontsize=9, framealpha=0.9,
+                  title=f"{entry['n_samples']} images, ECE {entry['ece']:.2f}%", title_fontsize=9)
+    fig.suptitle(f"Confidence (maximum softmax probability) by shot group — {report['method']} on "
+                 f"{report['dataset']}, {report.get('split', 'test')} split", fontsize=12)
+    return save_figure(fig, path)
+
+
 def _plot_confusion(
     confusion: np.ndarray, names: Sequence[str], path: Path, title: str
 ) -> Path:
@@ -527,7 +740,8 @@ def write_report(
         many_threshold, few_threshold: the shot-group boundaries used for the report (for shading).
 
     Returns:
-        The paths written: report.json, per_class.csv, confusion.csv, plots, report.md.
+        The paths written: report.json, per_class.csv, confusion.csv, plots (``reliability.png`` and
+        ``confidence_hist.png`` when the report has a ``calibration``), report.md.
     """
     out = Path(out_dir)
     plots_dir = out / "plots"
@@ -555,6 +769,11 @@ def write_report(
     if report.get("test_agnostic") and any(v is not None for v in report["test_agnostic"].values()):
         written.append(_plot_test_agnostic(report, plots_dir / "test_agnostic.png"))
         plot_rel.append("plots/test_agnostic.png")
+
+    if isinstance(report.get("calibration"), Mapping) and report["calibration"].get("bins"):
+        written.append(_plot_reliability(report, plots_dir / "reliability.png"))
+        written.append(_plot_confidence_hist(report, plots_dir / "confidence_hist.png"))
+        plot_rel += ["plots/reliability.png", "plots/confidence_hist.png"]
 
     md = _markdown(report, plot_rel, many_threshold, few_threshold)
     written.append(write_text(out / "report.md", md))

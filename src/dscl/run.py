@@ -797,13 +797,22 @@ class ClassifierRecord:
     stats_recorded: bool = True
     #: the spec of the evaluation backbone (architecture and input settings); None for versions 1-2
     spec: BackboneSpec | None = None
+    #: temperature T of the plain classifier's logits (calibrated probabilities: ``softmax(logits / T)``),
+    #: fitted by NLL on the validation split after the classifier was selected (Guo et al. 2017); None
+    #: where there is none: no validation split, an imported classifier, or a checkpoint written before
+    #: temperatures were fitted (``temperature_fit`` says which)
+    temperature: float | None = None
+    #: how ``temperature`` was fitted: ``{"split": "val", "description", "n", "nll_before", "nll_after",
+    #: "method"}``, or ``{"split": None, "reason": ...}`` when none could be; None for older checkpoints
+    temperature_fit: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"stage": "classify", "protocol": self.protocol, "backbone_name": self.backbone_name,
                 "num_classes": self.num_classes, "selected_epoch": self.selected_epoch,
                 "selection": self.selection, "history": self.history, "wall_seconds": self.wall_seconds,
                 "imported": self.imported, "data": self.data.to_dict() if self.data is not None else None,
-                "spec": _spec_dict(self.spec)}
+                "spec": _spec_dict(self.spec), "temperature": self.temperature,
+                "temperature_fit": self.temperature_fit}
 
     @staticmethod
     def _common(d: Mapping[str, Any]) -> dict[str, Any]:
@@ -813,7 +822,11 @@ class ClassifierRecord:
                 "wall_seconds": float(d.get("wall_seconds") or 0.0),
                 "imported": dict(d["imported"]) if d.get("imported") else None,
                 "data": DataMeta.from_dict(d.get("data", d)),
-                "stats_recorded": "feature_stats" in d, "spec": _spec_of(d.get("spec"))}
+                "stats_recorded": "feature_stats" in d, "spec": _spec_of(d.get("spec")),
+                # absent from checkpoints written before temperature scaling (issue 31): None, no version bump
+                "temperature": _optional(d, "temperature", float),
+                "temperature_fit": dict(d["temperature_fit"]) if isinstance(d.get("temperature_fit"), Mapping)
+                else None}
 
 
 @dataclass

@@ -64,7 +64,12 @@ MODULES = {"tensorboard": "torch.utils.tensorboard", "wandb": "wandb", "mlflow":
 #: A run in ``OUT/runs/<run>`` is one of a comparison / sweep when ``OUT`` holds one of these.
 GROUP_FILES = ("compare-config.yaml", "sweep-config.yaml")
 #: The report's numbers logged as summary metrics (percentages).
-REPORT_METRICS = ("top1", "top5", "top1_macro", "many", "medium", "few")
+REPORT_METRICS = ("top1", "top5", "top1_macro", "many", "medium", "few", "worst_class", "harmonic_mean",
+                  "geometric_mean")
+#: The scalar calibration metrics of a report row logged under ``<split>/calibration/`` (ECEs in percent, NLL in
+#: nats, Brier 0-2; dscl.calibration.calibration_report's keys).
+CALIBRATION_METRICS = ("ece", "adaptive_ece", "classwise_ece", "mce", "nll", "brier", "overconfidence",
+                       "underconfidence")
 #: Stage 1's records and the key of their x axis. Stage 1 only moves forward in a run, so a record at or below the
 #: point a tracker already has comes from a resumed stage 1, which trains (and logs) the steps after its checkpoint
 #: again: the tracker keeps the point it has (MLflow and W&B cannot replace one), and every step is there once.
@@ -607,14 +612,38 @@ def forward(run_dir: str | Path, record: Mapping[str, Any]) -> None:
         session.each(lambda t: t.event(stage, record, step, cfg))
 
 
+def _calibration_metrics(calibration: Any, prefix: str, groups: bool = True) -> dict[str, float]:
+    """``<prefix>/ece`` ... of a calibration object (:data:`CALIBRATION_METRICS`) and, with ``groups``,
+    ``<prefix>/<group>/ece`` ... per Many / Medium / Few; None values and a missing object left out."""
+    if not isinstance(calibration, Mapping):
+        return {}
+    out = {f"{prefix}/{k}": float(calibration[k]) for k in CALIBRATION_METRICS
+           if isinstance(calibration.get(k), (int, float))}
+    for group, entry in (calibration.get("groups") or {}).items() if groups else ():
+        if isinstance(entry, Mapping):
+            out.update({f"{prefix}/{group}/{k}": float(entry[k]) for k in CALIBRATION_METRICS
+                        if isinstance(entry.get(k), (int, float))})
+    return out
+
+
 def report_metrics(report: Mapping[str, Any], prefix: str = "test") -> dict[str, float]:
     """The report's numbers as summary metrics: ``<prefix>/top1`` ..., ``<prefix>/<variant>/top1`` ...,
-    ``<prefix>/test_agnostic/<distribution>`` (None values left out)."""
+    ``<prefix>/test_agnostic/<distribution>``, the calibration metrics ``<prefix>/calibration/ece`` ...
+    (per group ``<prefix>/calibration/many/ece`` ...), the temperature ``<prefix>/calibration/temperature`` and
+    the metrics after temperature scaling ``<prefix>/calibration/temperature_scaled/ece`` ..., and each
+    variant's ``<prefix>/<variant>/calibration/ece`` ... (None values left out)."""
     out = {f"{prefix}/{k}": float(report[k]) for k in REPORT_METRICS if isinstance(report.get(k), (int, float))}
+    calibration = report.get("calibration")
+    out.update(_calibration_metrics(calibration, f"{prefix}/calibration"))
+    temp = calibration.get("temperature") if isinstance(calibration, Mapping) else None
+    if isinstance(temp, Mapping) and isinstance(temp.get("temperature"), (int, float)):
+        out[f"{prefix}/calibration/temperature"] = float(temp["temperature"])
+        out.update(_calibration_metrics(temp, f"{prefix}/calibration/temperature_scaled", groups=False))
     for row in report.get("variants") or []:
         name = _slug(str(row.get("method", "")))
         out.update({f"{prefix}/{name}/{k}": float(row[k]) for k in REPORT_METRICS
                     if isinstance(row.get(k), (int, float))})
+        out.update(_calibration_metrics(row.get("calibration"), f"{prefix}/{name}/calibration", groups=False))
     agnostic = report.get("test_agnostic")
     if isinstance(agnostic, Mapping):
         out.update({f"{prefix}/test_agnostic/{k}": float(v) for k, v in agnostic.items()

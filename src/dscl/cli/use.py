@@ -119,7 +119,8 @@ def _predict_rows(fh: IO[str], p: Predictor | EnsemblePredictor, inputs: Inputs,
         for batch in iter_files(p.transform, inputs.paths, batch_size=args.batch_size, workers=args.workers):
             logits = (p.batch_logits(batch.images, args.variant) if len(batch.images)
                       else torch.zeros(0, p.num_classes))
-            probs = torch.softmax(logits, dim=1)
+            # --calibrated: softmax(logits / T); the logit_i columns stay the raw logits
+            probs = torch.softmax(p.calibrate(logits, args.variant) if args.calibrated else logits, dim=1).float()
             top_p, top_i = probs.topk(k, dim=1)
             j = 0
             for i, path, error in zip(batch.indices, batch.paths, batch.errors, strict=True):
@@ -152,6 +153,8 @@ def _predict_summary(p: Predictor | EnsemblePredictor, inputs: Inputs, args: arg
 
     n_ok = len(inputs.paths) - len(seen.failed)
     lines = [f"predicted {n_ok} of {len(inputs.paths)} images ({args.variant} classifier of {p.run_dir})"
+             + (f"; calibrated probabilities softmax(logits / T), T = {p.temperature:.4g}" if args.calibrated
+                and p.temperature is not None else "")
              + (f"; rows in {args.out}" if args.out else "")]
     if seen.labels:
         cfg = p.cfg
@@ -191,6 +194,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
         check_output_file(Path(args.out), overwrite=args.overwrite)  # before any work
     p = load_model(args.run, device=args.device)  # a run, or an ensemble folder of `dscl ensemble`
     p.require_classifier()
+    if args.calibrated:  # before any image is read: a run without a temperature, an ensemble, a variant
+        import torch
+
+        p.calibrate(torch.zeros(0, p.num_classes), args.variant)
     inputs = collect_inputs(args.inputs, num_classes=p.num_classes, data_root=args.data_root,
                             class_names=p.class_names)
     for note in inputs.notes:
@@ -350,6 +357,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--logits", action="store_true", help="also write the raw logits of the top-k classes")
     p.add_argument("--all-probs", action="store_true",
                    help="also write every class's probability (one prob:<class name> column per class)")
+    p.add_argument("--calibrated", action="store_true",
+                   help="temperature-scaled probabilities softmax(logits / T), T fitted on the validation split by "
+                        "dscl classify (same top-k classes, better-calibrated confidences; --logits still writes "
+                        "the raw logits); plain variant only, not for ensembles")
     p.set_defaults(handler=cmd_predict)
 
     p = sub.add_parser("embed", help="L2-normalised backbone features of images -> .npz (features, paths, labels)")
