@@ -4,15 +4,20 @@
 #   bash scripts/gpu_check.sh [--dry-run] [OUT]          (OUT defaults to gpu_check/)
 #
 # On a machine with a CUDA GPU, from the repository root; dscl need not be installed (src/ is put on
-# PYTHONPATH; torch, torchvision, numpy, pillow, pyyaml, tqdm and matplotlib must be importable). About
-# 5-8 minutes on one H100 / H200. Steps, each logged to OUT/<step>.log and timed in OUT/summary.txt:
-#   1. cuda-tests    pytest -m cuda (the GPU tests: autocast, bf16/fp16 steps, determinism, nccl, views)
-#   2. gpu-speed     benchmarks/gpu_speed.py: the stage-1 step in fp32 / bf16 / fp16 vs the straightforward
-#                    step at ImageNet-LT settings (resnet50, 224 px, 5 x 64 px patches, K = 65536, batch 128),
-#                    img/s and peak memory -> OUT/gpu_speed.json
-#   3. stage1-*      a short stage 1 on synthetic long-tailed images (written to OUT/data), once with
-#                    per-slot and once with joint patch BatchNorm -> OUT/stage1-per-slot/, OUT/stage1-joint/
-#   4. resume        the per-slot run continued for one more epoch with --resume
+# PYTHONPATH; torch, torchvision, numpy, pillow, pyyaml, tqdm and matplotlib must be importable; step 3 also
+# needs open_clip_torch, peft and safetensors, the open_clip and lora extras). About 6-10 minutes on one
+# H100 / H200. Steps, each logged to OUT/<step>.log and timed in OUT/summary.txt:
+#   1. cuda-tests     pytest -m cuda (the GPU tests: autocast, bf16/fp16 steps, determinism, nccl, views)
+#   2. gpu-speed      benchmarks/gpu_speed.py: the stage-1 step in fp32 / bf16 / fp16 vs the straightforward
+#                     step at ImageNet-LT settings (resnet50, 224 px, 5 x 64 px patches, K = 65536, batch 128),
+#                     img/s and peak memory -> OUT/gpu_speed.json
+#   3. finetune-step  benchmarks/finetune_cost.py: the stage-1 step of open_clip ViT-B/16 (random weights in a
+#                     local file) with model.finetune = full / lora / frozen, each in a fresh process, bf16
+#                     autocast, 224 px, 5 x 64 px patches, K = 65536, batch 64: img/s and peak
+#                     torch.cuda.max_memory_allocated, ratios to full -> OUT/finetune_cost.json
+#   4. stage1-*       a short stage 1 on synthetic long-tailed images (written to OUT/data), once with
+#                     per-slot and once with joint patch BatchNorm -> OUT/stage1-per-slot/, OUT/stage1-joint/
+#   5. resume         the per-slot run continued for one more epoch with --resume
 # --dry-run runs the same steps on the CPU with tiny sizes (CI does, so the script keeps working); its
 # numbers mean nothing. The exit code is non-zero when any step failed; later steps still run.
 set -uo pipefail
@@ -30,6 +35,7 @@ export CUBLAS_WORKSPACE_CONFIG=${CUBLAS_WORKSPACE_CONFIG:-:4096:8}
 if [ $dry = 1 ]; then
   device=cpu
   speed_args=(--device cpu --backbone resnet18 --image-size 64 --patch-size 32 --batch 4 --queue 8 --classes 5 --steps 1)
+  finetune_args=(--tiny --device cpu --modes full,lora,frozen --steps 1 --warmup 1 --repeats 1)
   stage1=(model.backbone=convnet data.image_size=32 views.patch_size=16 views.num_patches=2 optim.batch_size=16
           model.queue_size=64 classifier.epochs=1 data.num_workers=0)
   per_class="12,8,5,4,3,3,2,2"
@@ -37,6 +43,8 @@ else
   device=cuda
   speed_args=(--device cuda --backbone resnet50 --image-size 224 --patch-size 64 --patches 5 --batch 128
               --queue 65536 --classes 1000 --steps 20)
+  finetune_args=(--device cuda --amp bf16 --batch 64 --image-size 224 --patch-size 64 --patches 5 --queue 65536
+                 --modes full,lora,frozen --steps 10 --warmup 3 --repeats 1)
   stage1=(model.backbone=resnet18 data.image_size=64 views.patch_size=32 views.num_patches=5 optim.batch_size=128
           model.queue_size=4096 model.channels_last=true)
   per_class="600,400,260,170,110,70,45,30,20,12"
@@ -67,7 +75,10 @@ step cuda-tests "$py" -m pytest -q -m cuda tests -p no:cacheprovider
 # 2. the step benchmark at ImageNet-LT settings
 step gpu-speed "$py" benchmarks/gpu_speed.py "${speed_args[@]}" --out "$out/gpu_speed.json"
 
-# 3. synthetic long-tailed images: class k gets per_class[k] train images, 8 test images each
+# 3. the step per fine-tuning mode (open_clip ViT-B/16): speed and peak GPU memory of full / lora / frozen
+step finetune-step "$py" benchmarks/finetune_cost.py "${finetune_args[@]}" --out "$out/finetune_cost.json"
+
+# 4. synthetic long-tailed images: class k gets per_class[k] train images, 8 test images each
 step data "$py" - "$out/data" "$per_class" <<'EOF'
 import sys
 from pathlib import Path
@@ -93,7 +104,7 @@ for bn in per-slot joint; do
   step "stage1-$bn" "$py" -m dscl run "${common[@]}" model.patch_bn=$bn --out "$out/stage1-$bn"
 done
 
-# 4. resume: one more epoch of the per-slot run (exact continuation is tested on the CPU in CI)
+# 5. resume: one more epoch of the per-slot run (exact continuation is tested on the CPU in CI)
 step resume "$py" -m dscl pretrain --out "$out/stage1-per-slot" --resume optim.epochs=3 --device "$device" --no-progress
 
 "$py" - "$out" 2>&1 <<'EOF' | tee -a "$out/summary.txt"

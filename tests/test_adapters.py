@@ -250,3 +250,42 @@ def test_layer_decay_scales_follow_the_definition():
         for n in group:
             assert scales[n] == pytest.approx(0.5 * 0.8 ** (4 - g)), n
     assert lr_scales(vit, names, backbone_lr=0.1, layer_decay=1.0) == {n: 0.1 for n in names}
+
+
+@pytest.mark.parametrize("backbone,args", [("timm:vit_tiny_patch16_224", VIT),
+                                           ("open_clip:ViT-B-16", {"width": 32, "layers": 2, "head_width": 16,
+                                                                   "image_size": 32})])
+def test_grad_checkpointing_gives_the_same_gradients_to_adapters_behind_frozen_layers(backbone, args):
+    """model.grad_checkpointing recomputes each block in the backward pass: the LoRA gradients (which flow back
+    through frozen layers whose input needs no grad) are those of the plain forward, and the switch is on."""
+    if backbone.startswith("open_clip"):
+        pytest.importorskip("open_clip", reason="the optional open_clip extra is not installed")
+    from dscl.model import enable_grad_checkpointing
+
+    grads = []
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        net = build_backbone(backbone, args=args)
+        apply_finetune(net, _Model("lora"))
+        _randomise_adapters(net)
+        if ckpt:
+            enable_grad_checkpointing(net, backbone)
+            inner = net.model
+            assert getattr(inner, "grad_checkpointing", None) or inner.transformer.grad_checkpointing
+        pooled, fmap = net.forward_with_map(x)
+        (pooled.square().sum() + fmap.mean()).backward()
+        grads.append({n: p.grad.clone() for n, p in net.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for n, g in grads[0].items():
+        assert g.abs().sum() > 0, n
+        torch.testing.assert_close(grads[1][n], g, rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_grad_checkpointing_is_refused_where_it_would_not_be_exact_or_does_not_exist():
+    from dscl.model import enable_grad_checkpointing
+
+    with pytest.raises(ConfigError, match="model.grad_checkpointing: convnet has no gradient checkpointing"):
+        enable_grad_checkpointing(build_backbone("convnet"), "convnet")
+    with pytest.raises(ConfigError, match="BatchNorm layers, whose running statistics"):
+        enable_grad_checkpointing(build_backbone("timm:resnet18"), "timm:resnet18")

@@ -82,7 +82,7 @@ class FinetunePlan:
 # blocks
 
 
-def _weights_module(backbone: nn.Module) -> nn.Module:
+def weights_module(backbone: nn.Module) -> nn.Module:
     """The module pretrained files (and peft's module names) describe: a Backbone's ``weights_module()``."""
     get = getattr(backbone, "weights_module", None)
     return get() if callable(get) else backbone
@@ -109,7 +109,7 @@ def _groups_by_starts(names: list[str], starts: list[str]) -> list[list[str]]:
 def _timm_groups(backbone: nn.Module, names: list[str]) -> list[list[str]] | None:
     """timm's fine parameter grouping (``group_matcher(coarse=False)``: stem, then one group per block, the
     final norm with the last block), via ``timm.models.group_parameters``; None if the model has none."""
-    model = _weights_module(backbone)
+    model = weights_module(backbone)
     matcher = getattr(model, "group_matcher", None)
     if matcher is None:
         return None
@@ -167,7 +167,7 @@ def default_lora_targets(backbone: nn.Module) -> str | list[str]:
     Raises:
         ConfigError: nothing to adapt (set ``model.lora_targets``).
     """
-    model = _weights_module(backbone)
+    model = weights_module(backbone)
     modules = dict(model.named_modules())
     if any(re.fullmatch(r".*\.attn\.qkv", n) for n in modules):  # timm ViTs (plain 'proj' would hit patch_embed)
         return r".*\.attn\.(qkv|proj)"
@@ -192,7 +192,7 @@ def inject_lora(backbone: nn.Module, *, rank: int, alpha: float, dropout: float,
                 targets: str | list[str] | None) -> str | list[str]:
     """Add LoRA adapters (peft) to the backbone's weights module in place; returns the targets used."""
     peft = _peft()
-    model = _weights_module(backbone)
+    model = weights_module(backbone)
     targets = targets or default_lora_targets(backbone)
     for module in model.modules():  # peft's MultiheadAttention merge re-registers parameters: keep their order
         module.__dict__["_dscl_param_order"] = tuple(module._parameters)

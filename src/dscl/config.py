@@ -179,6 +179,12 @@ class ModelConfig:
     # the layers that get adapters, a regular expression peft full-matches against the module names of the
     # backbone's weights (e.g. 'blocks\.\d+\.attn\.qkv'); empty = the family's default (README)
     lora_targets: str | None = None
+    # gradient checkpointing of the backbone's blocks (timm / open_clip models that support it): the
+    # online encoder keeps only each block's input and recomputes the rest in the backward pass, which trades
+    # ~30% more compute for far less activation memory; the gradients are the same (recomputation repeats
+    # the forward exactly, dropout's random state included). Refused for a backbone with BatchNorm, whose
+    # recomputation would update the running statistics twice.
+    grad_checkpointing: bool = False
     zero_init_residual: bool = True  # built-ins only (timm models take their own arguments)
     dim: int = in_range(128, 1)  # embedding dimension
     queue_size: int = in_range(65536, 0)  # K

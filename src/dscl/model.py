@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dscl.adapters import FinetunePlan, apply_finetune, base_digest, merge_lora
+from dscl.adapters import FinetunePlan, apply_finetune, base_digest, merge_lora, weights_module
 from dscl.backbones import Backbone, BackboneSpec, build_backbone_from_spec, network_spec, spec_from_config
 from dscl.config import Config, ConfigError, uses_pbsd
 from dscl.data.preprocess import input_mode
@@ -256,10 +256,32 @@ def build_encoder(cfg: Config, spec: BackboneSpec | None = None, *, pretrained: 
     backbone = build_backbone_from_spec(spec, cfg.model.pretrained if pretrained else None)
     check_patch_grid(backbone, cfg)
     plan = apply_finetune(backbone, cfg.model)  # model.finetune: what trains (full: everything, untouched)
+    if cfg.model.grad_checkpointing:
+        enable_grad_checkpointing(backbone, cfg.model.backbone)
     encoder = Encoder(backbone, dim=cfg.model.dim)
     encoder.held_eval = tuple(plan.held_eval)
     encoder.finetune_plan = plan
     return encoder
+
+
+def enable_grad_checkpointing(backbone: Backbone, name: str) -> None:
+    """``model.grad_checkpointing``: the model's own block checkpointing (timm's and open_clip's
+    ``set_grad_checkpointing``, both non-reentrant, so adapters behind frozen layers still get gradients).
+
+    Raises:
+        ConfigError: the backbone has no such switch, or has BatchNorm (recomputing its forward would update
+            the running statistics a second time).
+    """
+    model = weights_module(backbone)
+    switch = getattr(model, "set_grad_checkpointing", None)
+    if not callable(switch):
+        raise ConfigError(f"model.grad_checkpointing: {name} has no gradient checkpointing (timm and open_clip "
+                          "models have it); set model.grad_checkpointing=false, or lower the batch size / use "
+                          "model.finetune=lora or frozen to save memory")
+    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        raise ConfigError(f"model.grad_checkpointing: {name} has BatchNorm layers, whose running statistics the "
+                          "recomputed forward would update twice; set model.grad_checkpointing=false")
+    switch(True)
 
 
 def check_patch_grid(backbone: Backbone, cfg: Config) -> None:

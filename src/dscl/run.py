@@ -58,7 +58,8 @@ STARTUP_FILES = ("config.yaml", "metrics.jsonl", "checkpoints")
 #: every key of the section; stage 2 and evaluation have not run yet or are run again).
 RESUMABLE_KEYS = ("optim.epochs", "optim.log_every", "optim.deterministic", "optim.checkpoint_every_minutes",
                   "model.pretrained", "data.num_workers", "data.data_root", "data.list_dir", "data.check_files",
-                  "model.channels_last", "views.augment_on", "classifier.*", "eval.*", "log.*")
+                  "model.channels_last", "model.grad_checkpointing", "views.augment_on", "classifier.*", "eval.*",
+                  "log.*")
 
 
 class RunDirError(DsclError, ValueError):
