@@ -655,7 +655,8 @@ def test_a_real_run_logs_to_every_tracker(tmp_path):
     assert len(events.Scalars("classify/train_loss")) == 3
     assert events.Scalars("test/top1")[0].value == pytest.approx(report["top1"])
     assert events.Scalars("test/few")[0].value == pytest.approx(report["few"])
-    assert sorted(events.Tags()["images"]) == ["test/plots/confusion_matrix", "test/plots/per_class_accuracy",
+    assert sorted(events.Tags()["images"]) == ["test/plots/confidence_hist", "test/plots/confusion_matrix",
+                                               "test/plots/per_class_accuracy", "test/plots/reliability",
                                                "test/plots/test_agnostic"]
     view = wandb_view(out / "wandb")
     assert wandb_series(view, "pretrain/loss", "pretrain/step") == logged("pretrain", "loss")
@@ -663,7 +664,8 @@ def test_a_real_run_logs_to_every_tracker(tmp_path):
     client, found = mlflow_run(tmp_path, out)
     assert mlflow_series(client, found.info.run_id, "pretrain/queue_fill") == logged("pretrain", "queue_fill")
     assert found.data.metrics["test/few"] == pytest.approx(report["few"]) and found.info.status == "FINISHED"
-    assert len(client.list_artifacts(found.info.run_id, "test/plots")) == 3
+    assert len(client.list_artifacts(found.info.run_id, "test/plots")) == 5
+    assert found.data.metrics["test/calibration/ece"] == pytest.approx(report["calibration"]["ece"])
 
 
 @pytest.mark.slow  # trains two tiny runs (~15 s) through `dscl compare`
