@@ -72,3 +72,22 @@ def test_missing_open_clip_is_one_line_naming_the_pip_command(monkeypatch):
         build_backbone("open_clip:ViT-B-16", args=TINY)
     message = str(info.value)
     assert "\n" not in message and "pip install 'dscl-lt[open_clip]'" in message
+
+
+def test_a_pretrained_tag_must_match_the_towers_activation(monkeypatch):
+    """open_clip's 'openai' weights were trained with QuickGELU: a tower built with GELU is refused before anything
+    is downloaded (its features would silently differ), and the one built with quick_gelu goes on to the download."""
+    import open_clip.pretrained
+
+    calls = []
+    monkeypatch.setattr(open_clip.pretrained, "download_pretrained",
+                        lambda cfg, *a, **k: calls.append(cfg) or (_ for _ in ()).throw(OSError("offline")))
+    gelu = build_backbone("open_clip:ViT-B-16", args=TINY)
+    with pytest.raises(ConfigError, match=r"trained with QuickGELU, but the tower was built with GELU .*"
+                                          r"model\.backbone_args=\{quick_gelu: true\}"):
+        gelu.named_weights("openai")
+    assert calls == []
+    quick = build_backbone("open_clip:ViT-B-16", args={**TINY, "quick_gelu": True})
+    with pytest.raises(ConfigError, match="could not load it from the hub or its cache"):
+        quick.named_weights("openai")
+    assert len(calls) == 1

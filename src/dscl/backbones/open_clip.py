@@ -62,6 +62,7 @@ class OpenClipBackbone(Backbone):
         self.model: Any = visual
         self.pool = pool
         self.arch = arch
+        self.quick_gelu = False  # whether the tower was built with QuickGELU (build_open_clip; a tag must agree)
         self.num_features = int(visual.conv1.out_channels)
         self.stride = int(visual.patch_size[0])
         self.patch_size = self.stride
@@ -117,6 +118,13 @@ class OpenClipBackbone(Backbone):
                     tags = oc.list_pretrained_tags_by_model(self.arch)
                     raise ConfigError(f"model.pretrained={source}: neither a file nor a pretrained tag of open_clip "
                                       f"{self.arch} (tags: {', '.join(tags) or 'none'}; or pass a local file)")
+                if bool(cfg.get("quick_gelu")) != self.quick_gelu:
+                    want = bool(cfg.get("quick_gelu"))
+                    raise ConfigError(
+                        f"model.pretrained={source}: open_clip's {self.arch} '{source}' weights were trained with "
+                        f"{'QuickGELU' if want else 'GELU'}, but the tower was built with "
+                        f"{'GELU' if want else 'QuickGELU'} (its features would silently differ); set "
+                        f"'model.backbone_args={{quick_gelu: {str(want).lower()}}}'")
                 path = download_pretrained(cfg)
         except ConfigError:
             raise
@@ -179,7 +187,9 @@ def build_open_clip(spec: BackboneSpec) -> OpenClipBackbone:
     except (TypeError, ValueError, AssertionError) as exc:
         raise ConfigError(f"{spec.qualified_name} with arguments {spec.args}: open_clip could not build the tower "
                           f"({type(exc).__name__}: {first_line(exc)})") from None
-    return OpenClipBackbone(visual, pool=spec.pool, arch=spec.name)
+    backbone = OpenClipBackbone(visual, pool=spec.pool, arch=spec.name)
+    backbone.quick_gelu = quick_gelu  # checked against a pretrained tag's activation (named_weights)
+    return backbone
 
 
 def open_clip_input_settings(spec: BackboneSpec, source: str) -> dict[str, Any]:
