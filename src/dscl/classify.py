@@ -226,7 +226,8 @@ def selection_sentence(splits: DatasetSplits, epoch: int, epochs: int, select: s
 
 def fit_classifier_temperature(backbone: nn.Module, fc: nn.Linear, splits: DatasetSplits, *,
                                transform: EvalTransform, batch_size: int, device: torch.device, workers: int,
-                               progress: bool) -> tuple[float | None, dict[str, Any]]:
+                               progress: bool, val_features: tuple[torch.Tensor, torch.Tensor] | None = None,
+                               ) -> tuple[float | None, dict[str, Any]]:
     """Temperature scaling of the selected classifier (Guo et al. 2017): one scalar T > 0 minimising the NLL
     of ``softmax(fc(features) / T)`` on the **validation** split (:func:`dscl.calibration.fit_temperature`),
     never on the test set. Features are float32 from the evaluation view, as evaluation computes them, so
@@ -237,6 +238,8 @@ def fit_classifier_temperature(backbone: nn.Module, fc: nn.Linear, splits: Datas
         fc: the selected linear layer on raw features (standardisation folded in).
         splits: the run's datasets; ``splits.val`` None means no T.
         transform: the evaluation transform of the backbone's spec.
+        val_features: the validation split's raw float32 features and labels when stage 2 already extracted
+            them with ``transform`` (the cached protocol without autocast); None extracts them here.
 
     Returns:
         ``(T, fit record)``: the record is ``{"split": "val", "description", "n", "nll_before",
@@ -249,9 +252,9 @@ def fit_classifier_temperature(backbone: nn.Module, fc: nn.Linear, splits: Datas
             f"{splits.name} has no validation split to fit a temperature on (fitting it on the test set would "
             "report an optimistic calibration); set data.val_fraction > 0 (or data.val_per_class) and re-run "
             "dscl classify to fit one")}
-    feats, labels = extract_features(backbone, splits.val.with_transform(transform), batch_size=batch_size,
-                                     device=device, workers=workers, progress=progress,
-                                     desc="val features (temperature)")  # float32, as evaluation
+    feats, labels = val_features or extract_features(
+        backbone, splits.val.with_transform(transform), batch_size=batch_size, device=device, workers=workers,
+        progress=progress, desc="val features (temperature)")  # float32, as evaluation
     with torch.no_grad():
         logits = fc.cpu()(feats)
     t = fit_temperature(logits, labels)
@@ -312,11 +315,12 @@ def _classify(run_dir: Path, cfg: Config | None, device: str, progress: bool,
                                     dtype=dtype)
             bank_f.append(f)
             bank_y.append(y)
-        val_pair = None
+        val_pair = raw_val = None
         if splits.val is not None and cc.select == "val":
             val_pair = extract_features(backbone, splits.val.with_transform(eval_t), batch_size=fbatch,
                                         device=dev, workers=workers, progress=progress, desc="val features",
                                         dtype=dtype)
+            raw_val = val_pair if dtype is None else None  # float32 as evaluation: the temperature fit reuses it
         bank = torch.cat(bank_f)
         stats = feature_stats(feats) if cc.standardize else None
         if stats is not None:
@@ -330,7 +334,7 @@ def _classify(run_dir: Path, cfg: Config | None, device: str, progress: bool,
             fc = fold_standardization(fc, stats)  # the saved layer takes raw features, like any other
         train_feats, train_labels = feats, labels
     else:
-        stats = None
+        stats = raw_val = None
         fc, chosen, history = train_linear_official(backbone, splits, cfg, device=dev, progress=progress,
                                                     val=splits.val if cc.select == "val" else None, log=log,
                                                     spec=spec)
@@ -339,7 +343,7 @@ def _classify(run_dir: Path, cfg: Config | None, device: str, progress: bool,
     # after selection, on every rank (extract_features gathers): one T for the plain classifier's logits
     temperature, temperature_fit = fit_classifier_temperature(backbone, fc, splits, transform=eval_t,
                                                               batch_size=fbatch, device=dev, workers=workers,
-                                                              progress=progress)
+                                                              progress=progress, val_features=raw_val)
     path = run_dir / CLASSIFIER_FILE
     if dist.is_main():
         save_classifier(run_dir, ClassifierState(
