@@ -18,6 +18,8 @@
 #   4. stage1-*       a short stage 1 on synthetic long-tailed images (written to OUT/data), once with
 #                     per-slot and once with joint patch BatchNorm -> OUT/stage1-per-slot/, OUT/stage1-joint/
 #   5. resume         the per-slot run continued for one more epoch with --resume
+#   6. augment-speed  benchmarks/augment_speed.py: RandAugment(2, 9) batched on the GPU vs per image (img/s at
+#                     28 and 224 px) -> OUT/augment_speed.json
 # --dry-run runs the same steps on the CPU with tiny sizes (CI does, so the script keeps working); its
 # numbers mean nothing. The exit code is non-zero when any step failed; later steps still run.
 set -uo pipefail
@@ -106,6 +108,9 @@ done
 
 # 5. resume: one more epoch of the per-slot run (exact continuation is tested on the CPU in CI)
 step resume "$py" -m dscl pretrain --out "$out/stage1-per-slot" --resume optim.epochs=3 --device "$device" --no-progress
+
+# 6. RandAugment batched on the device vs per image (issue #32)
+step augment-speed "$py" benchmarks/augment_speed.py $( [ $dry = 1 ] && echo --quick ) --out "$out/augment_speed.json"
 
 "$py" - "$out" 2>&1 <<'EOF' | tee -a "$out/summary.txt"
 import json

@@ -113,3 +113,16 @@ def write_tiny_fmnist(folder: Path) -> None:
     for prefix in ("train", "t10k"):
         for kind, array in (("images-idx3", images), ("labels-idx1", labels)):
             write_idx(folder / f"{prefix}-{kind}-ubyte.gz", array)
+
+
+def without_cuda_sync(fn):
+    """``fn()`` under ``torch.cuda.set_sync_debug_mode("error")``: any host-device synchronisation raises
+    (call it after a warm-up, once the tables are on the device)."""
+    import torch
+
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        return fn()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

@@ -183,7 +183,7 @@ def test_official_profile_sets_the_official_conventions():
     assert own.model.queue_init == "empty" and preset_changes(own) == ["model.queue_init"]  # overrides win
     default = load_config("fmnist-lt")
     assert default.profile == "default" and default.model.queue_init == "empty" and default.model.roi_aligned
-    assert set(PROFILES) == {"default", "official"}
+    assert set(PROFILES) == {"default", "official", "gpaco", "bcl"}  # the last two: tests/test_policies.py
     with pytest.raises(ConfigError, match="unknown profile 'paper'"):
         load_config("smoke", profile="paper")
     back = config_from_dict(yaml.safe_load(yaml.safe_dump(cfg.to_dict())))

@@ -14,7 +14,7 @@ import torchvision.transforms.v2 as T
 import torchvision.transforms.v2.functional as TF
 from torch.utils.data import DataLoader
 
-from conftest import needs_fmnist
+from conftest import needs_fmnist, without_cuda_sync
 from dscl.config import ViewConfig, load_config
 from dscl.data import DSCLTransform, DSCLViews, LTDataset
 from dscl.data import views as V
@@ -300,13 +300,8 @@ def test_batched_views_on_cuda_match_the_cpu_and_do_not_synchronise():
     t = BatchedDSCLTransform(96, views, MEAN, STD, device="cuda", generator=gen)
     image_cuda, size_cuda = canvas.image.cuda(), canvas.size.cuda()
     t(Canvas(image_cuda, size_cuda))  # warm-up: caches the recipe table on the device
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        params = t.draw(size_cuda)
-        out = t.apply(image_cuda, params, size_cuda)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    params = without_cuda_sync(lambda: t.draw(size_cuda))
+    out = without_cuda_sync(lambda: t.apply(image_cuda, params, size_cuda))
     params_cpu = V.ViewParams(*(p.cpu() for p in params[:4]), V._PhotoParams(*(a.cpu() for a in params.photo)))
     ref = BatchedDSCLTransform(96, views, MEAN, STD).apply(canvas.image, params_cpu, canvas.size)
     for a, b in zip(out, ref, strict=True):

@@ -17,10 +17,12 @@ def test_device_check_dry_run(tmp_path: Path) -> None:
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     summary = (out / "summary.txt").read_text()
     assert "DRY RUN" in summary and "FAILED" not in summary
-    for name in ("cuda-tests", "gpu-speed", "finetune-step", "data", "stage1-per-slot", "stage1-joint", "resume"):
+    for name in ("cuda-tests", "gpu-speed", "finetune-step", "data", "stage1-per-slot", "stage1-joint", "resume",
+                 "augment-speed"):
         assert f"== {name}:" in summary and (out / f"{name}.log").is_file(), name
     assert (out / "gpu_speed.json").is_file()
     assert (out / "finetune_cost.json").is_file()
+    assert (out / "augment_speed.json").is_file()
     for bn in ("per-slot", "joint"):
         assert (out / f"stage1-{bn}" / "report.json").is_file()
         assert f"stage 1 {bn}: median" in summary

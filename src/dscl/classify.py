@@ -23,6 +23,7 @@ from dscl import dist
 from dscl.backbones import BackboneSpec
 from dscl.config import Config
 from dscl.data import ClassBalancedSampler, DatasetSplits, LTDataset, build_datasets
+from dscl.data.policies import policy_from
 from dscl.data.views import EvalTransform, classifier_transform_for, eval_transform_for
 from dscl.errors import DivergedError
 from dscl.features import extract_features, recompute_bn
@@ -160,7 +161,7 @@ def train_linear_official(
     dist.broadcast_module(fc)
     opt = torch.optim.SGD(fc.parameters(), lr=cc.lr, momentum=cc.momentum, weight_decay=cc.weight_decay)
     spec = spec if spec is not None else backbone_spec(cfg, splits.mean, splits.std)
-    train = splits.train.with_transform(classifier_transform_for(spec))
+    train = splits.train.with_transform(classifier_transform_for(spec, policy_from(cfg.classifier)))
     sampler = ClassBalancedSampler(train.targets, seed=cfg.optim.seed, rank=rank, world_size=world)
     batch = max(1, cc.batch_size // world)
     loader = make_loader(train, batch, sampler=sampler, workers=num_workers(cfg.data.num_workers),
@@ -308,7 +309,7 @@ def _classify(run_dir: Path, cfg: Config | None, device: str, progress: bool,
         feats, labels = extract_features(backbone, clean_train, batch_size=fbatch, device=dev, workers=workers,
                                          progress=progress, desc="features", dtype=dtype)
         bank_f, bank_y = [feats], [labels]
-        aug = splits.train.with_transform(classifier_transform_for(spec))
+        aug = splits.train.with_transform(classifier_transform_for(spec, policy_from(cfg.classifier)))
         for c in range(cc.augmented_copies):
             f, y = extract_features(backbone, aug, batch_size=fbatch, device=dev, workers=workers,
                                     progress=progress, desc=f"augmented copy {c + 1}/{cc.augmented_copies}",

@@ -75,6 +75,10 @@ def each_one_of(default: tuple[str, ...], choices: tuple[str, ...]) -> Any:
     return field(default=default, metadata={"each_of": choices})
 
 
+#: the view kinds of a DSCL sample that views.policy_on / views.erasing_on choose from
+VIEW_KINDS = ("query", "key", "patches")
+
+
 @dataclass
 class DataConfig:
     """Which long-tailed dataset to read and how to make it long-tailed."""
@@ -146,6 +150,21 @@ class ViewConfig:
     # a small crop then has about the detail it had in a ~375 px ImageNet image). Below 1 every crop
     # loses detail.
     working_scale: float = in_range(1.5, 1, 4)
+    # The peers' augmentation policies (README "Augmentation recipes"; at most one of the three), applied to
+    # the view kinds in policy_on after the crop and flip (patches are cut before) and before the colour
+    # augmentation: randaugment = [N, M]: torchvision's RandAugment, N ops of 14 at magnitude M on its 0-30
+    # scale (none = off); randaugment_p: the probability that each of the N ops applies (1 = torchvision;
+    # 0.5 = timm's RandAugment, which GPaCo and BCL use); trivialaugment: TrivialAugmentWide; autoaugment:
+    # AutoAugment's ImageNet policy. Without any, every draw is the same as before policies existed.
+    randaugment: tuple[int, int] | None = None
+    randaugment_p: float = in_range(1.0, 0, 1, open_low=True)
+    trivialaugment: bool = False
+    autoaugment: bool = False
+    policy_on: tuple[str, ...] = each_one_of(("query", "patches"), VIEW_KINDS)
+    # random erasing with this probability (torchvision RandomErasing: area 0.02-0.33, aspect 0.3-3.3, zeros
+    # on the normalised view) on the view kinds in erasing_on; 0 = off
+    erasing: float = in_range(0.0, 0, 1)
+    erasing_on: tuple[str, ...] = each_one_of(("query", "patches"), VIEW_KINDS)
 
 
 @dataclass
@@ -266,6 +285,14 @@ class ClassifierConfig:
     standardize: bool = False
     # official protocol: BatchNorm statistics re-estimated (model.train()) as the official code does.
     update_bn: bool = True
+    # the augmentation policy and random erasing of the augmented training view (cached protocol's copies,
+    # official protocol's epochs); same meaning as the views.* keys of the same names (GPaCo and BCL train
+    # their classifier on RandAugment views)
+    randaugment: tuple[int, int] | None = None
+    randaugment_p: float = in_range(1.0, 0, 1, open_low=True)
+    trivialaugment: bool = False
+    autoaugment: bool = False
+    erasing: float = in_range(0.0, 0, 1)
     # post-hoc rows of the report
     logit_adjust_tau: float = in_range(1.0, 0)
     tau_norm: float = in_range(1.0, 0)
@@ -325,12 +352,31 @@ SECTIONS = ("data", "views", "model", "loss", "optim", "classifier", "eval", "lo
 
 #: Named sets of conventions applied over a preset (before a config file and overrides, which still
 #: win). ``official`` restores the official code's behaviour wherever ours deliberately differs
-#: (README "Deliberate differences"); hyperparameters stay the preset's.
+#: (README "Deliberate differences"); hyperparameters stay the preset's. ``gpaco`` and ``bcl`` are the
+#: peers' augmentation recipes (README "Augmentation recipes"; not the paper's), in both stages:
+#: - GPaCo (dvlab-research/Parametric-Contrastive-Learning, GPaCo/LT/paco_lt.py, sh/LT/ImageNetLT_train_R50.sh:
+#:   --aug randcls_randclsstack --randaug_n 2 --randaug_m 10): both contrastive views get timm's
+#:   'rand-n2-m10-mstd0.5' (each op p 0.5; m 10 of timm's 10 = torchvision's 30 of 30), and both feed its
+#:   classifier; blur stays on (its second view has it);
+#: - BCL (FlamieZhu/Balanced-Contrastive-Learning, main.py: randaug_n 2, randaug_m 10; README: the 57.8
+#:   ResNeXt-50 row is cl_views rand-rand): the same RandAugment on both contrastive views and on the
+#:   classifier branch's view; its SimCLR views have no blur.
+_PEER_RANDAUGMENT = {"randaugment": [2, 30], "randaugment_p": 0.5}
+#: the profiles under which a preset is still the paper's configuration (its ``expected`` numbers apply)
+PAPER_PROFILES = ("default", "official")
 PROFILES: dict[str, dict[str, dict[str, Any]]] = {
     "default": {},
     "official": {
         "model": {"patch_bn": "per-slot", "roi_aligned": False, "queue_init": "random"},
         "classifier": {"protocol": "official", "standardize": False, "update_bn": True},
+    },
+    "gpaco": {
+        "views": {**_PEER_RANDAUGMENT, "policy_on": ["query", "key", "patches"]},
+        "classifier": dict(_PEER_RANDAUGMENT),
+    },
+    "bcl": {
+        "views": {**_PEER_RANDAUGMENT, "policy_on": ["query", "key", "patches"], "blur": False},
+        "classifier": dict(_PEER_RANDAUGMENT),
     },
 }
 
@@ -632,11 +678,12 @@ def preset_changes(cfg: Config) -> list[str]:
     :data:`NEUTRAL_KEYS`.
 
     An empty list means the run is the preset's configuration, so the preset's ``expected`` numbers
-    apply to it. A preset that no longer exists counts as changed (``["preset"]``).
+    apply to it. A preset that no longer exists counts as changed (``["preset"]``). The peers' recipes
+    (``--profile gpaco`` / ``bcl``) are not the paper's: their keys count as changes.
     """
     if cfg.preset not in preset_names():
         return ["preset"]
-    ref = load_config(cfg.preset, profile=cfg.profile).to_dict()
+    ref = load_config(cfg.preset, profile=cfg.profile if cfg.profile in PAPER_PROFILES else None).to_dict()
     mine = cfg.to_dict()
     changed = []
     for section in SECTIONS:
@@ -767,8 +814,24 @@ def validate(cfg: Config) -> None:
     need(not (cfg.classifier.standardize and cfg.classifier.protocol == "official"),
          "classifier.standardize=true needs classifier.protocol=cached (the official protocol re-runs the "
          "backbone every epoch, so there are no fixed features to standardise)")
+    for section in ("views", "classifier"):
+        _check_policy(getattr(cfg, section), section)
     need(cfg.eval.few_threshold <= cfg.eval.many_threshold, "eval.few_threshold must be <= eval.many_threshold")
     need(bool(cfg.log.project.strip()), "log.project must not be empty (it names the W&B project / MLflow experiment)")
+
+
+def _check_policy(sub: Any, section: str) -> None:
+    """At most one augmentation policy per section, and RandAugment's [N, M] in range."""
+    chosen = [f"{section}.{k}" for k, on in (("randaugment", sub.randaugment is not None),
+                                             ("trivialaugment", sub.trivialaugment), ("autoaugment", sub.autoaugment))
+              if on]
+    if len(chosen) > 1:
+        raise ConfigError(f"{' and '.join(chosen)} are both set; choose one augmentation policy (set the others to "
+                          f"none / false)")
+    ra = sub.randaugment
+    if ra is not None and not (len(ra) == 2 and 1 <= ra[0] <= 10 and 0 <= ra[1] <= 30):
+        raise ConfigError(f"{section}.randaugment must be [N, M]: N ops in [1, 10] and magnitude M in [0, 30] "
+                          f"(torchvision's scale; e.g. [2, 9]), or none; got {list(ra)}")
 
 
 def flat_config(cfg: Config) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from dscl.calibration import apply_temperature, calibration_report, reliability_
 from dscl.config import Config, method_name, preset_changes, preset_expected
 from dscl.data import DataError, DatasetSplits, build_datasets
 from dscl.data.inputs import LIST_SUFFIXES, Inputs, collect_inputs
+from dscl.data.policies import describe as describe_policy
 from dscl.errors import UsageError
 from dscl.features import extract_features
 from dscl.inference import EnsemblePredictor, Predictor, is_ensemble, load_ensemble, load_run
@@ -451,7 +452,9 @@ def run_facts(stage1: Stage1Summary, splits: DatasetSplits | None, cfg: Config, 
         facts["conventions"] = {"patch_bn": cfg.model.patch_bn, "roi_aligned": cfg.model.roi_aligned,
                                 "queue_init": cfg.model.queue_init,
                                 "classifier_protocol": classifier.protocol if classifier else cfg.classifier.protocol,
-                                "classifier_standardize": cfg.classifier.standardize}
+                                "classifier_standardize": cfg.classifier.standardize,
+                                "augmentation": {"views": describe_policy(cfg.views),
+                                                 "classifier": describe_policy(cfg.classifier)}}
         if classifier is not None and standardized is not None and classifier.stats_recorded:
             facts["conventions"]["classifier_standardize"] = standardized
     if splits is not None and s1.train_fingerprint not in (None, fingerprint):

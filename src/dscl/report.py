@@ -456,6 +456,10 @@ def _facts_lines(report: Mapping[str, Any]) -> list[str]:
                      f"roi_align aligned={conv.get('roi_aligned')}, queue start {conv.get('queue_init')}, "
                      f"stage-2 protocol {conv.get('classifier_protocol')}"
                      + (" on standardised features" if conv.get("classifier_standardize") else ""))
+        augmentation = conv.get("augmentation")
+        if isinstance(augmentation, Mapping):  # reports before issue #32 have none
+            lines.append(f"- Augmentation policy: stage 1 {augmentation.get('views')}, stage 2 "
+                         f"{augmentation.get('classifier')}")
     return lines
 
 

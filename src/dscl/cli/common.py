@@ -15,6 +15,10 @@ EXIT_PREEMPTED = 3
 #: an uncaught exception, so scripts that only check "non-zero" see no change
 EXIT_INTERNAL = 1
 
+#: ``--profile`` choices: the keys of :data:`dscl.config.PROFILES` (not imported here: the parser stays light;
+#: tests/test_policies.py checks they agree)
+PROFILE_NAMES = ("default", "official", "gpaco", "bcl")
+
 #: A ``section.key=value`` config override (what ``main`` collects from anywhere on the command line).
 OVERRIDE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\.[A-Za-z_][A-Za-z0-9_]*=")
 #: Shortcut flags of the configuration group and the config key each one sets.
@@ -27,10 +31,12 @@ def config_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("configuration")
     g.add_argument("--preset", default=None,
                    help="preset name (default fmnist-lt; see `dscl presets`)")
-    g.add_argument("--profile", choices=("default", "official"), default=None,
+    g.add_argument("--profile", choices=PROFILE_NAMES, default=None,
                    help="official: the official code's conventions in both stages over the preset (per-slot "
                         "patch BatchNorm, roi_align aligned=False, a random full queue at the start, the "
-                        "official stage-2 protocol on raw features); see README 'Deliberate differences'")
+                        "official stage-2 protocol on raw features); see README 'Deliberate differences'. "
+                        "gpaco / bcl: those peers' augmentation recipe in both stages (RandAugment on both "
+                        "views and the classifier's; not the paper's); see README 'Augmentation recipes'")
     g.add_argument("--config", default=None, metavar="FILE", help="YAML file applied over the preset")
     g.add_argument("--dataset", default=None,
                    help="fmnist-lt, cifar10-lt, cifar100-lt, split or folder (same as data.dataset=NAME)")

@@ -50,6 +50,7 @@ import torchvision.transforms.v2.functional as TF
 from torch import Tensor
 
 from dscl.config import ViewConfig
+from dscl.data.policies import PolicyParams, apply_policy_batch, erase_batch
 from dscl.data.views import (
     _GRAY,
     _SIGMA_MAX,
@@ -59,8 +60,8 @@ from dscl.data.views import (
     _PhotoParams,
     _Recipe,
     draw_view_params,
+    sample_uniforms,
     view_recipes,
-    view_uniforms,
 )
 
 __all__ = [
@@ -288,7 +289,7 @@ class BatchedDSCLTransform:
         self.generator = generator
         self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
-        self._uniforms = view_uniforms(self.num_patches)
+        self._uniforms = sample_uniforms(views)
         self._recipes = view_recipes(views)  # key, query, patches
 
     def draw(self, source_size: Tensor) -> ViewParams:
@@ -325,24 +326,35 @@ class BatchedDSCLTransform:
         # patches are cut from the flipped query crop before its colour augmentation: (N, L, 3, p, p)
         patches = _resized_crops(pair[:, 0], py.view(n, n_patches, psize, size), px.view(n, n_patches, psize, size))
         photo = _PhotoParams(*(a.to(dev) for a in params.photo))  # (N, 2 + L): key, query, patches
-        query = self._finish(pair[:, 0], photo, slice(1, 2), self._recipes[1])
-        key = self._finish(pair[:, 1], photo, slice(0, 1), self._recipes[0])
-        flat = self._finish(patches.reshape(n * n_patches, 3, psize, psize), photo,
+        drawn = PolicyParams(*(a.to(dev) for a in params.policy)) if params.policy is not None else None
+        query = self._finish(pair[:, 0], photo, drawn, slice(1, 2), self._recipes[1])
+        key = self._finish(pair[:, 1], photo, drawn, slice(0, 1), self._recipes[0])
+        flat = self._finish(patches.reshape(n * n_patches, 3, psize, psize), photo, drawn,
                             slice(2, 2 + n_patches), self._recipes[2] if n_patches else self._recipes[1])
         i, j, h, w = boxes.unbind(-1)
         xyxy = torch.stack([j, i, j + w, i + h], dim=-1).to(torch.float32)
         return DSCLViews(query, key, flat.reshape(n, n_patches, 3, psize, psize), xyxy)
 
-    def _finish(self, x: Tensor, photo: _PhotoParams, columns: slice, recipe: _Recipe) -> Tensor:
-        """Photometric augmentation (images of ``columns`` of ``photo``, image-major) and normalisation."""
+    def _finish(self, x: Tensor, photo: _PhotoParams, drawn: PolicyParams | None, columns: slice,
+                recipe: _Recipe) -> Tensor:
+        """Policy, photometric augmentation (images of ``columns`` of ``photo`` / ``drawn``, image-major),
+        normalisation and random erasing."""
+        def pick(a: Tensor) -> Tensor:
+            return a[:, columns].reshape(-1, *a.shape[2:])
+
+        if drawn is not None and drawn.ops.shape[-1]:
+            x = apply_policy_batch(x, pick(drawn.ops), pick(drawn.magnitude))
         if self.views.photometric and x.shape[0]:
             # a slice, never a Python list: list indexing builds an index tensor on the host and copies it
             # to the device with a blocking copy (the host would wait for the GPU three times per step)
-            picked = _PhotoParams(*(a[:, columns].reshape(-1, *a.shape[2:]) for a in photo))
+            picked = _PhotoParams(*(pick(a) for a in photo))
             x = _color(x, picked, recipe)
             if recipe.p_blur > 0:
                 x = _blur(x, picked.sigma)
-        return (x - self.mean) / self.std
+        x = (x - self.mean) / self.std
+        if drawn is not None and self.views.erasing > 0:
+            x = erase_batch(x, pick(drawn.erase))
+        return x
 
     def __call__(self, canvas: Canvas) -> DSCLViews:
         images = canvas.image.to(self.device, non_blocking=True)
@@ -362,6 +374,9 @@ def params_from_numpy(params: list[ViewParams]) -> ViewParams:
         return torch.from_numpy(np.concatenate(arrays))
 
     photo = _PhotoParams(*(cat([getattr(p.photo, f) for p in params]) for f in _PhotoParams._fields))
+    policy = None
+    if params and params[0].policy is not None:
+        policy = PolicyParams(*(cat([getattr(p.policy, f) for p in params]) for f in PolicyParams._fields))
     return ViewParams(crops=cat([p.crops for p in params]), flips=cat([p.flips for p in params]),
                       boxes=cat([p.boxes for p in params]), patch_flips=cat([p.patch_flips for p in params]),
-                      photo=photo)
+                      photo=photo, policy=policy)

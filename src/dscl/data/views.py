@@ -40,6 +40,16 @@ from PIL import Image
 
 from dscl.config import ViewConfig
 from dscl.data.core import DataError
+from dscl.data.policies import (
+    NO_POLICY,
+    Policy,
+    PolicyParams,
+    apply_policy_one,
+    draw_policy,
+    erase_one,
+    policy_from,
+    policy_uniforms,
+)
 from dscl.data.preprocess import Preprocess
 
 if TYPE_CHECKING:
@@ -147,6 +157,8 @@ def _fallback_size(height: Any, width: Any, ratio: tuple[float, float], fallback
     ("center") or the whole image ("whole"); python numbers in, python numbers out, else arrays."""
     if fallback == "whole":
         return height, width
+    if fallback == "none":
+        return 0.0 * height, 0.0 * width
     lo, hi = min(ratio), max(ratio)
     if not (_is_array(height) or _is_array(width)):
         if width / height < lo:
@@ -160,7 +172,8 @@ def _fallback_size(height: Any, width: Any, ratio: tuple[float, float], fallback
 
 
 def sample_boxes(
-    u: Array, height: Any, width: Any, scale: tuple[float, float], ratio: tuple[float, float], fallback: str
+    u: Array, height: Any, width: Any, scale: tuple[float, float], ratio: tuple[float, float], fallback: str,
+    strict: bool = False,
 ) -> Array:
     """RandomResizedCrop boxes ``(..., 4)`` as int64 ``(i, j, h, w)`` (top, left, height, width).
 
@@ -170,7 +183,9 @@ def sample_boxes(
     Area fraction ~ U(scale), aspect ratio log-uniform in ``ratio``, ``w = round(sqrt(area * s * r))``,
     ``h = round(sqrt(area * s / r))``; the first of ``_TRIES`` tries that fits is used, else
     ``fallback`` ("center": torchvision's central crop with the ratio clamped; "whole": the whole
-    image, as the official patch sampler does). The position of a fitting box is uniform
+    image, as the official patch sampler does; "none": an empty box, h = w = 0, at (0, 0): random
+    erasing's "no erasing"). ``strict``: a try fits only strictly inside (h < H and w < W, torchvision's
+    RandomErasing). The position of a fitting box is uniform
     (``u[..., -2]``, ``u[..., -1]``); the fallback is centred. All float64 and branch-free (no
     host-device synchronisation on a GPU); (h, w) pairs are handled together so that a per-sample
     call is a few dozen small numpy operations.
@@ -188,7 +203,7 @@ def sample_boxes(
     aspect = xp.exp(log_lo + tries[..., 1::2] * (log_hi - log_lo))
     # (..., T, 2): h = round(sqrt(area s / r)), w = round(sqrt(area s r)); half to even, as round()
     hw = xp.round(xp.sqrt(xp.stack([target / aspect, target * aspect], -1)))
-    fits = ((hw > 0) & (hw <= sizes[..., None, :])).all(-1)  # (..., T)
+    fits = ((hw > 0) & ((hw < sizes[..., None, :]) if strict else (hw <= sizes[..., None, :]))).all(-1)  # (..., T)
     first = fits & (fits.cumsum(-1) == 1)  # one-hot of the first try that fits
     found = fits.any(-1)[..., None]
     fall_h, fall_w = _fallback_size(height, width, ratio, fallback)
@@ -196,7 +211,8 @@ def sample_boxes(
             else _table_like(u, (float(fall_h), float(fall_w))))
     hw = xp.where(found, (hw * first[..., None]).sum(-2), fall)  # (..., 2)
     free = sizes - hw
-    ij = xp.where(found, xp.minimum(xp.floor(u[..., -2:] * (free + 1.0)), free), xp.floor(free / 2.0))
+    ij = xp.where(found, xp.minimum(xp.floor(u[..., -2:] * (free + 1.0)), free),
+                  0.0 * free if fallback == "none" else xp.floor(free / 2.0))
     return _as_int64(xp.concatenate([ij, hw], -1))
 
 
@@ -314,7 +330,9 @@ class ViewParams(NamedTuple):
     flips: (N, 2) bool horizontal flips of query and key;
     boxes: (N, L, 4) int64 patch boxes ``(i, j, h, w)`` in pixels of the (flipped) query view;
     patch_flips: (N, L) bool;
-    photo: photometric parameters of shape (N, 2 + L), images in the order key, query, patches.
+    photo: photometric parameters of shape (N, 2 + L), images in the order key, query, patches;
+    policy: the augmentation policy's parameters (RandAugment & co., random erasing) of shape (N, 2 + L, ...),
+        same image order; None when ``views`` has no policy (:mod:`dscl.data.policies`).
     """
 
     crops: Array
@@ -322,6 +340,7 @@ class ViewParams(NamedTuple):
     boxes: Array
     patch_flips: Array
     photo: _PhotoParams
+    policy: PolicyParams | None = None
 
 
 def _uniform_layout(num_patches: int) -> tuple[int, int, int, int]:
@@ -330,8 +349,35 @@ def _uniform_layout(num_patches: int) -> tuple[int, int, int, int]:
 
 
 def view_uniforms(num_patches: int) -> int:
-    """How many uniforms :func:`draw_view_params` reads per sample."""
+    """How many uniforms :func:`draw_view_params` reads per sample without a policy (:func:`sample_uniforms`)."""
     return sum(_uniform_layout(num_patches))
+
+
+#: the view kinds of a sample in the image order of ViewParams.photo / .policy (patches repeat)
+VIEW_KINDS = ("key", "query", "patches")
+
+
+def _policy_setup(views: ViewConfig, image_size: int) -> tuple[Policy, tuple[int, ...], tuple[bool, ...],
+                                                               tuple[bool, ...]]:
+    """A sample's policy, the side of each of its images (key, query, patches) and where the policy and
+    erasing apply (``views.policy_on`` / ``views.erasing_on``)."""
+    return _policy_layout(policy_from(views), int(image_size), int(views.num_patches), int(views.patch_size),
+                          tuple(views.policy_on), tuple(views.erasing_on))
+
+
+@functools.lru_cache(maxsize=64)
+def _policy_layout(policy: Policy, image_size: int, n: int, patch_size: int, policy_on: tuple[str, ...],
+                   erasing_on: tuple[str, ...]) -> tuple[Policy, tuple[int, ...], tuple[bool, ...], tuple[bool, ...]]:
+    kinds = ("key", "query") + ("patches",) * n
+    widths = (image_size, image_size) + (patch_size,) * n
+    return policy, widths, tuple(k in policy_on for k in kinds), tuple(k in erasing_on for k in kinds)
+
+
+def sample_uniforms(views: ViewConfig) -> int:
+    """How many uniforms :func:`draw_view_params` reads per sample: the views' and, appended when
+    ``views`` has a policy, the policy's (so that without one every draw is what it always was)."""
+    n = int(views.num_patches)
+    return view_uniforms(n) + (2 + n) * policy_uniforms(policy_from(views))
 
 
 def view_recipes(views: ViewConfig) -> list[_Recipe]:
@@ -345,10 +391,11 @@ def _view_recipes(blur: bool, num_patches: int) -> tuple[_Recipe, ...]:
 
 
 def draw_view_params(u: Array, height: Any, width: Any, image_size: int, views: ViewConfig) -> ViewParams:
-    """Random parameters of N samples from uniforms ``u`` (N, :func:`view_uniforms`) (METHOD.md A.2).
+    """Random parameters of N samples from uniforms ``u`` (METHOD.md A.2).
 
     Args:
-        u: float64 uniforms in [0, 1), numpy or torch (the result has the same kind and device).
+        u: float64 uniforms in [0, 1) (N, :func:`sample_uniforms`), numpy or torch (the result has the same
+            kind and device).
         height, width: source image size in pixels: numbers, or arrays of ``u``'s kind of shape (N, 1).
         image_size: side S of the global views (the patch boxes live in that frame).
         views: the ViewConfig (scales, ratios, number of patches, blur).
@@ -360,13 +407,19 @@ def draw_view_params(u: Array, height: Any, width: Any, image_size: int, views: 
     u_flip = u[:, n_global : n_global + n_flip]
     start = n_global + n_flip
     u_patch = u[:, start : start + n_patch].reshape(n, n_patches, 2 * _TRIES + 3)
-    u_photo = u[:, start + n_patch :].reshape(n, 2 + n_patches, _U_PHOTO)
     crops = sample_boxes(u_global, height, width, views.global_scale, (3 / 4, 4 / 3), "center")
     boxes = sample_boxes(u_patch[..., :-1], image_size, image_size, views.patch_scale,
                          (views.patch_ratio[0], views.patch_ratio[1]), "whole")
+    end = start + n_patch + (2 + n_patches) * _U_PHOTO
+    u_photo = u[:, start + n_patch : end].reshape(n, 2 + n_patches, _U_PHOTO)
+    policy, widths, on, erase_on = _policy_setup(views, int(image_size))
+    drawn = None
+    if policy.active:
+        drawn = draw_policy(u[:, end:].reshape(n, 2 + n_patches, policy_uniforms(policy)), policy, widths, on,
+                            erase_on)
     # the query is flipped inside the crop op (before the patches are cut); the key's flip commutes
     return ViewParams(crops, u_flip < 0.5, boxes, u_patch[..., -1] < 0.5,
-                      draw_photometric(u_photo, list(_view_recipes(bool(views.blur), n_patches))))
+                      draw_photometric(u_photo, list(_view_recipes(bool(views.blur), n_patches))), drawn)
 
 
 _GRAY_NP = np.asarray(_GRAY, dtype=np.float32)
@@ -535,7 +588,7 @@ class DSCLTransform:
         self.mean = np.asarray(mean, dtype=np.float32)
         self.std = np.asarray(std, dtype=np.float32)
         self.generator = generator
-        self._uniforms = view_uniforms(self.num_patches)
+        self._uniforms = sample_uniforms(views)
 
     def draw(self, height: int, width: int) -> ViewParams:
         """Random parameters of one sample from a ``height`` x ``width`` image (a batch of N = 1, numpy)."""
@@ -548,8 +601,17 @@ class DSCLTransform:
         globals_ = resized_crops(image, params.crops[0], size, params.flips[0])  # (2,3,S,S) in [0,1]: query, key
         boxes = params.boxes[0]
         patches = resized_crops(globals_[0], boxes, psize, params.patch_flips[0])
+        drawn = params.policy
+        if drawn is not None and drawn.ops.shape[-1]:  # after the patches are cut, as the colour augmentation
+            ops, mag = drawn.ops[0], drawn.magnitude[0]  # images key, query, patches
+            pair_in = torch.from_numpy(np.ascontiguousarray(globals_[::-1]))
+            globals_ = apply_policy_one(pair_in, ops[:2], mag[:2]).numpy()[::-1]
+            patches = apply_policy_one(torch.from_numpy(patches), ops[2:], mag[2:]).numpy()
         photo = _PhotoParams(*(a[0] for a in params.photo)) if self.views.photometric else None
         pair, patch_t = augment_and_normalise([globals_[::-1], patches], photo, self.mean, self.std)
+        if drawn is not None and self.views.erasing > 0:  # on the normalised views, as RandomErasing after Normalize
+            pair = erase_one(pair, drawn.erase[0][:2])
+            patch_t = erase_one(patch_t, drawn.erase[0][2:])
         xyxy = np.stack([boxes[:, 1], boxes[:, 0], boxes[:, 1] + boxes[:, 3], boxes[:, 0] + boxes[:, 2]], 1)
         return DSCLViews(pair[1], pair[0], patch_t,
                          torch.from_numpy(xyxy.astype(np.float32)).reshape(self.num_patches, 4))
@@ -598,30 +660,42 @@ def eval_transform_for(spec: BackboneSpec) -> EvalTransform:
     return EvalTransform(size, mean, std, crop_pct=spec.crop_pct, interpolation=spec.interpolation)
 
 
-def classifier_transform_for(spec: BackboneSpec) -> ClassifierTransform:
-    """Stage 2's training view of a run's backbone spec (its size, mean and std)."""
-    return ClassifierTransform(*_inputs(spec))
+def classifier_transform_for(spec: BackboneSpec, policy: Policy = NO_POLICY) -> ClassifierTransform:
+    """Stage 2's training view of a run's backbone spec (its size, mean and std) with ``policy``
+    (:func:`dscl.data.policies.policy_from` of the classifier config)."""
+    return ClassifierTransform(*_inputs(spec), policy=policy)
 
 
 class ClassifierTransform:
     """Stage-2 training view: RandomResizedCrop(scale 0.08-1) + flip, and with ``strong`` also
-    ColorJitter(0.4, 0.4, 0.4, 0.1) p 0.8, grayscale p 0.2 and (for image_size >= 64) blur p 0.5.
+    ColorJitter(0.4, 0.4, 0.4, 0.1) p 0.8, grayscale p 0.2 and (for image_size >= 64) blur p 0.5;
+    ``policy`` (``classifier.randaugment`` & co.) after the flip, random erasing after normalisation.
     Returns a normalised float (3, S, S)."""
 
     def __init__(self, image_size: int, mean: tuple[float, ...], std: tuple[float, ...], strong: bool = True,
-                 generator: torch.Generator | None = None) -> None:
+                 generator: torch.Generator | None = None, policy: Policy = NO_POLICY) -> None:
         self.image_size = int(image_size)
         self.strong = strong
         self.mean = np.asarray(mean, dtype=np.float32)
         self.std = np.asarray(std, dtype=np.float32)
         self.generator = generator
+        self.policy = policy
         self._recipe = _strong(blur=self.image_size >= 64) if strong else _OFF
+        self._base = 2 * _TRIES + 3 + _U_PHOTO  # without a policy: the draws of every run before policies
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
         img = _as_uint8_chw(image)
-        u = torch.rand(2 * _TRIES + 3 + _U_PHOTO, generator=self.generator, dtype=torch.float64).numpy()
+        u = torch.rand(self._base + policy_uniforms(self.policy), generator=self.generator,
+                       dtype=torch.float64).numpy()
         box = sample_boxes(u[None, : 2 * _TRIES + 2], img.shape[1], img.shape[2], (0.08, 1.0), (3 / 4, 4 / 3),
                            "center")
         crop = resized_crops(img, box, self.image_size, u[2 * _TRIES + 2 : 2 * _TRIES + 3] < 0.5)
-        params = draw_photometric(u[None, -_U_PHOTO:], [self._recipe]) if self.strong else None
-        return augment_and_normalise([crop], params, self.mean, self.std)[0][0]
+        drawn = None
+        if self.policy.active:
+            drawn = draw_policy(u[None, self._base:], self.policy, (self.image_size,), (True,), (True,))
+            crop = apply_policy_one(torch.from_numpy(crop), drawn.ops, drawn.magnitude).numpy()
+        params = draw_photometric(u[None, self._base - _U_PHOTO : self._base], [self._recipe]) if self.strong else None
+        out = augment_and_normalise([crop], params, self.mean, self.std)[0]
+        if drawn is not None and self.policy.erasing > 0:
+            out = erase_one(out, drawn.erase)
+        return out[0]
