@@ -93,8 +93,11 @@ def test_run_with_the_official_profile(tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["profile"] == "official"
     assert report["conventions"] == {"patch_bn": "per-slot", "roi_aligned": False, "queue_init": "random",
-                                     "classifier_protocol": "official", "classifier_standardize": False}
-    assert "Profile official: patch BatchNorm per-slot, roi_align aligned=False" in (out / "report.md").read_text()
+                                     "classifier_protocol": "official", "classifier_standardize": False,
+                                     "augmentation": {"views": "none", "classifier": "none"}}
+    md = (out / "report.md").read_text()
+    assert "Profile official: patch BatchNorm per-slot, roi_align aligned=False" in md
+    assert "Augmentation policy: stage 1 none, stage 2 none" in md
     res = run_cli("pretrain", "--out", str(out), "--resume", "--profile", "default", "--no-progress")
     assert res.returncode == 2 and "trained with profile official" in res.stderr
 
