@@ -97,7 +97,7 @@ def test_run_with_the_official_profile(tmp_path):
                                      "augmentation": {"views": "none", "classifier": "none"}}
     md = (out / "report.md").read_text()
     assert "Profile official: patch BatchNorm per-slot, roi_align aligned=False" in md
-    assert "Augmentation policy: stage 1 none, stage 2 none" in md
+    assert "Augmentation policy: stage 1 none; stage 2 none" in md
     res = run_cli("pretrain", "--out", str(out), "--resume", "--profile", "default", "--no-progress")
     assert res.returncode == 2 and "trained with profile official" in res.stderr
 

@@ -458,7 +458,7 @@ def _facts_lines(report: Mapping[str, Any]) -> list[str]:
                      + (" on standardised features" if conv.get("classifier_standardize") else ""))
         augmentation = conv.get("augmentation")
         if isinstance(augmentation, Mapping):  # reports before issue #32 have none
-            lines.append(f"- Augmentation policy: stage 1 {augmentation.get('views')}, stage 2 "
+            lines.append(f"- Augmentation policy: stage 1 {augmentation.get('views')}; stage 2 "
                          f"{augmentation.get('classifier')}")
     return lines
 
