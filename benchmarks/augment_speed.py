@@ -29,18 +29,10 @@ import torchvision.transforms.v2 as T
 
 from _results import median_ms, write_results
 from dscl.data.policies import Policy, apply_policy_batch, apply_policy_one, draw_policy, policy_uniforms
+from view_speed import one_thread
 
 POLICY = Policy("randaugment", 2, 9)
 CASES = ((28, 256), (224, 32))  # (side, batch)
-
-
-def one_thread(fn):
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return fn()
-    finally:
-        torch.set_num_threads(saved)
 
 
 def measure(size: int, batch: int, repeats: int, threads: int) -> dict:
