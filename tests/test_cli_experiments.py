@@ -61,9 +61,9 @@ def test_compare_command_hands_over_what_it_parsed(tmp_path, monkeypatch, capsys
 
     seen = {}
 
-    def compare(cfg, methods, seeds, out, *, command, device, progress):
+    def compare(cfg, methods, seeds, out, *, command, device, progress, launch):
         seen.update(preset=cfg.preset, epochs=cfg.optim.epochs, methods=methods, seeds=seeds, out=out,
-                    command=command, device=device, progress=progress)
+                    command=command, device=device, progress=progress, launch=launch)
         return {"fake": True}
 
     monkeypatch.setattr(dscl.compare, "compare", compare)
@@ -74,9 +74,26 @@ def test_compare_command_hands_over_what_it_parsed(tmp_path, monkeypatch, capsys
     assert seen == {"preset": "smoke", "epochs": 2, "methods": ["ce", "dscl+pbsd"], "seeds": [3, 1], "out": out,
                     "command": f"dscl compare --preset smoke --methods 'ce, dscl+pbsd' --seeds 3,1 --out {out} "
                                "optim.epochs=2 --no-progress --device cpu",
-                    "device": "cpu", "progress": False}
+                    "device": "cpu", "progress": False, "launch": None}
     stdout = capsys.readouterr().out
     assert "TABLE {'fake': True}" in stdout and f"wrote {tmp_path / 'c' / 'compare.json'}" in stdout
+
+
+def test_launcher_options_are_handed_over_with_the_files_values_under_the_command_lines(tmp_path, monkeypatch):
+    import dscl.sweep
+    from dscl.launch import LaunchOptions, Resources
+
+    seen = {}
+    monkeypatch.setattr(dscl.sweep, "sweep", lambda *a, launch, **k: seen.update(launch=launch) or {})
+    monkeypatch.setattr(dscl.sweep, "format_markdown", lambda result: "SWEEP TABLE")
+    res = tmp_path / "res.yaml"
+    res.write_text("partition: gpu\ngpus_per_node: 8\ntime: '2-00:00:00'\nsetup: [module load cuda]\n")
+    assert main(["sweep", "--preset", "smoke", "--param", "alpha=0.1,0.2", "--out", str(tmp_path / "s"),
+                 "--launcher", "slurm", "--resources", str(res), "--partition", "debug", "--setup", "source env",
+                 "--wait", "--poll-seconds", "30"]) == 0
+    assert seen["launch"] == LaunchOptions("slurm", Resources(partition="debug", gpus_per_node=8, time=2880,
+                                                              setup=["source env"]),
+                                           wait=True, resubmit_failed=False, poll_seconds=30.0)
 
 
 def test_sweep_command_hands_over_what_it_parsed(tmp_path, monkeypatch, capsys):
@@ -84,9 +101,9 @@ def test_sweep_command_hands_over_what_it_parsed(tmp_path, monkeypatch, capsys):
 
     seen = {}
 
-    def sweep(cfg, key, values, *, method, seeds, out, val_fraction, command, device, progress):
+    def sweep(cfg, key, values, *, method, seeds, out, val_fraction, command, device, progress, launch):
         seen.update(key=key, values=values, method=method, seeds=seeds, val_fraction=val_fraction,
-                    alpha=cfg.loss.alpha, command=command, progress=progress)
+                    alpha=cfg.loss.alpha, command=command, progress=progress, launch=launch)
         return {}
 
     monkeypatch.setattr(dscl.sweep, "sweep", sweep)
@@ -95,7 +112,7 @@ def test_sweep_command_hands_over_what_it_parsed(tmp_path, monkeypatch, capsys):
     assert main(["sweep", "--preset", "smoke", "--param", "patch_scale=[0.05,0.3],[0.1,0.6]", "--method", "scl",
                  "--seeds", "0,2", "--val-fraction", "0.25", "--out", out, "loss.alpha=0.3"]) == 0
     assert seen == {"key": "views.patch_scale", "values": ["[0.05,0.3]", "[0.1,0.6]"], "method": "scl",
-                    "seeds": [0, 2], "val_fraction": 0.25, "alpha": 0.3, "progress": True,
+                    "seeds": [0, 2], "val_fraction": 0.25, "alpha": 0.3, "progress": True, "launch": None,
                     "command": "dscl sweep --preset smoke --param 'patch_scale=[0.05,0.3],[0.1,0.6]' --method scl "
                                f"--seeds 0,2 --val-fraction 0.25 --out {out} loss.alpha=0.3"}
     assert "SWEEP TABLE" in capsys.readouterr().out

@@ -227,7 +227,9 @@ def test_share_stage1_leaves_a_run_with_a_checkpoint_alone(tmp_path):
 
 
 def test_share_stage1_needs_a_finished_source(tmp_path):
-    with pytest.raises(SweepError, match=r"cannot share stage 1: .*a/checkpoints/last\.pt does not exist"):
+    from dscl.launch import LaunchError
+
+    with pytest.raises(LaunchError, match=r"cannot share stage 1: .*a/checkpoints/last\.pt does not exist"):
         share_stage1(tmp_path / "a", tmp_path / "b", load_config("smoke"))
     assert not (tmp_path / "b").exists()
 
@@ -256,16 +258,24 @@ def _fake_run_one(calls: list):
                   "top1_macro": 45.0 + cfg.classifier.epochs, "wall_seconds": 1.0}
         (run / "val").mkdir(exist_ok=True)
         (run / "val" / "report.json").write_text(json.dumps(report))
+        (run / "report.json").write_text(json.dumps(report))
         return report
 
     return run_one
 
 
-def test_sweep_over_a_stage2_key_trains_stage1_once_per_seed(tmp_path, monkeypatch):
-    import dscl.sweep
+def _patch_run_one(monkeypatch, calls: list) -> None:
+    """The fake ``run_one`` where the sweep's points call it (dscl.launch.run_spec), and its "stage 1" taken as
+    finished when another point shares it."""
+    import dscl.launch
 
+    monkeypatch.setattr(dscl.launch, "run_one", _fake_run_one(calls))
+    monkeypatch.setattr(dscl.launch, "stage1_finished", lambda run: (run / "checkpoints" / "last.pt").is_file())
+
+
+def test_sweep_over_a_stage2_key_trains_stage1_once_per_seed(tmp_path, monkeypatch):
     calls: list = []
-    monkeypatch.setattr(dscl.sweep, "run_one", _fake_run_one(calls))
+    _patch_run_one(monkeypatch, calls)
     result = sweep(load_config("smoke"), "classifier.epochs", ["1", "2", "3"], method="dscl", seeds=[0, 1],
                    out=tmp_path / "sw", val_fraction=0.2, command="test", device="cpu", progress=False)
     assert result["stage1_shared"] is True and result["chosen"] == "3"
@@ -282,10 +292,8 @@ def test_sweep_over_a_stage2_key_trains_stage1_once_per_seed(tmp_path, monkeypat
 
 
 def test_sweep_over_a_stage1_key_trains_every_point(tmp_path, monkeypatch):
-    import dscl.sweep
-
     calls: list = []
-    monkeypatch.setattr(dscl.sweep, "run_one", _fake_run_one(calls))
+    _patch_run_one(monkeypatch, calls)
     result = sweep(load_config("smoke"), "loss.alpha", ["0.1", "0.5"], method="dscl", seeds=[0],
                    out=tmp_path / "sw", val_fraction=0.2, command="test", device="cpu", progress=False)
     assert result["stage1_shared"] is False

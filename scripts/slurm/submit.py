@@ -23,21 +23,15 @@ and stops for good, and a job SLURM requeues itself (PreemptMode=REQUEUE) is not
 from __future__ import annotations
 
 import argparse
-import os
-import re
-import subprocess
 import sys
 from collections.abc import Sequence
 from typing import Any
 
 from dscl.cli.common import RESUME_AUTO, resume_auto_argv
 
-#: What the job asks SLURM for on top of submitit's defaults: dscl's warning signal (every task, not
-#: "B:" the batch shell only) and permission to requeue.
-SLURM_ADDITIONAL = {"signal": "USR1@120", "requeue": True}
-#: srun options: every task sees the node's CPUs and dscl shares them out itself (binding would shrink a
-#: task's CPUs and dscl would divide them again); a task that exits 3 first does not get the others killed.
-SRUN_ARGS = ["--cpu-bind=none", "--kill-on-bad-exit=0"]
+# the job's task, its requeue rule and the job's SLURM options are the library's (dscl compare / sweep
+# --launcher slurm submit the same tasks)
+from dscl.launch import SLURM_ADDITIONAL, SRUN_ARGS, DsclTask, requeue_refusal  # noqa: F401
 
 
 def dscl_argv(command: str, dscl_args: Sequence[str]) -> list[str]:
@@ -54,70 +48,6 @@ def dscl_argv(command: str, dscl_args: Sequence[str]) -> list[str]:
     if "--out" not in args and not any(a.startswith("--out=") for a in args):
         raise ValueError("--out DIR is needed: the requeued job continues the run it finds there")
     return [command, *args, "--resume", "auto"]
-
-
-def _scontrol_fields(*args: str) -> dict[str, str]:
-    """``Key=value`` fields of ``scontrol show ...`` (empty when scontrol cannot answer)."""
-    try:
-        out = subprocess.run(["scontrol", "show", *args], capture_output=True, text=True, timeout=60).stdout
-    except (OSError, subprocess.SubprocessError):
-        return {}
-    return dict(re.findall(r"(\w+)=(\S*)", out))
-
-
-def requeue_refusal(job: str, stop_signal: str | None) -> str | None:
-    """Why job ``job``, whose dscl exited 3 (checkpoint saved) after ``stop_signal``, must not be requeued by
-    us; None: requeue it. As the sbatch scripts: only after the time-limit warning (SIGUSR1; SIGTERM is
-    ``scancel``, or a preemption SLURM requeues or cancels itself), and not when the job was cancelled,
-    is back in the queue (restart count above ``SLURM_RESTART_COUNT``) or is being preempted from a
-    partition with PreemptMode=REQUEUE."""
-    if stop_signal != "SIGUSR1":
-        return (f"it stopped on {stop_signal or 'a signal to another task'}, not on the time-limit warning (scancel, "
-                f"or a preemption SLURM handles itself); submit again to continue")
-    job_fields = _scontrol_fields("job", job)
-    state = job_fields.get("JobState", "")
-    if state.startswith("CANCELLED"):
-        return "it was cancelled; submit again to continue"
-    restarts, mine = job_fields.get("Restarts", "0"), os.environ.get("SLURM_RESTART_COUNT", "0")
-    back = restarts.isdigit() and mine.isdigit() and int(restarts) > int(mine)
-    if state == "PENDING" or state.startswith("REQUEUE") or back:
-        return "SLURM has requeued it itself"
-    if job_fields.get("PreemptTime", "None") != "None":
-        mode = _scontrol_fields("partition", job_fields.get("Partition", "")).get("PreemptMode", "")
-        if "REQUEUE" in mode:
-            return "SLURM requeues it itself (preemption with PreemptMode=REQUEUE)"
-    return None
-
-
-class DsclTask:
-    """One task of the job: ``dscl <argv>`` in this process (the process SLURM signals).
-
-    Exit code 0 is the task's result; exit code 3 (preempted, checkpoint saved) requeues the job from
-    rank 0 (unless :func:`requeue_refusal` says why not) and ends the task without a result; any other
-    code raises, and submitit reports the job failed.
-    """
-
-    def __init__(self, argv: Sequence[str]) -> None:
-        self.argv = list(argv)
-
-    def __call__(self) -> int:
-        from dscl import cli, runtime
-
-        rc = cli.main(list(self.argv))
-        if rc == cli.EXIT_PREEMPTED:  # stopped on SIGTERM / SIGUSR1 after saving a checkpoint
-            if os.environ.get("SLURM_PROCID", "0") == "0":
-                job = os.environ["SLURM_JOB_ID"]
-                why = requeue_refusal(job, runtime.first_stop_signal())
-                if why is None:
-                    print(f"dscl exited {rc} (checkpoint saved): requeueing job {job}", file=sys.stderr, flush=True)
-                    subprocess.run(["scontrol", "requeue", job], check=False, timeout=60)
-                else:
-                    print(f"dscl exited {rc} (checkpoint saved): job {job} not requeued: {why}", file=sys.stderr,
-                          flush=True)
-            raise SystemExit(rc)  # no result: the requeued job continues and reports
-        if rc != 0:
-            raise RuntimeError(f"dscl {' '.join(self.argv)} exited with code {rc}")
-        return rc
 
 
 def configure(executor: Any, args: argparse.Namespace) -> None:

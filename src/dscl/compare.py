@@ -11,7 +11,8 @@ stage-1 objective changes (METHOD.md E.2's ablation rows):
 * ``dscl+pbsd`` the full method (PBSD weight from the preset, 1.5 if the preset has none)
 
 Each run lives in ``OUT/runs/<method>-seed<seed>/``; a killed comparison continues where it stopped
-(finished runs are reused, an unfinished stage 1 is resumed).
+(finished runs are reused, an unfinished stage 1 is resumed). With a launcher (:mod:`dscl.launch`) every
+run is a job instead, and rerunning the same command collects them.
 """
 
 from __future__ import annotations
@@ -20,15 +21,20 @@ import copy
 import json
 import statistics
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from dscl.config import Config, apply_mapping, config_from_dict, flat_config, validate
 from dscl.errors import DsclError
 from dscl.io import read_json, write_json, write_text
+from dscl.launch import run_one  # noqa: F401  (dscl.compare.run_one: where it was first)
 from dscl.metrics import TEST_AGNOSTIC_FACTORS, shot_group_bounds
+
+if TYPE_CHECKING:
+    from dscl.launch import JobSpec, LaunchOptions, RunStatus
 
 METHODS = ("ce", "scl", "dscl", "scl+pbsd", "dscl+pbsd")
 METRICS = ("all", "many", "medium", "few")
@@ -121,28 +127,6 @@ def check_plan(out: Path, name: str, plan: dict[str, Any], what: str) -> None:
 def _without_log(plan: dict[str, Any]) -> dict[str, Any]:
     config = plan.get("config")
     return {**plan, "config": {k: v for k, v in config.items() if k != "log"}} if isinstance(config, dict) else plan
-
-
-def _finished(run: Path) -> bool:
-    return (run / "report.json").is_file()
-
-
-def run_one(cfg: Config, run: Path, *, device: str, progress: bool) -> dict[str, Any]:
-    """Run (or continue) one method/seed and return its report."""
-    from dscl.classify import classify
-    from dscl.evaluation import evaluate
-    from dscl.pretrain import pretrain
-    from dscl.run import has_stage1, stage1_summary
-
-    if _finished(run):
-        return read_json(run / "report.json", what=f"rerun `dscl evaluate --run {run}`")
-    if has_stage1(run):
-        if not stage1_summary(run).finished:
-            pretrain(cfg, run, resume=True, device=device, progress=progress)
-    else:
-        pretrain(cfg, run, overwrite=True, device=device, progress=progress)
-    classify(run, cfg=cfg, device=device, progress=progress)
-    return evaluate(run, cfg=cfg, device=device, progress=progress)
 
 
 # metric name in compare.json -> key in report.json ("a.b" = key b of the mapping under a)
@@ -247,21 +231,71 @@ def format_markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def run_specs(specs: Sequence[JobSpec], out: Path, launch: LaunchOptions | None, *, device: str,
+              progress: bool) -> list[RunStatus] | None:
+    """Run ``specs`` one after another in this process (``launch`` None) or as jobs (:func:`dscl.launch.launch`).
+    Returns None when every run has finished, else the states of the runs (jobs queued, running or failed)."""
+    from dscl.launch import FINISHED, LaunchError, format_states, live_jobs, run_spec
+    from dscl.launch import launch as launch_jobs
+
+    if launch is not None:
+        states = launch_jobs(specs, out, launch, device=device, progress=progress)
+        return None if all(st.state == FINISHED for st in states) else states
+    live = live_jobs(specs, out)
+    if live:
+        raise LaunchError(f"{out}: runs of it are jobs that are queued or running; collect them with the command that "
+                          f"submitted them (its --launcher), or cancel the jobs first\n"
+                          + format_states(live, out, "recorded"))
+    for spec in specs:
+        print(f"== {spec.name} -> {spec.run}", flush=True)
+        run_spec(spec, device=device, progress=progress)
+    return None
+
+
+def _report(run: Path, split: str = "test") -> dict[str, Any]:
+    path = run / "report.json" if split == "test" else run / split / "report.json"
+    option = "" if split == "test" else f" --split {split}"
+    return read_json(path, what=f"rerun `dscl evaluate --run {run}{option}`")
+
+
+@dataclass
+class Pending:
+    """What a launched comparison or sweep returns while some runs have not finished: their states, and the
+    table of the finished ones (Markdown; empty when none has finished)."""
+
+    states: list[RunStatus]
+    partial: str = ""
+
+    @property
+    def failed(self) -> bool:
+        from dscl.launch import FAILED
+
+        return any(st.state == FAILED for st in self.states)
+
+
 def compare(base: Config, methods: Sequence[str], seeds: Sequence[int], out: str | Path, *,
-            command: str, device: str = "auto", progress: bool = True) -> dict[str, Any]:
-    """Run every (method, seed) into ``out/runs`` and write ``compare.json`` / ``compare.md``."""
+            command: str, device: str = "auto", progress: bool = True,
+            launch: LaunchOptions | None = None) -> dict[str, Any] | Pending:
+    """Run every (method, seed) into ``out/runs`` and write ``compare.json`` / ``compare.md``.
+
+    With ``launch`` each run is a job (:mod:`dscl.launch`); while some have not finished, nothing is written and
+    a :class:`Pending` comes back (rerun the same command to collect)."""
     out = Path(out)
     check_plan(out, "compare-config.yaml", {"preset": base.preset, "config": base.to_dict()}, "comparison")
     differences = config_differences({m: method_config(base, m, seeds[0]) for m in methods})
     print(format_differences(differences), flush=True)
+    from dscl.launch import JobSpec
+
+    specs = [JobSpec(f"{method}-seed{seed}", out / "runs" / f"{method}-seed{seed}", method_config(base, method, seed))
+             for seed in seeds for method in methods]
+    states = run_specs(specs, out, launch, device=device, progress=progress)
+    done = {s.name for s in specs if s.finished()}
     reports: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
     dataset = base.data.dataset
-    for seed in seeds:
-        for method in methods:
-            run = out / "runs" / f"{method}-seed{seed}"
-            print(f"== {method}, seed {seed} -> {run}", flush=True)
-            report = run_one(method_config(base, method, seed), run, device=device, progress=progress)
-            reports[method].append(report)
+    for spec in specs:
+        if spec.name in done:
+            report = _report(spec.run)
+            reports[spec.name.rsplit("-seed", 1)[0]].append(report)
             dataset = report["dataset"]
     result = {
         "dataset": dataset,
@@ -276,6 +310,12 @@ def compare(base: Config, methods: Sequence[str], seeds: Sequence[int], out: str
         # compute time of all runs (reused runs count with their original time)
         "wall_seconds": round(sum(r["wall_seconds"] for runs in reports.values() for r in runs), 1),
     }
+    if states is not None:
+        partial = ""
+        if done:
+            partial = (f"Partial table: {len(done)} of {len(specs)} runs finished (mean over the seeds finished so "
+                       f"far; compare.json is written when all have):\n\n" + format_markdown(result))
+        return Pending(states, partial)
     write_json(out / "compare.json", result)
     write_text(out / "compare.md", format_markdown(result))
     return result

@@ -17,17 +17,18 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import re
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from dscl.compare import FIELDS, CompareError, aggregate, check_plan, method_config, run_one
-from dscl.config import Config, ConfigError, apply_mapping, dump_config, parse_overrides, validate
-from dscl.io import read_json, save_figure, write_json, write_text
-from dscl.run import STAGE1_FILE, SUMMARY_FILE
+from dscl.compare import FIELDS, CompareError, Pending, _report, aggregate, check_plan, method_config, run_specs
+from dscl.config import Config, ConfigError, apply_mapping, parse_overrides, validate
+from dscl.io import save_figure, write_json, write_text
+from dscl.launch import share_stage1  # noqa: F401  (dscl.sweep.share_stage1: where it was first)
+
+if TYPE_CHECKING:
+    from dscl.launch import LaunchOptions
 
 # short names for the paper's swept hyperparameters
 ALIASES = {
@@ -107,24 +108,6 @@ def stage1_identity(cfg: Config) -> str:
     return json.dumps(d, sort_keys=True)
 
 
-def share_stage1(src: Path, run: Path, cfg: Config) -> None:
-    """Give ``run`` the finished stage 1 of ``src`` (hard link, or a copy across file systems) and its
-    own ``config.yaml``; a run that already has a checkpoint is left alone. The checkpoint's summary
-    (``last.json``) comes along, so reports do not read the checkpoint for it."""
-    if (run / STAGE1_FILE).exists():
-        return
-    if not (src / STAGE1_FILE).is_file():
-        raise SweepError(f"cannot share stage 1: {src / STAGE1_FILE} does not exist")
-    (run / STAGE1_FILE).parent.mkdir(parents=True, exist_ok=True)
-    for name in (SUMMARY_FILE, STAGE1_FILE):  # the summary first: a checkpoint is never without it
-        if (src / name).is_file():
-            try:
-                os.link(src / name, run / name)
-            except OSError:
-                shutil.copy2(src / name, run / name)
-    dump_config(cfg, run / "config.yaml")
-
-
 def _dir_name(key: str, value: str, seed: int) -> str:
     safe = re.sub(r"[^A-Za-z0-9_.+-]+", "_", value.strip("[]() ")).strip("_") or "value"
     return f"{key}={safe}-seed{seed}"
@@ -160,7 +143,8 @@ def _validation_plan(base: Config, val_fraction: float | None) -> tuple[float, s
 
 
 def sweep(base: Config, key: str, values: Sequence[str], *, method: str, seeds: Sequence[int], out: str | Path,
-          val_fraction: float | None, command: str, device: str = "auto", progress: bool = True) -> dict[str, Any]:
+          val_fraction: float | None, command: str, device: str = "auto", progress: bool = True,
+          launch: LaunchOptions | None = None) -> dict[str, Any] | Pending:
     """Train ``method`` at every value and seed; write ``sweep.json``, ``sweep.md`` and ``sweep.png`` to ``out``.
 
     Args:
@@ -174,9 +158,11 @@ def sweep(base: Config, key: str, values: Sequence[str], *, method: str, seeds: 
             split (list, folder, or the held-out split of fmnist-lt / cifar*-lt), else the base
             config's ``data.val_fraction``, else 0.1.
         command: the command line, recorded in the results.
+        launch: run every point as a job (:mod:`dscl.launch`); None: one after another in this process.
 
     Returns:
-        The ``sweep.json`` dictionary.
+        The ``sweep.json`` dictionary, or a :class:`~dscl.compare.Pending` while launched points have not
+        finished (nothing is written then; rerun the same command to collect).
     """
     base = copy.deepcopy(base)
     values = list(values)
@@ -197,30 +183,29 @@ def sweep(base: Config, key: str, values: Sequence[str], *, method: str, seeds: 
     out = Path(out)
     check_plan(out, "sweep-config.yaml", {"preset": base.preset, "key": key, "values": list(values),
                                           "method": method, "config": base.to_dict()}, "sweep")
-    from dscl.evaluation import evaluate
+    from dscl.launch import JobSpec
 
-    val_reports: dict[str, list[dict[str, Any]]] = {v: [] for v in values}
-    test_reports: dict[str, list[dict[str, Any]]] = {v: [] for v in values}
     dataset = base.data.dataset
     shared = all(len({stage1_identity(configs[v][s]) for v in values}) == 1 for s in seeds)
     if shared:
         print(f"{key} does not change stage 1: each seed trains stage 1 once and every value reuses it",
               flush=True)
+    specs: list[JobSpec] = []
     for seed in seeds:
-        first = out / "runs" / _dir_name(key, values[0], seed)
+        first = _dir_name(key, values[0], seed)
         for value in values:
-            run = out / "runs" / _dir_name(key, value, seed)
-            print(f"== {key}={value}, seed {seed} -> {run}", flush=True)
-            cfg = configs[value][seed]
-            if shared and run != first:
-                share_stage1(first, run, cfg)
-            test_reports[value].append(run_one(cfg, run, device=device, progress=progress))
-            val_path = run / "val" / "report.json"
-            if val_path.is_file():
-                val_reports[value].append(read_json(val_path, what=f"rerun `dscl evaluate --run {run} --split val`"))
-            else:
-                val_reports[value].append(evaluate(run, split="val", cfg=cfg, device=device, progress=progress))
-            dataset = test_reports[value][-1]["dataset"]
+            name = _dir_name(key, value, seed)
+            specs.append(JobSpec(name, out / "runs" / name, configs[value][seed], val=True,
+                                 share_from=first if shared and name != first else None))
+    states = run_specs(specs, out, launch, device=device, progress=progress)
+    if states is not None:
+        return Pending(states)
+    val_reports: dict[str, list[dict[str, Any]]] = {v: [] for v in values}
+    test_reports: dict[str, list[dict[str, Any]]] = {v: [] for v in values}
+    for spec, value in zip(specs, [v for _ in seeds for v in values], strict=True):
+        test_reports[value].append(_report(spec.run))
+        val_reports[value].append(_report(spec.run, "val"))
+        dataset = test_reports[value][-1]["dataset"]
     val = aggregate(val_reports, VAL_FIELDS)
     test = aggregate(test_reports)
     points: list[dict[str, Any]] = [{"value": v, "val": val[v], "test": test[v]} for v in values]

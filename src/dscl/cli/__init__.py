@@ -1,6 +1,6 @@
 """Command-line interface: the only package that reads argv or chooses exit codes.
 
-``dscl pretrain | classify | evaluate | run | data | compare | sweep | analyze | presets``. Each
+``dscl pretrain | classify | evaluate | run | data | compare | sweep | job | analyze | presets``. Each
 module of this package registers its commands' parsers (``add_parsers``) and handlers (``cmd_*``,
 attached with ``set_defaults(handler=...)``); :func:`main` parses, dispatches and maps errors to
 exit codes. ``section.key=value`` overrides may stand anywhere after the command, before or after
@@ -94,6 +94,9 @@ def parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespac
 def interrupt_message(args: argparse.Namespace) -> str:
     """What Ctrl-C left behind and the command that continues (stage 1 commands) or reruns."""
     out = getattr(args, "out", None)
+    if args.command == "job" and out is not None:
+        return (f"\ninterrupted: {out} keeps its last checkpoint; continue with: "
+                f"{shlex.join(['dscl', *getattr(args, 'argv', [])])}")
     if args.command not in ("pretrain", "run") or out is None:
         return "\ninterrupted: files already written are complete (every write is atomic); rerun the command"
     ckpt = Path(out) / "checkpoints" / "last.pt"
@@ -108,7 +111,8 @@ def preempted_state(args: argparse.Namespace) -> str:
     """What a stop left to continue from: stage 1's checkpoint, or nothing (a signal before the first one, or
     during a command that has nothing to save mid-way: it starts again from its beginning)."""
     out = getattr(args, "out", None)
-    if args.command in ("pretrain", "run") and out is not None and (Path(out) / "checkpoints" / "last.pt").is_file():
+    if args.command in ("pretrain", "run", "job") and out is not None \
+            and (Path(out) / "checkpoints" / "last.pt").is_file():
         return "checkpoint saved"
     return "nothing was saved: the same line starts it again from the beginning"
 
