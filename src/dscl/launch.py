@@ -626,7 +626,8 @@ class Launcher:
     # -- what a job runs
     def task(self, spec: JobSpec) -> DsclTask:
         path = self.specs_dir / f"{spec.name}.json"
-        write_json(path, spec.to_dict())
+        # absolute: a job may start elsewhere (a --setup line that changes directory, sbatch --chdir)
+        write_json(path, {**spec.to_dict(), "run": str(spec.run.resolve())})
         return DsclTask(["job", str(path.resolve()), "--device", self.device, "--no-progress"])
 
     def record(self, job: Any) -> dict[str, Any]:
