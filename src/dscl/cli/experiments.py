@@ -117,27 +117,28 @@ def launcher_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--wait", action="store_true", help="wait (with progress) until every job has ended")
     g.add_argument("--resubmit-failed", action="store_true",
                    help="submit the runs whose job failed again (interrupted ones are always resubmitted)")
-    g.add_argument("--poll-seconds", type=float, default=None,
+    g.add_argument("--poll-seconds", type=float, default=None, metavar="S",
                    help="how often --wait asks the scheduler (default 60 for slurm, 5 for local)")
     g.add_argument("--resources", default=None, metavar="FILE",
                    help="YAML with the options below by name (nodes, gpus_per_node, cpus_per_task, time, "
                         "partition, account, qos, constraint, exclude, mem_gb, setup, max_parallel, name, "
                         "sbatch: {option: value}); options given here win")
-    g.add_argument("--nodes", type=int, default=None, help="nodes per job (slurm; default 1)")
-    g.add_argument("--gpus-per-node", type=int, default=None,
+    g.add_argument("--nodes", type=int, default=None, metavar="N", help="nodes per job (slurm; default 1)")
+    g.add_argument("--gpus-per-node", type=int, default=None, metavar="N",
                    help="GPUs per node, one task each (slurm; default 0); local: GPUs per job")
-    g.add_argument("--cpus-per-task", type=int, default=None, help="CPUs per task (slurm)")
-    g.add_argument("--time", default=None, help="time limit of one job: minutes, HH:MM:SS or D-HH:MM:SS "
-                                                "(slurm default 1 day; dscl saves and requeues before it)")
-    g.add_argument("--partition", default=None)
-    g.add_argument("--account", default=None)
-    g.add_argument("--qos", default=None)
-    g.add_argument("--constraint", default=None, help="node features, e.g. a100")
-    g.add_argument("--exclude", default=None, help="nodes to leave out (slurm)")
-    g.add_argument("--mem-gb", type=float, default=None, help="memory per node, GB (slurm)")
+    g.add_argument("--cpus-per-task", type=int, default=None, metavar="N", help="CPUs per task (slurm)")
+    g.add_argument("--time", default=None, metavar="LIMIT",
+                   help="time limit of one job: minutes, HH:MM:SS or D-HH:MM:SS (slurm default 1 day; dscl saves "
+                        "and requeues before it)")
+    g.add_argument("--partition", default=None, metavar="NAME", help="SLURM partition")
+    g.add_argument("--account", default=None, metavar="NAME", help="SLURM account")
+    g.add_argument("--qos", default=None, metavar="NAME", help="SLURM quality of service")
+    g.add_argument("--constraint", default=None, metavar="FEATURES", help="node features, e.g. a100 (slurm)")
+    g.add_argument("--exclude", default=None, metavar="NODES", help="nodes to leave out (slurm)")
+    g.add_argument("--mem-gb", type=float, default=None, metavar="GB", help="memory per node, GB (slurm)")
     g.add_argument("--setup", action="append", default=[], metavar="LINE",
                    help="a shell line each job runs first, e.g. 'source .venv/bin/activate' (repeatable)")
-    g.add_argument("--max-parallel", type=int, default=None,
+    g.add_argument("--max-parallel", type=int, default=None, metavar="N",
                    help="jobs running at once (local default 1; slurm: the array's throttle)")
 
 
