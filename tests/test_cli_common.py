@@ -209,6 +209,8 @@ def test_resume_auto_is_one_option_and_the_continue_command_uses_it():
     assert continue_command(args) == "dscl run --out runs/x --resume auto"  # the folder dscl run chose
     args = argparse.Namespace(argv=["classify", "--run", "r"], run="r")
     assert continue_command(args) == "dscl classify --run r"  # stage 2 simply runs again
+    args = argparse.Namespace(argv=["job", "/o/jobs/specs/a.json", "--no-progress"], out="/o/runs/a")
+    assert continue_command(args) == "dscl job /o/jobs/specs/a.json --no-progress"  # the same line continues
 
 
 def test_resume_auto_parses_and_decides_by_the_checkpoint(tmp_path):

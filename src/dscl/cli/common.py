@@ -143,8 +143,9 @@ def continue_command(args: argparse.Namespace) -> str:
     ``--resume auto`` instead of ``--resume`` / ``--overwrite``."""
     argv = [t for t in resume_auto_argv(list(getattr(args, "argv", []) or [])) if t not in ("--overwrite", "--resume",
                                                                                               RESUME_AUTO)]
-    if getattr(args, "out", None) and "--out" not in argv and not any(t.startswith("--out=") for t in argv):
-        argv += ["--out", str(args.out)]  # dscl run without --out chose one
+    if hasattr(args, "resume") and getattr(args, "out", None) and "--out" not in argv \
+            and not any(t.startswith("--out=") for t in argv):
+        argv += ["--out", str(args.out)]  # dscl run without --out chose one (dscl job names its run in its file)
     resume = ["--resume", "auto"] if hasattr(args, "resume") else []  # stage 2 commands simply run again
     return shlex.join(["dscl", *argv, *resume])
 
