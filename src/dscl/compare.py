@@ -23,18 +23,27 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import yaml
 
 from dscl.config import Config, apply_mapping, config_from_dict, flat_config, validate
 from dscl.errors import DsclError
 from dscl.io import read_json, write_json, write_text
-from dscl.launch import run_one  # noqa: F401  (dscl.compare.run_one: where it was first)
+from dscl.launch import (
+    FAILED,
+    FINISHED,
+    JobSpec,
+    LaunchError,
+    LaunchOptions,
+    RunStatus,
+    format_states,
+    live_jobs,
+    run_one,  # noqa: F401  (dscl.compare.run_one: where it was first)
+    run_spec,
+)
+from dscl.launch import launch as launch_jobs
 from dscl.metrics import TEST_AGNOSTIC_FACTORS, shot_group_bounds
-
-if TYPE_CHECKING:
-    from dscl.launch import JobSpec, LaunchOptions, RunStatus
 
 METHODS = ("ce", "scl", "dscl", "scl+pbsd", "dscl+pbsd")
 METRICS = ("all", "many", "medium", "few")
@@ -235,9 +244,6 @@ def run_specs(specs: Sequence[JobSpec], out: Path, launch: LaunchOptions | None,
               progress: bool) -> list[RunStatus] | None:
     """Run ``specs`` one after another in this process (``launch`` None) or as jobs (:func:`dscl.launch.launch`).
     Returns None when every run has finished, else the states of the runs (jobs queued, running or failed)."""
-    from dscl.launch import FINISHED, LaunchError, format_states, live_jobs, run_spec
-    from dscl.launch import launch as launch_jobs
-
     if launch is not None:
         states = launch_jobs(specs, out, launch, device=device, progress=progress)
         return None if all(st.state == FINISHED for st in states) else states
@@ -268,8 +274,6 @@ class Pending:
 
     @property
     def failed(self) -> bool:
-        from dscl.launch import FAILED
-
         return any(st.state == FAILED for st in self.states)
 
 
@@ -284,19 +288,18 @@ def compare(base: Config, methods: Sequence[str], seeds: Sequence[int], out: str
     check_plan(out, "compare-config.yaml", {"preset": base.preset, "config": base.to_dict()}, "comparison")
     differences = config_differences({m: method_config(base, m, seeds[0]) for m in methods})
     print(format_differences(differences), flush=True)
-    from dscl.launch import JobSpec
-
-    specs = [JobSpec(f"{method}-seed{seed}", out / "runs" / f"{method}-seed{seed}", method_config(base, method, seed))
-             for seed in seeds for method in methods]
+    runs = [(method, JobSpec(f"{method}-seed{seed}", out / "runs" / f"{method}-seed{seed}",
+                             method_config(base, method, seed))) for seed in seeds for method in methods]
+    specs = [spec for _, spec in runs]
     states = run_specs(specs, out, launch, device=device, progress=progress)
-    done = {s.name for s in specs if s.finished()}
     reports: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
     dataset = base.data.dataset
-    for spec in specs:
-        if spec.name in done:
+    for method, spec in runs:
+        if spec.finished():
             report = _report(spec.run)
-            reports[spec.name.rsplit("-seed", 1)[0]].append(report)
+            reports[method].append(report)
             dataset = report["dataset"]
+    done = sum(len(r) for r in reports.values())
     result = {
         "dataset": dataset,
         "preset": base.preset,
@@ -313,7 +316,7 @@ def compare(base: Config, methods: Sequence[str], seeds: Sequence[int], out: str
     if states is not None:
         partial = ""
         if done:
-            partial = (f"Partial table: {len(done)} of {len(specs)} runs finished (mean over the seeds finished so "
+            partial = (f"Partial table: {done} of {len(specs)} runs finished (mean over the seeds finished so "
                        f"far; compare.json is written when all have):\n\n" + format_markdown(result))
         return Pending(states, partial)
     write_json(out / "compare.json", result)

@@ -28,6 +28,7 @@ import re
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -567,11 +568,11 @@ def run_state(spec: JobSpec, record: dict[str, Any] | None, scheduler: tuple[str
     # the job has ended without a finished run: failed (by its own doing: resubmitted on request only), or
     # interrupted / deleted by the user (submitted again)
     outcome, error = job_result(record)
-    code = exit_code.split(":")[0] if exit_code else ""
+    first = exit_code.split(":")[0]
+    code = int(first) if first.isdigit() else None  # sacct's "exit:signal"; None where unknown
     word = state or "ENDED"
-    resumable = code.isdigit() and int(code) in RESUMABLE_CODES
-    if outcome == "error" or (state in SLURM_FAILED and not resumable) or (code.isdigit() and int(code) not in
-                                                                            (0, *RESUMABLE_CODES)):
+    failed_code = code is not None and code not in (0, *RESUMABLE_CODES)
+    if outcome == "error" or failed_code or (state in SLURM_FAILED and code not in RESUMABLE_CODES):
         where = f" (see {record.get('stderr')})" if record.get("stderr") else ""
         return RunStatus(spec.name, FAILED, job, f"{word} {exit_code}".strip(), log,
                          (error or "the job failed") + where)
@@ -637,19 +638,6 @@ class Launcher:
         if self.kind == "local":
             rec["start"] = _proc_start(int(job.job_id))
         return rec
-
-    # -- states
-    def states(self, records: dict[str, dict[str, Any]]) -> dict[str, tuple[str, str]]:
-        """``{run name: (state, exit code)}`` for the runs whose job the scheduler still shows / that still run."""
-        out: dict[str, tuple[str, str]] = {}
-        slurm = {name: rec["job_id"] for name, rec in records.items() if rec.get("launcher") == "slurm"}
-        if slurm:
-            known = slurm_states(sorted(set(slurm.values())))
-            out.update({name: known[jid] for name, jid in slurm.items() if jid in known})
-        for name, rec in records.items():
-            if rec.get("launcher") == "local" and local_alive(rec):
-                out[name] = ("RUNNING", "")
-        return out
 
     # -- submitting
     def submit(self, specs: Sequence[JobSpec], dependency: str | None = None) -> list[dict[str, Any]]:
@@ -787,11 +775,24 @@ def _environ(**values: str) -> Iterator[None]:
 # one pass: collect, then submit what is due
 
 
-def statuses(specs: Sequence[JobSpec], book: JobBook, launcher: Launcher | None = None) -> list[RunStatus]:
+def job_states(records: dict[str, dict[str, Any]]) -> dict[str, tuple[str, str]]:
+    """``{run name: (state, exit code)}`` for the recorded jobs the scheduler still shows (SLURM: squeue, then sacct)
+    or that still run (local), whichever launcher each record names."""
+    out: dict[str, tuple[str, str]] = {}
+    slurm = {name: rec["job_id"] for name, rec in records.items() if rec.get("launcher") == "slurm"}
+    if slurm:
+        known = slurm_states(sorted(set(slurm.values())))
+        out.update({name: known[jid] for name, jid in slurm.items() if jid in known})
+    for name, rec in records.items():
+        if rec.get("launcher") == "local" and local_alive(rec):
+            out[name] = ("RUNNING", "")
+    return out
+
+
+def statuses(specs: Sequence[JobSpec], book: JobBook) -> list[RunStatus]:
     """Every run's state now (:func:`run_state`), asking the schedulers about the recorded jobs of unfinished runs."""
-    records = {s.name: book.get(s.name) for s in specs if not s.finished() and book.get(s.name) is not None}
-    answer = (launcher or Launcher(book.out, LaunchOptions("local"), "auto")).states(
-        {k: v for k, v in records.items() if v is not None})
+    records = {s.name: rec for s in specs if (rec := book.get(s.name)) is not None and not s.finished()}
+    answer = job_states(records)
     return [run_state(s, book.get(s.name), answer.get(s.name)) for s in specs]
 
 
@@ -825,7 +826,7 @@ def submit_due(specs: Sequence[JobSpec], launcher: Launcher, *, resubmit_failed:
         (launcher.logs / "%j").rmdir()
     with folder_lock(launcher.out):
         book = JobBook(launcher.out)
-        now = {st.name: st for st in statuses(specs, book, launcher)}
+        now = {st.name: st for st in statuses(specs, book)}
         due = []
         for spec in specs:
             st = now[spec.name]
@@ -876,10 +877,7 @@ def submit_due(specs: Sequence[JobSpec], launcher: Launcher, *, resubmit_failed:
 
 
 def counts(states: Sequence[RunStatus]) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for st in states:
-        out[st.state] = out.get(st.state, 0) + 1
-    return out
+    return dict(Counter(st.state for st in states))
 
 
 def format_states(states: Sequence[RunStatus], out: Path, launcher: str) -> str:

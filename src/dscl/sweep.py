@@ -20,15 +20,16 @@ import math
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from dscl.compare import FIELDS, CompareError, Pending, _report, aggregate, check_plan, method_config, run_specs
 from dscl.config import Config, ConfigError, apply_mapping, parse_overrides, validate
 from dscl.io import save_figure, write_json, write_text
-from dscl.launch import share_stage1  # noqa: F401  (dscl.sweep.share_stage1: where it was first)
-
-if TYPE_CHECKING:
-    from dscl.launch import LaunchOptions
+from dscl.launch import (
+    JobSpec,
+    LaunchOptions,
+    share_stage1,  # noqa: F401  (dscl.sweep.share_stage1: where it was first)
+)
 
 # short names for the paper's swept hyperparameters
 ALIASES = {
@@ -183,8 +184,6 @@ def sweep(base: Config, key: str, values: Sequence[str], *, method: str, seeds: 
     out = Path(out)
     check_plan(out, "sweep-config.yaml", {"preset": base.preset, "key": key, "values": list(values),
                                           "method": method, "config": base.to_dict()}, "sweep")
-    from dscl.launch import JobSpec
-
     dataset = base.data.dataset
     shared = all(len({stage1_identity(configs[v][s]) for v in values}) == 1 for s in seeds)
     if shared:
